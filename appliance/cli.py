@@ -1,0 +1,354 @@
+"""The one console command: ``appliance serve|init|status|ls|show|export|verify|index|volume``.
+
+Human output by default, ``--json`` for scripts. Exit codes (appliance/errors.py): 0 ok, 1 failure (or
+verify found problems), 2 usage, 3 not found, 69 unavailable (volume detached...), 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from appliance import errors
+from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
+index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
+volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
+app.add_typer(index_app, name="index")
+app.add_typer(volume_app, name="volume")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config (default: $APPLIANCE_CONFIG, ./appliance.toml, built-in)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+def _config(path: Path | None) -> Config:
+    if path is None:
+        env = os.environ.get("APPLIANCE_CONFIG")
+        if env:
+            path = Path(env)
+        elif Path("appliance.toml").is_file():
+            path = Path("appliance.toml")
+    return load_config(path)
+
+
+def _fail(exc: errors.ApplianceError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _emit(data: Any, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else human)
+
+
+def _index(cfg: Config, readonly: bool = True) -> Any:
+    from appliance.index.db import StudyIndex
+
+    if readonly and not (cfg.storage.index_path / "data.mdb").exists():
+        raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
+    return StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, readonly=False)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    port_file: Annotated[Path | None, typer.Option(help="Write {port, metrics_port, pid} here once ready")] = None,
+) -> None:
+    """Run the DICOM storage SCP (and /metrics) until SIGTERM/SIGINT."""
+    from appliance.server import serve as run
+
+    try:
+        cfg = _config(config)
+        raise typer.Exit(run(cfg, port_file))
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Option("--config", "-c", help="Where to write the config")] = Path("appliance.toml"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing config file")] = False,
+) -> None:
+    """Write a commented default config, and initialise its volumes and index."""
+    from appliance.index.db import StudyIndex
+    from appliance.store.volumes import init_volume
+
+    if path.exists() and not force:
+        typer.echo(f"error: {path} exists (use --force to overwrite)", err=True)
+        raise typer.Exit(errors.EXIT_USAGE)
+    path.write_text(DEFAULT_CONFIG_TOML)
+    try:
+        cfg = load_config(path)
+        for vc in cfg.volumes:
+            init_volume(vc.path, vc.name)
+        StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size).close()
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"wrote {path}; volumes and index initialised. Start with: appliance serve -c {path}")
+
+
+@volume_app.command("init")
+def volume_init(
+    path: Path,
+    name: Annotated[str, typer.Option(help="Volume name, as in [[volumes]] name")] = "vol0",
+) -> None:
+    """Mark a folder (a mounted filesystem) as a volume, so the appliance will write into it."""
+    from appliance.store.volumes import init_volume
+
+    try:
+        volume_id = init_volume(path, name)
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{path}: volume {name} ({volume_id})")
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Volumes (attached, free, fill), instance counts, index size."""
+    from appliance.store.volumes import MARKER
+
+    try:
+        cfg = _config(config)
+        vols = []
+        for vc in cfg.volumes:
+            entry: dict[str, Any] = {"name": vc.name, "path": str(vc.path), "high_watermark": vc.high_watermark,
+                                     "attached": (vc.path / MARKER).is_file()}
+            if vc.path.exists():
+                st = os.statvfs(vc.path)
+                total = st.f_blocks * st.f_frsize
+                entry.update(free_bytes=st.f_bavail * st.f_frsize, size_bytes=total,
+                             fill=round(1 - st.f_bavail / max(1, st.f_blocks), 4))
+                entry["accepting"] = entry["attached"] and entry["fill"] < vc.high_watermark
+            else:
+                entry["accepting"] = False
+            vols.append(entry)
+        counts: dict[str, int] = {}
+        if (cfg.storage.index_path / "data.mdb").exists():
+            index = _index(cfg)
+            counts = index.counts()
+            index.close()
+        data = {"ae_title": cfg.server.ae_title, "port": cfg.server.port, "volumes": vols, "counts": counts,
+                "index_path": str(cfg.storage.index_path)}
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    lines = [f"AE {cfg.server.ae_title} on port {cfg.server.port}; index {cfg.storage.index_path}"]
+    for v in vols:
+        state = "accepting" if v["accepting"] else ("DETACHED" if not v["attached"] else "FULL (above watermark)")
+        fill = f"{v['fill'] * 100:.1f}% used, {v['free_bytes'] / 1e9:.1f} GB free" if "fill" in v else "missing"
+        lines.append(f"  volume {v['name']:<10} {v['path']}  {fill}  [{state}]")
+    lines.append("  " + ", ".join(f"{n} {k}" for k, n in counts.items()) if counts else "  index empty")
+    _emit(data, as_json, "\n".join(lines))
+    if any(not v["attached"] for v in vols):
+        raise typer.Exit(errors.EXIT_UNAVAILABLE)
+
+
+LS_COLUMNS = {
+    "patients": ("PatientID", "PatientName", "PatientBirthDate", "NumberOfStudies", "NumberOfInstances"),
+    "studies": ("StudyInstanceUID", "PatientID", "StudyDate", "AccessionNumber", "ModalitiesInStudy",
+                "NumberOfSeries", "NumberOfInstances", "StudyDescription"),
+    "series": ("SeriesInstanceUID", "Modality", "SeriesNumber", "NumberOfInstances", "SeriesDescription"),
+    "instances": ("SOPInstanceUID", "InstanceNumber", "SOPClassUID", "TransferSyntaxUID", "size", "volume"),
+}
+
+
+@app.command("ls")
+def ls(
+    level: Annotated[str, typer.Argument(help="patients | studies | series | instances")],
+    config: ConfigOpt = None,
+    patient_id: Annotated[str | None, typer.Option(help="PatientID")] = None,
+    accession: Annotated[str | None, typer.Option(help="AccessionNumber")] = None,
+    date: Annotated[str | None, typer.Option(help="StudyDate YYYYMMDD or range YYYYMMDD-YYYYMMDD")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID (for series/instances)")] = None,
+    series: Annotated[str | None, typer.Option(help="Series Instance UID (for instances)")] = None,
+    modality: Annotated[str | None, typer.Option(help="Modality (studies: in study; series: of series)")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows (0 = all)")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List patients, studies, series or instances, with filters that use the secondary indexes."""
+    if level not in LS_COLUMNS:
+        typer.echo(f"error: level must be one of {', '.join(LS_COLUMNS)}", err=True)
+        raise typer.Exit(errors.EXIT_USAGE)
+    try:
+        cfg = _config(config)
+        index = _index(cfg)
+        try:
+            rows = _select(index, level, patient_id, accession, date, study, series, modality)
+        finally:
+            index.close()
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    if limit:
+        rows = rows[:limit]
+    if as_json:
+        _emit(rows, True, "")
+        return
+    cols = LS_COLUMNS[level]
+    table = [cols] + [tuple(_cell(r.get(c, "")) for c in cols) for r in rows]
+    widths = [min(64, max(len(row[i]) for row in table)) for i in range(len(cols))]
+    for row in table:
+        typer.echo("  ".join(cell[:64].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    return "\\".join(value) if isinstance(value, list) else str(value)
+
+
+def _select(index: Any, level: str, patient_id: str | None, accession: str | None, date: str | None,
+            study: str | None, series: str | None, modality: str | None) -> list[dict[str, Any]]:
+    from appliance.index.db import SEP
+
+    def public(rec: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in rec.items() if not k.startswith("_")}
+
+    if level == "patients":
+        rows = [public(r) for k, r in index.items("patients", patient_id or "") if patient_id is None or
+                r.get("PatientID") == patient_id]
+        return rows
+    study_keys: list[str] | None = None
+    if accession is not None:
+        study_keys = index.studies_by("idx_accession", accession)
+    elif date is not None:
+        start, _, end = date.partition("-")
+        study_keys = index.studies_in_date_range(start, end or start)
+    elif patient_id is not None:
+        study_keys = index.studies_by("idx_patientid", patient_id)
+    elif study is not None:
+        found = index.lookup(study)
+        study_keys = [found[1]] if found and found[0] == "studies" else []
+    if level == "studies":
+        pairs = (index.items("studies") if study_keys is None else
+                 [p for k in study_keys for p in index.items("studies", k) if p[0] == k])
+        return [public(r) for _, r in pairs if modality is None or modality in r.get("ModalitiesInStudy", [])]
+    prefixes = [""] if study_keys is None else [k + SEP for k in study_keys]
+    if series is not None:
+        found = index.lookup(series)
+        prefixes = [found[1] + (SEP if level == "instances" else "")] if found and found[0] == "series" else []
+    out = []
+    for prefix in prefixes:
+        for key, rec in index.items("series" if level == "series" else "instances", prefix):
+            if level == "series" and modality is not None and rec.get("Modality") != modality:
+                continue
+            row = public(rec)
+            if level == "series":
+                row["StudyInstanceUID"] = key.split(SEP)[1]
+            out.append(row)
+    return out
+
+
+@app.command()
+def show(uid: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Everything the index holds for a Study, Series or SOP Instance UID."""
+    try:
+        cfg = _config(config)
+        index = _index(cfg)
+        try:
+            found = index.lookup(uid)
+        finally:
+            index.close()
+        if found is None:
+            raise errors.NotFound(f"{uid}: not in the index")
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    level, _key, record = found
+    data = {"level": level, "uid": uid, **{k: v for k, v in record.items() if not k.startswith("_")}}
+    _emit(data, as_json, "\n".join(f"{k:>24}: {_cell(v)}" for k, v in sorted(data.items())))
+
+
+@app.command()
+def export(
+    uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID")],
+    dest: Annotated[Path, typer.Argument(help="Folder to write Part-10 files into")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the stored Part-10 files (byte for byte) to DEST/<SOPInstanceUID>.dcm."""
+    from appliance.store.volumes import VolumeSet
+
+    try:
+        cfg = _config(config)
+        index = _index(cfg)
+        try:
+            instances = index.instances_under(uid)
+        finally:
+            index.close()
+        if not instances:
+            raise errors.NotFound(f"{uid}: not in the index")
+        volumes = VolumeSet.open(cfg)
+        dest.mkdir(parents=True, exist_ok=True)
+        written = []
+        for _key, rec in instances:
+            src = volumes.find_blob(rec["volume"], rec["digest"])
+            if src is None:
+                raise errors.NotFound(f"blob {rec['digest']} of {rec['SOPInstanceUID']} is missing")
+            target = dest / f"{rec['SOPInstanceUID']}.dcm"
+            shutil.copyfile(src, target)
+            written.append(str(target))
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    _emit({"exported": written}, as_json, f"exported {len(written)} instance(s) to {dest}")
+
+
+@app.command()
+def verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-hash every blob the index names; report missing, corrupt and orphaned blobs (exit 1 if any)."""
+    from appliance.index.rebuild import verify as run_verify
+
+    try:
+        cfg = _config(config)
+        index = _index(cfg)
+        try:
+            report = run_verify(cfg, index)
+        finally:
+            index.close()
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    data = {"checked": report.checked, "missing": report.missing, "corrupt": report.corrupt,
+            "orphans": report.orphans, "ok": report.ok}
+    lines = [f"checked {report.checked} blob(s): {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
+             f"{len(report.orphans)} orphaned"]
+    lines += [f"  missing {m}" for m in report.missing] + [f"  CORRUPT {c}" for c in report.corrupt]
+    lines += [f"  orphan  {o}" for o in report.orphans]
+    _emit(data, as_json, "\n".join(lines))
+    if not report.ok:
+        raise typer.Exit(errors.EXIT_FAILURE)
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    config: ConfigOpt = None,
+    into: Annotated[Path | None, typer.Option(help="Build into this new folder instead of replacing the index")]
+    = None,
+    rehash: Annotated[bool, typer.Option(help="Also check every blob's content against its name")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recreate the index from the volumes alone (run with the server stopped unless --into is given)."""
+    from appliance.index.rebuild import rebuild_index, replace_index
+
+    try:
+        cfg = _config(config)
+        stats = rebuild_index(cfg, into, rehash) if into is not None else replace_index(cfg, rehash)
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    data = {"blobs": stats.blobs, "instances": stats.indexed, "unreadable": stats.unreadable,
+            "index": str(into or cfg.storage.index_path)}
+    _emit(data, as_json, f"indexed {stats.indexed} instance(s) from {stats.blobs} blob(s) into {data['index']}"
+          + "".join(f"\n  unreadable {u}" for u in stats.unreadable))
+    if stats.unreadable:
+        raise typer.Exit(errors.EXIT_FAILURE)
+
+
+def main() -> None:
+    try:
+        app()
+    except errors.ApplianceError as exc:  # pragma: no cover - commands convert their own
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,367 @@
+"""One frozen configuration object, loaded from TOML with environment overrides and validated.
+
+Every key has a default, so ``appliance serve`` with no file serves AE ``APPLIANCE`` on port 11112 with data
+under ``./var``. The object is passed explicitly to whatever needs it; there is no module-level config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+
+from appliance.errors import ConfigError
+
+# Transfer syntaxes accepted by default, in order of preference when a requestor proposes several in one
+# presentation context: uncompressed first (no lossy surprise), then lossless compressed, then lossy.
+# Whatever is negotiated is stored bit-preserved; nothing is ever transcoded.
+DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.1.98",  # Encapsulated Uncompressed Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression
+    "1.2.840.10008.1.2.4.112",  # JPEG XL
+    "1.2.840.10008.1.2.4.100",  # MPEG2 MP@ML
+    "1.2.840.10008.1.2.4.101",  # MPEG2 MP@HL
+    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264 HP@4.1
+    "1.2.840.10008.1.2.4.103",  # MPEG-4 AVC/H.264 BD
+    "1.2.840.10008.1.2.4.104",  # MPEG-4 AVC/H.264 HP@4.2 2D
+    "1.2.840.10008.1.2.4.105",  # MPEG-4 AVC/H.264 HP@4.2 3D
+    "1.2.840.10008.1.2.4.106",  # MPEG-4 AVC/H.264 Stereo HP@4.2
+    "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main
+    "1.2.840.10008.1.2.4.108",  # HEVC/H.265 Main 10
+)
+
+DUPLICATE_POLICIES = ("overwrite", "reject", "keep-first")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def all_storage_sop_classes() -> tuple[str, ...]:
+    return tuple(sorted({str(uid) for uid in _STORAGE_CLASSES.values()}))
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A known remote modality/AE, in the spirit of Orthanc's ``DicomModalities``."""
+
+    name: str
+    ae_title: str
+    host: str = "127.0.0.1"
+    port: int = 104
+    allow_echo: bool = True
+    allow_store: bool = True
+    allow_find: bool = True
+    allow_move: bool = True
+    allow_get: bool = True
+    allow_storage_commitment: bool = True
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    path: Path
+    # Fraction of the filesystem in use above which this volume takes no new writes.
+    high_watermark: float = 0.95
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    ae_title: str = "APPLIANCE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 64
+    max_pdu: int = 1_048_576
+    # Worker processes sharing the port through SO_REUSEPORT; 0 means one per CPU.
+    workers: int = 1
+    # ARTIM: how long an opened connection may take to send its A-ASSOCIATE-RQ (and a release to finish).
+    acse_timeout: float = 30.0
+    # An established association with no traffic for this long is aborted.
+    idle_timeout: float = 300.0
+    refuse_unknown_calling_ae: bool = False
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    # 0 picks a free port (written to the --port-file), like port = 0 for DICOM.
+    metrics_port: int = 9110
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    index_path: Path = Path("var/index")
+    duplicate_policy: str = "overwrite"
+    # Group commit: one batch holds at most this many instances and waits at most this long for company.
+    commit_max_batch: int = 256
+    commit_max_wait_ms: float = 2.0
+    # Initial LMDB map size; it grows by doubling when full.
+    index_map_size: int = 256 * 1024 * 1024
+    # fsync blobs and the index before acknowledging. Switching it off voids the durability contract and exists
+    # only for measuring what fsync costs; serve logs a warning when it is off.
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    sop_classes: tuple[str, ...] = field(default_factory=lambda: (str(Verification), *all_storage_sop_classes()))
+    transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    volumes: tuple[VolumeConfig, ...] = (VolumeConfig("vol0", Path("var/volumes/vol0")),)
+    peers: tuple[PeerConfig, ...] = ()
+    source: Path | None = None
+
+    def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title:
+                return peer
+        return None
+
+    def effective_workers(self) -> int:
+        return self.server.workers or (os.cpu_count() or 1)
+
+
+def _check_ae(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not (1 <= len(value.strip()) <= 16) or "\\" in value:
+        raise ConfigError(f"{key}: an AE title is 1 to 16 characters without backslash, got {value!r}")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ConfigError(f"{key}: an AE title is printable ASCII, got {value!r}")
+    return value.strip()
+
+
+def _build(cls: type, section: str, raw: dict[str, Any], base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{section}.{key}: unknown key (known keys: {known})")
+        default = fields[key].default
+        if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
+            default = fields[key].default_factory()
+        values[key] = _coerce(f"{section}.{key}", value, default, base)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def _coerce(key: str, value: Any, default: Any, base: Path) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(default, str) or default is None:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+ENV_PREFIX = "APPLIANCE_"
+
+
+def _env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    """``APPLIANCE_SERVER_PORT=11113`` overrides ``[server] port``; values are parsed as TOML scalars."""
+    sections = {"server": ServerConfig, "storage": StorageConfig}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section in sections:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                try:
+                    value = tomllib.loads(f"v = {text}")["v"]
+                except tomllib.TOMLDecodeError:
+                    value = text
+                raw.setdefault(section, {})[key] = value
+                break
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load and validate. ``path=None`` means the embedded defaults (relative paths against the cwd)."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist (appliance init writes one)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    _env_overrides(raw, dict(os.environ) if environ is None else environ)
+    known = {"server", "storage", "dicom", "volumes", "peers"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+
+    server = _build(ServerConfig, "server", raw.get("server", {}), base)
+    storage = _build(StorageConfig, "storage", raw.get("storage", {}), base)
+    if path is None and not storage.index_path.is_absolute():
+        storage = dataclasses.replace(storage, index_path=base / storage.index_path)
+    dicom_raw = dict(raw.get("dicom", {}))
+    if dicom_raw.get("sop_classes") == ["storage"]:
+        dicom_raw["sop_classes"] = [str(Verification), *all_storage_sop_classes()]
+    dicom = _build(DicomConfig, "dicom", dicom_raw, base)
+
+    volumes_raw = raw.get("volumes")
+    if volumes_raw is None:
+        volumes: tuple[VolumeConfig, ...] = (VolumeConfig("vol0", base / "var/volumes/vol0"),)
+    else:
+        if not isinstance(volumes_raw, list) or not volumes_raw:
+            raise ConfigError("volumes: expected at least one [[volumes]] table")
+        volumes = tuple(
+            _build(VolumeConfig, f"volumes[{i}]", v, base) for i, v in enumerate(volumes_raw)
+        )
+    peers_raw = raw.get("peers", {})
+    if not isinstance(peers_raw, dict):
+        raise ConfigError("peers: expected tables [peers.NAME]")
+    peers = tuple(
+        _build(PeerConfig, f"peers.{name}", {"name": name, **table}, base) for name, table in peers_raw.items()
+    )
+    config = Config(server, storage, dicom, volumes, peers, path)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    s = config.server
+    _check_ae("server.ae_title", s.ae_title)
+    for key, port in (("server.port", s.port), ("server.metrics_port", s.metrics_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{key}: {port} is not a TCP port (0..65535)")
+    if s.max_associations < 1:
+        raise ConfigError("server.max_associations: must be at least 1")
+    if not 4096 <= s.max_pdu <= 16 * 1024 * 1024:
+        raise ConfigError(f"server.max_pdu: {s.max_pdu} is outside 4096..16777216")
+    if s.workers < 0 or s.workers > 64:
+        raise ConfigError("server.workers: 0 (one per CPU) to 64")
+    if s.acse_timeout <= 0 or s.idle_timeout <= 0:
+        raise ConfigError("server.acse_timeout and server.idle_timeout must be positive")
+    if s.log_level not in LOG_LEVELS:
+        raise ConfigError(f"server.log_level: one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
+    st = config.storage
+    if st.duplicate_policy not in DUPLICATE_POLICIES:
+        raise ConfigError(f"storage.duplicate_policy: one of {', '.join(DUPLICATE_POLICIES)}, got {st.duplicate_policy!r}")
+    if st.commit_max_batch < 1 or st.commit_max_wait_ms < 0:
+        raise ConfigError("storage.commit_max_batch must be >= 1 and storage.commit_max_wait_ms >= 0")
+    if st.index_map_size < 1024 * 1024:
+        raise ConfigError("storage.index_map_size: at least 1 MiB")
+    names = set()
+    for i, vol in enumerate(config.volumes):
+        if vol.name in names:
+            raise ConfigError(f"volumes[{i}].name: {vol.name!r} is used twice")
+        names.add(vol.name)
+        if not 0.0 < vol.high_watermark <= 1.0:
+            raise ConfigError(f"volumes[{i}].high_watermark: a fraction in (0, 1], got {vol.high_watermark}")
+    if not config.dicom.sop_classes:
+        raise ConfigError("dicom.sop_classes: empty list accepts nothing")
+    if not config.dicom.transfer_syntaxes:
+        raise ConfigError("dicom.transfer_syntaxes: empty list accepts nothing")
+    for key, uids in (("dicom.sop_classes", config.dicom.sop_classes),
+                      ("dicom.transfer_syntaxes", config.dicom.transfer_syntaxes)):
+        for uid in uids:
+            if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
+                raise ConfigError(f"{key}: {uid!r} is not a UID")
+    for peer in config.peers:
+        _check_ae(f"peers.{peer.name}.ae_title", peer.ae_title)
+        if not 1 <= peer.port <= 65535:
+            raise ConfigError(f"peers.{peer.name}.port: {peer.port} is not a TCP port")
+
+
+DEFAULT_CONFIG_TOML = """\
+# DICOM storage appliance configuration. Every key is optional; the values shown are the defaults.
+# Relative paths are relative to this file's folder. Environment variables override [server] and
+# [storage] keys: APPLIANCE_SERVER_PORT=11113, APPLIANCE_STORAGE_DUPLICATE_POLICY='"reject"'.
+
+[server]
+ae_title = "APPLIANCE"          # our AE title; associations calling another title are rejected
+host = "0.0.0.0"                # bind address
+port = 11112                    # DICOM port
+max_associations = 64           # concurrent associations (over all workers); more are rejected (transient)
+max_pdu = 1048576               # largest P-DATA-TF PDU we receive (bytes); bounds memory per association
+workers = 1                     # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
+acse_timeout = 30.0             # seconds a new connection has to request an association (ARTIM)
+idle_timeout = 300.0            # seconds of silence after which an association is aborted
+refuse_unknown_calling_ae = false  # true: only AE titles listed under [peers] may associate
+metrics_enabled = true          # Prometheus /metrics endpoint, aggregated over the workers
+metrics_host = "127.0.0.1"
+metrics_port = 9110
+log_level = "info"              # debug logs UIDs; patient data is never logged
+
+[storage]
+index_path = "var/index"        # LMDB index folder
+duplicate_policy = "overwrite"  # same SOP Instance UID, different bytes: overwrite | reject | keep-first
+commit_max_batch = 256          # group commit: most instances per fsync batch / index transaction
+commit_max_wait_ms = 2.0        # group commit: longest wait for more instances to join a batch
+index_map_size = 268435456      # initial LMDB map size; it doubles when full
+fsync = true                    # never switch off in production: acknowledgements would not be durable
+
+[dicom]
+# sop_classes = ["storage"]     # "storage" = Verification + every storage SOP class; or a list of UIDs
+# transfer_syntaxes = [...]     # default: uncompressed + every common compressed syntax, stored as received
+
+# Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
+# below its high watermark. A volume folder that exists without its marker file (a mount point whose
+# filesystem is not mounted) is never written into: run `appliance volume init PATH` on a new volume.
+[[volumes]]
+name = "vol0"
+path = "var/volumes/vol0"
+high_watermark = 0.95
+
+# Known peers (like Orthanc's DicomModalities). Used for refuse_unknown_calling_ae and, later, C-MOVE.
+# [peers.ct1]
+# ae_title = "CT1"
+# host = "10.0.0.21"
+# port = 104
+# allow_echo = true
+# allow_store = true
+# allow_find = true
+# allow_move = true
+# allow_get = true
+# allow_storage_commitment = true
+"""

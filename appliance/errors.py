@@ -1,0 +1,98 @@
+"""One table of error codes: each error the appliance raises carries its DIMSE status and its CLI exit code.
+
+DIMSE statuses (PS3.4 Annex B for C-STORE, PS3.7 Annex C for the general ones):
+
+======  ==================================================  ========================================
+status  meaning                                             raised when
+======  ==================================================  ========================================
+0x0000  Success                                             stored (or an identical re-send)
+0x0111  Duplicate SOP Instance                              duplicate_policy = "reject", other bytes
+0x0122  Refused: SOP Class not supported                    command names a class we did not accept
+0x0124  Refused: Not authorized                             peer not allowed to store
+0xA700  Refused: Out of resources                           no volume can take the instance
+0xA900  Error: Data Set does not match SOP Class            dataset UIDs differ from the command
+0xC000  Error: Cannot understand                            dataset cannot be parsed
+0xC001  Error: Cannot understand (missing UIDs)             dataset lacks Study/Series/SOP UIDs
+0xC211  Processing failure (index)                          index transaction failed
+======  ==================================================  ========================================
+"""
+
+from __future__ import annotations
+
+SUCCESS = 0x0000
+DUPLICATE_SOP_INSTANCE = 0x0111
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+CANNOT_UNDERSTAND_MISSING_UIDS = 0xC001
+PROCESSING_FAILURE = 0xC211
+
+# CLI exit codes (sysexits-like, so scripts can branch on them).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # generic, or `verify` found mismatches
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: volume detached, index locked, ...
+
+
+class ApplianceError(Exception):
+    """Base class. ``status`` is the DIMSE status to answer with, ``exit_code`` the CLI's."""
+
+    status: int = PROCESSING_FAILURE
+    exit_code: int = EXIT_FAILURE
+
+
+class ConfigError(ApplianceError):
+    exit_code = EXIT_CONFIG
+
+
+class NotFound(ApplianceError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class VolumeError(ApplianceError):
+    """A volume cannot be used: detached mount, not initialised, unwritable."""
+
+    status = OUT_OF_RESOURCES
+    exit_code = EXIT_UNAVAILABLE
+
+
+class OutOfSpace(ApplianceError):
+    status = OUT_OF_RESOURCES
+    exit_code = EXIT_UNAVAILABLE
+
+
+class DatasetMismatch(ApplianceError):
+    status = DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+
+class CannotUnderstand(ApplianceError):
+    status = CANNOT_UNDERSTAND
+
+
+class MissingUIDs(ApplianceError):
+    status = CANNOT_UNDERSTAND_MISSING_UIDS
+
+
+class DuplicateRejected(ApplianceError):
+    status = DUPLICATE_SOP_INSTANCE
+
+
+class IndexFailure(ApplianceError):
+    status = PROCESSING_FAILURE
+
+
+STATUS_NAMES = {
+    SUCCESS: "Success",
+    DUPLICATE_SOP_INSTANCE: "Duplicate SOP Instance",
+    SOP_CLASS_NOT_SUPPORTED: "SOP Class not supported",
+    NOT_AUTHORIZED: "Not authorized",
+    OUT_OF_RESOURCES: "Out of resources",
+    DATASET_DOES_NOT_MATCH_SOP_CLASS: "Data Set does not match SOP Class",
+    CANNOT_UNDERSTAND: "Cannot understand",
+    CANNOT_UNDERSTAND_MISSING_UIDS: "Cannot understand (missing UIDs)",
+    PROCESSING_FAILURE: "Processing failure",
+}

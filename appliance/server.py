@@ -1,0 +1,234 @@
+"""Composition root: the supervisor process and its workers.
+
+The supervisor opens the volumes and the index, runs crash recovery, reserves the port, starts ``workers``
+processes and serves /metrics (aggregated over the workers with prometheus-client's multi-process mode).
+Each worker has its own uvloop event loop, its own listening socket on the shared port (SO_REUSEPORT, so the
+kernel spreads connections), its own LMDB handle and group committer. SIGTERM drains: workers stop accepting,
+finish the associations in progress (up to ``DRAIN_SECONDS``), commit, and exit. A worker that dies is
+restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.context import ForkProcess
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Config
+from appliance.errors import ApplianceError
+from appliance.index.db import StudyIndex
+from appliance.store.commit import recover
+from appliance.store.volumes import VolumeSet
+
+log = logging.getLogger("appliance")
+DRAIN_SECONDS = 30.0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+
+
+def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(1024)
+        sock.setblocking(False)
+    return sock
+
+
+# ---- worker -----------------------------------------------------------------------------------------
+
+
+def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop works too
+        pass
+    asyncio.run(_worker(config, port, ready, slots))
+
+
+async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
+    from appliance.metrics import Metrics
+    from appliance.net.association import AssociationProtocol, WorkerContext
+    from appliance.store.commit import GroupCommitter
+
+    loop = asyncio.get_running_loop()
+    st = config.storage
+    index = StudyIndex(st.index_path, st.index_map_size, sync=st.fsync)
+    volumes = VolumeSet.open(config)
+    metrics = Metrics()
+    committer = GroupCommitter(index, volumes, st.duplicate_policy, loop, st.commit_max_batch,
+                               st.commit_max_wait_ms, st.fsync, metrics)
+    ctx = WorkerContext.build(config, volumes=volumes, committer=committer, metrics=metrics, slots=slots)
+    sock = _listen_socket(config.server.host, port, listen=True)
+    server = await loop.create_server(lambda: AssociationProtocol(ctx), sock=sock)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    ready.put(os.getpid())
+    await stop.wait()
+
+    server.close()  # stop accepting; associations in progress go on
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while ctx.associations and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for assoc in list(ctx.associations):
+        assoc.abort(0x00, "shutting down")
+    pending = [t for a in ctx.associations for t in a.tasks]
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+    await asyncio.to_thread(committer.close)
+    index.close()
+
+
+# ---- supervisor -------------------------------------------------------------------------------------
+
+
+class Supervisor:
+    def __init__(self, config: Config, port_file: Path | None = None) -> None:
+        self.config = config
+        self.port_file = port_file
+        self.mp = multiprocessing.get_context("fork")
+        self.ready = self.mp.Queue()
+        self.slots = self.mp.Value("i", 0)
+        self.workers: list[ForkProcess] = []
+        self.port = config.server.port
+        self.metrics_port = 0
+        self.stopping = False
+        self.metrics_dir = ""
+
+    def prepare(self) -> dict[str, int]:
+        cfg = self.config
+        volumes = VolumeSet.open(cfg, create_missing=True)
+        index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
+        try:
+            stats = recover(volumes, index)
+        finally:
+            index.close()  # an LMDB environment must not cross fork()
+        if stats["moved"] or stats["dropped"] or stats["deleted"]:
+            log.info("recovery: %(moved)d committed blobs moved into place, %(dropped)d unacknowledged "
+                     "partial files dropped, %(deleted)d unreferenced blobs deleted", stats)
+        return stats
+
+    def _spawn(self) -> ForkProcess:
+        proc = self.mp.Process(target=_worker_main, args=(self.config, self.port, self.ready, self.slots),
+                               name="appliance-worker", daemon=False)
+        proc.start()
+        return proc
+
+    def run(self) -> int:
+        cfg = self.config
+        if not cfg.storage.fsync:
+            log.warning("storage.fsync is false: acknowledged instances are NOT durable (benchmarking only)")
+        self._lock_index()
+        self.prepare()
+        self.metrics_dir = tempfile.mkdtemp(prefix="appliance-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        reserve = _listen_socket(cfg.server.host, cfg.server.port, listen=False)
+        self.port = reserve.getsockname()[1]
+        count = cfg.effective_workers()
+        self.workers = [self._spawn() for _ in range(count)]
+        for _ in range(count):
+            self.ready.get(timeout=60)
+        if cfg.server.metrics_enabled:
+            self._start_metrics()
+        self._write_port_file()
+        log.info("AE %s listening on %s:%d with %d worker(s); metrics on %s", cfg.server.ae_title,
+                 cfg.server.host, self.port, count,
+                 f"http://{cfg.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            while not self.stopping:
+                for i, proc in enumerate(self.workers):
+                    if not proc.is_alive() and not self.stopping:
+                        log.error("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
+                        self.workers[i] = self._spawn()
+                        self.ready.get(timeout=60)
+                time.sleep(0.2)
+        finally:
+            self._shutdown()
+            reserve.close()
+        return 0
+
+    def _lock_index(self) -> None:
+        """One supervisor per index, and no silent port sharing with another program (SO_REUSEPORT would
+        let a second process bind the same port and take half of the associations)."""
+        cfg = self.config
+        cfg.storage.index_path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(cfg.storage.index_path / "serve.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ApplianceError(f"another appliance is serving the index {cfg.storage.index_path}") from None
+        if cfg.server.port:
+            probe = socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET)
+            try:
+                probe.bind((cfg.server.host, cfg.server.port))
+            except OSError as exc:
+                raise ApplianceError(f"port {cfg.server.port} on {cfg.server.host}: {exc.strerror}") from None
+            finally:
+                probe.close()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _shutdown(self) -> None:
+        log.info("draining associations and stopping workers")
+        for proc in self.workers:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            proc.join(DRAIN_SECONDS + 10)
+            if proc.is_alive():
+                proc.kill()
+        if self.port_file is not None:
+            self.port_file.unlink(missing_ok=True)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        log.info("stopped")
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from appliance.metrics import VolumeCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(VolumeCollector([(v.name, str(v.path)) for v in self.config.volumes]))
+        server, _thread = start_http_server(self.config.server.metrics_port, self.config.server.metrics_host,
+                                            registry=registry)
+        self.metrics_port = server.server_port
+
+    def _write_port_file(self) -> None:
+        if self.port_file is None:
+            return
+        tmp = self.port_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+        os.rename(tmp, self.port_file)
+
+
+def serve(config: Config, port_file: Path | None = None) -> int:
+    setup_logging(config.server.log_level)
+    return Supervisor(config, port_file).run()

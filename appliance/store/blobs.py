@@ -1,0 +1,143 @@
+"""Content-addressed blobs on a volume.
+
+Invariants (kept together with store/commit.py):
+- a blob is written to ``<volume>/tmp/`` and fsync'd (file and tmp folder) before any index entry names it;
+- it is renamed to ``<volume>/blobs/ab/cd/<sha256>`` after the index commit; a crash in between leaves it in
+  tmp/, where startup recovery (``recover_volume``) finds it by its hash and finishes the rename;
+- an index entry is removed (or repointed) before the blob it named is deleted (the ``gc`` table).
+
+A blob is a complete DICOM Part-10 file: 128-byte preamble, ``DICM``, a File Meta group built from the
+C-STORE command and the negotiated transfer syntax, then the dataset bytes exactly as received. The File Meta
+holds nothing that varies between two sends of the same dataset (no time, no calling AE), so an identical
+re-send hashes to the same blob. SHA-256: in the standard library, hardware-accelerated (SHA-NI) on current
+x86 and ARM servers (1.7 GB/s on one core here, faster than a core can receive DICOM), and it is what
+security reviews expect for content addressing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import struct
+import uuid
+from pathlib import Path
+
+from appliance.errors import OutOfSpace
+from appliance.store.volumes import Volume
+
+# A UUID-derived UID (PS3.5 B.2): needs no registered root.
+IMPLEMENTATION_CLASS_UID = "2.25.91993142740427924133552079705596492658"
+IMPLEMENTATION_VERSION_NAME = "APPLIANCE_010"
+CALLING_AE_XATTR = "user.appliance.calling_ae"
+
+_ELEMENT_SHORT = struct.Struct("<HH2sH")
+_ELEMENT_LONG = struct.Struct("<HH2s2xL")
+
+
+def _even(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble + ``DICM`` + File Meta Information group (PS3.10 7.1), Explicit VR Little Endian."""
+    elements = [
+        _ELEMENT_LONG.pack(0x0002, 0x0001, b"OB", 2) + b"\x00\x01",
+    ]
+    for element, vr, value, pad in (
+        (0x0002, b"UI", sop_class_uid, b"\x00"),
+        (0x0003, b"UI", sop_instance_uid, b"\x00"),
+        (0x0010, b"UI", transfer_syntax, b"\x00"),
+        (0x0012, b"UI", IMPLEMENTATION_CLASS_UID, b"\x00"),
+        (0x0013, b"SH", IMPLEMENTATION_VERSION_NAME, b" "),
+    ):
+        raw = _even(value.encode("ascii"), pad)
+        elements.append(_ELEMENT_SHORT.pack(0x0002, element, vr, len(raw)) + raw)
+    body = b"".join(elements)
+    group_length = _ELEMENT_SHORT.pack(0x0002, 0x0000, b"UL", 4) + struct.pack("<L", len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def dataset_offset(path: Path) -> int:
+    """Where the dataset starts in a Part-10 blob (after the File Meta group)."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM":
+        raise ValueError(f"{path} is not a DICOM Part-10 file")
+    (group_length,) = struct.unpack_from("<L", head, 140)
+    return 144 + group_length
+
+
+class BlobWriter:
+    """One instance being received: a temp file on a volume, hashed and written as the PDVs arrive."""
+
+    __slots__ = ("volume", "tmp_path", "fd", "hasher", "size")
+
+    def __init__(self, volume: Volume, prefix: bytes) -> None:
+        self.volume = volume
+        self.tmp_path = volume.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
+        self.fd = -1
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        try:
+            self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _io_error(exc) from None
+        self.write(prefix)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.hasher.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.discard()
+            raise _io_error(exc) from None
+        self.size += len(data)
+
+    def digest(self) -> str:
+        return self.hasher.hexdigest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Drop a partial or refused instance: nothing of it stays on disk."""
+        self.close()
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _io_error(exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutOfSpace(f"volume full: {exc.strerror}")
+    return OutOfSpace(f"volume write failed: {exc.strerror}")
+
+
+def hash_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def set_calling_ae(path: Path | str, calling_ae: str) -> None:
+    """Keep the calling AE beside the blob (an xattr), so that an index rebuild recovers it."""
+    try:
+        os.setxattr(path, CALLING_AE_XATTR, calling_ae.encode("ascii", "replace"))
+    except OSError:
+        pass  # filesystem without user xattrs: the rebuild then reports an empty calling AE
+
+
+def get_calling_ae(path: Path | str) -> str:
+    try:
+        return os.getxattr(path, CALLING_AE_XATTR).decode("ascii", "replace")
+    except OSError:
+        return ""

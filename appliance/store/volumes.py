@@ -1,0 +1,170 @@
+"""Volume roots (RAID arrays, iSCSI LUNs mounted somewhere), their markers, free space and placement.
+
+A volume is a folder holding ``.appliance-volume`` (a marker written once by ``volume init``), ``blobs/`` and
+``tmp/``. A folder without the marker is never written into: an empty mount point whose filesystem did not
+mount looks exactly like that, and writing there would fill the root filesystem with data nobody finds later.
+The one exception is a volume folder that does not exist at all, which ``serve`` creates and marks on first
+use so that a fresh install works with no set-up step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.config import Config, VolumeConfig
+from appliance.errors import VolumeError
+
+MARKER = ".appliance-volume"
+
+
+@dataclass
+class Volume:
+    name: str
+    root: Path
+    high_watermark: float
+    volume_id: str = ""
+    _stat_at: float = field(default=0.0, repr=False)
+    _free: int = field(default=0, repr=False)
+    _total: int = field(default=1, repr=False)
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / digest[:2] / digest[2:4] / digest
+
+    def refresh(self, max_age: float = 0.5) -> None:
+        now = time.monotonic()
+        if now - self._stat_at < max_age:
+            return
+        st = os.statvfs(self.root)
+        self._free = st.f_bavail * st.f_frsize
+        self._total = max(1, st.f_blocks * st.f_frsize)
+        self._stat_at = now
+
+    def free_bytes(self) -> int:
+        self.refresh()
+        return self._free
+
+    def total_bytes(self) -> int:
+        self.refresh()
+        return self._total
+
+    def fill(self) -> float:
+        self.refresh()
+        return 1.0 - self._free / self._total
+
+    def can_take(self, size_hint: int) -> bool:
+        """True when writing ``size_hint`` more bytes keeps the filesystem under the high watermark."""
+        self.refresh()
+        used_after = self._total - self._free + size_hint
+        return used_after / self._total < self.high_watermark and self._free > size_hint
+
+    def is_attached(self) -> bool:
+        return (self.root / MARKER).is_file()
+
+    def charge(self, nbytes: int) -> None:
+        """Account for bytes just written, so placement between statvfs refreshes is not blind."""
+        self._free -= nbytes
+
+
+def init_volume(root: Path, name: str) -> str:
+    """Write the marker (and folders) of a new volume; refuse a folder that already holds another marker."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / MARKER
+    if marker.exists():
+        data = json.loads(marker.read_text())
+        if data.get("name") != name:
+            raise VolumeError(f"{root} is already volume {data.get('name')!r}, not {name!r}")
+        return str(data["id"])
+    volume_id = str(uuid.uuid4())
+    (root / "blobs").mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    tmp = root / (MARKER + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"name": name, "id": volume_id, "created": time.time()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, marker)
+    fsync_dir(root)
+    return volume_id
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_volume(vc: VolumeConfig, create_missing: bool) -> Volume:
+    root = vc.path
+    if not root.exists():
+        if not create_missing:
+            raise VolumeError(f"volume {vc.name}: {root} does not exist")
+        init_volume(root, vc.name)
+    marker = root / MARKER
+    if not marker.is_file():
+        raise VolumeError(
+            f"volume {vc.name}: {root} has no {MARKER} marker. If it is a mount point, its filesystem is "
+            f"probably not mounted; if it is a new volume, run `appliance volume init {root} --name {vc.name}`"
+        )
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"volume {vc.name}: unreadable marker {marker}: {exc}") from None
+    if data.get("name") != vc.name:
+        raise VolumeError(f"volume {vc.name}: {root} is marked as volume {data.get('name')!r}")
+    for sub in ("blobs", "tmp"):
+        (root / sub).mkdir(exist_ok=True)
+    if not os.access(root / "tmp", os.W_OK) or not os.access(root / "blobs", os.W_OK):
+        raise VolumeError(f"volume {vc.name}: {root} is not writable")
+    return Volume(vc.name, root, vc.high_watermark, str(data.get("id", "")))
+
+
+class VolumeSet:
+    """All configured volumes; picks where a new instance goes."""
+
+    def __init__(self, volumes: list[Volume]) -> None:
+        self.volumes = volumes
+        self.by_name = {v.name: v for v in volumes}
+
+    @classmethod
+    def open(cls, config: Config, create_missing: bool = False) -> VolumeSet:
+        return cls([open_volume(vc, create_missing) for vc in config.volumes])
+
+    def pick(self, size_hint: int) -> Volume | None:
+        """The attached volume with the most free space that stays under its watermark, or None."""
+        best: Volume | None = None
+        for vol in self.volumes:
+            if not vol.can_take(size_hint):
+                continue
+            if best is None or vol.free_bytes() > best.free_bytes():
+                best = vol
+        if best is not None and not best.is_attached():
+            # The mount went away under us: never write into the bare mount point.
+            return None
+        return best
+
+    def find_blob(self, volume: str, digest: str) -> Path | None:
+        vol = self.by_name.get(volume)
+        if vol is not None:
+            path = vol.blob_path(digest)
+            if path.exists():
+                return path
+        for other in self.volumes:
+            path = other.blob_path(digest)
+            if path.exists():
+                return path
+        return None
