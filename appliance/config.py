@@ -164,6 +164,10 @@ def _build(cls: type, section: str, raw: dict[str, Any], base: Path) -> Any:
         default = fields[key].default
         if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
             default = fields[key].default_factory()
+        elif default is dataclasses.MISSING and fields[key].type in ("Path", Path):
+            # A required path (VolumeConfig.path) has no default to infer its type from: without this it stayed
+            # a str, relative paths were not resolved against the config's folder, and serve crashed on it.
+            default = Path()
         values[key] = _coerce(f"{section}.{key}", value, default, base)
     try:
         return cls(**values)

@@ -1,0 +1,644 @@
+"""Ingest benchmark: the appliance against DCMTK storescp and Orthanc, driven by K parallel DCMTK storescu.
+
+For every receiver x scenario (CT, MR burst) x K (parallel associations) x repeat:
+  1. start the receiver on 127.0.0.1, a free port, a fresh temp data folder; wait for it with echoscu;
+  2. start K ``storescu +sd <folder>`` at once (TCP_NODELAY=1), each with its own K-th of the burst;
+  3. wall time = start of the first storescu to exit of the last; instances/s and MB/s (10^6 bytes of
+     Part-10 files) from that; every storescu must exit 0 and the receiver must hold every instance after;
+  4. stop the receiver, delete its data, ``sync`` (so one run's writeback does not land in the next).
+Medians over the repeats go to a Markdown table on stdout; raw samples, medians and the machine to --out.
+
+    python -m bench.compare --quick                       # smoke run, small bursts, 1 repeat
+    python -m bench.compare                               # everything, 3 repeats
+    python -m bench.compare --scenarios ct --k 1,4 --receivers appliance,orthanc --workers 2 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import synth
+
+ROOT = Path(__file__).resolve().parent.parent
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on unless told otherwise
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RECEIVERS = ("appliance", "storescp", "orthanc")
+START_TIMEOUT = 60.0
+
+
+# ---- small helpers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def echo(ae: str, port: int) -> bool:
+    try:
+        result = subprocess.run(["echoscu", "-to", "2", "-ta", "2", "-aec", ae, "127.0.0.1", str(port)],
+                                env=DCMTK_ENV, capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    return lines[0] if lines else "?"
+
+
+def proc_tree_cpu(root_pid: int) -> float:
+    """CPU seconds (user+sys, own and of reaped children) of a process and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        ppid = int(fields[1])
+        children.setdefault(ppid, []).append(int(entry))
+        stats[int(entry)] = sum(int(v) for v in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def system_cpu() -> tuple[float, float, float]:
+    """(busy, iowait, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy / CLK_TCK, iowait / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
+def count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    tmp = tempfile.gettempdir()
+    fstype = first_line(["stat", "-f", "-c", "%T", tmp])
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "dcmtk": first_line(["storescu", "--version"]),
+        "orthanc": first_line([orthanc_binary() or "Orthanc", "--version"]),
+        "tmp_dir": tmp,
+        "tmp_fstype": fstype,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None)
+
+
+# ---- receivers ----------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """One receiver process with its own data folder. ``start`` returns once echoscu gets an answer."""
+
+    label = "?"
+    ae = "?"
+    fsync = "?"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = workdir / "receiver.log"
+
+    @staticmethod
+    def available() -> str | None:
+        """None when installed, else why not."""
+        return None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def storage(self) -> Path:
+        """The folder whose file count after stop is the number of instances stored."""
+        raise NotImplementedError
+
+    def wait_port(self) -> None:
+        pass
+
+    def start(self) -> None:
+        cmd = self.command()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                         env=DCMTK_ENV, start_new_session=True)
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited {self.proc.returncode} while starting:\n{self.log_tail()}")
+            return echo(self.ae, self.port)
+
+        self.wait_port()
+        wait_for(ready, START_TIMEOUT, f"{self.label} to answer C-ECHO on port {self.port}")
+
+    def cpu_seconds(self) -> float:
+        return proc_tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (a clean shutdown: the appliance drains, Orthanc closes its index), SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  warning: {self.label} ignored SIGTERM for {timeout:.0f}s; killing it", file=sys.stderr)
+            self.kill()
+        self._reap_group()
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we started: storescp --fork children too
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _reap_group(self) -> None:
+        """storescp --fork children live in the receiver's session: make sure none outlives the run."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ApplianceReceiver(Receiver):
+    ae = "APPLIANCE"
+
+    def __init__(self, workdir: Path, workers: int, fsync: bool = True) -> None:
+        super().__init__(workdir)
+        self.workers = workers
+        self.fsync_on = fsync
+        self.fsync = "fsync blob + dir, LMDB commit, before Success" if fsync else "OFF (storage.fsync = false)"
+        self.label = f"appliance-w{workers}" + ("" if fsync else "-nofsync")
+        self.port_file = workdir / "port.json"
+        self.config_path = workdir / "appliance.toml"
+
+    def command(self) -> list[str]:
+        self.config_path.write_text("\n".join([
+            "[server]",
+            'host = "127.0.0.1"',
+            "port = 0",
+            "metrics_port = 0",
+            f"workers = {self.workers}",
+            'log_level = "warning"',
+            "[storage]",
+            f"index_path = {json.dumps(str(self.workdir / 'index'))}",
+            f"fsync = {'true' if self.fsync_on else 'false'}",
+            # No [[volumes]] table: the built-in default volume vol0 at <config folder>/var/volumes/vol0 is
+            # the same thing, and a [[volumes]] path currently stays a str in config.py (_build/_coerce
+            # have no default to learn the type from) and crashes serve. See docs/benchmarks.md.
+            "",
+        ]))
+        return [str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable,
+                "-m", "appliance", "serve", "-c", str(self.config_path), "--port-file", str(self.port_file)]
+
+    def wait_port(self) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"appliance exited {self.proc.returncode} while starting:\n{self.log_tail()}")
+            return self.port_file.exists()
+
+        wait_for(ready, START_TIMEOUT, "the appliance port file")
+        self.port = int(json.loads(self.port_file.read_text())["port"])
+
+    def storage(self) -> Path:
+        return self.workdir / "var" / "volumes" / "vol0" / "blobs"
+
+
+class StorescpReceiver(Receiver):
+    label = "storescp"
+    ae = "STORESCP"
+    fsync = "none (writes files, no fsync)"
+
+    @staticmethod
+    def available() -> str | None:
+        return None if shutil.which("storescp") else "storescp (DCMTK) is not installed"
+
+    def command(self) -> list[str]:
+        self.port = free_port()
+        (self.workdir / "out").mkdir()
+        return ["storescp", "--fork", "-od", str(self.workdir / "out"), "-aet", self.ae, str(self.port)]
+
+    def storage(self) -> Path:
+        return self.workdir / "out"
+
+
+class OrthancReceiver(Receiver):
+    label = "orthanc"
+    ae = "ORTHANC"
+    fsync = "SyncStorageArea = true (fsync per file), SQLite index"
+
+    @staticmethod
+    def available() -> str | None:
+        return None if orthanc_binary() else "Orthanc is not installed"
+
+    def command(self) -> list[str]:
+        self.port = free_port()
+        http_port = free_port()
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "StorageCompression": False,
+            "SyncStorageArea": True,  # the default: fsync every stored file
+            "DicomAet": self.ae,
+            "DicomPort": self.port,
+            "DicomCheckCalledAet": False,
+            "HttpPort": http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],  # no system plugins: measure Orthanc itself
+            "SaveJobs": False,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        binary = orthanc_binary()
+        assert binary is not None
+        return [binary, str(path)]
+
+    def storage(self) -> Path:
+        return self.workdir / "storage"
+
+
+def make_receivers(names: list[str], workers: list[int], nofsync: bool) -> list[Callable[[Path], Receiver]]:
+    factories: list[Callable[[Path], Receiver]] = []
+    for name in names:
+        if name == "appliance":
+            for w in workers:
+                factories.append(functools.partial(ApplianceReceiver, workers=w))
+                if nofsync:
+                    factories.append(functools.partial(ApplianceReceiver, workers=w, fsync=False))
+        elif name == "storescp":
+            factories.append(StorescpReceiver)
+        elif name == "orthanc":
+            factories.append(OrthancReceiver)
+    return factories
+
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    receiver: str
+    scenario: str
+    k: int
+    repeat: int
+    instances: int
+    bytes: int
+    wall_s: float = 0.0
+    instances_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    failures: int = 0  # storescu processes that did not exit 0 (or timed out)
+    stored: int = 0  # instances found in the receiver's storage after stop
+    receiver_cpu_s: float = 0.0
+    storescu_cpu_s: float = 0.0
+    machine_busy_s: float = 0.0  # all CPU time on the machine during the run (other load included)
+    machine_iowait_s: float = 0.0
+    sync_after_s: float = 0.0  # time of a global sync() right after the last storescu: dirty data left
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failures == 0 and self.stored == self.instances and not self.errors
+
+
+def run_storescus(ae: str, port: int, folders: list[Path], timeout: float, logdir: Path) -> tuple[
+        float, list[int], float, list[str]]:
+    """K storescu at once; returns (wall seconds, exit codes, their CPU seconds, error notes)."""
+    ends: list[float] = [0.0] * len(folders)
+    codes: list[int] = [0] * len(folders)
+    cpu: list[float] = [0.0] * len(folders)
+    notes: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def waiter(i: int, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+            ends[i] = time.perf_counter()
+            codes[i] = os.waitstatus_to_exitcode(status)
+            proc.returncode = codes[i]
+            cpu[i] = usage.ru_utime + usage.ru_stime
+        except ChildProcessError:  # pragma: no cover
+            ends[i] = time.perf_counter()
+            codes[i] = -999
+
+    threads = []
+    t0 = time.perf_counter()
+    for i, folder in enumerate(folders):
+        log = open(logdir / f"storescu-{i}.log", "wb")
+        proc = subprocess.Popen(["storescu", "-aec", ae, "-aet", f"BENCH{i}", "+sd", "127.0.0.1", str(port),
+                                 str(folder)], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        procs.append(proc)
+        thread = threading.Thread(target=waiter, args=(i, proc), daemon=True)
+        thread.start()
+        threads.append(thread)
+    deadline = t0 + timeout
+    for i, thread in enumerate(threads):
+        thread.join(max(0.0, deadline - time.perf_counter()))
+        if thread.is_alive():
+            notes.append(f"storescu {i} still running after {timeout:.0f}s: killed")
+            procs[i].kill()
+            thread.join(10)
+            codes[i] = codes[i] or -9
+    for i, code in enumerate(codes):
+        if code != 0:
+            tail = (logdir / f"storescu-{i}.log").read_text(errors="replace").splitlines()[-5:]
+            notes.append(f"storescu {i} exited {code}: " + " | ".join(tail))
+    return max(ends) - t0, codes, sum(cpu), notes
+
+
+def one_run(factory: Callable[[Path], Receiver], burst: synth.Burst, scenario: str, k: int, repeat: int,
+            base: Path, timeout: float, keep: bool) -> Sample:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{scenario}-k{k}-", dir=base))
+    receiver = factory(workdir)
+    sample = Sample(receiver.label, scenario, k, repeat, len(burst.files), burst.total_bytes)
+    folders = synth.split(burst, k)
+    try:
+        receiver.start()
+        cpu0 = receiver.cpu_seconds()
+        busy0, io0, _ = system_cpu()
+        wall, codes, scu_cpu, notes = run_storescus(receiver.ae, receiver.port, folders, timeout, workdir)
+        busy1, io1, _ = system_cpu()
+        sample.receiver_cpu_s = receiver.cpu_seconds() - cpu0
+        t_sync = time.perf_counter()
+        os.sync()
+        sample.sync_after_s = time.perf_counter() - t_sync
+        sample.wall_s = wall
+        sample.failures = sum(1 for c in codes if c != 0)
+        sample.storescu_cpu_s = scu_cpu
+        sample.machine_busy_s, sample.machine_iowait_s = busy1 - busy0, io1 - io0
+        sample.errors.extend(notes)
+        sample.instances_per_s = sample.instances / wall if wall > 0 else 0.0
+        sample.mb_per_s = sample.bytes / 1e6 / wall if wall > 0 else 0.0
+    except Exception as exc:  # a receiver that fails to start or dies: record, go on with the next run
+        sample.errors.append(f"{type(exc).__name__}: {exc}")
+        sample.failures = k
+    finally:
+        receiver.stop()
+        try:
+            sample.stored = count_files(receiver.storage())
+        except OSError:
+            sample.stored = 0
+        if sample.stored != sample.instances and not sample.errors:
+            sample.errors.append(f"receiver holds {sample.stored} of {sample.instances} instances")
+        if sample.errors:
+            tail = receiver.log_tail(15)
+            if tail:
+                sample.errors.append("receiver log tail:\n" + tail)
+        if keep:
+            print(f"  kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        os.sync()  # the next run must not pay for this one's writeback
+    return sample
+
+
+# ---- report -------------------------------------------------------------------------------------------
+
+
+def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, int], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.receiver, s.scenario, s.k), []).append(s)
+    rows = []
+    for (receiver, scenario, k), group in groups.items():
+        good = [s for s in group if s.ok]
+        row: dict[str, Any] = {"receiver": receiver, "scenario": scenario, "k": k, "runs": len(group),
+                               "ok_runs": len(good), "instances": group[0].instances, "bytes": group[0].bytes}
+        for key in ("wall_s", "instances_per_s", "mb_per_s", "receiver_cpu_s", "storescu_cpu_s", "machine_busy_s",
+                    "machine_iowait_s", "sync_after_s"):
+            values = [getattr(s, key) for s in good]
+            row[key] = statistics.median(values) if values else None
+            if key == "instances_per_s":
+                row["instances_per_s_min"] = min(values) if values else None
+                row["instances_per_s_max"] = max(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], repeats: int) -> str:
+    def f(value: Any, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    out = [
+        f"Medians of {repeats} repeat(s). inst/s and MB/s (10^6 B of Part-10 files) over wall time from the first "
+        "storescu start to the last storescu exit. CPU = CPU-seconds used during the run (receiver process tree; "
+        "the K storescu; whole machine incl. other load). sync = time of a global sync() right after the run.",
+        "",
+        "| receiver | scenario | K | inst/s | (min-max) | MB/s | wall s | recv CPU s | storescu CPU s | machine CPU s "
+        "| iowait s | sync s | ok runs |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["k"], r["receiver"])):
+        out.append(
+            f"| {r['receiver']} | {r['scenario']} ({r['instances']}) | {r['k']} | {f(r['instances_per_s'])} "
+            f"| {f(r['instances_per_s_min'])}-{f(r['instances_per_s_max'])} | {f(r['mb_per_s'])} | {f(r['wall_s'], 2)} "
+            f"| {f(r['receiver_cpu_s'])} | {f(r['storescu_cpu_s'])} | {f(r['machine_busy_s'])} "
+            f"| {f(r['machine_iowait_s'])} | {f(r['sync_after_s'], 2)} | {r['ok_runs']}/{r['runs']} |"
+        )
+    return "\n".join(out)
+
+
+def parse_list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if allowed is not None:
+        for item in items:
+            if item not in allowed:
+                raise argparse.ArgumentTypeError(f"{item!r} is not one of {', '.join(allowed)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default="ct,mr", type=lambda t: parse_list(t, ("ct", "mr")),
+                        help="comma list of ct, mr (default: ct,mr)")
+    parser.add_argument("--k", default="1,4,8", type=lambda t: [int(v) for v in parse_list(t)],
+                        help="parallel associations, comma list (default: 1,4,8)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell; medians are reported (default 3)")
+    parser.add_argument("--receivers", default=",".join(RECEIVERS), type=lambda t: parse_list(t, RECEIVERS),
+                        help=f"comma list of {', '.join(RECEIVERS)} (default: all)")
+    parser.add_argument("--workers", default="1,2", type=lambda t: [int(v) for v in parse_list(t)],
+                        help="appliance worker counts to run, comma list (default: 1,2)")
+    parser.add_argument("--appliance-nofsync", action="store_true",
+                        help="also run the appliance with storage.fsync = false (what fsync costs)")
+    parser.add_argument("--quick", action="store_true", help="small bursts (CT 100, MR 300) and 1 repeat: a smoke run")
+    parser.add_argument("--ct-count", type=int, help="CT slices (default 600; 100 with --quick)")
+    parser.add_argument("--mr-count", type=int, help="MR images (default 2000; 300 with --quick)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=synth.DEFAULT_CACHE, help="where generated bursts are kept")
+    parser.add_argument("--tmp", type=Path, default=None, help="where receivers' data folders go (default $TMPDIR)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="longest one run may take (seconds)")
+    parser.add_argument("--keep", action="store_true", help="keep receivers' data folders (debugging)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default bench/results/compare-<time>.json)")
+    args = parser.parse_args(argv)
+    if args.quick and "--repeats" not in " ".join(argv if argv is not None else sys.argv):
+        args.repeats = 1
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            print(f"error: DCMTK {tool} is not installed (make dcmtk, or apt-get install dcmtk)", file=sys.stderr)
+            return 2
+
+    receivers = list(args.receivers)
+    skipped = {}
+    for name, cls in (("storescp", StorescpReceiver), ("orthanc", OrthancReceiver)):
+        why = cls.available()
+        if name in receivers and why:
+            print(f"SKIPPING {name}: {why}", file=sys.stderr)
+            skipped[name] = why
+            receivers.remove(name)
+    factories = make_receivers(receivers, args.workers, args.appliance_nofsync)
+
+    ct_count = args.ct_count or (100 if args.quick else 600)
+    mr_count = args.mr_count or (300 if args.quick else 2000)
+    bursts = {}
+    for scenario in args.scenarios:
+        spec = synth.ct_spec(ct_count, seed=args.seed) if scenario == "ct" else synth.mr_spec(mr_count, seed=args.seed)
+        bursts[scenario] = synth.load_or_generate(spec, args.cache)
+
+    base = Path(tempfile.mkdtemp(prefix="bench-compare-", dir=args.tmp))
+    out = args.out or ROOT / "bench" / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    info = machine_info()
+    samples: list[Sample] = []
+    total = len(factories) * len(args.scenarios) * len(args.k) * args.repeats
+    n = 0
+    try:
+        # Repeats outermost, so slow drifts of the machine's load spread over every cell instead of one.
+        for repeat in range(args.repeats):
+            for scenario in args.scenarios:
+                burst = bursts[scenario]
+                for k in args.k:
+                    for factory in factories:
+                        n += 1
+                        s = one_run(factory, burst, scenario, k, repeat, base, args.timeout, args.keep)
+                        samples.append(s)
+                        status = "ok" if s.ok else "FAILED: " + "; ".join(s.errors)[:2000]
+                        print(f"[{n}/{total}] {s.receiver:<18} {scenario} x{len(burst.files)} K={k} "
+                              f"rep {repeat}: {s.instances_per_s:7.1f} inst/s {s.mb_per_s:7.1f} MB/s "
+                              f"wall {s.wall_s:6.2f}s recvCPU {s.receiver_cpu_s:5.1f}s scuCPU {s.storescu_cpu_s:5.1f}s "
+                              f"{status}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: reporting what ran", file=sys.stderr)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    rows = summarize(samples)
+    table = markdown(rows, args.repeats)
+    receivers_info: dict[str, dict[str, str]] = {}
+    probe = Path(tempfile.gettempdir())
+    for factory in factories:
+        r = factory(probe)
+        receivers_info[r.label] = {"ae": r.ae, "durability": r.fsync}
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv if argv is None else argv,
+        "machine": info,
+        "receivers": receivers_info,
+        "skipped": skipped,
+        "bursts": {s: {"key": b.spec.key, "instances": len(b.files), "bytes": b.total_bytes} for s, b in bursts.items()},
+        "repeats": args.repeats,
+        "medians": rows,
+        "samples": [asdict(s) for s in samples],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    print(f"## Ingest benchmark ({time.strftime('%Y-%m-%d %H:%M')})\n")
+    print(f"Machine: {info['cpu_count']} CPU ({info['cpu_model']}), kernel {info['kernel']}, Python {info['python']}, "
+          f"{info['dcmtk']}, {info['orthanc']}, data on {info['tmp_fstype']} ({info['tmp_dir']}).")
+    for label, meta in receivers_info.items():
+        print(f"- {label}: durability = {meta['durability']}")
+    for name, why in skipped.items():
+        print(f"- {name}: SKIPPED ({why})")
+    print()
+    print(table)
+    print(f"\nRaw samples and medians: {out}")
+    failed = [s for s in samples if not s.ok]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
