@@ -43,8 +43,9 @@ class Metrics:
         )
         self.store_seconds = Histogram(
             "appliance_store_stage_seconds",
-            "C-STORE latency by stage: receive (first to last PDV), queue (waiting for a batch), fsync, "
-            "index (LMDB commit), total (last PDV to response)",
+            "C-STORE latency by stage, per instance: receive (first to last PDV), fsync (its blob made "
+            "durable), queue (waiting for the next index commit), index (its batch's LMDB commit), total (last "
+            "PDV to response)",
             ["stage"], buckets=_LATENCY_BUCKETS, **kw,
         )
         self.batch_size = Histogram(
@@ -59,6 +60,32 @@ class Metrics:
             "appliance_duplicates", "Re-sent SOP Instance UIDs, by outcome", ["outcome"], **kw
         )
         self.aborts = Counter("appliance_aborts", "Associations aborted, by reason", ["reason"], **kw)
+
+        # Children of labelled metrics, cached: .labels() takes a lock and builds a key on every call.
+        self._stage = {stage: self.store_seconds.labels(stage)
+                       for stage in ("receive", "fsync", "queue", "index", "total")}
+        self._stored: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def stored(self, sop_class_uid: str, calling_ae: str, nbytes: int, receive_s: float, total_s: float) -> None:
+        key = (sop_class_uid, calling_ae)
+        children = self._stored.get(key)
+        if children is None:
+            label = sop_class_label(sop_class_uid)
+            children = (self.instances_stored.labels(label, calling_ae), self.bytes_stored.labels(label, calling_ae))
+            self._stored[key] = children
+        children[0].inc()
+        children[1].inc(nbytes)
+        self._stage["receive"].observe(receive_s)
+        self._stage["total"].observe(total_s)
+
+    def commit(self, batch: int, index_s: float, per_item: list[tuple[float, float]]) -> None:
+        """One group commit: its size, its LMDB time, and (fsync, queue) seconds of each of its instances."""
+        self.batch_size.observe(batch)
+        fsync, queue, index = self._stage["fsync"], self._stage["queue"], self._stage["index"]
+        for fsync_s, queue_s in per_item:
+            fsync.observe(fsync_s)
+            queue.observe(queue_s)
+            index.observe(index_s)
 
     def failure(self, status: int) -> None:
         self.failures.labels(f"0x{status:04X}", STATUS_NAMES.get(status, "unknown")).inc()

@@ -60,6 +60,9 @@ def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
 
 def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
+    # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
+    # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
+    sys.setswitchinterval(float(os.environ.get("APPLIANCE_SWITCH_INTERVAL", "0.0005")))
     try:
         import uvloop
 

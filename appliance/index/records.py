@@ -8,6 +8,7 @@ as PN strings decoded with the dataset's Specific Character Set).
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from pydicom.filereader import dcmread, read_dataset
 from pydicom.tag import BaseTag, Tag
+from pynetdicom.dsutils import split_dataset
 
 from appliance.errors import CannotUnderstand, MissingUIDs
 
@@ -103,13 +105,15 @@ def _from_dataset(ds: Any) -> Header:
                     text = ""
                 if text:
                     level[keyword] = text
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        level = header.study if keyword == "StudyInstanceUID" else header.series
-        if not level.get(keyword):
-            raise MissingUIDs(f"dataset has no {keyword}")
+    _check_uids(header)
+    return header
+
+
+def _check_uids(header: Header) -> None:
+    if not header.study.get("StudyInstanceUID") or not header.series.get("SeriesInstanceUID"):
+        raise MissingUIDs("dataset has no Study or Series Instance UID")
     if not header.sop_instance_uid or not header.sop_class_uid:
         raise MissingUIDs("dataset has no SOP Instance UID or SOP Class UID")
-    return header
 
 
 class _Stop:
@@ -125,6 +129,134 @@ class _Stop:
         return False
 
 
+# The first bytes of a dataset kept in memory while it streams to disk; the index attributes are nearly always
+# in them. The live path and `index rebuild` parse exactly this prefix the same way, so both index the same.
+HEAD_LIMIT = 64 * 1024
+
+_TAG_LE = struct.Struct("<HH")
+_TAG_BE = struct.Struct(">HH")
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
+_WANTED = {tag: keyword for keyword, tag in ALL_ATTRS.items()}
+_US_KEYWORDS = frozenset({"Rows", "Columns"})
+_CHARSET = 0x00080005
+_PLAIN_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 192", b"ISO_IR 100"}
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class _FastParser:
+    """A minimal walk over a dataset prefix that collects the index attributes' raw values.
+
+    It only needs tags, lengths and item structure, so it skips everything else without building objects:
+    about 20x cheaper than pydicom's reader on a CT header, which matters at 1,000 instances/s. Anything
+    unusual (a character set other than ASCII/Latin-1/UTF-8, odd structure) makes the caller use pydicom.
+    """
+
+    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.implicit = implicit
+        self.little = little
+        self.tag = _TAG_LE if little else _TAG_BE
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<L" if little else ">L")
+        self.values: dict[int, bytes] = {}
+        self.reached = False
+
+    def header(self, pos: int, implicit: bool) -> tuple[int, int, int]:
+        """(tag, value length, value offset) of the element at ``pos``."""
+        buf = self.buf
+        if pos + 8 > len(buf):
+            raise _Incomplete
+        group, element = self.tag.unpack_from(buf, pos)
+        tag = group << 16 | element
+        if implicit or group == 0xFFFE:
+            return tag, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
+        vr = buf[pos + 4 : pos + 6]
+        if not vr.isupper():
+            raise _Incomplete  # not Explicit VR after all: let pydicom work out what this is
+        if vr in _LONG_VRS:
+            if pos + 12 > len(buf):
+                raise _Incomplete
+            return tag, self.u32.unpack_from(buf, pos + 8)[0], pos + 12
+        return tag, self.u16.unpack_from(buf, pos + 6)[0], pos + 8
+
+    def dataset(self, pos: int, implicit: bool, top: bool, end: int | None = None) -> int:
+        """Walk elements from ``pos``; nested datasets end at ``end`` or at an Item Delimitation."""
+        buf = self.buf
+        while end is None or pos < end:
+            if top and pos >= len(buf):
+                return pos
+            tag, length, value = self.header(pos, implicit)
+            if not top and tag == _ITEM_END:
+                return value
+            if top and tag > _LAST_GROUP_NEEDED:
+                self.reached = True
+                return pos
+            if length == 0xFFFFFFFF:
+                # Undefined length: a sequence (or UN holding one, encoded Implicit VR Little Endian).
+                vr_un = not implicit and buf[pos + 4 : pos + 6] == b"UN"
+                pos = self.sequence(value, implicit or vr_un)
+                continue
+            if value + length > len(buf):
+                raise _Incomplete
+            if top and tag in _WANTED or tag == _CHARSET:
+                if top:
+                    self.values[tag] = buf[value : value + length]
+            pos = value + length
+        return pos
+
+    def sequence(self, pos: int, implicit: bool) -> int:
+        while True:
+            tag, length, value = self.header(pos, True)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM:
+                raise CannotUnderstand(f"unexpected ({tag >> 16:04x},{tag & 0xFFFF:04x}) in a sequence")
+            if length == 0xFFFFFFFF:
+                pos = self.dataset(value, implicit, top=False)
+            else:
+                if value + length > len(self.buf):
+                    raise _Incomplete
+                pos = value + length
+
+
+def _fast_header(head: bytes, transfer_syntax: str, complete: bool) -> Header | None:
+    parser = _FastParser(head, transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE)
+    try:
+        parser.dataset(0, parser.implicit, top=True)
+    except (_Incomplete, struct.error, CannotUnderstand):
+        return None
+    if not parser.reached and not complete:
+        return None
+    values = parser.values
+    charset = values.get(_CHARSET, b"").strip(b"\x00 ")
+    if charset not in _PLAIN_CHARSETS:
+        return None
+    encoding = "utf-8" if charset == b"ISO_IR 192" else "latin-1"
+    header = Header()
+    levels = [(header.patient, PATIENT_ATTRS), (header.study, STUDY_ATTRS), (header.series, SERIES_ATTRS),
+              (header.instance, INSTANCE_ATTRS)]
+    for level, attrs in levels:
+        for keyword, tag in attrs.items():
+            raw = values.get(tag)
+            if not raw:
+                continue
+            if keyword in _US_KEYWORDS:
+                text = str(parser.u16.unpack_from(raw)[0]) if len(raw) >= 2 else ""
+            else:
+                text = raw.decode(encoding, "replace").strip("\x00 ")
+            if text:
+                level[keyword] = text
+    try:
+        _check_uids(header)
+    except MissingUIDs:
+        return None  # pydicom decides (and words the error)
+    return header
+
+
 def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -> Header | None:
     """Parse the index attributes from the first bytes of a dataset.
 
@@ -138,6 +270,10 @@ def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -
         except zlib.error as exc:
             raise CannotUnderstand(f"deflated dataset does not inflate: {exc}") from None
         complete = complete and not inflater.unconsumed_tail
+    else:
+        fast = _fast_header(bytes(head), transfer_syntax, complete)
+        if fast is not None:
+            return fast
     stop = _Stop()
     try:
         ds = read_dataset(
@@ -162,10 +298,21 @@ def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -
 
 
 def read_header_file(path: Path) -> tuple[Header, str]:
-    """Parse a Part-10 blob; returns the header and the transfer syntax from its File Meta."""
+    """Parse a Part-10 blob the way the live path parses what it receives; returns (header, transfer syntax)."""
+    try:
+        meta, offset = split_dataset(path)
+        ts = str(meta.get("TransferSyntaxUID", ""))
+        size = path.stat().st_size - offset
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            head = fh.read(HEAD_LIMIT)
+    except Exception as exc:
+        raise CannotUnderstand(f"{path.name}: not a DICOM file: {type(exc).__name__}: {exc}") from None
+    header = read_header(head, ts, complete=size <= HEAD_LIMIT)
+    if header is not None:
+        return header, ts
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS)
     except Exception as exc:
         raise CannotUnderstand(f"{path.name}: cannot be parsed: {type(exc).__name__}: {exc}") from None
-    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     return _from_dataset(ds), ts

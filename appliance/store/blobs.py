@@ -128,7 +128,7 @@ def hash_file(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def set_calling_ae(path: Path | str, calling_ae: str) -> None:
+def set_calling_ae(path: Path | str | int, calling_ae: str) -> None:
     """Keep the calling AE beside the blob (an xattr), so that an index rebuild recovers it."""
     try:
         os.setxattr(path, CALLING_AE_XATTR, calling_ae.encode("ascii", "replace"))

@@ -1,16 +1,18 @@
 """Group commit: many C-STOREs share one fsync batch and one LMDB write transaction.
 
-Order for one batch (the durability contract; see also store/blobs.py):
-1. set the blob's mtime (= receive time) and calling-AE xattr, then fsync each tmp file, in parallel threads
-   (the filesystem journal merges concurrent fsyncs), then fsync each volume's tmp/ folder once;
+Order (the durability contract; see also store/blobs.py):
+1. as soon as an instance's last PDV is written (its mtime = receive time and calling-AE xattr already set),
+   a pool thread fsyncs its tmp file; concurrent fsyncs share journal commits. The index thread then takes
+   every instance made durable so far as one batch and fsyncs each volume's tmp/ folder once;
 2. one LMDB write transaction indexes every instance of the batch, and is committed (fsync'd by LMDB);
 3. rename each new blob from tmp/ to blobs/ab/cd/<digest>; drop tmp files of duplicates;
 4. delete blobs that no index entry names any more (their ``gc`` rows were written in step 2);
 5. only now wake the associations, which send Success.
 
 A crash after 2 and before 3 leaves indexed blobs in tmp/: ``recover_volume`` at startup finishes the rename.
-Batching: the committer thread takes everything queued; if associations are still receiving, it waits up to
-``commit_max_wait_ms`` for them to join, so one core's worth of fsync serves many instances.
+Batching: the index thread takes everything fsync'd so far; if other instances are still in the fsync pool,
+it waits up to ``commit_max_wait_ms`` for them, so one LMDB commit serves many instances. While it commits,
+the pool is already fsyncing the next ones (a two-stage pipeline).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from appliance import errors
 from appliance.index.db import IndexEntry, Outcome, StudyIndex
-from appliance.store.blobs import BlobWriter, hash_file, set_calling_ae
+from appliance.store.blobs import BlobWriter, hash_file
 from appliance.store.volumes import Volume, VolumeSet, fsync_dir
 
 if TYPE_CHECKING:
@@ -53,6 +55,10 @@ class _Pending:
 
 
 class GroupCommitter:
+    """Two stages, so that the disk always has work: a pool fsyncs each instance as soon as its last PDV is
+    written (concurrent fsyncs share journal commits), and one index thread commits whatever is durable in
+    one LMDB transaction, while the next instances are being fsync'd."""
+
     def __init__(
         self,
         index: StudyIndex,
@@ -73,71 +79,87 @@ class GroupCommitter:
         self.fsync = fsync
         self.metrics = metrics
         self.receiving = 0  # stores whose dataset is still arriving (written by the event loop only)
-        self._queue: deque[_Pending] = deque()
+        self._durable: deque[tuple[_Pending, OSError | None, float]] = deque()
+        self._syncing = 0  # instances handed to the fsync pool and not yet back
         self._cond = threading.Condition()
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
+        self._folders: set[Path] = set()  # blob folders known to exist (65,536 per volume at most)
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
     def submit(self, writer: BlobWriter, entry: IndexEntry) -> asyncio.Future[CommitResult]:
         future: asyncio.Future[CommitResult] = self.loop.create_future()
+        item = _Pending(writer, entry, future, time.perf_counter())
         with self._cond:
-            self._queue.append(_Pending(writer, entry, future, time.perf_counter()))
-            self._cond.notify()
+            self._syncing += 1
+        self._pool.submit(self._make_durable, item)
         return future
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join()
-        self._pool.shutdown()
 
-    # ---- committer thread ---------------------------------------------------------------------------
+    # ---- stage 1: fsync pool ------------------------------------------------------------------------
+
+    def _make_durable(self, item: _Pending) -> None:
+        error: OSError | None = None
+        writer = item.writer
+        try:
+            if self.fsync:
+                os.fsync(writer.fd)  # fsync, not fdatasync: the mtime and xattr must be durable too
+            writer.close()
+            # The blob's folder is made now, before the index names the blob: on a full volume mkdir fails
+            # with ENOSPC, and here that refuses this instance cleanly. After the index commit it would have
+            # failed an already indexed instance.
+            folder = writer.volume.blob_path(item.entry.digest).parent
+            if folder not in self._folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._folders.add(folder)
+        except OSError as exc:
+            error = exc
+        with self._cond:
+            self._syncing -= 1
+            self._durable.append((item, error, time.perf_counter()))
+            self._cond.notify()
+
+    # ---- stage 2: index thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._durable and not self._closed:
                     self._cond.wait()
-                if not self._queue and self._closed:
+                if not self._durable and self._closed:
                     return
-                if self.max_wait > 0 and len(self._queue) < min(self.max_batch, self.receiving + 1):
-                    # Others are mid-receive: give them a bounded moment to join this batch.
-                    self._cond.wait_for(
-                        lambda: len(self._queue) >= min(self.max_batch, self.receiving + 1), self.max_wait
-                    )
-                batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+                if self.max_wait > 0 and self._syncing and len(self._durable) < self.max_batch:
+                    # More instances are being fsync'd right now: a bounded wait lets them share this commit.
+                    self._cond.wait_for(lambda: not self._syncing or len(self._durable) >= self.max_batch,
+                                        self.max_wait)
+                batch = [self._durable.popleft() for _ in range(min(self.max_batch, len(self._durable)))]
             try:
                 self._commit(batch)
             except Exception:  # never let the committer die: fail the batch, keep serving
                 log.exception("group commit failed")
-                for item in batch:
+                for item, _error, _at in batch:
                     item.writer.discard()
                 self._resolve([(item, CommitResult(errors.PROCESSING_FAILURE, None, "index failure"))
-                               for item in batch])
+                               for item, _error, _at in batch])
 
-    def _make_durable(self, item: _Pending) -> None:
-        writer = item.writer
-        ns = item.entry.received_ns
-        os.utime(writer.fd, ns=(ns, ns))
-        set_calling_ae(writer.tmp_path, item.entry.calling_ae)
-        if self.fsync:
-            os.fsync(writer.fd)  # fsync, not fdatasync: the mtime and xattr must be durable too
-        writer.close()
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        t0 = time.perf_counter()
+    def _commit(self, batch: list[tuple[_Pending, OSError | None, float]]) -> None:
         durable: list[_Pending] = []
         results: list[tuple[_Pending, CommitResult]] = []
-        for item, exc in zip(batch, self._pool.map(self._try_durable, batch), strict=True):
-            if exc is None:
+        for item, error, _at in batch:
+            if error is None:
                 durable.append(item)
             else:
                 item.writer.discard()
-                results.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, f"fsync failed: {exc}")))
+                results.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, f"not made durable: {error}")))
         if self.fsync:
+            # The tmp files' directory entries: one fsync per volume per batch.
             for vol in {id(i.writer.volume): i.writer.volume for i in durable}.values():
                 fsync_dir(vol.tmp_dir)
         t1 = time.perf_counter()
@@ -147,8 +169,13 @@ class GroupCommitter:
         for item, res in zip(durable, applied, strict=True):
             if res.blob_is_new:
                 final = item.writer.volume.blob_path(item.entry.digest)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(item.writer.tmp_path, final)
+                try:
+                    os.rename(item.writer.tmp_path, final)
+                except OSError:
+                    # Indexed and durable in tmp/ already: never discard it. This is the state a crash between
+                    # steps 2 and 3 leaves, and startup recovery finishes the rename.
+                    log.exception("blob %s stays in %s until the next start", item.entry.digest,
+                                  item.writer.tmp_path)
                 item.writer.volume.charge(item.writer.size)
             else:
                 item.writer.discard()
@@ -161,21 +188,9 @@ class GroupCommitter:
         if freed:
             delete_blobs(self.volumes, freed)
             self.index.forget_gc(freed)
-        if self.metrics is not None:
-            m = self.metrics
-            m.batch_size.observe(len(batch))
-            for item in batch:
-                m.store_seconds.labels("queue").observe(t0 - item.queued_at)
-                m.store_seconds.labels("fsync").observe(t1 - t0)
-                m.store_seconds.labels("index").observe(t2 - t1)
         self._resolve(results)
-
-    def _try_durable(self, item: _Pending) -> OSError | None:
-        try:
-            self._make_durable(item)
-            return None
-        except OSError as exc:
-            return exc
+        if self.metrics is not None:
+            self.metrics.commit(len(batch), t2 - t1, [(at - item.queued_at, t1 - at) for item, _e, at in batch])
 
     def _resolve(self, results: list[tuple[_Pending, CommitResult]]) -> None:
         def wake() -> None:
