@@ -75,6 +75,7 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
 async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     from appliance.metrics import Metrics
     from appliance.net.association import AssociationProtocol, WorkerContext
+    from appliance.store.blobs import TmpFileReserve
     from appliance.store.commit import GroupCommitter
 
     loop = asyncio.get_running_loop()
@@ -84,7 +85,9 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     metrics = Metrics()
     committer = GroupCommitter(index, volumes, st.duplicate_policy, loop, st.commit_max_batch,
                                st.commit_max_wait_ms, st.fsync, metrics)
-    ctx = WorkerContext.build(config, volumes=volumes, committer=committer, metrics=metrics, slots=slots)
+    reserves = {vol.name: TmpFileReserve(vol) for vol in volumes.volumes}
+    ctx = WorkerContext.build(config, volumes=volumes, committer=committer, metrics=metrics, slots=slots,
+                              tmp_reserves=reserves)
     sock = _listen_socket(config.server.host, port, listen=True)
     server = await loop.create_server(lambda: AssociationProtocol(ctx), sock=sock)
     stop = asyncio.Event()
@@ -102,6 +105,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     if pending:
         await asyncio.wait(pending, timeout=5)
     await asyncio.to_thread(committer.close)
+    for reserve in reserves.values():
+        reserve.close()
     index.close()
 
 

@@ -30,7 +30,7 @@ from appliance import errors
 from appliance.config import Config
 from appliance.net import dimse, pdu
 from appliance.services.store import StoreOperation, StoreResult
-from appliance.store.blobs import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from appliance.store.blobs import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, TmpFileReserve
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -66,6 +66,7 @@ class WorkerContext:
     accepted_sop_classes: frozenset[str] = frozenset()
     acceptor_contexts: list[PresentationContext] = field(default_factory=list)
     associations: set[AssociationProtocol] = field(default_factory=set)
+    tmp_reserves: dict[str, TmpFileReserve] = field(default_factory=dict)  # volume name -> pre-created tmp files
 
     @classmethod
     def build(cls, config: Config, **kwargs: Any) -> WorkerContext:

@@ -64,7 +64,7 @@ class StoreOperation:
             return
         try:
             self.writer = BlobWriter(volume, file_meta(sop_class, command.affected_sop_instance_uid,
-                                                       transfer_syntax))
+                                                       transfer_syntax), ctx.tmp_reserves.get(volume.name))
         except ApplianceError as exc:
             self.result = StoreResult(exc.status, str(exc))
             return
