@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu import A_ASSOCIATE_RQ as RQ_PDU
 from pynetdicom.pdu_primitives import (
@@ -258,12 +259,12 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return self._reject(RJ_LOCAL_LIMIT, f"{cfg.server.max_associations} associations already open")
         self.has_slot = True
 
-        roles: dict[str, tuple[bool | None, bool | None]] = {}
+        roles: dict[UID, tuple[bool | None, bool | None]] = {}
         for item in primitive.user_information:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+                roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
         results, role_items = negotiate_as_acceptor(
             primitive.presentation_context_definition_list, self.ctx.acceptor_contexts, roles or None
         )

@@ -11,6 +11,7 @@ import asyncio
 import socket
 from dataclasses import dataclass
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu import A_ASSOCIATE_RQ as RQ_PDU
 from pynetdicom.pdu_primitives import (
@@ -100,7 +101,7 @@ class ClientAssociation(asyncio.BufferedProtocol):
         elif pdu_type == pdu.A_ASSOCIATE_RJ:
             rj = A_ASSOCIATE_RJ()
             rj.decode(raw)
-            self._fail(AssociationRejected(rj.result, rj.source, rj.reason_diagnostic))
+            self._fail(AssociationRejected(int(rj.result or 0), int(rj.source or 0), int(rj.reason_diagnostic or 0)))
         elif pdu_type == pdu.P_DATA_TF:
             for pdv in pdu.iter_pdvs(body):
                 if not pdv.is_command:
@@ -151,7 +152,7 @@ class ClientAssociation(asyncio.BufferedProtocol):
             cx = PresentationContext()
             cx.context_id = 2 * i + 1
             cx.abstract_syntax = abstract
-            cx.transfer_syntax = syntaxes
+            cx.transfer_syntax = [UID(ts) for ts in syntaxes]
             proposed.append(cx)
         rq.presentation_context_definition_list = proposed
         max_len = MaximumLengthNotification()
@@ -170,7 +171,7 @@ class ClientAssociation(asyncio.BufferedProtocol):
         for cx in ac.presentation_context_definition_results_list:
             if cx.result == 0x00 and cx.context_id in by_id:
                 self.accepted[(str(by_id[cx.context_id].abstract_syntax), str(cx.transfer_syntax[0]))] = int(
-                    cx.context_id)
+                    cx.context_id or 0)
         for item in ac.user_information:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance import errors
-from appliance.index.db import IndexEntry, Outcome, StudyIndex
+from appliance.index.db import ApplyResult, IndexEntry, Outcome, StudyIndex
 from appliance.store.blobs import BlobWriter, hash_file
 from appliance.store.volumes import Volume, VolumeSet, fsync_dir
 
@@ -140,14 +140,7 @@ class GroupCommitter:
                     self._cond.wait_for(lambda: not self._syncing or len(self._durable) >= self.max_batch,
                                         self.max_wait)
                 batch = [self._durable.popleft() for _ in range(min(self.max_batch, len(self._durable)))]
-            try:
-                self._commit(batch)
-            except Exception:  # never let the committer die: fail the batch, keep serving
-                log.exception("group commit failed")
-                for item, _error, _at in batch:
-                    item.writer.discard()
-                self._resolve([(item, CommitResult(errors.PROCESSING_FAILURE, None, "index failure"))
-                               for item, _error, _at in batch])
+            self._commit(batch)
 
     def _commit(self, batch: list[tuple[_Pending, OSError | None, float]]) -> None:
         durable: list[_Pending] = []
@@ -158,13 +151,40 @@ class GroupCommitter:
             else:
                 item.writer.discard()
                 results.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, f"not made durable: {error}")))
-        if self.fsync:
-            # The tmp files' directory entries: one fsync per volume per batch.
-            for vol in {id(i.writer.volume): i.writer.volume for i in durable}.values():
-                fsync_dir(vol.tmp_dir)
-        t1 = time.perf_counter()
-        applied = self.index.apply([i.entry for i in durable], self.policy) if durable else []
-        t2 = time.perf_counter()
+        try:
+            if self.fsync:
+                # The tmp files' directory entries: one fsync per volume per batch.
+                for vol in {id(i.writer.volume): i.writer.volume for i in durable}.values():
+                    fsync_dir(vol.tmp_dir)
+            t1 = time.perf_counter()
+            applied = self.index.apply([i.entry for i in durable], self.policy) if durable else []
+            t2 = time.perf_counter()
+        except Exception:
+            # Nothing of this batch is indexed: refuse it (0xC211) and keep serving; the modality may retry.
+            log.exception("group commit failed before the index commit")
+            for item in durable:
+                item.writer.discard()
+            self._resolve(results + [(item, CommitResult(errors.PROCESSING_FAILURE, None, "index failure"))
+                                     for item in durable])
+            return
+        for item, res in zip(durable, applied, strict=True):
+            if res.outcome is Outcome.REJECTED:
+                results.append((item, CommitResult(errors.DUPLICATE_SOP_INSTANCE, res.outcome,
+                                                   "duplicate SOP Instance UID with other content")))
+            else:
+                results.append((item, CommitResult(errors.SUCCESS, res.outcome)))
+        try:
+            self._after_commit(durable, applied)
+        except Exception:
+            # The batch is indexed and durable: its instances are stored whatever failed here (a rename or a
+            # blob delete); startup recovery finishes such leftovers.
+            log.exception("after the index commit")
+        self._resolve(results)
+        if self.metrics is not None:
+            self.metrics.commit(len(batch), t2 - t1, [(at - item.queued_at, t1 - at) for item, _e, at in batch])
+
+    def _after_commit(self, durable: list[_Pending], applied: list[ApplyResult]) -> None:
+        """Steps 3 and 4: move new blobs into place, drop duplicates' tmp files, delete freed blobs."""
         freed: list[tuple[str, str]] = []
         for item, res in zip(durable, applied, strict=True):
             if res.blob_is_new:
@@ -180,17 +200,9 @@ class GroupCommitter:
             else:
                 item.writer.discard()
             freed.extend(res.freed)
-            if res.outcome is Outcome.REJECTED:
-                results.append((item, CommitResult(errors.DUPLICATE_SOP_INSTANCE, res.outcome,
-                                                   "duplicate SOP Instance UID with other content")))
-            else:
-                results.append((item, CommitResult(errors.SUCCESS, res.outcome)))
         if freed:
             delete_blobs(self.volumes, freed)
             self.index.forget_gc(freed)
-        self._resolve(results)
-        if self.metrics is not None:
-            self.metrics.commit(len(batch), t2 - t1, [(at - item.queued_at, t1 - at) for item, _e, at in batch])
 
     def _resolve(self, results: list[tuple[_Pending, CommitResult]]) -> None:
         def wake() -> None:
@@ -217,6 +229,9 @@ def recover_volume(volume: Volume, index: StudyIndex) -> dict[str, int]:
     moved = dropped = 0
     for path in sorted(Path(volume.tmp_dir).iterdir()):
         if not path.is_file():
+            continue
+        if path.stat().st_size == 0:
+            path.unlink()  # a tmp file created ahead of use (TmpFileReserve) and never written
             continue
         digest = hash_file(path)
         blob = index.blob(digest)
