@@ -245,7 +245,9 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
 
     server = _build(ServerConfig, "server", raw.get("server", {}), base)
     storage = _build(StorageConfig, "storage", raw.get("storage", {}), base)
-    if path is None and not storage.index_path.is_absolute():
+    # The default index_path is relative: resolve it against the config file's folder like every other path
+    # (it was only resolved when there was no file, so a file without index_path put the index under the cwd).
+    if not storage.index_path.is_absolute():
         storage = dataclasses.replace(storage, index_path=base / storage.index_path)
     dicom_raw = dict(raw.get("dicom", {}))
     if dicom_raw.get("sop_classes") == ["storage"]:

@@ -57,7 +57,9 @@ def _dec(raw: bytes) -> dict[str, Any]:
 def patient_key(patient: dict[str, str]) -> str:
     pid = patient.get("PatientID", "")
     issuer = patient.get("IssuerOfPatientID", "")
-    return f"{pid}^^{issuer}" if issuer else pid
+    # PatientID is Type 2 (may be empty), but LMDB refuses empty keys (MDB_BAD_VALSIZE): an instance without one
+    # failed its whole commit batch with 0xC211. Such instances share the key "^^" (no ID, no issuer).
+    return f"{pid}^^{issuer}" if issuer or not pid else pid
 
 
 class Outcome(Enum):
@@ -110,11 +112,33 @@ class StudyIndex:
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    return [self._apply_one(txn, entry, policy) for entry in entries]
+                    results = [self._apply_one(txn, entry, policy) for entry in entries]
+                    self._unfree_renamed(txn, results)
+                    return results
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)  # another process grew the map: adopt its size
+
+    def _unfree_renamed(self, txn: lmdb.Transaction, results: list[ApplyResult]) -> None:
+        """Drop from ``freed`` the blobs that a later entry of the same batch names again.
+
+        The committer deletes every freed blob after the commit. Within one batch a blob freed by one entry can
+        be named again by a later one (X: A -> B -> A, or X and Y sharing A both replaced and then Z arriving
+        with A): it was reported freed by the earlier entry and renamed into place for the later one, so the
+        committer deleted a blob the index names. Only the transaction's final state decides.
+        """
+        for res in results:
+            if not res.freed:
+                continue
+            kept = []
+            for volume, digest in res.freed:
+                blob = self._get(txn, "blobs", digest)
+                if blob is not None and blob["volume"] == volume:
+                    txn.delete(f"{volume}{SEP}{digest}".encode(), db=self.dbs["gc"])
+                else:
+                    kept.append((volume, digest))
+            res.freed = kept
 
     def forget_gc(self, freed: list[tuple[str, str]]) -> None:
         """Blobs deleted from disk: drop their pending-delete rows."""

@@ -114,6 +114,25 @@ def _check_uids(header: Header) -> None:
         raise MissingUIDs("dataset has no Study or Series Instance UID")
     if not header.sop_instance_uid or not header.sop_class_uid:
         raise MissingUIDs("dataset has no SOP Instance UID or SOP Class UID")
+    _check_key_sizes(header)
+
+
+# LMDB refuses keys longer than 511 bytes. One such key used to fail the whole group-commit transaction, so every
+# other instance of the batch was answered 0xC211 too: refuse the one instance here instead (0xC000).
+_MAX_KEY = 511
+
+
+def _check_key_sizes(header: Header) -> None:
+    uids = [header.study["StudyInstanceUID"], header.series["SeriesInstanceUID"], header.sop_instance_uid]
+    if any(len(uid) > 64 for uid in [*uids, header.sop_class_uid]):
+        raise CannotUnderstand("a UID is longer than 64 characters")
+    pid = header.patient.get("PatientID", "").encode()
+    issuer = header.patient.get("IssuerOfPatientID", "").encode()
+    patient_key = len(pid) + (2 + len(issuer) if issuer or not pid else 0)  # as index.db.patient_key builds it
+    instance_key = patient_key + sum(len(uid.encode()) + 1 for uid in uids)
+    secondary = max([len(pid)] + [len(header.study.get(k, "").encode()) for k in ("AccessionNumber", "StudyDate")])
+    if instance_key > _MAX_KEY or secondary + 1 + len(uids[0].encode()) > _MAX_KEY:
+        raise CannotUnderstand("PatientID, Issuer, Accession Number or Study Date too long to index")
 
 
 class _Stop:
