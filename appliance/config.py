@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from appliance.errors import ConfigError
 
@@ -52,6 +52,7 @@ DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.108",  # HEVC/H.265 Main 10
 )
 
+VERIFICATION = "1.2.840.10008.1.1"
 DUPLICATE_POLICIES = ("overwrite", "reject", "keep-first")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -121,7 +122,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class DicomConfig:
-    sop_classes: tuple[str, ...] = field(default_factory=lambda: (str(Verification), *all_storage_sop_classes()))
+    sop_classes: tuple[str, ...] = field(default_factory=lambda: (VERIFICATION, *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
 
 
@@ -162,8 +163,9 @@ def _build(cls: type, section: str, raw: dict[str, Any], base: Path) -> Any:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{section}.{key}: unknown key (known keys: {known})")
         default = fields[key].default
-        if default is dataclasses.MISSING and fields[key].default_factory is not dataclasses.MISSING:
-            default = fields[key].default_factory()
+        factory = fields[key].default_factory
+        if default is dataclasses.MISSING and callable(factory):
+            default = factory()
         elif default is dataclasses.MISSING and fields[key].type in ("Path", Path):
             # A required path (VolumeConfig.path) has no default to infer its type from: without this it stayed
             # a str, relative paths were not resolved against the config's folder, and serve crashed on it.
@@ -251,7 +253,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         storage = dataclasses.replace(storage, index_path=base / storage.index_path)
     dicom_raw = dict(raw.get("dicom", {}))
     if dicom_raw.get("sop_classes") == ["storage"]:
-        dicom_raw["sop_classes"] = [str(Verification), *all_storage_sop_classes()]
+        dicom_raw["sop_classes"] = [VERIFICATION, *all_storage_sop_classes()]
     dicom = _build(DicomConfig, "dicom", dicom_raw, base)
 
     volumes_raw = raw.get("volumes")

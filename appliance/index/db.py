@@ -28,7 +28,7 @@ map is full it grows by doubling and the transaction is replayed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -140,12 +140,19 @@ class StudyIndex:
                     kept.append((volume, digest))
             res.freed = kept
 
-    def forget_gc(self, freed: list[tuple[str, str]]) -> None:
-        """Blobs deleted from disk: drop their pending-delete rows."""
+    def collect_garbage(self, freed: list[tuple[str, str]], unlink: Callable[[str, str], None]) -> None:
+        """Delete freed blobs, each only if no entry names its digest any more, inside a write transaction.
+
+        The transaction holds LMDB's write lock, which every worker process takes to commit: another worker
+        cannot index the same content between our check and our unlink (it would rename its own copy into
+        the very path we are deleting). Its ``gc`` row goes in the same transaction.
+        """
         if not freed:
             return
         with self.env.begin(write=True) as txn:
             for volume, digest in freed:
+                if txn.get(digest.encode(), db=self.dbs["blobs"]) is None:
+                    unlink(volume, digest)
                 txn.delete(f"{volume}{SEP}{digest}".encode(), db=self.dbs["gc"])
 
     def pending_gc(self) -> list[tuple[str, str]]:
@@ -154,7 +161,7 @@ class StudyIndex:
 
     def _get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
         raw = txn.get(key.encode(), db=self.dbs[db])
-        return None if raw is None else _dec(raw)
+        return None if raw is None else _dec(bytes(raw))
 
     def _put(self, txn: lmdb.Transaction, db: str, key: str, value: dict[str, Any]) -> None:
         txn.put(key.encode(), _enc(value), db=self.dbs[db])
@@ -165,7 +172,7 @@ class StudyIndex:
         freed: list[tuple[str, str]] = []
         outcome = Outcome.STORED
         if existing is not None:
-            inst_key = existing[1:].decode()
+            inst_key = bytes(existing[1:]).decode()
             old = self._get(txn, "instances", inst_key)
             assert old is not None, f"uids names a missing instance {inst_key!r}"
             if old["digest"] == entry.digest:
@@ -218,7 +225,7 @@ class StudyIndex:
 
         found = txn.get(study_uid.encode(), db=uids)
         if found is not None:
-            study_key = found[1:].decode()
+            study_key = bytes(found[1:]).decode()
             pk = study_key.split(SEP, 1)[0]
         else:
             pk = patient_key(h.patient)
@@ -267,7 +274,7 @@ class StudyIndex:
         self._put(txn, "series", series_key, series)
 
         inst_key = f"{series_key}{SEP}{h.sop_instance_uid}"
-        record = dict(h.instance)
+        record: dict[str, Any] = dict(h.instance)
         record.update(
             digest=entry.digest, volume=entry.volume, size=entry.size, TransferSyntaxUID=entry.transfer_syntax,
             received_ns=entry.received_ns, calling_ae=entry.calling_ae, tier=entry.tier,
@@ -341,9 +348,9 @@ class StudyIndex:
         if not cursor.set_range(raw_prefix):
             return
         for key, value in cursor:
-            if not key.startswith(raw_prefix):
+            if not bytes(key).startswith(raw_prefix):
                 return
-            yield key.decode(), value
+            yield bytes(key).decode(), bytes(value)
 
     def items(self, level: str, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
         """Records of one level whose key starts with ``prefix`` (e.g. a study key + NUL for its series)."""

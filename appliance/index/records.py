@@ -55,7 +55,7 @@ INSTANCE_ATTRS = {
     "ContentDate": 0x00080023,
 }
 ALL_ATTRS = {**PATIENT_ATTRS, **STUDY_ATTRS, **SERIES_ATTRS, **INSTANCE_ATTRS}
-_SPECIFIC_TAGS: list[BaseTag | int] = [Tag(t) for t in ALL_ATTRS.values()] + [Tag(0x00080005)]
+_SPECIFIC_TAGS: list[BaseTag | int] = [*(Tag(t) for t in ALL_ATTRS.values()), Tag(0x00080005)]
 _LAST_GROUP_NEEDED = 0x0028FFFF
 
 DEFLATED = "1.2.840.10008.1.2.1.99"

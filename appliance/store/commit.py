@@ -201,8 +201,7 @@ class GroupCommitter:
                 item.writer.discard()
             freed.extend(res.freed)
         if freed:
-            delete_blobs(self.volumes, freed)
-            self.index.forget_gc(freed)
+            self.index.collect_garbage(freed, self.volumes.unlink_blob)
 
     def _resolve(self, results: list[tuple[_Pending, CommitResult]]) -> None:
         def wake() -> None:
@@ -211,17 +210,6 @@ class GroupCommitter:
                     item.future.set_result(result)
 
         self.loop.call_soon_threadsafe(wake)
-
-
-def delete_blobs(volumes: VolumeSet, freed: list[tuple[str, str]]) -> None:
-    for volume, digest in freed:
-        vol = volumes.by_name.get(volume)
-        if vol is None:
-            continue
-        try:
-            os.unlink(vol.blob_path(digest))
-        except FileNotFoundError:
-            pass
 
 
 def recover_volume(volume: Volume, index: StudyIndex) -> dict[str, int]:
@@ -256,7 +244,6 @@ def recover(volumes: VolumeSet, index: StudyIndex) -> dict[str, int]:
             totals[key] += value
     pending = index.pending_gc()
     still_free = [(v, d) for v, d in pending if index.blob(d) is None]
-    delete_blobs(volumes, still_free)
-    index.forget_gc(pending)
+    index.collect_garbage(pending, volumes.unlink_blob)
     totals["deleted"] = len(still_free)
     return totals

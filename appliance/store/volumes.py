@@ -157,6 +157,11 @@ class VolumeSet:
             return None
         return best
 
+    def unlink_blob(self, volume: str, digest: str) -> None:
+        vol = self.by_name.get(volume)
+        if vol is not None:
+            vol.blob_path(digest).unlink(missing_ok=True)
+
     def find_blob(self, volume: str, digest: str) -> Path | None:
         vol = self.by_name.get(volume)
         if vol is not None:

@@ -199,7 +199,9 @@ def test_overwrite_replaces_and_frees_the_old_blob(index: StudyIndex) -> None:
     assert index.blob(digest("v1")) is None
     assert index.blob(digest("v2")) == {"volume": "vol0", "size": 25, "refs": 1}
     assert index.pending_gc() == [("vol0", digest("v1"))]
-    index.forget_gc(res.freed)
+    unlinked: list[tuple[str, str]] = []
+    index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d)))
+    assert unlinked == [("vol0", digest("v1"))]
     assert index.pending_gc() == []
     inst = record(index, "instances", "P\x00S\x00R\x00I")
     assert (inst["digest"], inst["size"]) == (digest("v2"), 25)
@@ -403,3 +405,17 @@ def test_largest_valid_keys_fit(index: StudyIndex) -> None:
     _check_uids(h)
     (res,) = index.apply([entry(h)], "overwrite")
     assert res.outcome is Outcome.STORED
+
+
+def test_garbage_named_again_by_another_commit_is_not_deleted(index: StudyIndex) -> None:
+    """Another worker indexed the same content between our commit and our delete: the blob must stay."""
+    h1, h2 = header("P", "S", "R", "I1"), header("P", "S", "R", "I2")
+    index.apply([entry(h1, "v1", size=10)], "overwrite")
+    (res,) = index.apply([entry(h1, "v2", size=10, t=2)], "overwrite")
+    assert res.freed == [("vol0", digest("v1"))]
+    index.apply([entry(h2, "v1", size=10, t=3)], "overwrite")  # the other worker's commit
+    unlinked: list[tuple[str, str]] = []
+    index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d)))
+    assert unlinked == []
+    assert index.pending_gc() == []
+    assert index.blob(digest("v1")) == {"volume": "vol0", "size": 10, "refs": 1}
