@@ -17,8 +17,8 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from appliance.errors import ConfigError
 
-# Transfer syntaxes accepted by default, in order of preference when a requestor proposes several in one
-# presentation context: uncompressed first (no lossy surprise), then lossless compressed, then lossy.
+# Transfer syntaxes accepted by default. When a requestor proposes several in one presentation context, its
+# own first choice among these wins (the encoding the modality holds, so it need not convert to send).
 # Whatever is negotiated is stored bit-preserved; nothing is ever transcoded.
 DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian

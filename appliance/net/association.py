@@ -65,20 +65,14 @@ class WorkerContext:
     metrics: Metrics
     slots: Synchronized[int] | None = None  # associations open over all workers
     accepted_sop_classes: frozenset[str] = frozenset()
-    acceptor_contexts: list[PresentationContext] = field(default_factory=list)
+    accepted_transfer_syntaxes: frozenset[str] = frozenset()
     associations: set[AssociationProtocol] = field(default_factory=set)
     tmp_reserves: dict[str, TmpFileReserve] = field(default_factory=dict)  # volume name -> pre-created tmp files
 
     @classmethod
     def build(cls, config: Config, **kwargs: Any) -> WorkerContext:
-        contexts = []
-        for uid in config.dicom.sop_classes:
-            cx = PresentationContext()
-            cx.abstract_syntax = uid
-            cx.transfer_syntax = list(config.dicom.transfer_syntaxes)
-            contexts.append(cx)
         return cls(config=config, accepted_sop_classes=frozenset(config.dicom.sop_classes),
-                   acceptor_contexts=contexts, **kwargs)
+                   accepted_transfer_syntaxes=frozenset(config.dicom.transfer_syntaxes), **kwargs)
 
     def take_slot(self) -> bool:
         if self.slots is None:
@@ -265,9 +259,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
                 roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
-        results, role_items = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list, self.ctx.acceptor_contexts, roles or None
-        )
+        results, role_items = self._negotiate(primitive.presentation_context_definition_list, roles)
         for cx in results:
             if cx.result == 0x00 and cx.context_id is not None:
                 self.contexts[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -294,6 +286,29 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.ctx.metrics.associations_active.labels(self.calling_ae).inc()
         log.debug("%s: association with %s accepted, %d contexts", self.peer, self.calling_ae, len(self.contexts))
         self._arm_timer(cfg.server.idle_timeout)
+
+    def _negotiate(
+        self, proposed: list[PresentationContext], roles: dict[UID, tuple[bool | None, bool | None]]
+    ) -> tuple[list[PresentationContext], list[Any]]:
+        """pynetdicom's negotiation, one proposed context at a time, so that the transfer syntax chosen is the
+        requestor's first choice among those we accept (the encoding the modality holds, so it sends without
+        converting), not the first in our own list. That is what DCMTK's storescp does too."""
+        accepted_ts = self.ctx.accepted_transfer_syntaxes
+        results: list[PresentationContext] = []
+        role_items: dict[str, Any] = {}
+        for rq_cx in proposed:
+            offer = [PresentationContext()]
+            offer[0].abstract_syntax = rq_cx.abstract_syntax
+            if rq_cx.abstract_syntax in self.ctx.accepted_sop_classes:
+                ours = [ts for ts in rq_cx.transfer_syntax if ts in accepted_ts]
+                offer[0].transfer_syntax = [UID(ts) for ts in ours or self.ctx.config.dicom.transfer_syntaxes[:1]]
+            else:
+                offer = []
+            result, items = negotiate_as_acceptor([rq_cx], offer, roles or None)
+            results.extend(result)
+            for item in items:
+                role_items[str(item.sop_class_uid)] = item
+        return results, list(role_items.values())
 
     # ---- DIMSE ------------------------------------------------------------------------------------
 

@@ -144,12 +144,11 @@ def test_round_trip_is_byte_exact(scp: ServerHandle, case: str, tmp_path: Path) 
     assert again.SOPInstanceUID == uid and again.StudyInstanceUID == original.StudyInstanceUID
 
 
-# Explicit VR Little Endian files with distinct SOP Instance UIDs. Only Explicit LE: storescu proposes an
-# [Explicit LE] and an [Explicit BE, Implicit LE] context per SOP class; storescp takes BE in the second, the
-# appliance prefers Implicit LE there. So storescu converts a BE file to Explicit LE for the appliance but sends
-# it unchanged to storescp, and an Implicit LE file the other way round: valid negotiations that differ.
+# Files with distinct SOP Instance UIDs in Explicit LE, Explicit BE and Implicit LE. storescu proposes an
+# [Explicit LE] and an [Explicit BE, Implicit LE] context per SOP class; like storescp, the appliance takes the
+# requestor's first choice in each, so both receive the same encoding and storescu converts nothing.
 DCMTK_FILES = ["CT_small.dcm", "reportsi.dcm", "test-SR.dcm", "waveform_ecg.dcm", "SC_ybr_full_422_uncompressed.dcm",
-               "examples_overlay.dcm"]
+               "examples_overlay.dcm", "MR_small_bigendian.dcm", "rtdose.dcm"]
 
 
 def test_storescu_round_trip_matches_dcmtk_storescp(scp: ServerHandle, tmp_path: Path) -> None:
