@@ -135,10 +135,11 @@ class GroupCommitter:
                     self._cond.wait()
                 if not self._durable and self._closed:
                     return
-                if self.max_wait > 0 and self._syncing and len(self._durable) < self.max_batch:
-                    # More instances are being fsync'd right now: a bounded wait lets them share this commit.
-                    self._cond.wait_for(lambda: not self._syncing or len(self._durable) >= self.max_batch,
-                                        self.max_wait)
+                if self.max_wait > 0 and (self._syncing or self.receiving) and len(self._durable) < self.max_batch:
+                    # More instances are being received or fsync'd right now: a bounded wait lets them share
+                    # this commit.
+                    self._cond.wait_for(lambda: (not self._syncing and not self.receiving)
+                                        or len(self._durable) >= self.max_batch, self.max_wait)
                 batch = [self._durable.popleft() for _ in range(min(self.max_batch, len(self._durable)))]
             self._commit(batch)
 
