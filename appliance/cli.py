@@ -21,8 +21,10 @@ from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, hardware.")
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
+app.add_typer(bench_app, name="bench")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -344,6 +346,40 @@ def index_rebuild(
           + "".join(f"\n  unreadable {u}" for u in stats.unreadable))
     if stats.unreadable:
         raise typer.Exit(errors.EXIT_FAILURE)
+
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _bench(module: str, args: list[str]) -> None:
+    """The harness's tools keep their own argparse options; `appliance bench X ...` hands them over as is."""
+    import importlib
+
+    raise typer.Exit(importlib.import_module(f"bench.{module}").main(args))
+
+
+@bench_app.command("synth", context_settings=_PASS_THROUGH)
+def bench_synth(ctx: typer.Context) -> None:
+    """Generate deterministic synthetic studies (see --help)."""
+    _bench("synth", ctx.args)
+
+
+@bench_app.command("run", context_settings=_PASS_THROUGH)
+def bench_run(ctx: typer.Context) -> None:
+    """Drive a scenario against a receiver with our asyncio SCU (see --help)."""
+    _bench("driver", ctx.args)
+
+
+@bench_app.command("compare", context_settings=_PASS_THROUGH)
+def bench_compare(ctx: typer.Context) -> None:
+    """The appliance, DCMTK storescp and Orthanc side by side (see --help)."""
+    _bench("compare", ctx.args)
+
+
+@bench_app.command("hardware", context_settings=_PASS_THROUGH)
+def bench_hardware(ctx: typer.Context) -> None:
+    """Probe the machine: fsync'd file rate, sequential write, loopback throughput (see --help)."""
+    _bench("hardware", ctx.args)
 
 
 def main() -> None:
