@@ -113,6 +113,7 @@ class StoreOperation:
         self.ctx.committer.receiving -= 1
         cmd = self.command
         try:
+            writer.flush_prefix()
             header = read_header(self.head, self.transfer_syntax, complete=self.dataset_bytes <= HEAD_LIMIT)
             if header is None:
                 header = read_header_file(writer.tmp_path)[0]

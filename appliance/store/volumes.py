@@ -31,6 +31,7 @@ class Volume:
     _stat_at: float = field(default=0.0, repr=False)
     _free: int = field(default=0, repr=False)
     _total: int = field(default=1, repr=False)
+    _attached: bool = field(default=False, repr=False)
 
     @property
     def blobs_dir(self) -> Path:
@@ -44,12 +45,15 @@ class Volume:
         return self.root / "blobs" / digest[:2] / digest[2:4] / digest
 
     def refresh(self, max_age: float = 0.5) -> None:
+        """Re-read free space and the marker at most every ``max_age`` seconds (two syscalls per instance
+        cost more than the rest of placement)."""
         now = time.monotonic()
         if now - self._stat_at < max_age:
             return
         st = os.statvfs(self.root)
         self._free = st.f_bavail * st.f_frsize
         self._total = max(1, st.f_blocks * st.f_frsize)
+        self._attached = (self.root / MARKER).is_file()
         self._stat_at = now
 
     def free_bytes(self) -> int:
@@ -71,7 +75,8 @@ class Volume:
         return used_after / self._total < self.high_watermark and self._free > size_hint
 
     def is_attached(self) -> bool:
-        return (self.root / MARKER).is_file()
+        self.refresh()
+        return self._attached
 
     def charge(self, nbytes: int) -> None:
         """Account for bytes just written, so placement between statvfs refreshes is not blind."""
