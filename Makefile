@@ -24,7 +24,7 @@ run: $(STAMP)
 
 test: $(STAMP) dcmtk
 	$(BIN)/ruff check appliance tiering bench tests
-	$(BIN)/mypy appliance
+	$(BIN)/mypy appliance bench
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP) dcmtk
@@ -32,7 +32,7 @@ test-slow: $(STAMP) dcmtk
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance tiering bench tests
-	$(BIN)/mypy appliance
+	$(BIN)/mypy appliance bench
 
 bench: $(STAMP) dcmtk
 	$(BIN)/python -m bench.compare

@@ -209,7 +209,11 @@ class ClientAssociation(asyncio.BufferedProtocol):
     async def release(self) -> None:
         self._send(pdu.RELEASE_RQ_PDU)
         try:
-            await asyncio.wait_for(self._expect(), 30)
+            # Awaited directly, so the waiter exists before the loop runs again: wait_for() would start _expect()
+            # in a new task, and under uvloop an A-RELEASE-RP (and the close) could arrive before it, be dropped,
+            # and turn a clean release into "connection closed by the peer".
+            async with asyncio.timeout(30):
+                await self._expect()
         finally:
             if self.transport is not None:
                 self.transport.close()
