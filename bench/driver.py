@@ -473,7 +473,7 @@ class ServerMonitor:
     second in a thread), plus VmHWM (each process's lifetime peak) at the end."""
 
     def __init__(self, pid: int) -> None:
-        from bench.compare import proc_tree_cpu
+        from bench.receivers import proc_tree_cpu
 
         self.pid = pid
         self.cpu = proc_tree_cpu
@@ -677,7 +677,7 @@ class Spawned:
 
 
 def start_appliance(workdir: Path, workers: int, fsync: bool) -> Spawned:
-    from bench.compare import ApplianceReceiver
+    from bench.receivers import ApplianceReceiver
 
     receiver = ApplianceReceiver(workdir, workers=workers, fsync=fsync)
     cmd = receiver.command()  # writes the config: 127.0.0.1, free ports, data under workdir

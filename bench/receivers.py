@@ -1,0 +1,305 @@
+"""The receivers the benchmarks start on 127.0.0.1, each with a fresh data folder and a documented config:
+the appliance (``python -m appliance serve``), DCMTK ``storescp --fork`` and Orthanc; plus the small process
+helpers they need. Used by bench/compare.py (burst and scenario modes) and bench/driver.py (--start-appliance).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on unless told otherwise
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RECEIVERS = ("appliance", "storescp", "orthanc")
+START_TIMEOUT = 60.0
+
+
+# ---- small helpers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def echo(ae: str, port: int) -> bool:
+    try:
+        result = subprocess.run(["echoscu", "-to", "2", "-ta", "2", "-aec", ae, "127.0.0.1", str(port)],
+                                env=DCMTK_ENV, capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    return lines[0] if lines else "?"
+
+
+def proc_tree_cpu(root_pid: int) -> float:
+    """CPU seconds (user+sys, own and of reaped children) of a process and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        ppid = int(fields[1])
+        children.setdefault(ppid, []).append(int(entry))
+        stats[int(entry)] = sum(int(v) for v in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def system_cpu() -> tuple[float, float, float]:
+    """(busy, iowait, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy / CLK_TCK, iowait / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
+def count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None)
+
+
+
+# ---- receivers ----------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """One receiver process with its own data folder. ``start`` returns once echoscu gets an answer."""
+
+    label = "?"
+    ae = "?"
+    fsync = "?"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = workdir / "receiver.log"
+
+    @staticmethod
+    def available() -> str | None:
+        """None when installed, else why not."""
+        return None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def storage(self) -> Path:
+        """The folder whose file count after stop is the number of instances stored."""
+        raise NotImplementedError
+
+    def wait_port(self) -> None:
+        pass
+
+    def start(self) -> None:
+        cmd = self.command()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                         env=DCMTK_ENV, start_new_session=True)
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited {self.proc.returncode} while starting:\n{self.log_tail()}")
+            return echo(self.ae, self.port)
+
+        self.wait_port()
+        wait_for(ready, START_TIMEOUT, f"{self.label} to answer C-ECHO on port {self.port}")
+
+    def cpu_seconds(self) -> float:
+        return proc_tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (a clean shutdown: the appliance drains, Orthanc closes its index), SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  warning: {self.label} ignored SIGTERM for {timeout:.0f}s; killing it", file=sys.stderr)
+            self.kill()
+        self._reap_group()
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we started: storescp --fork children too
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _reap_group(self) -> None:
+        """storescp --fork children live in the receiver's session: make sure none outlives the run."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ApplianceReceiver(Receiver):
+    ae = "APPLIANCE"
+
+    def __init__(self, workdir: Path, workers: int, fsync: bool = True) -> None:
+        super().__init__(workdir)
+        self.workers = workers
+        self.fsync_on = fsync
+        self.fsync = "fsync blob + dir, LMDB commit, before Success" if fsync else "OFF (storage.fsync = false)"
+        self.label = f"appliance-w{workers}" + ("" if fsync else "-nofsync")
+        self.port_file = workdir / "port.json"
+        self.config_path = workdir / "appliance.toml"
+
+    def command(self) -> list[str]:
+        self.config_path.write_text("\n".join([
+            "[server]",
+            'host = "127.0.0.1"',
+            "port = 0",
+            "metrics_port = 0",
+            f"workers = {self.workers}",
+            'log_level = "warning"',
+            "[storage]",
+            f"index_path = {json.dumps(str(self.workdir / 'index'))}",
+            f"fsync = {'true' if self.fsync_on else 'false'}",
+            # No [[volumes]] table: the built-in default volume vol0 at <config folder>/var/volumes/vol0 is
+            # the same thing, and a [[volumes]] path currently stays a str in config.py (_build/_coerce
+            # have no default to learn the type from) and crashes serve. See docs/benchmarks.md.
+            "",
+        ]))
+        return [str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable,
+                "-m", "appliance", "serve", "-c", str(self.config_path), "--port-file", str(self.port_file)]
+
+    def wait_port(self) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"appliance exited {self.proc.returncode} while starting:\n{self.log_tail()}")
+            return self.port_file.exists()
+
+        wait_for(ready, START_TIMEOUT, "the appliance port file")
+        self.port = int(json.loads(self.port_file.read_text())["port"])
+
+    def storage(self) -> Path:
+        return self.workdir / "var" / "volumes" / "vol0" / "blobs"
+
+
+class StorescpReceiver(Receiver):
+    label = "storescp"
+    ae = "STORESCP"
+    fsync = "none (writes files, no fsync)"
+
+    @staticmethod
+    def available() -> str | None:
+        return None if shutil.which("storescp") else "storescp (DCMTK) is not installed"
+
+    def command(self) -> list[str]:
+        self.port = free_port()
+        (self.workdir / "out").mkdir()
+        return ["storescp", "--fork", "-od", str(self.workdir / "out"), "-aet", self.ae, str(self.port)]
+
+    def storage(self) -> Path:
+        return self.workdir / "out"
+
+
+class OrthancReceiver(Receiver):
+    label = "orthanc"
+    ae = "ORTHANC"
+    fsync = "SyncStorageArea = true (fsync per file), SQLite index"
+
+    @staticmethod
+    def available() -> str | None:
+        return None if orthanc_binary() else "Orthanc is not installed"
+
+    def command(self) -> list[str]:
+        self.port = free_port()
+        http_port = free_port()
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "StorageCompression": False,
+            "SyncStorageArea": True,  # the default: fsync every stored file
+            "DicomAet": self.ae,
+            "DicomPort": self.port,
+            "DicomCheckCalledAet": False,
+            "HttpPort": http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],  # no system plugins: measure Orthanc itself
+            "SaveJobs": False,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        binary = orthanc_binary()
+        assert binary is not None
+        return [binary, str(path)]
+
+    def storage(self) -> Path:
+        return self.workdir / "storage"
+
+
+def make_receivers(names: list[str], workers: list[int], nofsync: bool) -> list[Callable[[Path], Receiver]]:
+    factories: list[Callable[[Path], Receiver]] = []
+    for name in names:
+        if name == "appliance":
+            for w in workers:
+                factories.append(functools.partial(ApplianceReceiver, workers=w))
+                if nofsync:
+                    factories.append(functools.partial(ApplianceReceiver, workers=w, fsync=False))
+        elif name == "storescp":
+            factories.append(StorescpReceiver)
+        elif name == "orthanc":
+            factories.append(OrthancReceiver)
+    return factories

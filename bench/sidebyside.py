@@ -1,0 +1,303 @@
+"""Side by side: a bench/driver.py scenario against the appliance, DCMTK ``storescp --fork`` and Orthanc, sent by
+two clients, our asyncio driver and DCMTK ``storescu``; ``python -m bench.compare --scenario ...`` runs it.
+
+For every repeat (outermost) x scenario x N (associations) x client x receiver, one run:
+  1. start the receiver (bench/receivers.py: 127.0.0.1, free port, fresh data folder, documented config) and wait
+     for its C-ECHO answer;
+  2. send the scenario with the client:
+     - ``driver``: bench.driver.run_one, exactly as ``appliance bench run`` sends it (fresh SOP Instance UIDs);
+     - ``storescu``: the same instances (same profiles, counts and seeds) as Part-10 files from the synth cache,
+       split into the same contiguous runs (synth.split); one ``storescu`` per association with the scenario's
+       calling AE (CT01..., TCP_NODELAY=1): all at once for ct-burst and morning-rush, one file per storescu, N
+       at a time, for many-small-associations;
+  3. wall time = first association (process) started -> last one done; the run is OK when every C-STORE got
+     Success (driver) / every storescu exited 0, and the stopped receiver holds exactly one file per instance;
+  4. stop the receiver, delete its data, ``sync``.
+Medians over the repeats per (scenario, client, receiver, N), and the ratios appliance / storescp and
+appliance / orthanc per (scenario, client, N), go to the ``compare`` section of a bench/report.py document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import driver, report, synth
+from bench.receivers import DCMTK_ENV, Receiver, count_files, first_line, orthanc_binary, system_cpu
+
+CLIENTS = ("driver", "storescu")
+SCENARIOS = ("ct-burst", "morning-rush", "many-small-associations")
+
+
+def driver_args(scenario: str, count: int | None, seed: int, cache: Path, timeout: float) -> argparse.Namespace:
+    """The subset of ``appliance bench run`` options that driver.build_scenario and driver.run_one read."""
+    return argparse.Namespace(scenario=scenario, count=count, seed=seed, cache=cache, profile=None, calling_ae=None,
+                              transfer_syntax=driver.EXPLICIT_LE, rate=0.0, duration=0.0, quiet=True,
+                              max_pdu=1 << 20, timeout=timeout)
+
+
+class Plan:
+    """One scenario's data: in memory for the driver, as cached Part-10 bursts for storescu (same instances)."""
+
+    def __init__(self, scenario: str, count: int | None, seed: int, cache: Path, timeout: float,
+                 files: bool = True) -> None:
+        self.name = scenario
+        self.args = driver_args(scenario, count, seed, cache, timeout)
+        self.scenario, self.data = driver.build_scenario(self.args)
+        self.bursts: dict[str, synth.Burst] = {}
+        for ae, info in self.data.items() if files else ():  # one group per calling AE, as in build_scenario
+            spec = synth.profile_spec(info["profile"], info["instances"], seed=info["seed"])
+            self.bursts[ae] = synth.load_or_generate(spec, cache)
+        self.instances = sum(len(items) for _, items in self.scenario.groups)
+
+    def storescu_jobs(self, n: int) -> tuple[list[tuple[str, list[Path]]], int, int]:
+        """(jobs: (calling AE, paths) per storescu process, how many run at once, Part-10 bytes)."""
+        nbytes = sum(b.total_bytes for b in self.bursts.values())
+        if self.name == "many-small-associations":
+            jobs = [(ae, [path]) for ae, burst in self.bursts.items() for path in burst.files]
+            return jobs, n, nbytes
+        jobs = [(ae, [folder]) for ae, burst in self.bursts.items()
+                for folder in synth.split(burst, min(n, len(burst.files)))]
+        return jobs, len(jobs), nbytes
+
+
+def run_storescu_jobs(ae: str, port: int, jobs: list[tuple[str, list[Path]]], concurrency: int, timeout: float,
+                      logdir: Path) -> tuple[float, int, float, list[str]]:
+    """Each job is one storescu (one association); ``concurrency`` at a time. Returns (wall seconds, failed
+    processes, their CPU seconds, error notes)."""
+    lock = threading.Lock()
+    pending = list(enumerate(jobs))[::-1]
+    failures, cpu = [0], [0.0]
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    ends = [t0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                i, (calling, paths) = pending.pop()
+            if time.perf_counter() > deadline:
+                with lock:
+                    failures[0] += 1
+                continue
+            log_path = logdir / f"storescu-{i}.log"
+            scan = ["+sd"] if paths[0].is_dir() else []
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(["storescu", "-aec", ae, "-aet", calling, *scan, "127.0.0.1", str(port),
+                                         *map(str, paths)], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+            timer = threading.Timer(max(0.0, deadline - time.perf_counter()), proc.kill)
+            timer.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = code = os.waitstatus_to_exitcode(status)
+            finally:
+                timer.cancel()
+            end = time.perf_counter()
+            with lock:
+                ends.append(end)
+                cpu[0] += usage.ru_utime + usage.ru_stime
+                if code != 0:
+                    failures[0] += 1
+                    if len(notes) < 10:
+                        tail = log_path.read_text(errors="replace").splitlines()[-3:]
+                        notes.append(f"storescu {i} ({calling}) exited {code}: " + " | ".join(tail))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, len(jobs)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(1.0, deadline + 15 - time.perf_counter()))
+    if time.perf_counter() > deadline:
+        notes.append(f"run longer than {timeout:.0f}s: storescu processes still running were killed")
+    return max(ends) - t0, failures[0], cpu[0], notes
+
+
+def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int, repeat: int, base: Path,
+            keep: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One receiver x client x N run. Returns (the compare sample, the driver's run document or None)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{plan.name}-{client}-n{n}-", dir=base))
+    receiver = factory(workdir)
+    sample: dict[str, Any] = {
+        "receiver": receiver.label, "client": client, "scenario": plan.name, "associations": n, "repeat": repeat,
+        "instances": plan.instances, "bytes": 0, "bytes_kind": "dataset" if client == "driver" else "part10",
+        "processes_or_associations": 0, "wall_s": 0.0, "instances_ok": 0, "instances_per_s": None,
+        "mb_per_s": None, "failures": 0, "stored": 0, "receiver_cpu_s": 0.0, "client_cpu_s": 0.0,
+        "machine_busy_s": 0.0, "errors": [],
+    }
+    run_doc = None
+    try:
+        workload = plan.scenario.workload(n, unique=True) if client == "driver" else None  # UIDs rewritten here
+        receiver.start()
+        cpu0 = receiver.cpu_seconds()
+        busy0, _, _ = system_cpu()
+        if workload is not None:
+            target = driver.Target(receiver.label, "target", "127.0.0.1", receiver.port, receiver.ae)
+            run_doc = driver.run_one(target, workload, plan.args, f"{receiver.label} {plan.name} N={n}")
+            run_doc.update(client="driver", repeat=repeat)
+            summary = report.summarize(run_doc)
+            sample.update(wall_s=run_doc["wall_s"], instances_ok=summary["instances_ok"],
+                          failures=summary["failures"], bytes=summary["bytes_ok"],
+                          client_cpu_s=run_doc["driver_cpu_s"],
+                          processes_or_associations=summary["associations_opened"])
+            sample["errors"].extend(run_doc["errors"][:10])
+        else:
+            jobs, concurrency, nbytes = plan.storescu_jobs(n)
+            wall, failed, scu_cpu, notes = run_storescu_jobs(receiver.ae, receiver.port, jobs, concurrency,
+                                                             plan.args.timeout, workdir)
+            sample.update(wall_s=wall, failures=failed, bytes=nbytes, client_cpu_s=round(scu_cpu, 3),
+                          instances_ok=plan.instances if failed == 0 else 0, processes_or_associations=len(jobs))
+            sample["errors"].extend(notes)
+        busy1, _, _ = system_cpu()
+        sample["receiver_cpu_s"] = round(receiver.cpu_seconds() - cpu0, 3)
+        sample["machine_busy_s"] = round(busy1 - busy0, 3)
+        wall = sample["wall_s"]
+        if wall > 0 and sample["failures"] == 0:
+            sample["instances_per_s"] = round(sample["instances_ok"] / wall, 2)
+            sample["mb_per_s"] = round(sample["bytes"] / 1e6 / wall, 2)
+    except Exception as exc:  # a receiver that fails to start or dies: record it, go on with the next run
+        sample["errors"].append(f"{type(exc).__name__}: {exc}")
+        sample["failures"] = sample["failures"] or 1
+    finally:
+        receiver.stop()
+        try:
+            sample["stored"] = count_files(receiver.storage())
+        except OSError:
+            sample["stored"] = 0
+        if sample["stored"] != plan.instances and not sample["errors"]:
+            sample["errors"].append(f"receiver holds {sample['stored']} of {plan.instances} instances")
+        if sample["errors"]:
+            tail = receiver.log_tail(15)
+            if tail:
+                sample["errors"].append("receiver log tail:\n" + tail)
+        if keep:
+            print(f"  kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        os.sync()  # the next run must not pay for this one's writeback
+    sample["ok"] = sample["failures"] == 0 and sample["stored"] == plan.instances and not sample["errors"]
+    return sample, run_doc
+
+
+def medians(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault((s["scenario"], s["client"], s["receiver"], s["associations"]), []).append(s)
+    rows = []
+    for (scenario, client, receiver, n), group in groups.items():
+        good = [s for s in group if s["ok"]]
+        row: dict[str, Any] = {"scenario": scenario, "client": client, "receiver": receiver, "associations": n,
+                               "runs": len(group), "ok_runs": len(good), "instances": group[0]["instances"]}
+        for key in ("instances_per_s", "mb_per_s", "wall_s", "receiver_cpu_s", "client_cpu_s", "machine_busy_s"):
+            values = [s[key] for s in good]
+            row[key] = round(statistics.median(values), 3) if values else None
+        rates = [s["instances_per_s"] for s in good]
+        row["instances_per_s_min"] = min(rates) if rates else None
+        row["instances_per_s_max"] = max(rates) if rates else None
+        rows.append(row)
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """appliance / storescp and appliance / orthanc of the median instances/s, per scenario, client, N and
+    appliance configuration (None when a side has no successful run)."""
+    rate = {(r["scenario"], r["client"], r["associations"], r["receiver"]): r["instances_per_s"] for r in rows}
+    out = []
+    for r in rows:
+        if not r["receiver"].startswith("appliance"):
+            continue
+        key = (r["scenario"], r["client"], r["associations"])
+        entry: dict[str, Any] = {"scenario": r["scenario"], "client": r["client"], "associations": r["associations"],
+                                 "appliance": r["receiver"], "appliance_instances_per_s": r["instances_per_s"]}
+        for other in ("storescp", "orthanc"):
+            theirs = rate.get((*key, other))
+            entry[f"{other}_instances_per_s"] = theirs
+            entry[f"vs_{other}"] = (round(r["instances_per_s"] / theirs, 3)
+                                    if r["instances_per_s"] and theirs else None)
+        out.append(entry)
+    return out
+
+
+def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Path], Receiver]],
+        receivers_info: dict[str, dict[str, str]], skipped: dict[str, str], out: Path) -> int:
+    """The scenario mode of bench.compare: run everything, write the report, print the Markdown."""
+    try:
+        import uvloop
+
+        uvloop.install()  # as appliance bench run does
+    except ImportError:  # pragma: no cover
+        pass
+    plans = [Plan(name, args.count, args.seed, args.cache, args.timeout, "storescu" in args.clients)
+             for name in args.scenario]
+    base = Path(tempfile.mkdtemp(prefix="bench-compare-", dir=args.tmp))
+    samples: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    total = args.repeats * len(plans) * len(args.associations) * len(args.clients) * len(factories)
+    i = 0
+    try:
+        # Repeats outermost (slow drifts of the machine's load spread over every cell); receivers innermost, so
+        # the runs a ratio divides are as close in time as possible.
+        for repeat in range(args.repeats):
+            for plan in plans:
+                for n in args.associations:
+                    for client in args.clients:
+                        for factory in factories:
+                            i += 1
+                            s, run_doc = one_run(factory, plan, client, n, repeat, base, args.keep)
+                            samples.append(s)
+                            if run_doc is not None:
+                                runs.append(run_doc)
+                            status = "ok" if s["ok"] else "FAILED: " + "; ".join(s["errors"])[:2000]
+                            rate = s["instances_per_s"] or 0.0
+                            print(f"[{i}/{total}] {s['receiver']:<14} {client:<8} {plan.name} x{plan.instances} "
+                                  f"N={n} rep {repeat}: {rate:7.1f} inst/s wall {s['wall_s']:6.2f}s recvCPU "
+                                  f"{s['receiver_cpu_s']:5.1f}s clientCPU {s['client_cpu_s']:5.1f}s {status}",
+                                  file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: reporting what ran", file=sys.stderr)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    rows = medians(samples)
+    data = {f"{p.name}/{ae}": info for p in plans for ae, info in p.data.items()}
+    config = {
+        "scenario": ",".join(args.scenario), "target": "started receivers: " + ", ".join(receivers_info),
+        "called_ae": ", ".join(sorted({meta["ae"] for meta in receivers_info.values()})),
+        "associations": args.associations, "count": args.count, "rate": None, "duration": None, "seed": args.seed,
+        "transfer_syntax": driver.EXPLICIT_LE, "unique_uids": True, "max_pdu": 1 << 20, "start_appliance": None,
+        "server_pid": None, "metrics_url": None, "ceiling": None,
+    }
+    doc = report.build_document(argv, config, data, runs)
+    doc["compare"] = {
+        "mode": "scenario",
+        "scenarios": list(args.scenario),
+        "clients": list(args.clients),
+        "associations": list(args.associations),
+        "repeats": args.repeats,
+        "receivers": receivers_info,
+        "skipped": skipped,
+        "dcmtk": first_line(["storescu", "--version"]),
+        "orthanc": first_line([orthanc_binary() or "Orthanc", "--version"]),
+        "samples": samples,
+        "medians": rows,
+        "ratios": ratios(rows),
+        "ok": bool(samples) and all(s["ok"] for s in samples),
+    }
+    paths = report.write_compare(doc, out)
+    print(report.compare_markdown(doc))
+    print(f"report: {paths['json']} ({paths['markdown'].name}" + "".join(f", {p.name}" for p in paths["plots"])
+          + ")", file=sys.stderr)
+    return 0 if doc["compare"]["ok"] else 1
+
