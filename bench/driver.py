@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, synth
+from bench.receivers import proc_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("ct-burst", "morning-rush", "sustained", "many-small-associations")
@@ -440,24 +441,6 @@ async def _execute(target: Target, w: Workload, rec: Recorder, max_pdu: int, tim
 # ---- the receiver's side: CPU, RSS, /metrics ----------------------------------------------------------
 
 
-def _proc_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def _status_kb(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -482,7 +465,7 @@ class ServerMonitor:
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
     def _rss(self) -> int:
-        return sum(_status_kb(p, "VmRSS") for p in _proc_tree(self.pid)) * 1024
+        return sum(_status_kb(p, "VmRSS") for p in proc_tree(self.pid)) * 1024
 
     def _sample(self) -> None:
         while not self.stop_event.wait(0.2):
@@ -497,7 +480,7 @@ class ServerMonitor:
         self.stop_event.set()
         self.thread.join(5)
         self.peak = max(self.peak, self._rss())
-        tree = _proc_tree(self.pid)
+        tree = proc_tree(self.pid)
         return {"pid": self.pid, "processes": len(tree), "cpu_s": round(self.cpu(self.pid) - self.cpu0, 3),
                 "peak_rss_bytes": self.peak, "vmhwm_bytes": sum(_status_kb(p, "VmHWM") for p in tree) * 1024}
 

@@ -63,8 +63,8 @@ def first_line(cmd: list[str]) -> str:
     return lines[0] if lines else "?"
 
 
-def proc_tree_cpu(root_pid: int) -> float:
-    """CPU seconds (user+sys, own and of reaped children) of a process and all its live descendants."""
+def _proc_table() -> tuple[dict[int, list[int]], dict[int, float]]:
+    """(children by parent pid, CPU seconds by pid) for every process, from /proc."""
     children: dict[int, list[int]] = {}
     stats: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -75,15 +75,27 @@ def proc_tree_cpu(root_pid: int) -> float:
         except OSError:
             continue
         fields = text[text.rindex(")") + 2:].split()
-        ppid = int(fields[1])
-        children.setdefault(ppid, []).append(int(entry))
+        children.setdefault(int(fields[1]), []).append(int(entry))
         stats[int(entry)] = sum(int(v) for v in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
-    total, todo = 0.0, [root_pid]
+    return children, stats
+
+
+def proc_tree(root_pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """A process and all its live descendants."""
+    if children is None:
+        children = _proc_table()[0]
+    out, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, 0.0)
+        out.append(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return out
+
+
+def proc_tree_cpu(root_pid: int) -> float:
+    """CPU seconds (user+sys, own and of reaped children) of a process and all its live descendants."""
+    children, stats = _proc_table()
+    return sum(stats.get(pid, 0.0) for pid in proc_tree(root_pid, children))
 
 
 def system_cpu() -> tuple[float, float, float]:
