@@ -43,7 +43,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(None, environ={})
     assert cfg.server.ae_title == "APPLIANCE"
     assert cfg.server.port == 11112
-    assert cfg.server.workers == 1
+    assert cfg.server.workers == 0  # one per CPU
     assert cfg.storage.duplicate_policy == "overwrite"
     assert cfg.storage.fsync is True
     assert cfg.storage.index_path == tmp_path / "var/index"
