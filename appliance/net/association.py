@@ -145,8 +145,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state == ESTABLISHED and self.operation is not None:
-            self.operation.abandon()
+        if self.operation is not None:
+            self.operation.abandon()  # whatever the state: its tmp file must go
         self.operation = None
         self.state = CLOSED
         if self.timer is not None:
@@ -191,6 +191,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             for pdv in pdu.iter_pdvs(body):
                 self._on_pdv(pdv)
         elif pdu_type == pdu.A_RELEASE_RQ:
+            if self.operation is not None:
+                raise pdu.PDUError("A-RELEASE-RQ in the middle of a dataset", pdu.ABORT_UNEXPECTED_PDU)
             self.release_requested = True
             self._maybe_release()
         elif pdu_type == pdu.A_ABORT:

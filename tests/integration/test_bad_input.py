@@ -332,7 +332,7 @@ def test_garbage_on_an_established_association_is_aborted(server: ServerHandle) 
         assert_serving(server, keeper)
 
 
-@pytest.mark.parametrize("how", ["truncated-pdu", "peer-a-abort", "pdv-on-unknown-context"])
+@pytest.mark.parametrize("how", ["truncated-pdu", "peer-a-abort", "pdv-on-unknown-context", "release-mid-dataset"])
 def test_broken_off_mid_dataset_leaves_nothing(server: ServerHandle, how: str) -> None:
     ds = new_instance()
     pdus = c_store_pdus(3, CTImageStorage, ds.SOPInstanceUID, wire_bytes(ds), 16384)
@@ -348,6 +348,10 @@ def test_broken_off_mid_dataset_leaves_nothing(server: ServerHandle, how: str) -
                 sock.sendall(pdus[2][: len(pdus[2]) // 2])
             elif how == "peer-a-abort":  # A-ABORT from the service user
                 sock.sendall(HEADER.pack(0x07, 4) + bytes(4))
+                assert wait_eof(sock) == b""
+            elif how == "release-mid-dataset":  # A-RELEASE-RQ before the last fragment: unexpected PDU
+                sock.sendall(HEADER.pack(0x05, 4) + bytes(4))
+                assert abort_fields(read_pdu(sock)) == (2, 2)  # provider, unexpected PDU
                 assert wait_eof(sock) == b""
             else:  # the next fragment on presentation context 5, which was never proposed
                 sock.sendall(c_store_pdus(5, CTImageStorage, ds.SOPInstanceUID, wire_bytes(ds), 16384)[2])
