@@ -176,6 +176,7 @@ class StudyIndex:
             old = self._get(txn, "instances", inst_key)
             assert old is not None, f"uids names a missing instance {inst_key!r}"
             if old["digest"] == entry.digest:
+                entry.volume = str(old["volume"])  # where the stored copy is (the committer checks it is there)
                 return ApplyResult(Outcome.IDENTICAL, False, [])
             if policy == "reject":
                 return ApplyResult(Outcome.REJECTED, False, [])

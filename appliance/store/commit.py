@@ -198,11 +198,31 @@ class GroupCommitter:
                     log.exception("blob %s stays in %s until the next start", item.entry.digest,
                                   item.writer.tmp_path)
                 item.writer.volume.charge(item.writer.size)
+            elif res.outcome is Outcome.IDENTICAL and self._restores_lost_blob(item):
+                pass
             else:
                 item.writer.discard()
             freed.extend(res.freed)
         if freed:
             self.index.collect_garbage(freed, self.volumes.unlink_blob)
+
+    def _restores_lost_blob(self, item: _Pending) -> bool:
+        """An identical re-send of an instance whose blob is gone (`verify` reports it missing) puts it back:
+        the modality re-sending is how a site repairs such a loss. Only on the volume the index names."""
+        writer, digest = item.writer, item.entry.digest
+        if item.entry.volume != writer.volume.name:
+            return False
+        final = writer.volume.blob_path(digest)
+        if final.exists():
+            return False
+        try:
+            os.rename(writer.tmp_path, final)
+        except OSError:
+            log.exception("could not restore the missing blob %s", digest)
+            return False
+        log.warning("blob %s was missing from volume %s; restored from an identical re-send", digest,
+                    writer.volume.name)
+        return True
 
     def _resolve(self, results: list[tuple[_Pending, CommitResult]]) -> None:
         def wake() -> None:

@@ -84,3 +84,15 @@ def test_parallel_storescu_associations(server: ServerHandle, tmp_path: Path) ->
     counts = server.cli_json("status")["counts"]
     assert counts["instances"] == 60 and counts["series"] == 4
     assert server.cli("verify").returncode == 0
+
+
+def test_identical_resend_restores_a_lost_blob(server: ServerHandle, tmp_path: Path) -> None:
+    """verify reports a blob lost from the volume; the modality re-sending the instance repairs it."""
+    assert dcmtk("storescu", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), str(CT)).returncode == 0
+    blobs = [p for p in (server.volume / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 1
+    blobs[0].unlink()
+    assert server.cli("verify", check=False).returncode == 1
+    assert dcmtk("storescu", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), str(CT)).returncode == 0
+    assert server.cli("verify", check=False).returncode == 0
+    assert blobs[0].exists()
