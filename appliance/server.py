@@ -63,6 +63,11 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
     # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
     # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
     sys.setswitchinterval(float(os.environ.get("APPLIANCE_SWITCH_INTERVAL", "0.0005")))
+    # An archive takes what it is sent (and stores it bit for bit): pydicom's value validation only costs time
+    # here (tens of thousands of UID regex checks per association negotiation) and fills logs with warnings.
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         import uvloop
 

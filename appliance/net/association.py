@@ -1,7 +1,7 @@
 """One asyncio.BufferedProtocol per association, acceptor role (PS3.8 state machine, simplified to the states
 an acceptor can be in): awaiting A-ASSOCIATE-RQ (ARTIM running), established, released/aborted.
 
-A-ASSOCIATE PDUs go through pynetdicom's codecs and presentation-context negotiation; P-DATA-TF is framed
+A-ASSOCIATE-RQ goes to net/negotiation.py (pynetdicom's codecs and negotiation, cached); P-DATA-TF is framed
 by net/pdu.py and its PDVs go straight to the DIMSE service (C-ECHO, C-STORE). A protocol error aborts this
 association only (A-ABORT with the provider reason); the worker keeps serving the others.
 """
@@ -13,25 +13,17 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
-from pynetdicom.pdu import A_ASSOCIATE_RQ as RQ_PDU
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from appliance import errors
 from appliance.config import Config
 from appliance.net import dimse, pdu
+from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator
 from appliance.services.store import StoreOperation, StoreResult
-from appliance.store.blobs import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, TmpFileReserve
+from appliance.store.blobs import TmpFileReserve
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -42,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 MAX_COMMAND_BYTES = 64 * 1024
 
@@ -65,14 +56,14 @@ class WorkerContext:
     metrics: Metrics
     slots: Synchronized[int] | None = None  # associations open over all workers
     accepted_sop_classes: frozenset[str] = frozenset()
-    accepted_transfer_syntaxes: frozenset[str] = frozenset()
+    negotiator: Negotiator = field(default=cast(Negotiator, None))
     associations: set[AssociationProtocol] = field(default_factory=set)
     tmp_reserves: dict[str, TmpFileReserve] = field(default_factory=dict)  # volume name -> pre-created tmp files
 
     @classmethod
     def build(cls, config: Config, **kwargs: Any) -> WorkerContext:
         return cls(config=config, accepted_sop_classes=frozenset(config.dicom.sop_classes),
-                   accepted_transfer_syntaxes=frozenset(config.dicom.transfer_syntaxes), **kwargs)
+                   negotiator=Negotiator(config), **kwargs)
 
     def take_slot(self) -> bool:
         if self.slots is None:
@@ -234,83 +225,28 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._close()
 
     def _on_associate_rq(self, raw: bytes) -> None:
-        rq = RQ_PDU()
-        try:
-            rq.decode(raw)
-            primitive = rq.to_primitive()
-        except Exception as exc:
-            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {exc}") from None
+        neg = self.ctx.negotiator.negotiate(raw)
         cfg = self.ctx.config
-        self.calling_ae = str(primitive.calling_ae_title).strip()
-        called = str(primitive.called_ae_title).strip()
-        if not (rq.protocol_version & 1):
-            return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {rq.protocol_version}")
-        if str(primitive.application_context_name) != APPLICATION_CONTEXT:
+        self.calling_ae = neg.calling_ae
+        if not (neg.protocol_version & 1):
+            return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {neg.protocol_version}")
+        if neg.application_context != APPLICATION_CONTEXT:
             return self._reject(RJ_APP_CONTEXT, "unknown application context")
-        if called != cfg.server.ae_title:
-            return self._reject(RJ_CALLED_AE, f"called AE title {called!r} is not ours")
+        if neg.called_ae != cfg.server.ae_title:
+            return self._reject(RJ_CALLED_AE, f"called AE title {neg.called_ae!r} is not ours")
         if cfg.server.refuse_unknown_calling_ae and cfg.peer_by_ae(self.calling_ae) is None:
             return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
         if not self.ctx.take_slot():
             return self._reject(RJ_LOCAL_LIMIT, f"{cfg.server.max_associations} associations already open")
         self.has_slot = True
-
-        roles: dict[UID, tuple[bool | None, bool | None]] = {}
-        for item in primitive.user_information:
-            if isinstance(item, MaximumLengthNotification):
-                self.peer_max_pdu = int(item.maximum_length_received or 0)
-            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
-        results, role_items = self._negotiate(primitive.presentation_context_definition_list, roles)
-        for cx in results:
-            if cx.result == 0x00 and cx.context_id is not None:
-                self.contexts[cx.context_id] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-
-        ac = A_ASSOCIATE()
-        ac.application_context_name = APPLICATION_CONTEXT
-        ac.calling_ae_title = primitive.calling_ae_title
-        ac.called_ae_title = primitive.called_ae_title
-        ac.result = 0x00
-        ac.result_source = 0x01
-        ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = cfg.server.max_pdu
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        impl_name = ImplementationVersionNameNotification()
-        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ac.user_information = [max_len, impl_uid, impl_name, *role_items]
-        out = A_ASSOCIATE_AC()
-        out.from_primitive(ac)
-        self._send(out.encode())
+        self.peer_max_pdu = neg.peer_max_pdu
+        self.contexts = neg.contexts  # shared with the cache entry: read-only here
+        self._send(neg.ac_pdu)
         self.state = ESTABLISHED
         self.ctx.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
         self.ctx.metrics.associations_active.labels(self.calling_ae).inc()
         log.debug("%s: association with %s accepted, %d contexts", self.peer, self.calling_ae, len(self.contexts))
         self._arm_timer(cfg.server.idle_timeout)
-
-    def _negotiate(
-        self, proposed: list[PresentationContext], roles: dict[UID, tuple[bool | None, bool | None]]
-    ) -> tuple[list[PresentationContext], list[Any]]:
-        """pynetdicom's negotiation, one proposed context at a time, so that the transfer syntax chosen is the
-        requestor's first choice among those we accept (the encoding the modality holds, so it sends without
-        converting), not the first in our own list. That is what DCMTK's storescp does too."""
-        accepted_ts = self.ctx.accepted_transfer_syntaxes
-        results: list[PresentationContext] = []
-        role_items: dict[str, Any] = {}
-        for rq_cx in proposed:
-            offer = [PresentationContext()]
-            offer[0].abstract_syntax = rq_cx.abstract_syntax
-            if rq_cx.abstract_syntax in self.ctx.accepted_sop_classes:
-                ours = [ts for ts in rq_cx.transfer_syntax if ts in accepted_ts]
-                offer[0].transfer_syntax = [UID(ts) for ts in ours or self.ctx.config.dicom.transfer_syntaxes[:1]]
-            else:
-                offer = []
-            result, items = negotiate_as_acceptor([rq_cx], offer, roles or None)
-            results.extend(result)
-            for item in items:
-                role_items[str(item.sop_class_uid)] = item
-        return results, list(role_items.values())
 
     # ---- DIMSE ------------------------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""Association negotiation, acceptor side (PS3.8 7.1, PS3.7 Annex D): A-ASSOCIATE-RQ in, A-ASSOCIATE-AC out.
+
+pynetdicom does the PDU decoding/encoding and the presentation-context negotiation. That costs ~10 ms for a
+typical storescu request (120 contexts: tens of thousands of UID objects), which capped "one instance per
+association" modalities at a few hundred associations/s. A modality sends the very same A-ASSOCIATE-RQ bytes
+every time it connects, so each worker keeps the outcome per request bytes (an LRU of ``cache_size``): the
+configuration cannot change under a running worker, so the outcome cannot either. Checks that depend on the
+moment (association slots) are not part of it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from pynetdicom.pdu import A_ASSOCIATE_RQ as RQ_PDU
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from appliance.config import Config
+from appliance.net import pdu
+from appliance.store.blobs import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What an A-ASSOCIATE-RQ asks for and what we would answer if we accept it."""
+
+    calling_ae: str
+    called_ae: str
+    protocol_version: int
+    application_context: str
+    peer_max_pdu: int  # 0 = unlimited
+    contexts: dict[int, tuple[str, str]]  # accepted context id -> (abstract syntax, transfer syntax)
+    ac_pdu: bytes
+
+
+class Negotiator:
+    def __init__(self, config: Config, cache_size: int = 256) -> None:
+        self.config = config
+        self.sop_classes = frozenset(config.dicom.sop_classes)
+        self.transfer_syntaxes = frozenset(config.dicom.transfer_syntaxes)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, Negotiated] = OrderedDict()
+
+    def negotiate(self, raw: bytes) -> Negotiated:
+        """Outcome for this A-ASSOCIATE-RQ (whole PDU bytes). Raises PDUError if it cannot be decoded."""
+        found = self._cache.get(raw)
+        if found is not None:
+            self._cache.move_to_end(raw)
+            return found
+        negotiated = self._negotiate(raw)
+        self._cache[raw] = negotiated
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return negotiated
+
+    def _negotiate(self, raw: bytes) -> Negotiated:
+        rq = RQ_PDU()
+        try:
+            rq.decode(raw)
+            primitive = rq.to_primitive()
+        except Exception as exc:
+            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {exc}") from None
+        peer_max_pdu = 0
+        roles: dict[UID, tuple[bool | None, bool | None]] = {}
+        for item in primitive.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                peer_max_pdu = int(item.maximum_length_received or 0)
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
+                roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
+        results, role_items = self._contexts(primitive.presentation_context_definition_list, roles)
+        contexts = {
+            int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in results if cx.result == 0x00 and cx.context_id is not None
+        }
+        return Negotiated(
+            calling_ae=str(primitive.calling_ae_title).strip(),
+            called_ae=str(primitive.called_ae_title).strip(),
+            protocol_version=int(rq.protocol_version or 0),
+            application_context=str(primitive.application_context_name),
+            peer_max_pdu=peer_max_pdu,
+            contexts=contexts,
+            ac_pdu=self._accept_pdu(primitive, results, role_items),
+        )
+
+    def _contexts(
+        self, proposed: list[PresentationContext], roles: dict[UID, tuple[bool | None, bool | None]]
+    ) -> tuple[list[PresentationContext], list[Any]]:
+        """pynetdicom's negotiation, one proposed context at a time, so that the transfer syntax chosen is the
+        requestor's first choice among those we accept (the encoding the modality holds, so it sends without
+        converting), not the first in our own list. That is what DCMTK's storescp does too."""
+        results: list[PresentationContext] = []
+        role_items: dict[str, Any] = {}
+        for rq_cx in proposed:
+            offer = [PresentationContext()]
+            offer[0].abstract_syntax = rq_cx.abstract_syntax
+            if rq_cx.abstract_syntax in self.sop_classes:
+                ours = [ts for ts in rq_cx.transfer_syntax if ts in self.transfer_syntaxes]
+                offer[0].transfer_syntax = [UID(ts) for ts in ours or self.config.dicom.transfer_syntaxes[:1]]
+            else:
+                offer = []
+            result, items = negotiate_as_acceptor([rq_cx], offer, roles or None)
+            results.extend(result)
+            for item in items:
+                role_items[str(item.sop_class_uid)] = item
+        return results, list(role_items.values())
+
+    def _accept_pdu(self, rq: A_ASSOCIATE, results: list[PresentationContext], role_items: list[Any]) -> bytes:
+        ac = A_ASSOCIATE()
+        ac.application_context_name = APPLICATION_CONTEXT
+        ac.calling_ae_title = rq.calling_ae_title
+        ac.called_ae_title = rq.called_ae_title
+        ac.result = 0x00
+        ac.result_source = 0x01
+        ac.presentation_context_definition_results_list = results
+        max_len = MaximumLengthNotification()
+        max_len.maximum_length_received = self.config.server.max_pdu
+        impl_uid = ImplementationClassUIDNotification()
+        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        impl_name = ImplementationVersionNameNotification()
+        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ac.user_information = [max_len, impl_uid, impl_name, *role_items]
+        out = A_ASSOCIATE_AC()
+        out.from_primitive(ac)
+        return bytes(out.encode())
