@@ -81,6 +81,10 @@ class DuplicateRejected(ApplianceError):
     status = DUPLICATE_SOP_INSTANCE
 
 
+class IndexInUse(ApplianceError):
+    exit_code = EXIT_UNAVAILABLE
+
+
 class IndexFailure(ApplianceError):
     status = PROCESSING_FAILURE
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config
-from appliance.errors import ApplianceError
-from appliance.index.db import StudyIndex
+from appliance.errors import ApplianceError, IndexInUse
+from appliance.index.db import SERVE_LOCK, StudyIndex
 from appliance.store.commit import recover
 from appliance.store.volumes import VolumeSet
 
@@ -190,11 +190,11 @@ class Supervisor:
         let a second process bind the same port and take half of the associations)."""
         cfg = self.config
         cfg.storage.index_path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(cfg.storage.index_path / "serve.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(cfg.storage.index_path / SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ApplianceError(f"another appliance is serving the index {cfg.storage.index_path}") from None
+            raise IndexInUse(f"another appliance is serving the index {cfg.storage.index_path}") from None
         if cfg.server.port:
             probe = socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET)
             try:

@@ -43,6 +43,8 @@ DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid
 LEVELS = ("patients", "studies", "series", "instances")
 SEP = "\x00"
 SCHEMA_VERSION = b"1"
+# Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
+SERVE_LOCK = "serve.lock"
 
 
 def _enc(value: dict[str, Any]) -> bytes:

@@ -8,6 +8,7 @@ index exactly.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.errors import ApplianceError
-from appliance.index.db import IndexEntry, StudyIndex
+from appliance.errors import ApplianceError, IndexInUse
+from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
 from appliance.index.records import read_header_file
 from appliance.store.blobs import get_calling_ae, hash_file
 from appliance.store.volumes import Volume, VolumeSet
@@ -84,6 +85,15 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False) -> Rebuild
 def replace_index(config: Config, rehash: bool = False) -> RebuildStats:
     """Rebuild beside the live index, then swap it in (the old one is kept as ``<index>.old``)."""
     live = config.storage.index_path
+    lock = live / SERVE_LOCK
+    if lock.exists():
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a running supervisor
+        except BlockingIOError:
+            raise IndexInUse(f"the appliance is serving {live}: stop it first, or use --into DIR") from None
+        finally:
+            os.close(fd)
     fresh = live.with_name(live.name + ".rebuild")
     old = live.with_name(live.name + ".old")
     shutil.rmtree(fresh, ignore_errors=True)

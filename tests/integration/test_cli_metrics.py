@@ -393,7 +393,11 @@ def test_index_rebuild_reproduces_the_live_index(make_server: MakeServer, tmp_pa
     assert (stats["blobs"], stats["instances"], stats["unreadable"]) == (7, 7, [])
     assert live_dump(into) == live
 
-    # Replace mode, with the server stopped; the old index is kept beside it.
+    # Replace mode refuses to swap the index under the running server...
+    refused = server.cli("index", "rebuild", check=False)
+    assert refused.returncode == 69 and "stop it first" in refused.stderr
+    assert live_dump(index_path) == live
+    # ...and works with the server stopped; the old index is kept beside it.
     assert server.stop() == 0
     stats = server.cli_json("index", "rebuild", "--rehash")
     assert (stats["blobs"], stats["instances"], stats["unreadable"]) == (7, 7, [])
