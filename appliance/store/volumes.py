@@ -153,13 +153,12 @@ class VolumeSet:
         """The attached volume with the most free space that stays under its watermark, or None."""
         best: Volume | None = None
         for vol in self.volumes:
-            if not vol.can_take(size_hint):
+            # A volume whose marker went away (its filesystem unmounted under us) is skipped: never write into
+            # the bare mount point, but keep using the other volumes.
+            if not vol.can_take(size_hint) or not vol.is_attached():
                 continue
             if best is None or vol.free_bytes() > best.free_bytes():
                 best = vol
-        if best is not None and not best.is_attached():
-            # The mount went away under us: never write into the bare mount point.
-            return None
         return best
 
     def unlink_blob(self, volume: str, digest: str) -> None:
