@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -161,29 +162,51 @@ class Supervisor:
         reserve = _listen_socket(cfg.server.host, cfg.server.port, listen=False)
         self.port = reserve.getsockname()[1]
         count = cfg.effective_workers()
-        self.workers = [self._spawn() for _ in range(count)]
-        for _ in range(count):
-            self.ready.get(timeout=60)
-        if cfg.server.metrics_enabled:
-            self._start_metrics()
-        self._write_port_file()
-        log.info("AE %s listening on %s:%d with %d worker(s); metrics on %s", cfg.server.ae_title,
-                 cfg.server.host, self.port, count,
-                 f"http://{cfg.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        # Handlers first: a SIGTERM during start-up must still stop the workers, never orphan them.
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
+            self.workers = [self._spawn() for _ in range(count)]
+            self._await_ready(count)
+            if cfg.server.metrics_enabled:
+                try:
+                    self._start_metrics()
+                except OSError as exc:
+                    raise ApplianceError(f"server.metrics_port {cfg.server.metrics_port} on "
+                                         f"{cfg.server.metrics_host}: {exc.strerror}") from None
+            self._write_port_file()
+            log.info("AE %s listening on %s:%d with %d worker(s); metrics on %s", cfg.server.ae_title,
+                     cfg.server.host, self.port, count,
+                     f"http://{cfg.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
             while not self.stopping:
                 for i, proc in enumerate(self.workers):
                     if not proc.is_alive() and not self.stopping:
                         log.error("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
                         self.workers[i] = self._spawn()
-                        self.ready.get(timeout=60)
+                        self._await_ready(1)
                 time.sleep(0.2)
         finally:
             self._shutdown()
             reserve.close()
         return 0
+
+    def _await_ready(self, count: int, timeout: float = 60.0) -> None:
+        """Wait for ``count`` workers to report that they listen; fail fast if one dies meanwhile."""
+        deadline = time.monotonic() + timeout
+        while count:
+            try:
+                self.ready.get(timeout=0.2)
+                count -= 1
+                continue
+            except queue.Empty:
+                pass
+            dead = [p for p in self.workers if not p.is_alive()]
+            if dead:
+                raise ApplianceError(f"worker {dead[0].pid} exited with {dead[0].exitcode} while starting")
+            if self.stopping:
+                return
+            if time.monotonic() > deadline:
+                raise ApplianceError(f"workers did not start within {timeout:.0f} s")
 
     def _lock_index(self) -> None:
         """One supervisor per index, and no silent port sharing with another program (SO_REUSEPORT would

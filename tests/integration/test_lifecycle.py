@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.conftest import ServerHandle, dcmtk, wait_for
+from tests.conftest import APPLIANCE, ServerHandle, dcmtk, wait_for
 
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
 
@@ -53,3 +53,17 @@ def test_sigterm_drains_open_associations(make_server: Callable[..., ServerHandl
     assert server.proc.wait(40) == 0
     shown = server.cli_json("show", str(ds.SOPInstanceUID))
     assert shown["calling_ae"] == "LIFECYCLE"
+
+
+def test_start_up_failure_leaves_no_worker_behind(make_server: Callable[..., ServerHandle]) -> None:
+    import subprocess
+
+    first = make_server()
+    second = make_server(start=False, server={"metrics_port": first.metrics_port})  # that port is taken
+    result = subprocess.run([*APPLIANCE, "serve", "-c", str(second.config_path)], cwd=second.root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"server.metrics_port {first.metrics_port}" in result.stderr
+    leftovers = subprocess.run(["pgrep", "-f", str(second.config_path)], capture_output=True, text=True).stdout
+    assert leftovers.split() == []
+    assert dcmtk("echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(first.port)).returncode == 0
