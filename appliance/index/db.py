@@ -216,8 +216,15 @@ class StudyIndex:
         txn.delete(digest.encode(), db=self.dbs["blobs"])
         return [(blob["volume"], digest)]
 
-    def _newer(self, record: dict[str, Any], received_ns: int) -> bool:
-        return received_ns >= int(record.get("_t", 0))
+    @staticmethod
+    def _count_in(record: dict[str, Any], size: int, attrs: dict[str, str], received_ns: int) -> None:
+        """One more instance under a patient/study/series record; its attributes are those of the instance
+        with the latest receive time (so the result does not depend on commit order)."""
+        record["NumberOfInstances"] += 1
+        record["Size"] += size
+        if received_ns >= int(record.get("_t", 0)):
+            record.update(attrs)
+            record["_t"] = received_ns
 
     def _insert_instance(self, txn: lmdb.Transaction, entry: IndexEntry) -> None:
         h = entry.header
@@ -238,42 +245,37 @@ class StudyIndex:
             patient = {"NumberOfStudies": 0, "NumberOfInstances": 0, "Size": 0, "_t": 0}
         if found is None:
             patient["NumberOfStudies"] += 1
-        patient["NumberOfInstances"] += 1
-        patient["Size"] += entry.size
-        if self._newer(patient, t):
-            patient.update(h.patient)
-            patient["_t"] = t
+        self._count_in(patient, entry.size, h.patient, t)
         self._put(txn, "patients", pk, patient)
 
         study = self._get(txn, "studies", study_key)
+        old_secondary: list[tuple[str, str]] = []
         if study is None:
             study = {"NumberOfSeries": 0, "NumberOfInstances": 0, "Size": 0, "ModalitiesInStudy": [], "_t": 0}
             txn.put(study_uid.encode(), b"S" + study_key.encode(), db=uids)
         else:
-            self._unindex_study(txn, study_key, study)
+            old_secondary = self._secondary(study_key, study)
         series_key = f"{study_key}{SEP}{series_uid}"
         series = self._get(txn, "series", series_key)
         if series is None:
             series = {"NumberOfInstances": 0, "Size": 0, "_t": 0}
             study["NumberOfSeries"] += 1
             txn.put(series_uid.encode(), b"R" + series_key.encode(), db=uids)
-        study["NumberOfInstances"] += 1
-        study["Size"] += entry.size
-        if self._newer(study, t):
-            study.update(h.study)
-            study["PatientID"] = h.patient.get("PatientID", "")
-            study["_t"] = t
+        self._count_in(study, entry.size, {**h.study, "PatientID": h.patient.get("PatientID", "")}, t)
         modality = h.series.get("Modality", "")
         if modality and modality not in study["ModalitiesInStudy"]:
             study["ModalitiesInStudy"] = sorted([*study["ModalitiesInStudy"], modality])
         self._put(txn, "studies", study_key, study)
-        self._index_study(txn, study_key, study)
+        # Secondary keys change only when the study's PatientID, AccessionNumber or StudyDate does: rewriting
+        # them for every instance cost six LMDB operations per instance for nothing.
+        new_secondary = self._secondary(study_key, study)
+        if new_secondary != old_secondary:
+            for db, key in old_secondary:
+                txn.delete(key.encode(), db=self.dbs[db])
+            for db, key in new_secondary:
+                txn.put(key.encode(), study_key.encode(), db=self.dbs[db])
 
-        series["NumberOfInstances"] += 1
-        series["Size"] += entry.size
-        if self._newer(series, t):
-            series.update(h.series)
-            series["_t"] = t
+        self._count_in(series, entry.size, h.series, t)
         self._put(txn, "series", series_key, series)
 
         inst_key = f"{series_key}{SEP}{h.sop_instance_uid}"
@@ -292,10 +294,6 @@ class StudyIndex:
             ("idx_accession", f"{study.get('AccessionNumber', '')}{SEP}{study_uid}"),
             ("idx_studydate", f"{study.get('StudyDate', '')}{SEP}{study_uid}"),
         ]
-
-    def _index_study(self, txn: lmdb.Transaction, study_key: str, study: dict[str, Any]) -> None:
-        for db, key in self._secondary(study_key, study):
-            txn.put(key.encode(), study_key.encode(), db=self.dbs[db])
 
     def _unindex_study(self, txn: lmdb.Transaction, study_key: str, study: dict[str, Any]) -> None:
         for db, key in self._secondary(study_key, study):
