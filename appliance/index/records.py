@@ -174,14 +174,14 @@ class _FastParser:
     unusual (a character set other than ASCII/Latin-1/UTF-8, odd structure) makes the caller use pydicom.
     """
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+    def __init__(self, buf: bytes | bytearray, implicit: bool, little: bool) -> None:
         self.buf = buf
         self.implicit = implicit
         self.little = little
         self.tag = _TAG_LE if little else _TAG_BE
         self.u16 = struct.Struct("<H" if little else ">H")
         self.u32 = struct.Struct("<L" if little else ">L")
-        self.values: dict[int, bytes] = {}
+        self.values: dict[int, bytes | bytearray] = {}
         self.reached = False
 
     def header(self, pos: int, implicit: bool) -> tuple[int, int, int]:
@@ -193,7 +193,7 @@ class _FastParser:
         tag = group << 16 | element
         if implicit or group == 0xFFFE:
             return tag, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
-        vr = buf[pos + 4 : pos + 6]
+        vr = bytes(buf[pos + 4 : pos + 6])
         if not vr.isupper():
             raise _Incomplete  # not Explicit VR after all: let pydicom work out what this is
         if vr in _LONG_VRS:
@@ -242,7 +242,7 @@ class _FastParser:
                 pos = value + length
 
 
-def _fast_header(head: bytes, transfer_syntax: str, complete: bool) -> Header | None:
+def _fast_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -> Header | None:
     parser = _FastParser(head, transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE)
     try:
         parser.dataset(0, parser.implicit, top=True)
@@ -251,7 +251,7 @@ def _fast_header(head: bytes, transfer_syntax: str, complete: bool) -> Header | 
     if not parser.reached and not complete:
         return None
     values = parser.values
-    charset = values.get(_CHARSET, b"").strip(b"\x00 ")
+    charset = bytes(values.get(_CHARSET, b"")).strip(b"\x00 ")
     if charset not in _PLAIN_CHARSETS:
         return None
     encoding = "utf-8" if charset == b"ISO_IR 192" else "latin-1"
@@ -290,7 +290,7 @@ def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -
             raise CannotUnderstand(f"deflated dataset does not inflate: {exc}") from None
         complete = complete and not inflater.unconsumed_tail
     else:
-        fast = _fast_header(bytes(head), transfer_syntax, complete)
+        fast = _fast_header(head, transfer_syntax, complete)  # reads the bytearray in place, no copy
         if fast is not None:
             return fast
     stop = _Stop()
@@ -328,10 +328,16 @@ def read_header_file(path: Path) -> tuple[Header, str]:
     except Exception as exc:
         raise CannotUnderstand(f"{path.name}: not a DICOM file: {type(exc).__name__}: {exc}") from None
     header = read_header(head, ts, complete=size <= HEAD_LIMIT)
-    if header is not None:
-        return header, ts
+    return (header if header is not None else read_header_beyond_head(path)), ts
+
+
+def read_header_beyond_head(path: Path) -> Header:
+    """The attributes of a Part-10 file whose first HEAD_LIMIT dataset bytes did not hold them all.
+
+    The live path calls this directly once its own prefix parse returned None (parsing the same prefix again
+    would give None again); `read_header_file` calls it in the same case, so both index the same."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS)
     except Exception as exc:
         raise CannotUnderstand(f"{path.name}: cannot be parsed: {type(exc).__name__}: {exc}") from None
-    return _from_dataset(ds), ts
+    return _from_dataset(ds)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from appliance import errors
 from appliance.errors import ApplianceError
 from appliance.index.db import IndexEntry, Outcome
-from appliance.index.records import HEAD_LIMIT, read_header, read_header_file
+from appliance.index.records import HEAD_LIMIT, read_header, read_header_beyond_head
 from appliance.net.dimse import Command
 from appliance.store.blobs import BlobWriter, file_meta, set_calling_ae
 
@@ -116,7 +116,7 @@ class StoreOperation:
             writer.flush_prefix()
             header = read_header(self.head, self.transfer_syntax, complete=self.dataset_bytes <= HEAD_LIMIT)
             if header is None:
-                header = read_header_file(writer.tmp_path)[0]
+                header = read_header_beyond_head(writer.tmp_path)
         except ApplianceError as exc:
             writer.discard()
             return StoreResult(exc.status, str(exc))
