@@ -19,7 +19,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from appliance import errors
-from appliance.config import Config
+from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator
 from appliance.services.store import StoreOperation, StoreResult
@@ -94,7 +94,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
         self.command_buf = bytearray()
-        self.command_context = 0
+        self.command_context = 0  # the presentation context of the command being reassembled
+        self.known_peer: PeerConfig | None = None  # the calling AE's [peers] entry, looked up once
         self.operation: StoreOperation | None = None
         self.operation_context = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -234,7 +235,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return self._reject(RJ_APP_CONTEXT, "unknown application context")
         if neg.called_ae != cfg.server.ae_title:
             return self._reject(RJ_CALLED_AE, f"called AE title {neg.called_ae!r} is not ours")
-        if cfg.server.refuse_unknown_calling_ae and cfg.peer_by_ae(self.calling_ae) is None:
+        self.known_peer = cfg.peer_by_ae(self.calling_ae)
+        if cfg.server.refuse_unknown_calling_ae and self.known_peer is None:
             return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
         if not self.ctx.take_slot():
             return self._reject(RJ_LOCAL_LIMIT, f"{cfg.server.max_associations} associations already open")
@@ -259,6 +261,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 raise pdu.PDUError("command fragment in the middle of a dataset", pdu.ABORT_UNEXPECTED_PARAMETER)
             if len(self.command_buf) + len(pdv.data) > MAX_COMMAND_BYTES:
                 raise pdu.PDUError("command set larger than 64 KiB")
+            if self.command_buf and pdv.context_id != self.command_context:
+                raise pdu.PDUError("command fragments on two presentation contexts", pdu.ABORT_UNEXPECTED_PARAMETER)
             self.command_buf += pdv.data
             self.command_context = pdv.context_id
             if pdv.is_last:
@@ -277,11 +281,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _on_command(self, command: dimse.Command, context_id: int, context: tuple[str, str]) -> None:
         field_ = command.command_field
         if field_ == dimse.C_ECHO_RQ:
-            peer = self.ctx.config.peer_by_ae(self.calling_ae)
+            peer = self.known_peer
             status = errors.NOT_AUTHORIZED if peer is not None and not peer.allow_echo else errors.SUCCESS
             self._send_response(context_id, dimse.C_ECHO_RSP, command.message_id, status, VERIFICATION)
         elif field_ == dimse.C_STORE_RQ:
-            op = StoreOperation(self.ctx, command, context[0], context[1], self.calling_ae)
+            op = StoreOperation(self.ctx, command, context[0], context[1], self.calling_ae, self.known_peer)
             if command.has_dataset:
                 self.operation = op
                 self.operation_context = context_id

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance import errors
+from appliance.config import PeerConfig
 from appliance.errors import ApplianceError
 from appliance.index.db import IndexEntry, Outcome
 from appliance.index.records import HEAD_LIMIT, read_header, read_header_beyond_head
@@ -39,7 +40,8 @@ class StoreOperation:
     """Receives one C-STORE dataset. ``feed`` per dataset PDV, then ``finish`` once."""
 
     def __init__(
-        self, ctx: WorkerContext, command: Command, abstract_syntax: str, transfer_syntax: str, calling_ae: str
+        self, ctx: WorkerContext, command: Command, abstract_syntax: str, transfer_syntax: str, calling_ae: str,
+        peer: PeerConfig | None = None,
     ) -> None:
         self.ctx = ctx
         self.command = command
@@ -51,7 +53,6 @@ class StoreOperation:
         self.result: StoreResult | None = None  # set early when the instance is refused
         self.dataset_bytes = 0
         sop_class = command.affected_sop_class_uid
-        peer = ctx.config.peer_by_ae(calling_ae)
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
             self.result = StoreResult(errors.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
             return

@@ -362,6 +362,26 @@ def test_broken_off_mid_dataset_leaves_nothing(server: ServerHandle, how: str) -
         assert_serving(server, keeper)
 
 
+def test_command_fragments_on_two_contexts_are_aborted(server: ServerHandle) -> None:
+    ds = new_instance()
+    command = c_store_pdus(3, CTImageStorage, ds.SOPInstanceUID, wire_bytes(ds), 16384)[0][12:]  # the bare set
+
+    def pdv(context_id: int, data: bytes, last: bool) -> bytes:
+        item = struct.pack(">LBB", len(data) + 2, context_id, 0x01 | (0x02 if last else 0)) + data
+        return HEADER.pack(0x04, len(item)) + item
+
+    with association(server) as keeper:
+        before = snapshot(server)
+        sock, _ac = raw_associate(server)
+        with sock:
+            # First half of the command on the CT context (3), the rest on the Verification context (1).
+            sock.sendall(pdv(3, command[:40], False) + pdv(1, command[40:], True))
+            assert abort_fields(read_pdu(sock)) == (2, 5)  # provider, unexpected PDU parameter
+            assert wait_eof(sock) == b""
+        assert_nothing_left(server, before)
+        assert_serving(server, keeper)
+
+
 def test_truncated_associate_rq_leaves_nothing(server: ServerHandle) -> None:
     with association(server) as keeper:
         before = snapshot(server)
