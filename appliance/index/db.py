@@ -142,20 +142,24 @@ class StudyIndex:
                     kept.append((volume, digest))
             res.freed = kept
 
-    def collect_garbage(self, freed: list[tuple[str, str]], unlink: Callable[[str, str], None]) -> None:
+    def collect_garbage(self, freed: list[tuple[str, str]], unlink: Callable[[str, str], None]) -> int:
         """Delete freed blobs, each only if no entry names its digest any more, inside a write transaction.
 
         The transaction holds LMDB's write lock, which every worker process takes to commit: another worker
         cannot index the same content between our check and our unlink (it would rename its own copy into
-        the very path we are deleting). Its ``gc`` row goes in the same transaction.
+        the very path we are deleting). Its ``gc`` row goes in the same transaction. Returns how many were
+        deleted.
         """
         if not freed:
-            return
+            return 0
+        deleted = 0
         with self.env.begin(write=True) as txn:
             for volume, digest in freed:
                 if txn.get(digest.encode(), db=self.dbs["blobs"]) is None:
                     unlink(volume, digest)
+                    deleted += 1
                 txn.delete(f"{volume}{SEP}{digest}".encode(), db=self.dbs["gc"])
+        return deleted
 
     def pending_gc(self) -> list[tuple[str, str]]:
         with self.env.begin() as txn:

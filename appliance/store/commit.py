@@ -263,8 +263,5 @@ def recover(volumes: VolumeSet, index: StudyIndex) -> dict[str, int]:
     for vol in volumes.volumes:
         for key, value in recover_volume(vol, index).items():
             totals[key] += value
-    pending = index.pending_gc()
-    still_free = [(v, d) for v, d in pending if index.blob(d) is None]
-    index.collect_garbage(pending, volumes.unlink_blob)
-    totals["deleted"] = len(still_free)
+    totals["deleted"] = index.collect_garbage(index.pending_gc(), volumes.unlink_blob)
     return totals

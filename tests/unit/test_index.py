@@ -200,7 +200,7 @@ def test_overwrite_replaces_and_frees_the_old_blob(index: StudyIndex) -> None:
     assert index.blob(digest("v2")) == {"volume": "vol0", "size": 25, "refs": 1}
     assert index.pending_gc() == [("vol0", digest("v1"))]
     unlinked: list[tuple[str, str]] = []
-    index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d)))
+    assert index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d))) == 1
     assert unlinked == [("vol0", digest("v1"))]
     assert index.pending_gc() == []
     inst = record(index, "instances", "P\x00S\x00R\x00I")
@@ -415,7 +415,7 @@ def test_garbage_named_again_by_another_commit_is_not_deleted(index: StudyIndex)
     assert res.freed == [("vol0", digest("v1"))]
     index.apply([entry(h2, "v1", size=10, t=3)], "overwrite")  # the other worker's commit
     unlinked: list[tuple[str, str]] = []
-    index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d)))
+    assert index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d))) == 0
     assert unlinked == []
     assert index.pending_gc() == []
     assert index.blob(digest("v1")) == {"volume": "vol0", "size": 10, "refs": 1}
