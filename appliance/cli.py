@@ -358,28 +358,21 @@ def _bench(module: str, args: list[str]) -> None:
     raise typer.Exit(importlib.import_module(f"bench.{module}").main(args))
 
 
-@bench_app.command("synth", context_settings=_PASS_THROUGH)
-def bench_synth(ctx: typer.Context) -> None:
-    """Generate deterministic synthetic studies (see --help)."""
-    _bench("synth", ctx.args)
+def _bench_command(name: str, module: str, summary: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        _bench(module, ctx.args)
+
+    command.__doc__ = summary
+    bench_app.command(name, context_settings=_PASS_THROUGH)(command)
 
 
-@bench_app.command("run", context_settings=_PASS_THROUGH)
-def bench_run(ctx: typer.Context) -> None:
-    """Drive a scenario against a receiver with our asyncio SCU (see --help)."""
-    _bench("driver", ctx.args)
-
-
-@bench_app.command("compare", context_settings=_PASS_THROUGH)
-def bench_compare(ctx: typer.Context) -> None:
-    """The appliance, DCMTK storescp and Orthanc side by side (see --help)."""
-    _bench("compare", ctx.args)
-
-
-@bench_app.command("hardware", context_settings=_PASS_THROUGH)
-def bench_hardware(ctx: typer.Context) -> None:
-    """Probe the machine: fsync'd file rate, sequential write, loopback throughput (see --help)."""
-    _bench("hardware", ctx.args)
+for _name, _module, _summary in (
+    ("synth", "synth", "Generate deterministic synthetic studies (see --help)."),
+    ("run", "driver", "Drive a scenario against a receiver with our asyncio SCU (see --help)."),
+    ("compare", "compare", "The appliance, DCMTK storescp and Orthanc side by side (see --help)."),
+    ("hardware", "hardware", "Probe the machine: fsync'd file rate, sequential write, loopback (see --help)."),
+):
+    _bench_command(_name, _module, _summary)
 
 
 def main() -> None:

@@ -34,14 +34,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "", interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; TimeoutError after ``timeout`` seconds. The one
+    way the harness and the tests wait for a process, port or file (never a fixed sleep)."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
         time.sleep(interval)
 
 

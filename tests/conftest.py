@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,22 +15,12 @@ from typing import Any
 
 import pytest
 
+from bench.receivers import free_port, wait_for  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 APPLIANCE = [sys.executable, "-m", "appliance"]
 # DCMTK keeps Nagle on unless told otherwise: always set it for DCMTK tools.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def toml_value(value: Any) -> str:
@@ -181,14 +170,6 @@ def dataset_bytes(path: Path) -> bytes:
     with open(path, "rb") as fh:
         fh.seek(offset)
         return fh.read()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def storescp_reference(files: list[Path], out: Path) -> dict[str, Path]:
