@@ -10,13 +10,18 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from appliance import errors
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
+
+if TYPE_CHECKING:
+    from appliance.index.db import StudyIndex
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
@@ -52,12 +57,19 @@ def _emit(data: Any, as_json: bool, human: str) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else human)
 
 
-def _index(cfg: Config, readonly: bool = True) -> Any:
+@contextmanager
+def _open_index(cfg: Config) -> Iterator[StudyIndex]:
+    """The existing index (NotFound if the appliance never ran), closed on the way out. Opened read-write:
+    LMDB lets a second process read while the server writes, and a read-only open cannot create the lock file."""
     from appliance.index.db import StudyIndex
 
-    if readonly and not (cfg.storage.index_path / "data.mdb").exists():
+    if not (cfg.storage.index_path / "data.mdb").exists():
         raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
-    return StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, readonly=False)
+    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size)
+    try:
+        yield index
+    finally:
+        index.close()
 
 
 @app.command()
@@ -135,9 +147,8 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             vols.append(entry)
         counts: dict[str, int] = {}
         if (cfg.storage.index_path / "data.mdb").exists():
-            index = _index(cfg)
-            counts = index.counts()
-            index.close()
+            with _open_index(cfg) as index:
+                counts = index.counts()
         data = {"ae_title": cfg.server.ae_title, "port": cfg.server.port, "volumes": vols, "counts": counts,
                 "index_path": str(cfg.storage.index_path)}
     except errors.ApplianceError as exc:
@@ -181,11 +192,8 @@ def ls(
         raise typer.Exit(errors.EXIT_USAGE)
     try:
         cfg = _config(config)
-        index = _index(cfg)
-        try:
+        with _open_index(cfg) as index:
             rows = _select(index, level, patient_id, accession, date, study, series, modality)
-        finally:
-            index.close()
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     if limit:
@@ -251,11 +259,8 @@ def show(uid: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Everything the index holds for a Study, Series or SOP Instance UID."""
     try:
         cfg = _config(config)
-        index = _index(cfg)
-        try:
+        with _open_index(cfg) as index:
             found = index.lookup(uid)
-        finally:
-            index.close()
         if found is None:
             raise errors.NotFound(f"{uid}: not in the index")
     except errors.ApplianceError as exc:
@@ -277,11 +282,8 @@ def export(
 
     try:
         cfg = _config(config)
-        index = _index(cfg)
-        try:
+        with _open_index(cfg) as index:
             instances = index.instances_under(uid)
-        finally:
-            index.close()
         if not instances:
             raise errors.NotFound(f"{uid}: not in the index")
         volumes = VolumeSet.open(cfg)
@@ -306,11 +308,8 @@ def verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
     try:
         cfg = _config(config)
-        index = _index(cfg)
-        try:
+        with _open_index(cfg) as index:
             report = run_verify(cfg, index)
-        finally:
-            index.close()
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     data = {"checked": report.checked, "missing": report.missing, "corrupt": report.corrupt,
