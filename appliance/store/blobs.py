@@ -60,16 +60,6 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-def dataset_offset(path: Path) -> int:
-    """Where the dataset starts in a Part-10 blob (after the File Meta group)."""
-    with open(path, "rb") as fh:
-        head = fh.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM":
-        raise ValueError(f"{path} is not a DICOM Part-10 file")
-    (group_length,) = struct.unpack_from("<L", head, 140)
-    return 144 + group_length
-
-
 def create_tmp(volume: Volume) -> tuple[int, Path]:
     path = volume.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), path

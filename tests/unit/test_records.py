@@ -207,7 +207,7 @@ def test_attributes_in_sequences_are_not_taken() -> None:
 
 def test_file_meta_of_blob_is_readable(tmp_path: Path) -> None:
     """records.read_header_file reads blobs the store writes (store/blobs.file_meta + dataset)."""
-    from appliance.store.blobs import dataset_offset, file_meta
+    from appliance.store.blobs import file_meta
 
     source = TEST_FILES / "MR_small_implicit.dcm"
     head, ts, _complete = head_of(source)
@@ -222,7 +222,7 @@ def test_file_meta_of_blob_is_readable(tmp_path: Path) -> None:
     assert isinstance(meta, FileMetaDataset)
     assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert meta.TransferSyntaxUID == ts
-    assert blob.read_bytes()[dataset_offset(blob):] == source.read_bytes()[offset:]
+    assert blob.read_bytes()[split_dataset(blob)[1]:] == source.read_bytes()[offset:]
 
 
 @pytest.mark.parametrize(
