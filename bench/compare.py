@@ -15,6 +15,7 @@ Medians over the repeats go to a Markdown table on stdout; raw samples, medians 
 With --scenario, a bench/driver.py scenario instead, sent by our driver and by storescu (bench/sidebyside.py):
 
     python -m bench.compare --scenario ct-burst,morning-rush --clients driver,storescu --associations 4,8
+    python -m bench.compare --scenario ct-burst --associations 4 --repeats 1 --count 200 --no-hardware
 """
 
 from __future__ import annotations
@@ -299,7 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--count", type=int,
                       help="instances (default: the driver's: ct-burst 1000, morning-rush 200 per CT/MR, "
                       "many-small-associations 200)")
+    side.add_argument("--no-hardware", action="store_true",
+                      help="skip the durable ceiling: bench/hardware.py's fsync'd-file probe, run once per scenario "
+                      "before the first run")
+    side.add_argument("--hardware-seconds", type=float, default=3.0,
+                      help="length of that probe per scenario (default 3; short probes read high: the disk's cache)")
     args = parser.parse_args(argv)
+    if args.hardware_seconds <= 0:
+        parser.error("--hardware-seconds must be positive")
     if args.workers is None:
         args.workers = [2] if args.scenario else [1, 2]
     if args.associations and not args.scenario:

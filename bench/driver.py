@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, synth
-from bench.monitor import STAGES, ServerMonitor, _settled_metrics, metrics_delta, scrape
+from bench.monitor import STAGES, ServerMonitor, metrics_delta, scrape, settled_metrics
 from bench.scenarios import (
     EXPLICIT_LE,
     IMPLICIT_LE,
@@ -296,7 +296,7 @@ def run_one(target: Target, w: Workload, args: argparse.Namespace, label: str) -
     metrics: dict[str, Any] | None = None
     if before is not None and target.metrics_url:
         try:
-            metrics = _settled_metrics(target.metrics_url, before, sum(1 for s in rec.stores["status"] if s == 0))
+            metrics = settled_metrics(target.metrics_url, before, sum(1 for s in rec.stores["status"] if s == 0))
             metrics["url"] = target.metrics_url
         except OSError as exc:
             metrics_error = f"scrape after the run failed: {exc}"

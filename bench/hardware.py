@@ -46,7 +46,7 @@ SHARE_TCP = 0.15
 SHARE_RTT = 0.05
 
 
-def _fsync_files(folder: Path, size: int, threads: int, seconds: float, data: bytes) -> tuple[float, float]:
+def fsync_files(folder: Path, size: int, threads: int, seconds: float, data: bytes) -> tuple[float, float]:
     """(files/s, MB/s) of create + write + fsync + close, by ``threads`` threads until ``seconds`` have passed."""
     counts = [0] * threads
     start = threading.Barrier(threads + 1)
@@ -198,7 +198,7 @@ def probe(dir: str | Path | None = None, seconds: float = 10.0,
             for threads in THREADS:
                 if progress:
                     progress(f"fsync'd {name} files, {threads} thread(s)")
-                files_s, mb_s = _fsync_files(folder, size, threads, seconds * SHARE_FSYNC, data)
+                files_s, mb_s = fsync_files(folder, size, threads, seconds * SHARE_FSYNC, data)
                 results[f"fsync_{name}_t{threads}_files_per_s"] = files_s
                 results[f"fsync_{name}_t{threads}_mb_per_s"] = mb_s
         free = shutil.disk_usage(folder).free

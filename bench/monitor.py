@@ -104,7 +104,7 @@ def metrics_delta(before: dict[Any, float], after: dict[Any, float]) -> dict[str
     }
 
 
-def _settled_metrics(url: str, before: dict[Any, float], ok: int, timeout: float = 5.0) -> dict[str, Any]:
+def settled_metrics(url: str, before: dict[Any, float], ok: int, timeout: float = 5.0) -> dict[str, Any]:
     """The per-stage histograms of a batch are written just after its responses go out: poll briefly."""
     deadline = time.monotonic() + timeout
     while True:

@@ -131,6 +131,7 @@ class Receiver:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_url: str | None = None  # the appliance's /metrics once started; None for the others
         self.log_path = workdir / "receiver.log"
 
     @staticmethod
@@ -243,7 +244,10 @@ class ApplianceReceiver(Receiver):
             return self.port_file.exists()
 
         wait_for(ready, START_TIMEOUT, "the appliance port file")
-        self.port = int(json.loads(self.port_file.read_text())["port"])
+        ports = json.loads(self.port_file.read_text())
+        self.port = int(ports["port"])
+        metrics_port = int(ports.get("metrics_port") or 0)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
 
     def storage(self) -> Path:
         return self.workdir / "var" / "volumes" / "vol0" / "blobs"

@@ -14,6 +14,17 @@ The JSON document (``SCHEMA_VERSION`` 1) is documented field by field in docs/be
                     associations, offered_rate, wall_s, driver_cpu_s, server, metrics, samples (raw), summary
     summary         rows: one per run (the run's summary plus system/role/associations), and per N the ratio
                     target instances/s / driver ceiling instances/s; ok (every C-STORE of every run got 0x0000)
+    compare         only in ``bench.compare --scenario`` documents (bench/sidebyside.py; built, checked and
+                    rendered by bench/sidebyside_report.py, whose docstring lists every field): mode, scenarios,
+                    clients, associations, repeats, receivers, skipped, dcmtk, orthanc, samples, medians, ratios,
+                    ok; added since (optional for readers): per sample latency_ms {p50, p95, p99, max, mean}
+                    (driver client; null for storescu), stages_ms {receive, fsync, queue, index, total} (mean ms
+                    from the appliance's /metrics; null for other receivers), batch_size_mean, commits; per
+                    median row latency_ms, stages_ms, batch_size_mean, durable_ceiling_instances_per_s,
+                    of_durable_ceiling; per ratio vs_<other>_per_repeat (list), vs_<other>_per_repeat_median,
+                    _min, _max (other = storescp, orthanc); hardware {threads, seconds, dir, filesystem, skipped,
+                    ceilings {scenario: {file_bytes, files_per_s, mb_per_s}}}: bench/hardware.py's fsync'd-file
+                    rate at the scenario's mean instance size, 8 threads (the durable ceiling)
 
 Raw samples are columns (parallel lists), one entry per C-STORE: ``t_s`` (start, seconds since the run started),
 ``latency_s`` (request written -> response decoded), ``queue_s`` (sustained: scheduled arrival -> sent),
@@ -379,114 +390,6 @@ def write_all(doc: dict[str, Any], json_path: Path, with_plots: bool = True) -> 
     md_path.write_text(markdown([doc]))
     pngs = plots([doc], json_path.with_suffix("")) if with_plots else []
     return {"json": json_path, "markdown": md_path, "plots": pngs}
-
-
-# ---- side by side (bench.compare --scenario): the "compare" section -------------------------------------
-
-COMPARE_KEYS = ("mode", "scenarios", "clients", "associations", "repeats", "receivers", "skipped", "samples",
-                "medians", "ratios", "ok")
-
-
-def validate_compare(doc: dict[str, Any]) -> list[str]:
-    """What is missing from a side-by-side document (its ``compare`` section; the rest is ``validate``'s)."""
-    section = doc.get("compare")
-    if not isinstance(section, dict):
-        return ["missing compare"]
-    problems = [f"compare: missing {key}" for key in COMPARE_KEYS if key not in section]
-    for i, row in enumerate(section.get("ratios", [])):
-        for key in ("scenario", "client", "associations", "appliance", "vs_storescp", "vs_orthanc"):
-            if key not in row:
-                problems.append(f"compare.ratios[{i}]: missing {key}")
-    return problems
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def compare_markdown(doc: dict[str, Any]) -> str:
-    c, m = doc["compare"], doc["machine"]
-    out = [f"## Side by side: {', '.join(c['scenarios'])} ({doc['created']})\n",
-           f"Machine: {m['cpu_count']} CPU ({m['cpu_model']}), kernel {m['kernel']}, Python {m['python']}, load "
-           f"average at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}; {c.get('dcmtk')}, "
-           f"{c.get('orthanc')}; appliance at {doc['versions'].get('git_commit')}. Medians of {c['repeats']} "
-           f"repeat(s) (repeats outermost).\n"]
-    for label, meta in c["receivers"].items():
-        out.append(f"- {label}: durability = {meta['durability']}")
-    for name, why in c["skipped"].items():
-        out.append(f"- {name}: SKIPPED ({why})")
-    out.append("\nRatios of median instances/s (appliance / receiver; > 1 = the appliance is faster):\n")
-    out.append("| scenario | client | N | appliance | inst/s | vs storescp --fork (no fsync) | vs Orthanc (fsync) |")
-    out.append("|---|---|---:|---|---:|---:|---:|")
-    for r in sorted(c["ratios"], key=lambda r: (r["scenario"], r["client"], r["associations"], r["appliance"])):
-        out.append(f"| {r['scenario']} | {r['client']} | {r['associations']} | {r['appliance']} "
-                   f"| {_f(r['appliance_instances_per_s'])} | {_ratio(r['vs_storescp'])} | {_ratio(r['vs_orthanc'])} |")
-    out.append("\ninst/s over the wall time (first association started -> last one done), Success only. MB/s: "
-               "10^6 bytes of dataset (driver) or of Part-10 files (storescu). CPU: seconds over the run of the "
-               "receiver's process tree, of the client (driver process / the storescu processes) and of the whole "
-               "machine (other load included).\n")
-    out.append("| scenario | client | N | receiver | inst/s | (min-max) | MB/s | wall s | recv CPU s | client CPU s "
-               "| machine CPU s | ok runs |")
-    out.append("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in sorted(c["medians"], key=lambda r: (r["scenario"], r["client"], r["associations"], r["receiver"])):
-        out.append(f"| {r['scenario']} ({r['instances']}) | {r['client']} | {r['associations']} | {r['receiver']} "
-                   f"| {_f(r['instances_per_s'])} | {_f(r['instances_per_s_min'])}-{_f(r['instances_per_s_max'])} "
-                   f"| {_f(r['mb_per_s'])} | {_f(r['wall_s'], 2)} | {_f(r['receiver_cpu_s'])} "
-                   f"| {_f(r['client_cpu_s'])} | {_f(r['machine_busy_s'])} | {r['ok_runs']}/{r['runs']} |")
-    failed = [s for s in c["samples"] if not s["ok"]]
-    if failed:
-        out.append("\nFailed runs:\n")
-        out.extend(f"- {s['receiver']} {s['client']} {s['scenario']} N={s['associations']} rep {s['repeat']}: "
-                   + "; ".join(s["errors"])[:500].replace("\n", " | ") for s in failed)
-    return "\n".join(out) + "\n"
-
-
-def compare_plot(doc: dict[str, Any], path: Path) -> Path:
-    """Median instances/s versus associations, one line per receiver and client, one panel per scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    c = doc["compare"]
-    scenarios = list(c["scenarios"])
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.5), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in c["medians"]:
-            if r["scenario"] == scenario and r["instances_per_s"] is not None:
-                series.setdefault(f"{r['receiver']} ({r['client']})", []).append((r["associations"],
-                                                                                   r["instances_per_s"]))
-        for label, points in sorted(series.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    linestyle="--" if "storescu" in label else "-", label=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("associations (N)")
-        ax.set_ylabel("instances/s (median)")
-        ax.set_title(scenario)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def write_compare(doc: dict[str, Any], json_path: Path) -> dict[str, Any]:
-    """JSON at ``json_path``; beside it ``<stem>.md`` (ratio and median tables, then the driver runs' details) and
-    ``<stem>-throughput.png``. Returns the paths written."""
-    write_json(doc, json_path)
-    md_path = json_path.with_suffix(".md")
-    text = compare_markdown(doc)
-    if doc["runs"]:
-        text += "\n### Driver runs (every repeat)\n\n" + markdown([doc]).split("\n", 2)[2]
-    md_path.write_text(text)
-    png = compare_plot(doc, json_path.parent / f"{json_path.stem}-throughput.png")
-    return {"json": json_path, "markdown": md_path, "plots": [png]}
 
 
 # ---- progress -----------------------------------------------------------------------------------------

@@ -13,8 +13,13 @@ For every repeat (outermost) x scenario x N (associations) x client x receiver, 
   3. wall time = first association (process) started -> last one done; the run is OK when every C-STORE got
      Success (driver) / every storescu exited 0, and the stopped receiver holds exactly one file per instance;
   4. stop the receiver, delete its data, ``sync``.
+The driver records every C-STORE's latency (p50/p95/p99/max per run); for the appliance, its /metrics are scraped
+before and after each run (per-stage mean ms, group commit batch size), as ``appliance bench run --metrics-url``
+does. Before the first run, bench/hardware.py's fsync'd-file probe measures the durable ceiling of the data
+folder's disk for each scenario's mean instance size (8 threads; --no-hardware skips it).
 Medians over the repeats per (scenario, client, receiver, N), and the ratios appliance / storescp and
-appliance / orthanc per (scenario, client, N), go to the ``compare`` section of a bench/report.py document.
+appliance / orthanc per (scenario, client, N), of the medians and within each repeat, go to the ``compare``
+section of a bench/report.py document (bench/sidebyside_report.py).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,11 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import driver, report, synth
+from bench import driver, hardware, report, synth
+from bench.monitor import STAGES, scrape, settled_metrics
 from bench.receivers import DCMTK_ENV, Receiver, count_files, first_line, orthanc_binary, system_cpu
+from bench.sidebyside_report import compare_markdown, medians, ratios, write_compare
 
 CLIENTS = ("driver", "storescu")
 SCENARIOS = ("ct-burst", "morning-rush", "many-small-associations")
+CEILING_THREADS = 8
 
 
 def driver_args(scenario: str, count: int | None, seed: int, cache: Path, timeout: float) -> argparse.Namespace:
@@ -59,6 +66,11 @@ class Plan:
             spec = synth.profile_spec(info["profile"], info["instances"], seed=info["seed"])
             self.bursts[ae] = synth.load_or_generate(spec, cache)
         self.instances = sum(len(items) for _, items in self.scenario.groups)
+
+    @property
+    def mean_bytes(self) -> int:
+        """Mean dataset bytes of the scenario's instances (a Part-10 file adds its File Meta, ~200 bytes)."""
+        return round(sum(info["bytes"] for info in self.data.values()) / self.instances) if self.instances else 0
 
     def storescu_jobs(self, n: int) -> tuple[list[tuple[str, list[Path]]], int, int]:
         """(jobs: (calling AE, paths) per storescu process, how many run at once, Part-10 bytes)."""
@@ -135,25 +147,34 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         "instances": plan.instances, "bytes": 0, "bytes_kind": "dataset" if client == "driver" else "part10",
         "processes_or_associations": 0, "wall_s": 0.0, "instances_ok": 0, "instances_per_s": None,
         "mb_per_s": None, "failures": 0, "stored": 0, "receiver_cpu_s": 0.0, "client_cpu_s": 0.0,
-        "machine_busy_s": 0.0, "errors": [],
+        "machine_busy_s": 0.0, "errors": [], "latency_ms": None, "stages_ms": None, "batch_size_mean": None,
+        "commits": None,
     }
     run_doc = None
+    before: dict[Any, float] | None = None  # the appliance's /metrics before a storescu run
     try:
         workload = plan.scenario.workload(n, unique=True) if client == "driver" else None  # UIDs rewritten here
         receiver.start()
         cpu0 = receiver.cpu_seconds()
         busy0, _, _ = system_cpu()
         if workload is not None:
-            target = driver.Target(receiver.label, "target", "127.0.0.1", receiver.port, receiver.ae)
+            target = driver.Target(receiver.label, "target", "127.0.0.1", receiver.port, receiver.ae,
+                                   metrics_url=receiver.metrics_url)  # run_one scrapes it before and after
             run_doc = driver.run_one(target, workload, plan.args, f"{receiver.label} {plan.name} N={n}")
             run_doc.update(client="driver", repeat=repeat)
             summary = report.summarize(run_doc)
             sample.update(wall_s=run_doc["wall_s"], instances_ok=summary["instances_ok"],
                           failures=summary["failures"], bytes=summary["bytes_ok"],
                           client_cpu_s=run_doc["driver_cpu_s"],
-                          processes_or_associations=summary["associations_opened"])
+                          processes_or_associations=summary["associations_opened"],
+                          latency_ms=summary["latency_ms"], **stage_fields(run_doc["metrics"]))
             sample["errors"].extend(run_doc["errors"][:10])
         else:
+            if receiver.metrics_url:  # as driver.run_one does for the driver client
+                try:
+                    before = scrape(receiver.metrics_url)
+                except OSError as exc:
+                    sample["errors"].append(f"scrape before the run failed: {exc}")
             jobs, concurrency, nbytes = plan.storescu_jobs(n)
             wall, failed, scu_cpu, notes = run_storescu_jobs(receiver.ae, receiver.port, jobs, concurrency,
                                                              plan.args.timeout, workdir)
@@ -163,6 +184,12 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         busy1, _, _ = system_cpu()
         sample["receiver_cpu_s"] = round(receiver.cpu_seconds() - cpu0, 3)
         sample["machine_busy_s"] = round(busy1 - busy0, 3)
+        if before is not None and receiver.metrics_url:  # after the CPU readings: not part of the run
+            stored = plan.instances if sample["failures"] == 0 else 0
+            try:
+                sample.update(stage_fields(settled_metrics(receiver.metrics_url, before, stored)))
+            except OSError as exc:
+                sample["errors"].append(f"scrape after the run failed: {exc}")
         wall = sample["wall_s"]
         if wall > 0 and sample["failures"] == 0:
             sample["instances_per_s"] = round(sample["instances_ok"] / wall, 2)
@@ -191,43 +218,38 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
     return sample, run_doc
 
 
-def medians(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
-    for s in samples:
-        groups.setdefault((s["scenario"], s["client"], s["receiver"], s["associations"]), []).append(s)
-    rows = []
-    for (scenario, client, receiver, n), group in groups.items():
-        good = [s for s in group if s["ok"]]
-        row: dict[str, Any] = {"scenario": scenario, "client": client, "receiver": receiver, "associations": n,
-                               "runs": len(group), "ok_runs": len(good), "instances": group[0]["instances"]}
-        for key in ("instances_per_s", "mb_per_s", "wall_s", "receiver_cpu_s", "client_cpu_s", "machine_busy_s"):
-            values = [s[key] for s in good]
-            row[key] = round(statistics.median(values), 3) if values else None
-        rates = [s["instances_per_s"] for s in good]
-        row["instances_per_s_min"] = min(rates) if rates else None
-        row["instances_per_s_max"] = max(rates) if rates else None
-        rows.append(row)
-    return rows
+def stage_fields(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """A compare sample's view of bench.monitor.metrics_delta: mean ms per stage, batch size, commits."""
+    if not metrics:
+        return {}
+    stages = metrics.get("stages") or {}
+    return {"stages_ms": {st: (stages.get(st) or {}).get("mean_ms") for st in STAGES},
+            "batch_size_mean": metrics.get("batch_size_mean"), "commits": metrics.get("commits")}
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """appliance / storescp and appliance / orthanc of the median instances/s, per scenario, client, N and
-    appliance configuration (None when a side has no successful run)."""
-    rate = {(r["scenario"], r["client"], r["associations"], r["receiver"]): r["instances_per_s"] for r in rows}
-    out = []
-    for r in rows:
-        if not r["receiver"].startswith("appliance"):
-            continue
-        key = (r["scenario"], r["client"], r["associations"])
-        entry: dict[str, Any] = {"scenario": r["scenario"], "client": r["client"], "associations": r["associations"],
-                                 "appliance": r["receiver"], "appliance_instances_per_s": r["instances_per_s"]}
-        for other in ("storescp", "orthanc"):
-            theirs = rate.get((*key, other))
-            entry[f"{other}_instances_per_s"] = theirs
-            entry[f"vs_{other}"] = (round(r["instances_per_s"] / theirs, 3)
-                                    if r["instances_per_s"] and theirs else None)
-        out.append(entry)
-    return out
+def durable_ceiling(plans: list[Plan], folder: Path, seconds: float) -> dict[str, Any]:
+    """bench/hardware.py's fsync'd-file probe (the same code as ``appliance bench hardware``), once per scenario:
+    CEILING_THREADS threads creating, writing, fsyncing and closing files of the scenario's mean instance size
+    for ``seconds`` each, under ``folder`` (the receivers' filesystem). Files/s = instances/s."""
+    hw: dict[str, Any] = {"threads": CEILING_THREADS, "seconds": seconds, "dir": str(folder),
+                          "filesystem": hardware.machine(folder)["filesystem"], "skipped": None, "ceilings": {}}
+    measured: dict[int, tuple[float, float]] = {}
+    for plan in plans:
+        size = plan.mean_bytes
+        if size not in measured:
+            probe_dir = Path(tempfile.mkdtemp(prefix=".hwprobe-", dir=folder))
+            try:
+                os.sync()  # the scenario data just generated must not be flushed during the probe
+                measured[size] = hardware.fsync_files(probe_dir, size, CEILING_THREADS, seconds,
+                                                       os.urandom(max(size, 1)))
+            except OSError as exc:
+                hw["skipped"] = f"probe failed: {exc}"
+                return hw
+            finally:
+                shutil.rmtree(probe_dir, ignore_errors=True)
+        files_s, mb_s = measured[size]
+        hw["ceilings"][plan.name] = {"file_bytes": size, "files_per_s": round(files_s, 1), "mb_per_s": round(mb_s, 1)}
+    return hw
 
 
 def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Path], Receiver]],
@@ -246,7 +268,16 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
     runs: list[dict[str, Any]] = []
     total = args.repeats * len(plans) * len(args.associations) * len(args.clients) * len(factories)
     i = 0
+    hw: dict[str, Any] = {"threads": CEILING_THREADS, "seconds": 0.0, "dir": str(base), "filesystem": None,
+                          "skipped": "--no-hardware" if args.no_hardware else "interrupted", "ceilings": {}}
     try:
+        if not args.no_hardware:
+            print(f"durable ceiling: fsync'd files, {CEILING_THREADS} threads, {args.hardware_seconds:g} s per "
+                  "scenario", file=sys.stderr, flush=True)
+            hw = durable_ceiling(plans, base, args.hardware_seconds)
+            for name, ceiling in hw["ceilings"].items():
+                print(f"  {name}: {ceiling['files_per_s']:,.0f} files/s of {ceiling['file_bytes'] / 1e3:,.0f} kB",
+                      file=sys.stderr, flush=True)
         # Repeats outermost (slow drifts of the machine's load spread over every cell); receivers innermost, so
         # the runs a ratio divides are as close in time as possible.
         for repeat in range(args.repeats):
@@ -270,7 +301,7 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    rows = medians(samples)
+    rows = medians(samples, {name: c["files_per_s"] for name, c in hw["ceilings"].items()})
     data = {f"{p.name}/{ae}": info for p in plans for ae, info in p.data.items()}
     config = {
         "scenario": ",".join(args.scenario), "target": "started receivers: " + ", ".join(receivers_info),
@@ -292,11 +323,12 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
         "orthanc": first_line([orthanc_binary() or "Orthanc", "--version"]),
         "samples": samples,
         "medians": rows,
-        "ratios": ratios(rows),
+        "ratios": ratios(rows, samples),
         "ok": bool(samples) and all(s["ok"] for s in samples),
+        "hardware": hw,
     }
-    paths = report.write_compare(doc, out)
-    print(report.compare_markdown(doc))
+    paths = write_compare(doc, out)
+    print(compare_markdown(doc))
     print(f"report: {paths['json']} ({paths['markdown'].name}" + "".join(f", {p.name}" for p in paths["plots"])
           + ")", file=sys.stderr)
     return 0 if doc["compare"]["ok"] else 1
