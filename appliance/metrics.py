@@ -2,11 +2,20 @@
 
 prometheus-client picks its value storage when first imported, so ``PROMETHEUS_MULTIPROC_DIR`` must be set
 (server.py does it) before this module is imported by a serving process.
+
+The per-instance metrics (instances and bytes stored, the stage histograms, the commit batch size) are added up
+in the worker and written to the multi-process files by ``flush()``, which the worker calls every
+``FLUSH_SECONDS`` and at shutdown: in multi-process mode every ``inc`` takes prometheus-client's one global lock
+and writes an mmap, and the 12 of them per instance held the GIL for ~10% of a busy worker's Python time
+(py-spy --gil). A scrape therefore lags by up to ``FLUSH_SECONDS``. Rare events (associations, failures,
+aborts, duplicates) are written at once.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,7 +25,43 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 from appliance.errors import STATUS_NAMES
 
 _SOP_NAMES = {str(uid): name for name, uid in _STORAGE_CLASSES.items()}
+FLUSH_SECONDS = 0.5
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class _LocalHistogram:
+    """Observations of one histogram child, bucketed here and added to the child in one go by ``flush``."""
+
+    __slots__ = ("child", "bounds", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds = tuple(child._upper_bounds)  # ends with +Inf, like the child's buckets
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: prometheus's "le"
+        self.total += value
+
+    def take(self) -> tuple[list[int], float]:
+        counts, total = self.counts, self.total
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+        return counts, total
+
+    def apply(self, counts: list[int], total: float) -> None:
+        if not any(counts):
+            return
+        self.child._sum.inc(total)
+        for bucket, count in zip(self.child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+def _batchable(child: Any) -> bool:
+    """prometheus-client keeps a histogram's bucket and sum values in these (private) attributes; if a future
+    version does not, every observation goes straight to the child, as before."""
+    return hasattr(child, "_buckets") and hasattr(child, "_sum") and hasattr(child, "_upper_bounds")
 
 
 def sop_class_label(uid: str) -> str:
@@ -62,30 +107,54 @@ class Metrics:
         self.aborts = Counter("appliance_aborts", "Associations aborted, by reason", ["reason"], **kw)
 
         # Children of labelled metrics, cached: .labels() takes a lock and builds a key on every call.
-        self._stage = {stage: self.store_seconds.labels(stage)
-                       for stage in ("receive", "fsync", "queue", "index", "total")}
-        self._stored: dict[tuple[str, str], tuple[Any, Any]] = {}
+        stages = {stage: self.store_seconds.labels(stage) for stage in ("receive", "fsync", "queue", "index", "total")}
+        self._batched = all(_batchable(child) for child in (*stages.values(), self.batch_size))
+        self._stage: dict[str, Any] = (
+            {stage: _LocalHistogram(child) for stage, child in stages.items()} if self._batched else stages)
+        self._batch: Any = _LocalHistogram(self.batch_size) if self._batched else self.batch_size
+        # (sop class, calling AE) -> [instances, bytes, instances child, bytes child]
+        self._stored: dict[tuple[str, str], list[Any]] = {}
+        self._lock = threading.Lock()  # stored() runs on the event loop, commit() on the index thread
 
     def stored(self, sop_class_uid: str, calling_ae: str, nbytes: int, receive_s: float, total_s: float) -> None:
         key = (sop_class_uid, calling_ae)
-        children = self._stored.get(key)
-        if children is None:
-            label = sop_class_label(sop_class_uid)
-            children = (self.instances_stored.labels(label, calling_ae), self.bytes_stored.labels(label, calling_ae))
-            self._stored[key] = children
-        children[0].inc()
-        children[1].inc(nbytes)
-        self._stage["receive"].observe(receive_s)
-        self._stage["total"].observe(total_s)
+        with self._lock:
+            entry = self._stored.get(key)
+            if entry is None:
+                label = sop_class_label(sop_class_uid)
+                entry = [0, 0, self.instances_stored.labels(label, calling_ae),
+                         self.bytes_stored.labels(label, calling_ae)]
+                self._stored[key] = entry
+            entry[0] += 1
+            entry[1] += nbytes
+            self._stage["receive"].observe(receive_s)
+            self._stage["total"].observe(total_s)
+        if not self._batched:
+            self.flush()
 
     def commit(self, batch: int, index_s: float, per_item: list[tuple[float, float]]) -> None:
         """One group commit: its size, its LMDB time, and (fsync, queue) seconds of each of its instances."""
-        self.batch_size.observe(batch)
         fsync, queue, index = self._stage["fsync"], self._stage["queue"], self._stage["index"]
-        for fsync_s, queue_s in per_item:
-            fsync.observe(fsync_s)
-            queue.observe(queue_s)
-            index.observe(index_s)
+        with self._lock:
+            self._batch.observe(batch)
+            for fsync_s, queue_s in per_item:
+                fsync.observe(fsync_s)
+                queue.observe(queue_s)
+                index.observe(index_s)
+
+    def flush(self) -> None:
+        """Write what was added up since the last flush to the multi-process files (called by the worker every
+        FLUSH_SECONDS and when it stops)."""
+        with self._lock:
+            counters = [(e[2], e[3], e[0], e[1]) for e in self._stored.values() if e[0]]
+            for e in self._stored.values():
+                e[0] = e[1] = 0
+            hists = ([(h, *h.take()) for h in (*self._stage.values(), self._batch)] if self._batched else [])
+        for n_child, b_child, n, nbytes in counters:
+            n_child.inc(n)
+            b_child.inc(nbytes)
+        for hist, counts, total in hists:
+            hist.apply(counts, total)
 
     def failure(self, status: int) -> None:
         self.failures.labels(f"0x{status:04X}", STATUS_NAMES.get(status, "unknown")).inc()

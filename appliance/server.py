@@ -79,7 +79,7 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
 
 
 async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
-    from appliance.metrics import Metrics
+    from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, WorkerContext
     from appliance.store.blobs import TmpFileReserve
     from appliance.store.commit import GroupCommitter
@@ -99,6 +99,13 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     ready.put(os.getpid())
+
+    async def flush_metrics() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            metrics.flush()
+
+    flusher = asyncio.create_task(flush_metrics())
     await stop.wait()
 
     server.close()  # stop accepting; associations in progress go on
@@ -111,6 +118,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     if pending:
         await asyncio.wait(pending, timeout=5)
     await asyncio.to_thread(committer.close)
+    flusher.cancel()
+    metrics.flush()
     for reserve in reserves.values():
         reserve.close()
     index.close()

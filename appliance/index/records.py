@@ -8,6 +8,7 @@ as PN strings decoded with the dataset's Specific Character Set).
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -331,7 +332,7 @@ def read_header_file(path: Path) -> tuple[Header, str]:
     return (header if header is not None else read_header_beyond_head(path)), ts
 
 
-def read_header_beyond_head(path: Path) -> Header:
+def read_header_beyond_head(path: Path | str) -> Header:
     """The attributes of a Part-10 file whose first HEAD_LIMIT dataset bytes did not hold them all.
 
     The live path calls this directly once its own prefix parse returned None (parsing the same prefix again
@@ -339,5 +340,5 @@ def read_header_beyond_head(path: Path) -> Header:
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS)
     except Exception as exc:
-        raise CannotUnderstand(f"{path.name}: cannot be parsed: {type(exc).__name__}: {exc}") from None
+        raise CannotUnderstand(f"{os.path.basename(path)}: cannot be parsed: {type(exc).__name__}: {exc}") from None
     return _from_dataset(ds)

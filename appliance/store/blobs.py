@@ -63,8 +63,8 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-def create_tmp(volume: Volume) -> tuple[int, Path]:
-    path = volume.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
+def create_tmp(volume: Volume) -> tuple[int, str]:
+    path = volume.tmp_file(f"{os.getpid()}-{uuid.uuid4().hex}")
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), path
 
 
@@ -83,13 +83,13 @@ class TmpFileReserve:
     def __init__(self, volume: Volume, depth: int = 16) -> None:
         self.volume = volume
         self.depth = depth
-        self._ready: deque[tuple[int, Path]] = deque()
+        self._ready: deque[tuple[int, str]] = deque()
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._fill, name=f"tmp-{volume.name}", daemon=True)
         self._thread.start()
 
-    def take(self) -> tuple[int, Path] | None:
+    def take(self) -> tuple[int, str] | None:
         try:
             ready = self._ready.popleft()
         except IndexError:
@@ -101,7 +101,7 @@ class TmpFileReserve:
 
     def _fill(self) -> None:
         while not self._closed:
-            fresh: list[tuple[int, Path]] = []
+            fresh: list[tuple[int, str]] = []
             while len(self._ready) + len(fresh) < self.depth and not self._closed:
                 try:
                     fresh.append(create_tmp(self.volume))
@@ -113,7 +113,7 @@ class TmpFileReserve:
                 except OSError:
                     for fd, path in fresh:  # not known durable: let the event loop create its own
                         os.close(fd)
-                        path.unlink(missing_ok=True)
+                        _unlink(path)
                     fresh = []
                 self._ready.extend(fresh)
             self._wake.wait(1.0)
@@ -126,7 +126,7 @@ class TmpFileReserve:
         while self._ready:
             fd, path = self._ready.popleft()
             os.close(fd)
-            path.unlink(missing_ok=True)
+            _unlink(path)
 
 
 class BlobWriter:
@@ -189,10 +189,14 @@ class BlobWriter:
     def discard(self) -> None:
         """Drop a partial or refused instance: nothing of it stays on disk."""
         self.close()
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
+        _unlink(self.tmp_path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _io_error(exc: OSError) -> Exception:

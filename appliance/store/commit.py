@@ -136,7 +136,7 @@ class GroupCommitter:
             digest = item.entry.digest
             key = (writer.volume.name, digest[:4])
             if key not in self._folders:
-                writer.volume.blob_path(digest).parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(writer.volume.blob_file(digest)), exist_ok=True)
                 self._folders.add(key)
         except OSError as exc:
             error = exc
@@ -213,7 +213,7 @@ class GroupCommitter:
         freed: list[tuple[str, str]] = []
         for item, res in zip(durable, applied, strict=True):
             if res.blob_is_new:
-                final = item.writer.volume.blob_path(item.entry.digest)
+                final = item.writer.volume.blob_file(item.entry.digest)
                 try:
                     os.rename(item.writer.tmp_path, final)
                 except OSError:

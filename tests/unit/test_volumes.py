@@ -70,18 +70,18 @@ def test_tmp_reserve_hands_out_files_only_after_their_folder_is_fsynced(tmp_path
             writer.discard()
             taken.append(ready)
         for fd, path in taken:
-            assert any(path.name in names for names in synced), "handed out before its folder was fsync'd"
+            assert any(os.path.basename(path) in names for names in synced), "handed out before its folder was fsync'd"
             os.close(fd)
         assert len(synced) < len(taken)  # batched refills
         wait_for(lambda: len(reserve._ready) > 0, timeout=10, what="a refill")
         writer = blobs.BlobWriter(vol, b"", reserve)
         assert writer.entry_durable is True
-        assert any(writer.tmp_path.name in names for names in synced)
+        assert any(os.path.basename(writer.tmp_path) in names for names in synced)
         writer.discard()
     finally:
         reserve.close()
 
 
-def wait_for_reserve(reserve: TmpFileReserve) -> tuple[int, Path]:
-    result: tuple[int, Path] = wait_for(reserve.take, timeout=10, what="a reserve tmp file")
+def wait_for_reserve(reserve: TmpFileReserve) -> tuple[int, str]:
+    result: tuple[int, str] = wait_for(reserve.take, timeout=10, what="a reserve tmp file")
     return result
