@@ -46,6 +46,8 @@ from bench.receivers import (  # noqa: F401  (re-exported: bench.compare.Applian
     Receiver,
     StorescpReceiver,
     count_files,
+    disk_delta,
+    disk_io,
     echo,
     first_line,
     free_port,
@@ -111,6 +113,9 @@ class Sample:
     machine_busy_s: float = 0.0  # all CPU time on the machine during the run (other load included)
     machine_iowait_s: float = 0.0
     sync_after_s: float = 0.0  # time of a global sync() right after the last storescu: dirty data left
+    # The disk holding the receiver's data, from the start of the run to the end of that sync (receivers.disk_io):
+    disk_flushes: int | None = None
+    disk_bytes_written: int | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -174,12 +179,16 @@ def one_run(factory: Callable[[Path], Receiver], burst: synth.Burst, scenario: s
         receiver.start()
         cpu0 = receiver.cpu_seconds()
         busy0, io0, _ = system_cpu()
+        disk0 = disk_io(workdir)
         wall, codes, scu_cpu, notes = run_storescus(receiver.ae, receiver.port, folders, timeout, workdir)
         busy1, io1, _ = system_cpu()
         sample.receiver_cpu_s = receiver.cpu_seconds() - cpu0
         t_sync = time.perf_counter()
         os.sync()
         sample.sync_after_s = time.perf_counter() - t_sync
+        disk = disk_delta(disk0, workdir)
+        if disk is not None:
+            sample.disk_flushes, sample.disk_bytes_written = disk["flushes"], disk["bytes_written"]
         sample.wall_s = wall
         sample.failures = sum(1 for c in codes if c != 0)
         sample.storescu_cpu_s = scu_cpu
@@ -229,6 +238,9 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
             if key == "instances_per_s":
                 row["instances_per_s_min"] = min(values) if values else None
                 row["instances_per_s_max"] = max(values) if values else None
+        for key, field_ in (("flushes_per_instance", "disk_flushes"), ("disk_bytes_per_instance", "disk_bytes_written")):
+            per = [getattr(s, field_) / s.instances for s in good if getattr(s, field_) is not None and s.instances]
+            row[key] = statistics.median(per) if per else None
         rows.append(row)
     return rows
 
@@ -240,18 +252,22 @@ def markdown(rows: list[dict[str, Any]], repeats: int) -> str:
     out = [
         f"Medians of {repeats} repeat(s). inst/s and MB/s (10^6 B of Part-10 files) over wall time from the first "
         "storescu start to the last storescu exit. CPU = CPU-seconds used during the run (receiver process tree; "
-        "the K storescu; whole machine incl. other load). sync = time of a global sync() right after the run.",
+        "the K storescu; whole machine incl. other load). sync = time of a global sync() right after the run. "
+        "flush/inst and disk kB/inst: flush requests and bytes written by the disk holding the data, from the "
+        "start of the run to the end of that sync (/sys/dev/block/*/stat), per instance.",
         "",
         "| receiver | scenario | K | inst/s | (min-max) | MB/s | wall s | recv CPU s | storescu CPU s | machine CPU s "
-        "| iowait s | sync s | ok runs |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| iowait s | sync s | flush/inst | disk kB/inst | ok runs |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["scenario"], r["k"], r["receiver"])):
         out.append(
             f"| {r['receiver']} | {r['scenario']} ({r['instances']}) | {r['k']} | {f(r['instances_per_s'])} "
             f"| {f(r['instances_per_s_min'])}-{f(r['instances_per_s_max'])} | {f(r['mb_per_s'])} | {f(r['wall_s'], 2)} "
             f"| {f(r['receiver_cpu_s'])} | {f(r['storescu_cpu_s'])} | {f(r['machine_busy_s'])} "
-            f"| {f(r['machine_iowait_s'])} | {f(r['sync_after_s'], 2)} | {r['ok_runs']}/{r['runs']} |"
+            f"| {f(r['machine_iowait_s'])} | {f(r['sync_after_s'], 2)} | {f(r.get('flushes_per_instance'), 2)} "
+            f"| {f(None if r.get('disk_bytes_per_instance') is None else r['disk_bytes_per_instance'] / 1e3, 0)} "
+            f"| {r['ok_runs']}/{r['runs']} |"
         )
     return "\n".join(out)
 

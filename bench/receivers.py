@@ -108,6 +108,29 @@ def system_cpu() -> tuple[float, float, float]:
     return busy / CLK_TCK, iowait / CLK_TCK, (busy + idle + iowait) / CLK_TCK
 
 
+def disk_io(path: Path) -> tuple[int, int, int] | None:
+    """(write requests, bytes written, flush requests) completed so far by the block device holding ``path``,
+    from /sys/dev/block/MAJ:MIN/stat (kernel 5.5+ counts flushes); None where that is not readable (tmpfs,
+    overlay, another OS). Every fsync/fdatasync that reaches the disk costs one flush request: a durable
+    receiver's flushes per instance, next to the disk's flushes/s, tell how close to the device it runs."""
+    try:
+        dev = os.stat(path).st_dev
+        fields = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()
+    except OSError:
+        return None
+    if len(fields) < 17:
+        return None
+    return int(fields[4]), int(fields[6]) * 512, int(fields[15])
+
+
+def disk_delta(before: tuple[int, int, int] | None, path: Path) -> dict[str, int] | None:
+    """What the disk did since ``before`` (see disk_io): ``writes``, ``bytes_written``, ``flushes``."""
+    after = disk_io(path)
+    if before is None or after is None:
+        return None
+    return {"writes": after[0] - before[0], "bytes_written": after[1] - before[1], "flushes": after[2] - before[2]}
+
+
 def count_files(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 

@@ -38,7 +38,16 @@ from typing import Any
 
 from bench import driver, hardware, report, synth
 from bench.monitor import STAGES, scrape, settled_metrics
-from bench.receivers import DCMTK_ENV, Receiver, count_files, first_line, orthanc_binary, system_cpu
+from bench.receivers import (
+    DCMTK_ENV,
+    Receiver,
+    count_files,
+    disk_delta,
+    disk_io,
+    first_line,
+    orthanc_binary,
+    system_cpu,
+)
 from bench.sidebyside_report import compare_markdown, medians, ratios, write_compare
 
 CLIENTS = ("driver", "storescu")
@@ -148,7 +157,7 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         "processes_or_associations": 0, "wall_s": 0.0, "instances_ok": 0, "instances_per_s": None,
         "mb_per_s": None, "failures": 0, "stored": 0, "receiver_cpu_s": 0.0, "client_cpu_s": 0.0,
         "machine_busy_s": 0.0, "errors": [], "latency_ms": None, "stages_ms": None, "batch_size_mean": None,
-        "commits": None,
+        "commits": None, "disk": None,
     }
     run_doc = None
     before: dict[Any, float] | None = None  # the appliance's /metrics before a storescu run
@@ -157,6 +166,7 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         receiver.start()
         cpu0 = receiver.cpu_seconds()
         busy0, _, _ = system_cpu()
+        disk0 = disk_io(workdir)
         if workload is not None:
             target = driver.Target(receiver.label, "target", "127.0.0.1", receiver.port, receiver.ae,
                                    metrics_url=receiver.metrics_url)  # run_one scrapes it before and after
@@ -184,6 +194,8 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         busy1, _, _ = system_cpu()
         sample["receiver_cpu_s"] = round(receiver.cpu_seconds() - cpu0, 3)
         sample["machine_busy_s"] = round(busy1 - busy0, 3)
+        os.sync()  # a receiver that acknowledged from the page cache pays its writes here, outside the wall time
+        sample["disk"] = disk_delta(disk0, workdir)
         if before is not None and receiver.metrics_url:  # after the CPU readings: not part of the run
             stored = plan.instances if sample["failures"] == 0 else 0
             try:

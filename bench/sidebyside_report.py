@@ -12,12 +12,15 @@ fields below are listed there too, and in docs/benchmarks.md.
                latency_ms   {p50, p95, p99, max, mean} of the run's Success C-STOREs (driver; null for storescu),
                stages_ms    {receive, fsync, queue, index, total}: mean ms per instance from the appliance's
                             /metrics, scraped before and after the run (appliance receivers; null otherwise),
-               batch_size_mean, commits   group commit over the run (appliance; null otherwise)
+               batch_size_mean, commits   group commit over the run (appliance; null otherwise),
+               disk         {writes, bytes_written, flushes} of the block device holding the data, from the
+                            start of the run to the end of a sync() after it (null where /sys does not say)
     medians    one per (scenario, client, receiver, N): runs, ok_runs, instances, medians of instances_per_s,
                mb_per_s, wall_s and the CPU seconds, instances_per_s_min / _max,
                latency_ms {p50, p95, p99, max} (medians over the OK runs; null without driver latency),
                stages_ms {stage: median} and batch_size_mean (appliance; null otherwise),
-               durable_ceiling_instances_per_s and of_durable_ceiling (median inst/s / ceiling; null without it)
+               durable_ceiling_instances_per_s and of_durable_ceiling (median inst/s / ceiling; null without it),
+               flushes_per_instance, disk_bytes_per_instance (medians of disk / instances; null without disk)
     ratios     one per appliance row: scenario, client, associations, appliance, appliance_instances_per_s and,
                for other in storescp, orthanc: <other>_instances_per_s, vs_<other> (ratio of the medians),
                vs_<other>_per_repeat (appliance / other within each repeat where both runs are OK, in repeat
@@ -54,6 +57,10 @@ def _median(values: Sequence[float | None], digits: int = 3) -> float | None:
     return round(statistics.median(present), digits) if present else None
 
 
+def _kb(value: float | None) -> float | None:
+    return None if value is None else value / 1e3
+
+
 def medians(samples: list[dict[str, Any]], ceilings: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per (scenario, client, receiver, N): medians over the OK runs. ``ceilings``: the durable ceiling
     (instances/s) per scenario, when measured."""
@@ -77,6 +84,9 @@ def medians(samples: list[dict[str, Any]], ceilings: dict[str, float] | None = N
         stages = [s["stages_ms"] for s in good if s.get("stages_ms")]
         row["stages_ms"] = {st: _median([x.get(st) for x in stages]) for st in STAGES} if stages else None
         row["batch_size_mean"] = _median([s.get("batch_size_mean") for s in good])
+        disks = [(s["disk"], s["instances"]) for s in good if s.get("disk") and s["instances"]]
+        row["flushes_per_instance"] = _median([d["flushes"] / n_ for d, n_ in disks])
+        row["disk_bytes_per_instance"] = _median([d["bytes_written"] / n_ for d, n_ in disks])
         ceiling = ceilings.get(scenario)
         row["durable_ceiling_instances_per_s"] = ceiling
         row["of_durable_ceiling"] = round(row["instances_per_s"] / ceiling, 3) if ceiling and row[
@@ -205,17 +215,20 @@ def compare_markdown(doc: dict[str, Any]) -> str:
                "10^6 bytes of dataset (driver) or of Part-10 files (storescu). p50 / p99: C-STORE latency, request "
                "written -> response decoded (driver only; storescu does not report it). CPU: seconds over the run of "
                "the receiver's process tree, of the client (driver process / the storescu processes) and of the "
-               "whole machine (other load included). of ceiling: inst/s / the durable ceiling above.\n")
+               "whole machine (other load included). of ceiling: inst/s / the durable ceiling above. flush/inst, "
+               "disk kB/inst: flush requests and bytes written by the disk holding the data, from the start of the "
+               "run to the end of a sync() after it (/sys/dev/block/*/stat), per instance.\n")
     out.append("| scenario | client | N | receiver | inst/s | (min-max) | MB/s | p50 ms | p99 ms | wall s | recv CPU s "
-               "| client CPU s | machine CPU s | of ceiling | ok runs |")
-    out.append("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "| client CPU s | machine CPU s | of ceiling | flush/inst | disk kB/inst | ok runs |")
+    out.append("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(c["medians"], key=lambda r: (r["scenario"], r["client"], r["associations"], r["receiver"])):
         lat = r.get("latency_ms") or {}
         out.append(f"| {r['scenario']} ({r['instances']}) | {r['client']} | {r['associations']} | {r['receiver']} "
                    f"| {_f(r['instances_per_s'])} | {_f(r['instances_per_s_min'])}-{_f(r['instances_per_s_max'])} "
                    f"| {_f(r['mb_per_s'])} | {_f(lat.get('p50'), 2)} | {_f(lat.get('p99'), 2)} | {_f(r['wall_s'], 2)} "
                    f"| {_f(r['receiver_cpu_s'])} | {_f(r['client_cpu_s'])} | {_f(r['machine_busy_s'])} "
-                   f"| {_ratio(r.get('of_durable_ceiling'))} | {r['ok_runs']}/{r['runs']} |")
+                   f"| {_ratio(r.get('of_durable_ceiling'))} | {_f(r.get('flushes_per_instance'), 2)} "
+                   f"| {_f(_kb(r.get('disk_bytes_per_instance')), 0)} | {r['ok_runs']}/{r['runs']} |")
     staged = [r for r in c["medians"] if r.get("stages_ms")]
     if staged:
         out.append("\nThe appliance's stages from its /metrics (`appliance_store_stage_seconds`, scraped before and "

@@ -56,6 +56,10 @@ def test_side_by_side_ct_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             assert s["batch_size_mean"] >= 1 and s["commits"] >= 1
         else:
             assert s["stages_ms"] is None and s["batch_size_mean"] is None
+        if receivers.disk_io(tmp_path) is not None:  # the block device's counters, where /sys has them
+            assert s["disk"]["bytes_written"] > 0
+            if s["receiver"] == "appliance-w2":  # fsyncs (concurrent ones may share a flush request)
+                assert s["disk"]["flushes"] > 0, s["disk"]
 
     assert len(c["medians"]) == 4 and all(r["ok_runs"] == r["runs"] == 1 for r in c["medians"])
     hw = c["hardware"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from bench import hardware
 
@@ -39,3 +42,18 @@ def test_main_writes_json(tmp_path: Path) -> None:
     assert set(data["results"]) == KEYS and data["machine"]["cpus"] >= 1
     assert list(work.iterdir()) == []
     assert hardware.main(["--dir", str(tmp_path / "missing")]) == 2
+
+
+def test_disk_io_counts_the_flush_of_an_fsync(tmp_path: Path) -> None:
+    from bench.receivers import disk_delta, disk_io
+
+    before = disk_io(tmp_path)
+    if before is None:
+        pytest.skip("no block-device counters for this filesystem in /sys")
+    with open(tmp_path / "f", "wb") as fh:
+        fh.write(b"x" * 65536)
+        fh.flush()
+        os.fsync(fh.fileno())
+    delta = disk_delta(before, tmp_path)
+    assert delta is not None
+    assert delta["bytes_written"] >= 65536 and delta["writes"] >= 1 and delta["flushes"] >= 1
