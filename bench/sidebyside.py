@@ -76,6 +76,11 @@ class Plan:
             self.bursts[ae] = synth.load_or_generate(spec, cache)
         self.instances = sum(len(items) for _, items in self.scenario.groups)
 
+    def size_mix(self) -> list[tuple[int, int]]:
+        """(instances, mean dataset bytes) per group of the scenario (one per calling AE: CT, MR, DX rooms)."""
+        return [(info["instances"], round(info["bytes"] / info["instances"]))
+                for info in self.data.values() if info["instances"]]
+
     @property
     def mean_bytes(self) -> int:
         """Mean dataset bytes of the scenario's instances (a Part-10 file adds its File Meta, ~200 bytes)."""
@@ -239,16 +244,26 @@ def stage_fields(metrics: dict[str, Any] | None) -> dict[str, Any]:
             "batch_size_mean": metrics.get("batch_size_mean"), "commits": metrics.get("commits")}
 
 
+def mixed_ceiling(mix: list[tuple[int, int]], rates: dict[int, float]) -> float:
+    """Instances/s of a mix of sizes when each size goes at its own fsync'd-files rate: the time for the whole
+    mix is the sum of each group's count / rate (a 8 MB DX image costs what it costs, whatever the mean is)."""
+    seconds = sum(count / rates[size] for count, size in mix)
+    return sum(count for count, _ in mix) / seconds if seconds > 0 else 0.0
+
+
 def durable_ceiling(plans: list[Plan], folder: Path, seconds: float) -> dict[str, Any]:
-    """bench/hardware.py's fsync'd-file probe (the same code as ``appliance bench hardware``), once per scenario:
-    CEILING_THREADS threads creating, writing, fsyncing and closing files of the scenario's mean instance size
-    for ``seconds`` each, under ``folder`` (the receivers' filesystem). Files/s = instances/s."""
+    """bench/hardware.py's fsync'd-file probe (the same code as ``appliance bench hardware``): CEILING_THREADS
+    threads creating, writing, fsyncing and closing files for ``seconds``, under ``folder`` (the receivers'
+    filesystem), once per distinct instance size of the scenarios (CT, MR, DX...). A scenario's ceiling is
+    ``mixed_ceiling`` of its groups: files/s = instances/s."""
     hw: dict[str, Any] = {"threads": CEILING_THREADS, "seconds": seconds, "dir": str(folder),
                           "filesystem": hardware.machine(folder)["filesystem"], "skipped": None, "ceilings": {}}
     measured: dict[int, tuple[float, float]] = {}
     for plan in plans:
-        size = plan.mean_bytes
-        if size not in measured:
+        mix = plan.size_mix()
+        for _count, size in mix:
+            if size in measured:
+                continue
             probe_dir = Path(tempfile.mkdtemp(prefix=".hwprobe-", dir=folder))
             try:
                 os.sync()  # the scenario data just generated must not be flushed during the probe
@@ -259,8 +274,13 @@ def durable_ceiling(plans: list[Plan], folder: Path, seconds: float) -> dict[str
                 return hw
             finally:
                 shutil.rmtree(probe_dir, ignore_errors=True)
-        files_s, mb_s = measured[size]
-        hw["ceilings"][plan.name] = {"file_bytes": size, "files_per_s": round(files_s, 1), "mb_per_s": round(mb_s, 1)}
+        rates = {size: measured[size][0] for _c, size in mix}
+        files_s = mixed_ceiling(mix, rates)
+        mean = plan.mean_bytes
+        hw["ceilings"][plan.name] = {
+            "file_bytes": mean, "files_per_s": round(files_s, 1), "mb_per_s": round(files_s * mean / 1e6, 1),
+            "sizes": [{"instances": c, "file_bytes": size, "files_per_s": round(measured[size][0], 1)}
+                      for c, size in mix]}
     return hw
 
 

@@ -28,7 +28,9 @@ fields below are listed there too, and in docs/benchmarks.md.
     hardware   the durable ceiling: bench.hardware's fsync'd-file probe run once per scenario at the start, on
                the filesystem of the receivers' data: threads (8), seconds, dir, filesystem, skipped (null, or
                why it did not run), ceilings {scenario: {file_bytes (mean dataset bytes of the scenario's
-               instances), files_per_s (= instances/s), mb_per_s}}
+               instances), files_per_s (= instances/s), mb_per_s, sizes [{instances, file_bytes,
+               files_per_s}: one probe per group's mean size; files_per_s of the scenario = all instances /
+               the sum of each group's instances / its files_per_s]}}
 """
 
 from __future__ import annotations
@@ -181,12 +183,17 @@ def _hardware_lines(c: dict[str, Any]) -> list[str]:
     if hw.get("skipped"):
         return [f"\nDurable ceiling: not measured ({hw['skipped']}).\n"]
     out = [f"\nDurable ceiling of this disk ({hw.get('filesystem') or hw.get('dir')}): bench/hardware.py's probe, "
-           f"{hw['threads']} threads creating, writing, fsyncing and closing files of the scenario's mean instance "
-           f"size for {hw['seconds']:g} s (one fsync per file, no folder fsync, no index: an upper bound for "
-           "a receiver that makes every instance durable before Success; a receiver faster than this does not):\n"]
+           f"{hw['threads']} threads creating, writing, fsyncing and closing files of each of the scenario's "
+           f"instance sizes for {hw['seconds']:g} s (one fsync per file, no folder fsync, no index: an upper bound "
+           "for a receiver that makes every instance durable before Success; a receiver faster than this does "
+           "not). A mix of sizes: all instances / the sum of each group's instances / its rate:\n"]
     for scenario, ceiling in hw.get("ceilings", {}).items():
+        sizes = ceiling.get("sizes") or []
+        detail = "; ".join(f"{g['instances']} x {g['file_bytes'] / 1e3:,.0f} kB at {_f(g['files_per_s'], 0)}/s"
+                           for g in sizes) if len(sizes) > 1 else ""
         out.append(f"- {scenario}: {_f(ceiling['files_per_s'], 0)} instances/s "
-                   f"({ceiling['file_bytes'] / 1e3:,.0f} kB files, {_f(ceiling['mb_per_s'])} MB/s)")
+                   f"(mean {ceiling['file_bytes'] / 1e3:,.0f} kB, {_f(ceiling['mb_per_s'])} MB/s)"
+                   + (f": {detail}" if detail else ""))
     return out
 
 

@@ -66,6 +66,8 @@ def test_side_by_side_ct_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert hw["skipped"] is None and hw["threads"] == 8
     ceiling = hw["ceilings"]["ct-burst"]
     assert ceiling["files_per_s"] > 0 and ceiling["file_bytes"] > 100_000  # a 512x512 16-bit CT slice
+    assert [g["instances"] for g in ceiling["sizes"]] == [20] and ceiling["sizes"][0]["files_per_s"] == pytest.approx(
+        ceiling["files_per_s"], rel=1e-2)  # one size: the scenario rate is that size's rate
     for r in c["medians"]:
         assert (r["latency_ms"] is not None) == (r["client"] == "driver")
         assert (r["stages_ms"] is not None) == (r["receiver"] == "appliance-w2")
@@ -180,3 +182,13 @@ def test_medians_of_latency_stages_and_ceiling() -> None:
     assert "| ct-burst | driver | 4 | appliance-w2 | 1.00 | 2.00 | 3.00 | 4.00 | 5.00 | 3.00 | 3/4 |" in md
     del doc["compare"]["hardware"]  # a document from before the field: still renders
     assert "Durable ceiling" not in sidebyside_report.compare_markdown(doc)
+
+
+def test_mixed_ceiling_adds_up_each_sizes_time() -> None:
+    """600 CT at 1,000/s take 0.6 s, 400 MR at 4,000/s 0.1 s, 20 DX at 50/s 0.4 s: 1,020 in 1.1 s."""
+    from bench.sidebyside import mixed_ceiling
+
+    rate = mixed_ceiling([(600, 525_000), (400, 131_000), (20, 8_400_000)],
+                         {525_000: 1000.0, 131_000: 4000.0, 8_400_000: 50.0})
+    assert rate == pytest.approx(1020 / 1.1)
+    assert mixed_ceiling([(10, 1)], {1: 123.0}) == pytest.approx(123.0)
