@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, hardware.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, hardware, datasheet.")
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
 app.add_typer(bench_app, name="bench")
@@ -370,6 +370,7 @@ for _name, _module, _summary in (
     ("run", "driver", "Drive a scenario against a receiver with our asyncio SCU (see --help)."),
     ("compare", "compare", "The appliance, DCMTK storescp and Orthanc side by side (see --help)."),
     ("hardware", "hardware", "Probe the machine: fsync'd file rate, sequential write, loopback (see --help)."),
+    ("datasheet", "datasheet", "All of it in one run: hardware, side by side, sustained latency, targets (see --help)."),
 ):
     _bench_command(_name, _module, _summary)
 

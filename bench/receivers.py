@@ -252,9 +252,7 @@ class ApplianceReceiver(Receiver):
             "[storage]",
             f"index_path = {json.dumps(str(self.workdir / 'index'))}",
             f"fsync = {'true' if self.fsync_on else 'false'}",
-            # No [[volumes]] table: the built-in default volume vol0 at <config folder>/var/volumes/vol0 is
-            # the same thing, and a [[volumes]] path currently stays a str in config.py (_build/_coerce
-            # have no default to learn the type from) and crashes serve. See docs/benchmarks.md.
+            # No [[volumes]] table: the built-in default volume vol0 at <config folder>/var/volumes/vol0.
             "",
         ]))
         return [str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable,

@@ -23,8 +23,10 @@ The JSON document (``SCHEMA_VERSION`` 1) is documented field by field in docs/be
                     median row latency_ms, stages_ms, batch_size_mean, durable_ceiling_instances_per_s,
                     of_durable_ceiling; per ratio vs_<other>_per_repeat (list), vs_<other>_per_repeat_median,
                     _min, _max (other = storescp, orthanc); hardware {threads, seconds, dir, filesystem, skipped,
-                    ceilings {scenario: {file_bytes, files_per_s, mb_per_s}}}: bench/hardware.py's fsync'd-file
-                    rate at the scenario's mean instance size, 8 threads (the durable ceiling)
+                    ceilings {scenario: {file_bytes, files_per_s, mb_per_s, sizes}}}: bench/hardware.py's
+                    fsync'd-file rate at each of the scenario's instance sizes, 8 threads (the durable ceiling);
+                    per sample disk {writes, bytes_written, flushes}, per median row flushes_per_instance and
+                    disk_bytes_per_instance
 
 Raw samples are columns (parallel lists), one entry per C-STORE: ``t_s`` (start, seconds since the run started),
 ``latency_s`` (request written -> response decoded), ``queue_s`` (sustained: scheduled arrival -> sent),
