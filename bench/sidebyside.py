@@ -244,6 +244,14 @@ def stage_fields(metrics: dict[str, Any] | None) -> dict[str, Any]:
             "batch_size_mean": metrics.get("batch_size_mean"), "commits": metrics.get("commits")}
 
 
+def _by_size(mix: list[tuple[int, int]]) -> dict[int, int]:
+    """Instances per size (three CT rooms are one size)."""
+    out: dict[int, int] = {}
+    for count, size in mix:
+        out[size] = out.get(size, 0) + count
+    return out
+
+
 def mixed_ceiling(mix: list[tuple[int, int]], rates: dict[int, float]) -> float:
     """Instances/s of a mix of sizes when each size goes at its own fsync'd-files rate: the time for the whole
     mix is the sum of each group's count / rate (a 8 MB DX image costs what it costs, whatever the mean is)."""
@@ -280,7 +288,7 @@ def durable_ceiling(plans: list[Plan], folder: Path, seconds: float) -> dict[str
         hw["ceilings"][plan.name] = {
             "file_bytes": mean, "files_per_s": round(files_s, 1), "mb_per_s": round(files_s * mean / 1e6, 1),
             "sizes": [{"instances": c, "file_bytes": size, "files_per_s": round(measured[size][0], 1)}
-                      for c, size in mix]}
+                      for size, c in _by_size(mix).items()]}
     return hw
 
 
