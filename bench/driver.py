@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, help="pid of a local receiver: its process tree's CPU and RSS")
     parser.add_argument("--metrics-url", help="the appliance's /metrics, scraped before and after each run")
     parser.add_argument("--label", help="name of the target system in the report (default appliance or target)")
-    parser.add_argument("--workers", type=int, default=1, help="--start-appliance: worker processes (default 1)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="--start-appliance: worker processes (default 0: one per CPU, as the product)")
     parser.add_argument("--no-fsync", action="store_true", help="--start-appliance: storage.fsync = false")
     parser.add_argument("--tmp", type=Path, help="--start-appliance: where its data folder goes (default $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the started appliance's data folder")

@@ -237,7 +237,8 @@ class ApplianceReceiver(Receiver):
         self.workers = workers
         self.fsync_on = fsync
         self.fsync = "fsync blob + dir, LMDB commit, before Success" if fsync else "OFF (storage.fsync = false)"
-        self.label = f"appliance-w{workers}" + ("" if fsync else "-nofsync")
+        # workers = 0 is the product default (one per CPU): the label says how many that made
+        self.label = f"appliance-w{workers or os.cpu_count() or 1}" + ("" if fsync else "-nofsync")
         self.port_file = workdir / "port.json"
         self.config_path = workdir / "appliance.toml"
 
