@@ -103,7 +103,10 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     async def flush_metrics() -> None:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
-            metrics.flush()
+            try:
+                metrics.flush()
+            except Exception:  # metrics must never stop the worker, nor stop being written
+                log.exception("writing metrics")
 
     flusher = asyncio.create_task(flush_metrics())
     await stop.wait()

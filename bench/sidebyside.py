@@ -16,7 +16,8 @@ For every repeat (outermost) x scenario x N (associations) x client x receiver, 
 The driver records every C-STORE's latency (p50/p95/p99/max per run); for the appliance, its /metrics are scraped
 before and after each run (per-stage mean ms, group commit batch size), as ``appliance bench run --metrics-url``
 does. Before the first run, bench/hardware.py's fsync'd-file probe measures the durable ceiling of the data
-folder's disk for each scenario's mean instance size (8 threads; --no-hardware skips it).
+folder's disk at each instance size of the scenarios (8 threads; --no-hardware skips it), and every run records
+the disk's write requests, bytes and flush requests (/sys/dev/block) up to a sync() after it.
 Medians over the repeats per (scenario, client, receiver, N), and the ratios appliance / storescp and
 appliance / orthanc per (scenario, client, N), of the medians and within each repeat, go to the ``compare``
 section of a bench/report.py document (bench/sidebyside_report.py).
@@ -313,7 +314,7 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
     try:
         if not args.no_hardware:
             print(f"durable ceiling: fsync'd files, {CEILING_THREADS} threads, {args.hardware_seconds:g} s per "
-                  "scenario", file=sys.stderr, flush=True)
+                  "instance size", file=sys.stderr, flush=True)
             hw = durable_ceiling(plans, base, args.hardware_seconds)
             for name, ceiling in hw["ceilings"].items():
                 print(f"  {name}: {ceiling['files_per_s']:,.0f} files/s of {ceiling['file_bytes'] / 1e3:,.0f} kB",
