@@ -445,12 +445,15 @@ def test_metrics_with_two_workers(make_server: MakeServer) -> None:
     ae.add_requested_context("1.2.840.10008.1.1")
     assert not ae.associate("127.0.0.1", server.port, ae_title="SOMEONE_ELSE").is_established
 
-    # The per-stage histograms of a batch are recorded just after its responses go out: poll for them.
+    # Per-instance series are written by each worker every 0.5 s (appliance/metrics.py): poll until every one
+    # of them adds up; a count that never arrives still fails, after the timeout.
     def settled() -> dict | None:
         samples = scrape(server)
         counts = [total(samples, "appliance_store_stage_seconds_count", stage=s)
                   for s in ("receive", "fsync", "queue", "index", "total")]
-        return samples if counts == [n] * 5 and total(samples, "appliance_store_failures_total") >= 1 else None
+        counts += [total(samples, "appliance_instances_stored_total"),
+                   total(samples, "appliance_commit_batch_size_sum")]
+        return samples if counts == [n] * 7 and total(samples, "appliance_store_failures_total") >= 1 else None
 
     samples = wait_for(settled, 30, interval=0.1, what="metrics to add up")
     assert total(samples, "appliance_instances_stored_total") == n
