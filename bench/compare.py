@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import sidebyside, synth
+from bench import report, sidebyside, synth
 from bench.receivers import (  # noqa: F401  (re-exported: bench.compare.ApplianceReceiver etc. stay valid)
     DCMTK_ENV,
     RECEIVERS,
@@ -62,34 +61,9 @@ from bench.receivers import (  # noqa: F401  (re-exported: bench.compare.Applian
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except OSError:
-        pass
-    tmp = tempfile.gettempdir()
-    fstype = first_line(["stat", "-f", "-c", "%T", tmp])
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "dcmtk": first_line(["storescu", "--version"]),
-        "orthanc": first_line([orthanc_binary() or "Orthanc", "--version"]),
-        "tmp_dir": tmp,
-        "tmp_fstype": fstype,
-        "loadavg_at_start": os.getloadavg(),
-    }
+    """bench.report's machine facts plus the DCMTK and Orthanc versions."""
+    return {**report.machine_info(), "dcmtk": first_line(["storescu", "--version"]),
+            "orthanc": first_line([orthanc_binary() or "Orthanc", "--version"])}
 
 
 # ---- one run ------------------------------------------------------------------------------------------

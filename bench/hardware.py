@@ -219,16 +219,28 @@ def probe(dir: str | Path | None = None, seconds: float = 10.0,
     return results
 
 
-def machine(dir: str | Path) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    model = ""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def memory_total() -> str:
+    """MemTotal from /proc/meminfo, as the kernel writes it ("24684084 kB")."""
+    try:
+        return Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        return ""
+
+
+def machine(dir: str | Path) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = cpu_model()
     fs = ""
     try:
         target = os.path.realpath(dir)

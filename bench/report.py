@@ -54,6 +54,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import hardware
+
 SCHEMA_VERSION = 1
 KIND = "appliance-bench-run"
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,22 +131,14 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model, memory = "", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-        memory = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except OSError:
-        pass
     try:
         fstype = subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True, text=True,
                                 timeout=5).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         fstype = "?"
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "memory": memory, "kernel": platform.release(),
+        "cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(), "memory": hardware.memory_total(),
+        "kernel": platform.release(),
         "platform": platform.platform(), "python": sys.version.split()[0], "loadavg_at_start": os.getloadavg(),
         "tmp_dir": tempfile.gettempdir(), "tmp_fstype": fstype,
     }
