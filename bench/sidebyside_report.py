@@ -299,14 +299,60 @@ def compare_plot(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def compare_latency_plot(doc: dict[str, Any], path: Path) -> Path | None:
+    """C-STORE latency CDF per receiver, sent by our driver (storescu reports no per-C-STORE time), one panel per
+    scenario and N, every repeat's Success latencies pooled. None when no driver run was made."""
+    runs = [r for r in doc.get("runs", []) if r.get("client") == "driver"]
+    cells = sorted({(r["scenario"], r["associations"]) for r in runs})
+    if not cells:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = sorted({s for s, _ in cells})
+    ns = sorted({n for _, n in cells})
+    fig, axes = plt.subplots(len(scenarios), len(ns), figsize=(5.5 * len(ns), 4 * len(scenarios)), squeeze=False)
+    for i, scenario in enumerate(scenarios):
+        for j, n in enumerate(ns):
+            ax = axes[i][j]
+            pooled: dict[str, list[float]] = {}
+            for r in runs:
+                if (r["scenario"], r["associations"]) == (scenario, n):
+                    stores = r["samples"]["stores"]
+                    pooled.setdefault(r["system"], []).extend(
+                        1000.0 * x for x, st in zip(stores["latency_s"], stores["status"], strict=True) if st == 0)
+            for system, lat in sorted(pooled.items()):
+                if lat:
+                    lat.sort()
+                    ax.step(lat, [(k + 1) / len(lat) for k in range(len(lat))], where="post", label=system)
+            ax.set_xscale("log")
+            ax.set_xlabel("C-STORE latency (ms, log scale)")
+            ax.set_ylabel("fraction of C-STOREs")
+            ax.set_title(f"{scenario}, N={n} (driver)")
+            ax.set_ylim(0, 1.0)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_compare(doc: dict[str, Any], json_path: Path) -> dict[str, Any]:
     """JSON at ``json_path``; beside it ``<stem>.md`` (ratio, median and stage tables, then the driver runs'
-    details) and ``<stem>-throughput.png``. Returns the paths written."""
+    details), ``<stem>-throughput.png`` and, with driver runs, ``<stem>-latency-cdf.png``. Returns the paths
+    written."""
     report.write_json(doc, json_path)
     md_path = json_path.with_suffix(".md")
     text = compare_markdown(doc)
     if doc["runs"]:
         text += "\n### Driver runs (every repeat)\n\n" + report.markdown([doc]).split("\n", 2)[2]
     md_path.write_text(text)
-    png = compare_plot(doc, json_path.parent / f"{json_path.stem}-throughput.png")
-    return {"json": json_path, "markdown": md_path, "plots": [png]}
+    pngs = [compare_plot(doc, json_path.parent / f"{json_path.stem}-throughput.png")]
+    cdf = compare_latency_plot(doc, json_path.parent / f"{json_path.stem}-latency-cdf.png")
+    if cdf is not None:
+        pngs.append(cdf)
+    return {"json": json_path, "markdown": md_path, "plots": pngs}

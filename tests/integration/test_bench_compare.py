@@ -95,8 +95,9 @@ def test_side_by_side_ct_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "| p50 ms | p99 ms |" in md and "| ct-burst (20) | storescu | 2 | storescp | " in md
     assert "| scenario | client | N | receiver | receive | fsync | queue | index | total | batch size |" in md
     assert "Durable ceiling of this disk" in md and "- ct-burst: " in md
-    png = out.parent / "side-throughput.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("side-throughput.png", "side-latency-cdf.png"):  # the CDF: driver runs, one curve per receiver
+        assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert {r["system"] for r in doc["runs"] if r.get("client") == "driver"} == {"appliance-w2", "storescp"}
     assert "Ratios of instances/s" in captured.out
 
 
