@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import struct
 import threading
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from appliance.errors import OutOfSpace
 from appliance.store.volumes import Volume, fsync_dir
+
+log = logging.getLogger(__name__)
 
 # A UUID-derived UID (PS3.5 B.2): needs no registered root.
 IMPLEMENTATION_CLASS_UID = "2.25.91993142740427924133552079705596492658"
@@ -193,10 +196,14 @@ class BlobWriter:
 
 
 def _unlink(path: str) -> None:
+    """Remove a tmp file that is not needed. A failure (a filesystem gone read-only after an I/O error) is logged,
+    not raised: the caller is answering or cleaning up, and startup recovery removes unreferenced tmp files."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror)
 
 
 def _io_error(exc: OSError) -> Exception:

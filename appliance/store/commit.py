@@ -86,7 +86,8 @@ class GroupCommitter:
         self._durable: deque[tuple[_Pending, OSError | None, float]] = deque()
         self._syncing = 0  # instances handed to the fsync pool and not yet back
         self._cond = threading.Condition()
-        self._closed = False
+        self._closed = False  # the index thread stops once this is set and nothing is left
+        self._accepting = True
         # Stage 1 is a fixed set of threads on a C-level SimpleQueue rather than a ThreadPoolExecutor: the
         # executor's submit (work item, locks, thread-count check) held the GIL for ~18% of a busy worker's
         # Python time under py-spy --gil.
@@ -101,6 +102,10 @@ class GroupCommitter:
 
     def submit(self, writer: BlobWriter, entry: IndexEntry) -> asyncio.Future[CommitResult]:
         future: asyncio.Future[CommitResult] = self.loop.create_future()
+        if not self._accepting:  # stopping: nothing would fsync or answer it any more
+            writer.discard()
+            future.set_result(CommitResult(errors.PROCESSING_FAILURE, None, "shutting down"))
+            return future
         item = _Pending(writer, entry, future, time.perf_counter())
         with self._cond:
             self._syncing += 1
@@ -108,10 +113,22 @@ class GroupCommitter:
         return future
 
     def close(self) -> None:
+        self._accepting = False  # submit() refuses from now on; what is queued is still fsync'd and committed
         for _ in self._fsync_threads:
             self._fsync_queue.put(None)
         for thread in self._fsync_threads:
             thread.join()
+        late: list[tuple[_Pending, CommitResult]] = []  # submitted while close() was starting: refuse them
+        while True:
+            try:
+                item = self._fsync_queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.writer.discard()
+                late.append((item, CommitResult(errors.PROCESSING_FAILURE, None, "shutting down")))
+        if late:
+            self._resolve(late)
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -163,7 +180,16 @@ class GroupCommitter:
                     self._cond.wait_for(lambda: (not self._syncing and not self.receiving)
                                         or len(self._durable) >= self.max_batch, self.max_wait)
                 batch = [self._durable.popleft() for _ in range(min(self.max_batch, len(self._durable)))]
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception:
+                # Whatever broke (a metrics error, an unexpected OSError), this thread must live on and every
+                # instance of the batch must get an answer, or its association waits forever. An instance
+                # that was in fact committed is answered with a failure: the modality re-sends it, and the
+                # identical re-send is a no-op Success.
+                log.exception("group commit failed")
+                self._resolve([(item, CommitResult(errors.PROCESSING_FAILURE, None, "commit failure"))
+                               for item, _error, _at in batch])
 
     def _commit(self, batch: list[tuple[_Pending, OSError | None, float]]) -> None:
         durable: list[_Pending] = []
