@@ -91,7 +91,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     metrics = Metrics()
     committer = GroupCommitter(index, volumes, st.duplicate_policy, loop, st.commit_max_batch,
                                st.commit_max_wait_ms, st.fsync, metrics)
-    reserves = {vol.name: TmpFileReserve(vol) for vol in volumes.volumes}
+    reserves = {vol.name: TmpFileReserve(vol, fsync=st.fsync) for vol in volumes.volumes}
     ctx = WorkerContext.build(config, volumes=volumes, committer=committer, metrics=metrics, slots=slots,
                               tmp_reserves=reserves)
     sock = _listen_socket(config.server.host, port, listen=True)

@@ -291,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="instances (default: the driver's: ct-burst 1000, morning-rush 200 per CT/MR, "
                       "many-small-associations 200)")
     side.add_argument("--no-hardware", action="store_true",
-                      help="skip the durable ceiling: bench/hardware.py's fsync'd-file probe, run once per scenario "
-                      "before the first run")
+                      help="skip the durable ceiling: bench/hardware.py's fsync'd-file probe, run once per instance "
+                      "size of the scenarios (CT, MR, DX) before the first run")
     side.add_argument("--hardware-seconds", type=float, default=3.0,
-                      help="length of that probe per scenario (default 3; short probes read high: the disk's cache)")
+                      help="length of that probe per instance size (default 3; it varies between runs: longer is "
+                      "steadier)")
     args = parser.parse_args(argv)
     if args.hardware_seconds <= 0:
         parser.error("--hardware-seconds must be positive")

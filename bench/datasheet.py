@@ -66,20 +66,27 @@ def summarize(out: Path, load: float) -> dict[str, Any]:
                 for name, row in (("mr-burst", mr), ("many-small-associations", sm))
                 if row.get("driver_ceiling_instances_per_s") and row["instances_per_s"]}
 
-    def worst(key: str) -> float | None:
-        values = [r[key] for r in ratios if r.get(key) is not None]
-        return min(values) if values else None
+    def worst(key: str) -> tuple[float | None, bool]:
+        """(the worst ratio over the cells that have one, whether every cell has one): a cell without an OK run
+        on either side is a cell where the target is not shown to be met."""
+        values = [r.get(key) for r in ratios]
+        known = [v for v in values if v is not None]
+        return (min(known) if known else None), bool(values) and len(known) == len(values)
 
-    vs_scp, vs_orthanc = worst("vs_storescp"), worst("vs_orthanc")
+    (vs_scp, all_scp), (vs_orthanc, all_orthanc) = worst("vs_storescp"), worst("vs_orthanc")
     p99 = (sus["latency_ms"] or {}).get("p99")
+    offered = load * (mr["instances_per_s"] or 0.0)
+    steady = sus["failures"] == 0 and (sus["instances_per_s"] or 0.0) >= 0.95 * offered  # it kept up
     targets = [
         {"target": "appliance >= storescp --fork on ct-burst and morning-rush (every client and N), durable acks",
-         "measured": vs_scp, "unit": "worst ratio", "met": vs_scp is not None and vs_scp >= TARGET_STORESCP_RATIO},
+         "measured": vs_scp, "unit": "worst ratio",
+         "met": all_scp and vs_scp is not None and vs_scp >= TARGET_STORESCP_RATIO},
         {"target": f"appliance >= {TARGET_ORTHANC_RATIO}x Orthanc on the same cells",
          "measured": vs_orthanc, "unit": "worst ratio",
-         "met": vs_orthanc is not None and vs_orthanc >= TARGET_ORTHANC_RATIO},
-        {"target": f"sustained p99 < {TARGET_SUSTAINED_P99_MS:g} ms at {load:.0%} of the MR maximum",
-         "measured": p99, "unit": "ms", "met": p99 is not None and p99 < TARGET_SUSTAINED_P99_MS},
+         "met": all_orthanc and vs_orthanc is not None and vs_orthanc >= TARGET_ORTHANC_RATIO},
+        {"target": f"sustained p99 < {TARGET_SUSTAINED_P99_MS:g} ms at {load:.0%} of the MR maximum, no failures, "
+                   "offered rate achieved",
+         "measured": p99, "unit": "ms", "met": steady and p99 is not None and p99 < TARGET_SUSTAINED_P99_MS},
         {"target": f"driver ceiling >= {TARGET_DRIVER_HEADROOM:g}x the appliance's rate (MR burst, many small "
                    "associations)",
          "measured": min(headroom.values()) if headroom else None, "unit": "x (worst)",
@@ -176,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.tmp or Path(tempfile.gettempdir())
     common = ["--cache", str(args.cache), "--tmp", str(tmp)]
     run_common = [*common, "--start-appliance", "--workers", str(args.workers), "--quiet"]
+    steps = ("hardware", "compare", "mr-max", "sustained", "many-small")
+    for name in (*steps, "datasheet"):  # a reused --out must not lend an old step's numbers to this summary
+        for old in out.glob(f"{name}*"):
+            old.unlink()
+    if shutil.which("storescu") is None:
+        print("error: DCMTK is not installed (make dcmtk, or apt-get install dcmtk): the side by side needs "
+              "storescu and storescp", file=sys.stderr)
+        return 2
 
     print(f"[1/5] hardware probe of {tmp} ({hw_s:g} s)", file=sys.stderr, flush=True)
     (out / "hardware.json").write_text(json.dumps(
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/5] side by side: ct-burst, morning-rush", file=sys.stderr, flush=True)
     rc = compare.main(["--scenario", "ct-burst,morning-rush", "--clients", "driver,storescu", "--associations",
                        args.associations, "--repeats", str(repeats), "--out", str(out / "compare.json"), *common,
-                       "--hardware-seconds", str(min(3.0, hw_s)),
+                       "--hardware-seconds", str(min(3.0, hw_s)), "--workers", str(args.workers),
                        *(["--count", str(count)] if count else [])])
     print("[3/5] MR burst maximum", file=sys.stderr, flush=True)
     rc |= driver.main(["--scenario", "ct-burst", "--profile", "mr", "--count", str(count or 2000), "--associations",
@@ -196,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     print("[5/5] many small associations", file=sys.stderr, flush=True)
     rc |= driver.main(["--scenario", "many-small-associations", "--count", str(count * 2 if count else 400),
                        "--associations", "8", "--json", str(out / "many-small.json"), "--no-plots", *run_common])
+    missing = [name for name in steps if not (out / f"{name}.json").exists()]
+    if missing:
+        print(f"error: no report from step(s) {', '.join(missing)}: see the messages above", file=sys.stderr)
+        return 1
     doc = summarize(out, args.load)
     (out / "datasheet.json").write_text(json.dumps(doc, indent=1, default=str))
     text = markdown(doc)
     (out / "datasheet.md").write_text(text)
     print(text)
     print(f"datasheet: {out / 'datasheet.md'}", file=sys.stderr)
-    if shutil.which("storescp") is None:
-        print("note: DCMTK is not installed: the side by side has no storescp column", file=sys.stderr)
     return 0 if rc == 0 and doc["ok"] else 1
 
 

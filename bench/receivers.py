@@ -108,27 +108,40 @@ def system_cpu() -> tuple[float, float, float]:
     return busy / CLK_TCK, iowait / CLK_TCK, (busy + idle + iowait) / CLK_TCK
 
 
-def disk_io(path: Path) -> tuple[int, int, int] | None:
+def disk_io(path: Path) -> tuple[int, int, int | None] | None:
     """(write requests, bytes written, flush requests) completed so far by the block device holding ``path``,
-    from /sys/dev/block/MAJ:MIN/stat (kernel 5.5+ counts flushes); None where that is not readable (tmpfs,
-    overlay, another OS). Every fsync/fdatasync that reaches the disk costs one flush request: a durable
-    receiver's flushes per instance, next to the disk's flushes/s, tell how close to the device it runs."""
+    from /sys/dev/block/MAJ:MIN/stat (Documentation/admin-guide/iostats.rst; kernel 5.5+ counts flushes);
+    None where that is not readable (tmpfs, overlay, another OS). Every fsync/fdatasync that reaches the disk
+    costs one flush request: a durable receiver's flushes per instance, next to the disk's flushes/s, tell how
+    close to the device it runs. The kernel counts flushes on whole disks only: for a partition they are read
+    from its disk (which other partitions share); for device-mapper and md devices (LVM, dm-crypt, software
+    RAID), which never count them, flushes are None rather than a misleading 0."""
     try:
         dev = os.stat(path).st_dev
-        fields = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()
+        node = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        fields = (node / "stat").read_text().split()
+        if (node / "partition").exists():
+            disk_fields = (node.resolve().parent / "stat").read_text().split()
+        else:
+            disk_fields = fields
     except OSError:
         return None
-    if len(fields) < 17:
+    if len(fields) < 7:
         return None
-    return int(fields[4]), int(fields[6]) * 512, int(fields[15])
+    flushes: int | None = int(disk_fields[15]) if len(disk_fields) >= 17 else None
+    if (node / "dm").exists() or (node / "md").exists():
+        flushes = None
+    return int(fields[4]), int(fields[6]) * 512, flushes
 
 
-def disk_delta(before: tuple[int, int, int] | None, path: Path) -> dict[str, int] | None:
-    """What the disk did since ``before`` (see disk_io): ``writes``, ``bytes_written``, ``flushes``."""
+def disk_delta(before: tuple[int, int, int | None] | None, path: Path) -> dict[str, int | None] | None:
+    """What the disk did since ``before`` (see disk_io): ``writes``, ``bytes_written``, ``flushes`` (None when the
+    device does not count them)."""
     after = disk_io(path)
     if before is None or after is None:
         return None
-    return {"writes": after[0] - before[0], "bytes_written": after[1] - before[1], "flushes": after[2] - before[2]}
+    flushes = after[2] - before[2] if after[2] is not None and before[2] is not None else None
+    return {"writes": after[0] - before[0], "bytes_written": after[1] - before[1], "flushes": flushes}
 
 
 def count_files(folder: Path) -> int:

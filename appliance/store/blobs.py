@@ -83,9 +83,10 @@ class TmpFileReserve:
     fsync then covers its data, size and xattr).
     """
 
-    def __init__(self, volume: Volume, depth: int = 16) -> None:
+    def __init__(self, volume: Volume, depth: int = 16, fsync: bool = True) -> None:
         self.volume = volume
         self.depth = depth
+        self.fsync = fsync  # storage.fsync = false (benchmarks only): no folder fsync either
         self._ready: deque[tuple[int, str]] = deque()
         self._wake = threading.Event()
         self._closed = False
@@ -110,7 +111,7 @@ class TmpFileReserve:
                     fresh.append(create_tmp(self.volume))
                 except OSError:
                     break  # full or gone: the event loop's own attempt reports it
-            if fresh:
+            if fresh and self.fsync:
                 try:
                     fsync_dir(self.volume.tmp_dir)
                 except OSError:
@@ -118,6 +119,7 @@ class TmpFileReserve:
                         os.close(fd)
                         _unlink(path)
                     fresh = []
+            if fresh:
                 self._ready.extend(fresh)
             self._wake.wait(1.0)
             self._wake.clear()

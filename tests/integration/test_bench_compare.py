@@ -193,3 +193,13 @@ def test_mixed_ceiling_adds_up_each_sizes_time() -> None:
                          {525_000: 1000.0, 131_000: 4000.0, 8_400_000: 50.0})
     assert rate == pytest.approx(1020 / 1.1)
     assert mixed_ceiling([(10, 1)], {1: 123.0}) == pytest.approx(123.0)
+    assert mixed_ceiling([(10, 1), (5, 2)], {1: 100.0, 2: 0.0}) == 0.0  # a size the probe could not write
+
+
+def test_probe_sizes_within_five_percent_share_one_probe() -> None:
+    from bench.sidebyside import _probe_size
+
+    measured = {525_478: (900.0, 470.0)}
+    assert _probe_size(525_477, measured) == 525_478  # morning-rush's CT and ct-burst's: one probe
+    assert _probe_size(131_000, measured) is None
+    assert _probe_size(8_400_000, measured) is None

@@ -47,7 +47,8 @@ def test_datasheet_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert scp["measured"] == worst_scp and scp["met"] == (worst_scp >= 1.0)
     p99 = doc["sustained"]["latency_ms"]["p99"]
     sus = next(t for t in doc["targets"] if t["target"].startswith("sustained"))
-    assert sus["measured"] == p99 and sus["met"] == (p99 < 20.0)
+    kept_up = doc["sustained"]["instances_per_s"] >= 0.95 * doc["sustained"]["offered_rate"]
+    assert sus["measured"] == p99 and sus["met"] == (p99 < 20.0 and kept_up)
     orthanc = next(t for t in doc["targets"] if "Orthanc" in t["target"])
     assert orthanc["measured"] is None and orthanc["met"] is False  # not measured is not met
     headroom = next(t for t in doc["targets"] if t["target"].startswith("driver"))
@@ -61,3 +62,13 @@ def test_datasheet_is_an_appliance_command() -> None:
     result = subprocess.run([sys.executable, "-m", "appliance", "bench", "datasheet", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "--sustained-seconds" in result.stdout
+
+
+def test_datasheet_without_dcmtk_says_so_and_keeps_no_stale_report(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "sheet"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")  # from an earlier run into the same folder
+    monkeypatch.setattr(datasheet.shutil, "which", lambda name: None)
+    assert datasheet.main(["--out", str(out), "--tmp", str(tmp_path), "--quick"]) == 2
+    assert not (out / "compare.json").exists()
