@@ -53,6 +53,7 @@ from bench.receivers import (  # noqa: F401  (re-exported: bench.compare.Applian
     make_receivers,
     orthanc_binary,
     proc_tree_cpu,
+    rotated,
     system_cpu,
     wait_for,
 )
@@ -90,6 +91,7 @@ class Sample:
     # The disk holding the receiver's data, from the start of the run to the end of that sync (receivers.disk_io):
     disk_flushes: int | None = None
     disk_bytes_written: int | None = None
+    position: int = 0  # order within its cell (repeat x scenario x K): receivers take turns going first
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -352,19 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     n = 0
     try:
         # Repeats outermost, so slow drifts of the machine's load spread over every cell instead of one.
+        cell = 0
         for repeat in range(args.repeats):
             for scenario in args.scenarios:
                 burst = bursts[scenario]
                 for k in args.k:
-                    for factory in factories:
+                    for position, factory in enumerate(rotated(factories, cell)):  # receivers take turns first
                         n += 1
                         s = one_run(factory, burst, scenario, k, repeat, base, args.timeout, args.keep)
+                        s.position = position
                         samples.append(s)
                         status = "ok" if s.ok else "FAILED: " + "; ".join(s.errors)[:2000]
                         print(f"[{n}/{total}] {s.receiver:<18} {scenario} x{len(burst.files)} K={k} "
                               f"rep {repeat}: {s.instances_per_s:7.1f} inst/s {s.mb_per_s:7.1f} MB/s "
                               f"wall {s.wall_s:6.2f}s recvCPU {s.receiver_cpu_s:5.1f}s scuCPU {s.storescu_cpu_s:5.1f}s "
                               f"{status}", file=sys.stderr, flush=True)
+                    cell += 1
     except KeyboardInterrupt:
         print("interrupted: reporting what ran", file=sys.stderr)
     finally:

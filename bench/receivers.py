@@ -144,6 +144,17 @@ def disk_delta(before: tuple[int, int, int | None] | None, path: Path) -> dict[s
     return {"writes": after[0] - before[0], "bytes_written": after[1] - before[1], "flushes": flushes}
 
 
+def rotated(items: list[Any], k: int) -> list[Any]:
+    """``items`` starting at position ``k`` (modulo its length). The compares rotate the receivers from one cell
+    to the next, so that no receiver is always the one run just after another run's data was deleted: on a
+    journal-less ext4 that run pays for allocating inodes among the recently deleted ones (docs/benchmarks.md,
+    Caveats), and with a fixed order the first receiver paid it every time."""
+    if not items:
+        return []
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
 def count_files(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 

@@ -47,6 +47,7 @@ from bench.receivers import (
     disk_io,
     first_line,
     orthanc_binary,
+    rotated,
     system_cpu,
 )
 from bench.sidebyside_report import compare_markdown, medians, ratios, write_compare
@@ -339,14 +340,16 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
                 print(f"  {name}: {ceiling['files_per_s']:,.0f} files/s of {ceiling['file_bytes'] / 1e3:,.0f} kB",
                       file=sys.stderr, flush=True)
         # Repeats outermost (slow drifts of the machine's load spread over every cell); receivers innermost, so
-        # the runs a ratio divides are as close in time as possible.
+        # the runs a ratio divides are as close in time as possible, and rotated from cell to cell (rotated()).
+        cell = 0
         for repeat in range(args.repeats):
             for plan in plans:
                 for n in args.associations:
                     for client in args.clients:
-                        for factory in factories:
+                        for position, factory in enumerate(rotated(factories, cell)):
                             i += 1
                             s, run_doc = one_run(factory, plan, client, n, repeat, base, args.keep)
+                            s["position"] = position  # 0: the first run of its cell (receivers take turns)
                             samples.append(s)
                             if run_doc is not None:
                                 runs.append(run_doc)
@@ -356,6 +359,7 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
                                   f"N={n} rep {repeat}: {rate:7.1f} inst/s wall {s['wall_s']:6.2f}s recvCPU "
                                   f"{s['receiver_cpu_s']:5.1f}s clientCPU {s['client_cpu_s']:5.1f}s {status}",
                                   file=sys.stderr, flush=True)
+                        cell += 1
     except KeyboardInterrupt:
         print("interrupted: reporting what ran", file=sys.stderr)
     finally:

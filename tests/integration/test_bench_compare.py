@@ -44,6 +44,8 @@ def test_side_by_side_ct_burst(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert s["instances"] == s["instances_ok"] == s["stored"] == 20
         assert s["instances_per_s"] > 0 and s["wall_s"] > 0 and s["associations"] == 2
     assert {s["processes_or_associations"] for s in samples} == {2}  # two associations / two storescu each
+    # Receivers take turns going first from one cell (client) to the next.
+    assert {s["receiver"] for s in samples if s["position"] == 0} == {"appliance-w2", "storescp"}
     for s in samples:
         if s["client"] == "driver":  # per-C-STORE latency from driver.run_one
             lat = s["latency_ms"]
@@ -203,3 +205,9 @@ def test_probe_sizes_within_five_percent_share_one_probe() -> None:
     assert _probe_size(525_477, measured) == 525_478  # morning-rush's CT and ct-burst's: one probe
     assert _probe_size(131_000, measured) is None
     assert _probe_size(8_400_000, measured) is None
+
+
+def test_rotated() -> None:
+    assert receivers.rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert receivers.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert receivers.rotated([], 3) == []
