@@ -318,6 +318,17 @@ def markdown(docs: Iterable[dict[str, Any]]) -> str:
 # ---- plots --------------------------------------------------------------------------------------------
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (100 dpi) and close a matplotlib figure: every PNG of the harness goes through here."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plots(docs: Iterable[dict[str, Any]], prefix: Path) -> list[Path]:
     """``<prefix>-throughput.png`` (instances/s versus associations, one line per system) and
     ``<prefix>-latency-cdf.png`` (C-STORE latency CDF, one curve per system and N). Agg backend."""
@@ -348,11 +359,7 @@ def plots(docs: Iterable[dict[str, Any]], prefix: Path) -> list[Path]:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = prefix.parent / f"{prefix.name}-throughput.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, prefix.parent / f"{prefix.name}-throughput.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
@@ -371,11 +378,7 @@ def plots(docs: Iterable[dict[str, Any]], prefix: Path) -> list[Path]:
     ax.set_ylim(0, 1.0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = prefix.parent / f"{prefix.name}-latency-cdf.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, prefix.parent / f"{prefix.name}-latency-cdf.png"))
     return written
 
 

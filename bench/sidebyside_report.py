@@ -259,16 +259,6 @@ def compare_markdown(doc: dict[str, Any]) -> str:
 # ---- plot and files -----------------------------------------------------------------------------------
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def compare_plot(doc: dict[str, Any], path: Path) -> Path:
     """Median instances/s versus associations, one line per receiver and client, one panel per scenario; the
     durable ceiling (when measured) as a dotted horizontal line."""
@@ -302,7 +292,7 @@ def compare_plot(doc: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def compare_latency_plot(doc: dict[str, Any], path: Path) -> Path | None:
@@ -340,7 +330,7 @@ def compare_latency_plot(doc: dict[str, Any], path: Path) -> Path | None:
             ax.set_ylim(0, 1.0)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    return report.save_figure(fig, path)
 
 
 def write_compare(doc: dict[str, Any], json_path: Path) -> dict[str, Any]:
