@@ -73,16 +73,21 @@ def associate_rq(calling: str = "RAWSCU", called: str = "APPLIANCE", max_pdu: in
     return bytes(pdu.encode())
 
 
-def c_store_pdus(context_id: int, sop_class: str, sop_instance: str, dataset: bytes, max_pdu: int) -> list[bytes]:
-    """The P-DATA-TF PDUs pynetdicom sends for one C-STORE-RQ (command first, then the dataset fragments)."""
+def c_store_request(message_id: int, sop_class: str, sop_instance: str, dataset: bytes) -> C_STORE:
+    """A C-STORE-RQ primitive whose command says ``sop_class``/``sop_instance`` whatever the dataset says."""
     primitive = C_STORE()
-    primitive.MessageID = 1
+    primitive.MessageID = message_id
     primitive.AffectedSOPClassUID = sop_class
     primitive.AffectedSOPInstanceUID = sop_instance
     primitive.Priority = 0
     primitive.DataSet = io.BytesIO(dataset)
+    return primitive
+
+
+def c_store_pdus(context_id: int, sop_class: str, sop_instance: str, dataset: bytes, max_pdu: int) -> list[bytes]:
+    """The P-DATA-TF PDUs pynetdicom sends for one C-STORE-RQ (command first, then the dataset fragments)."""
     message = C_STORE_RQ()
-    message.primitive_to_message(primitive)
+    message.primitive_to_message(c_store_request(1, sop_class, sop_instance, dataset))
     out = []
     for p_data in message.encode_msg(context_id, max_pdu):
         pdu = P_DATA_TF()
@@ -220,12 +225,7 @@ def send_store(assoc: Association, sop_class: str, sop_instance: str, dataset: b
     pynetdicom's DIMSE layer on the accepted context of ``context_class`` (default: ``sop_class``)."""
     context_class = context_class or sop_class
     context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == context_class)
-    request = C_STORE()
-    request.MessageID = 7
-    request.AffectedSOPClassUID = sop_class
-    request.AffectedSOPInstanceUID = sop_instance
-    request.Priority = 0
-    request.DataSet = io.BytesIO(dataset)
+    request = c_store_request(7, sop_class, sop_instance, dataset)
     # As in Association.send_c_store: pause the association's reactor thread, or it takes the response off the
     # DIMSE queue first (and drops it as unexpected).
     assoc._reactor_checkpoint.clear()
