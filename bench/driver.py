@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, synth
-from bench.monitor import STAGES, ServerMonitor, metrics_delta, scrape, settled_metrics
+from bench.monitor import STAGES, MetricsWindow, ServerMonitor, metrics_delta, scrape
 from bench.scenarios import (
     EXPLICIT_LE,
     IMPLICIT_LE,
@@ -276,13 +276,8 @@ async def _execute(target: Target, w: Workload, rec: Recorder, max_pdu: int, tim
 
 def run_one(target: Target, w: Workload, args: argparse.Namespace, label: str) -> dict[str, Any]:
     monitor = ServerMonitor(target.pid) if target.pid else None
-    before = None
-    metrics_error = None
-    if target.metrics_url:
-        try:
-            before = scrape(target.metrics_url)
-        except OSError as exc:
-            metrics_error = f"scrape before the run failed: {exc}"
+    window = MetricsWindow(target.metrics_url)
+    window.open()  # before the CPU monitor starts: the scrapes are not the server's work
     if monitor is not None:
         monitor.start()
     rec = Recorder()
@@ -293,15 +288,9 @@ def run_one(target: Target, w: Workload, args: argparse.Namespace, label: str) -
     wall = time.perf_counter() - rec.t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     server = monitor.stop() if monitor is not None else None
-    metrics: dict[str, Any] | None = None
-    if before is not None and target.metrics_url:
-        try:
-            metrics = settled_metrics(target.metrics_url, before, sum(1 for s in rec.stores["status"] if s == 0))
-            metrics["url"] = target.metrics_url
-        except OSError as exc:
-            metrics_error = f"scrape after the run failed: {exc}"
-    if metrics_error:
-        errors.append(metrics_error)
+    metrics = window.close(sum(1 for s in rec.stores["status"] if s == 0))
+    if window.error:
+        errors.append(window.error)
     errors.extend(e for e in rec.associations["error"] if e)
     return {
         "system": target.system,

@@ -105,10 +105,40 @@ def metrics_delta(before: dict[Any, float], after: dict[Any, float]) -> dict[str
 
 
 def settled_metrics(url: str, before: dict[Any, float], ok: int, timeout: float = 5.0) -> dict[str, Any]:
-    """The per-stage histograms of a batch are written just after its responses go out: poll briefly."""
+    """The delta once it covers the run's ``ok`` instances: workers write per-instance series every 0.5 s
+    (appliance/metrics.py), and one scrape can catch a write half done (histograms updated, counters not yet),
+    so poll until the stage counts and the instance counter all add up, or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
         delta = metrics_delta(before, scrape(url))
-        if all(delta["stages"][s]["count"] >= ok for s in STAGES) or time.monotonic() > deadline:
+        settled = all(delta["stages"][s]["count"] >= ok for s in STAGES) and delta["instances_stored"] >= ok
+        if settled or time.monotonic() > deadline:
             return delta
         time.sleep(0.1)
+
+
+class MetricsWindow:
+    """The appliance's /metrics around one run: scraped before it (``open``), and settled after it (``close``);
+    a failed scrape becomes ``error``, a note for the run, not an exception. Without a URL it does nothing."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.before: dict[Any, float] | None = None
+        self.error: str | None = None
+
+    def open(self) -> None:
+        if self.url:
+            try:
+                self.before = scrape(self.url)
+            except OSError as exc:
+                self.error = f"scrape before the run failed: {exc}"
+
+    def close(self, ok: int) -> dict[str, Any] | None:
+        """The run's delta (with ``url``), or None when there was no URL or a scrape failed."""
+        if self.before is None or not self.url:
+            return None
+        try:
+            return {**settled_metrics(self.url, self.before, ok), "url": self.url}
+        except OSError as exc:
+            self.error = f"scrape after the run failed: {exc}"
+            return None

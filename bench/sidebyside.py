@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import driver, hardware, report, synth
-from bench.monitor import STAGES, scrape, settled_metrics
+from bench.monitor import STAGES, MetricsWindow
 from bench.receivers import (
     DCMTK_ENV,
     Receiver,
@@ -167,17 +167,13 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         "commits": None, "disk": None,
     }
     run_doc = None
-    before: dict[Any, float] | None = None  # the appliance's /metrics before a storescu run
     try:
         workload = plan.scenario.workload(n, unique=True) if client == "driver" else None  # UIDs rewritten here
         receiver.start()
         # The appliance's /metrics are scraped here and after the CPU readings, for either client, so the
         # scrapes (several while the 0.5 s metrics flush settles) are not counted as the receiver's CPU.
-        if receiver.metrics_url:
-            try:
-                before = scrape(receiver.metrics_url)
-            except OSError as exc:
-                sample["errors"].append(f"scrape before the run failed: {exc}")
+        window = MetricsWindow(receiver.metrics_url)  # the appliance's /metrics around the run (either client)
+        window.open()
         cpu0 = receiver.cpu_seconds()
         busy0, _, _ = system_cpu()
         disk0 = disk_io(workdir)
@@ -204,16 +200,15 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         sample["machine_busy_s"] = round(busy1 - busy0, 3)
         os.sync()  # a receiver that acknowledged from the page cache pays its writes here, outside the wall time
         sample["disk"] = disk_delta(disk0, workdir)
-        if before is not None and receiver.metrics_url:  # after the CPU readings: not part of the run
-            stored = sample["instances_ok"] if client == "driver" else (plan.instances if sample["failures"] == 0
-                                                                         else 0)
-            try:
-                metrics = settled_metrics(receiver.metrics_url, before, stored)
-                sample.update(stage_fields(metrics))
-                if run_doc is not None:
-                    run_doc["metrics"] = {**metrics, "url": receiver.metrics_url}
-            except OSError as exc:
-                sample["errors"].append(f"scrape after the run failed: {exc}")
+        # After the CPU readings: not part of the run.
+        metrics = window.close(sample["instances_ok"] if client == "driver"
+                               else (plan.instances if sample["failures"] == 0 else 0))
+        if metrics is not None:
+            sample.update(stage_fields(metrics))
+            if run_doc is not None:
+                run_doc["metrics"] = metrics
+        if window.error:
+            sample["errors"].append(window.error)
         wall = sample["wall_s"]
         if wall > 0 and sample["failures"] == 0:
             sample["instances_per_s"] = round(sample["instances_ok"] / wall, 2)
