@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -278,24 +277,35 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy the stored Part-10 files (byte for byte) to DEST/<SOPInstanceUID>.dcm."""
-    from appliance.store.volumes import VolumeSet
+    from appliance.store.online import BlobStore
 
     try:
         cfg = _config(config)
         with _open_index(cfg) as index:
             instances = index.instances_under(uid)
-        if not instances:
-            raise errors.NotFound(f"{uid}: not in the index")
-        volumes = VolumeSet.open(cfg)
+            if not instances:
+                raise errors.NotFound(f"{uid}: not in the index")
+            blobs = {rec.digest: index.blob(rec.digest) for _key, rec in instances}
+        store = BlobStore.open(cfg)
         dest.mkdir(parents=True, exist_ok=True)
         written = []
-        for _key, rec in instances:
-            src = volumes.find_blob(rec["volume"], rec["digest"])
-            if src is None:
-                raise errors.NotFound(f"blob {rec['digest']} of {rec['SOPInstanceUID']} is missing")
-            target = dest / f"{rec['SOPInstanceUID']}.dcm"
-            shutil.copyfile(src, target)
-            written.append(str(target))
+        try:
+            for _key, rec in instances:
+                blob = blobs[rec.digest]
+                if blob is None:
+                    raise errors.NotFound(f"blob {rec.digest} is not in the index")
+                # The file name comes from a UID a peer sent: keep it to what a UID may hold (no path tricks).
+                sop_uid = rec.attrs.get("SOPInstanceUID", rec.digest)
+                safe = sop_uid if sop_uid and all(c.isdigit() or c == "." for c in sop_uid) else rec.digest
+                target = dest / f"{safe}.dcm"
+                tmp = target.with_suffix(".dcm.part")
+                with open(tmp, "wb") as fh:
+                    for chunk in store.open_blob(rec.digest, blob):
+                        fh.write(chunk)
+                os.replace(tmp, target)
+                written.append(str(target))
+        finally:
+            store.close()
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     _emit({"exported": written}, as_json, f"exported {len(written)} instance(s) to {dest}")
@@ -304,7 +314,7 @@ def export(
 @app.command()
 def verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-hash every blob the index names; report missing, corrupt and orphaned blobs (exit 1 if any)."""
-    from appliance.index.rebuild import verify as run_verify
+    from appliance.store.rebuild import verify as run_verify
 
     try:
         cfg = _config(config)
@@ -313,9 +323,9 @@ def verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     data = {"checked": report.checked, "missing": report.missing, "corrupt": report.corrupt,
-            "orphans": report.orphans, "ok": report.ok}
-    lines = [f"checked {report.checked} blob(s): {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
-             f"{len(report.orphans)} orphaned"]
+            "orphans": report.orphans, "dead_bytes": report.dead_bytes, "ok": report.ok}
+    lines = [f"checked {report.checked} blob cop(ies): {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
+             f"{len(report.orphans)} orphaned segment(s); {report.dead_bytes} dead bytes awaiting compaction"]
     lines += [f"  missing {m}" for m in report.missing] + [f"  CORRUPT {c}" for c in report.corrupt]
     lines += [f"  orphan  {o}" for o in report.orphans]
     _emit(data, as_json, "\n".join(lines))
@@ -332,7 +342,7 @@ def index_rebuild(
     as_json: JsonOpt = False,
 ) -> None:
     """Recreate the index from the volumes alone (run with the server stopped unless --into is given)."""
-    from appliance.index.rebuild import rebuild_index, replace_index
+    from appliance.store.rebuild import rebuild_index, replace_index
 
     try:
         cfg = _config(config)

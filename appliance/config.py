@@ -75,6 +75,8 @@ class PeerConfig:
     allow_move: bool = True
     allow_get: bool = True
     allow_storage_commitment: bool = True
+    # A re-sent SOP Instance UID with other bytes replaces the stored instance only for peers given this right.
+    allow_overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,20 @@ class StorageConfig:
     # fsync blobs and the index before acknowledging. Switching it off voids the durability contract and exists
     # only for measuring what fsync costs; serve logs a warning when it is off.
     fsync: bool = True
+    # Segments: a worker appends every instance to its active segment, which is sealed at this size.
+    segment_bytes_max: int = 1 << 30
+    # An instance waits in memory until it is appended, up to this size; larger ones spill to <volume>/tmp/.
+    spool_memory_bytes: int = 4 << 20
+    # ... and while one worker's spooled instances hold less than this in all.
+    spool_memory_total_bytes: int = 256 << 20
+    # Instances handed to the group commit and not yet answered, per worker; more are refused with 0xA700.
+    commit_queue_max: int = 1024
+    # Compaction: a sealed segment whose dead share (overwritten, duplicate, failed records) reaches this fraction
+    # is rewritten; its live records are copied to a new segment, then it is deleted.
+    compaction_dead_ratio: float = 0.5
+    # How often the server compacts (seconds; 0 = never, only `appliance compact`), and how fast it copies.
+    compaction_interval_s: float = 3600.0
+    compaction_bytes_per_s: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,16 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.commit_max_batch must be >= 1 and storage.commit_max_wait_ms >= 0")
     if st.index_map_size < 1024 * 1024:
         raise ConfigError("storage.index_map_size: at least 1 MiB")
+    if not 1 << 20 <= st.segment_bytes_max <= 1 << 40:
+        raise ConfigError("storage.segment_bytes_max: 1 MiB to 1 TiB")
+    if not 64 << 10 <= st.spool_memory_bytes <= st.spool_memory_total_bytes:
+        raise ConfigError("storage.spool_memory_bytes: at least 64 KiB and at most storage.spool_memory_total_bytes")
+    if st.commit_queue_max < st.commit_max_batch:
+        raise ConfigError("storage.commit_queue_max: at least storage.commit_max_batch")
+    if not 0.0 < st.compaction_dead_ratio <= 1.0:
+        raise ConfigError("storage.compaction_dead_ratio: a fraction in (0, 1]")
+    if st.compaction_interval_s < 0 or st.compaction_bytes_per_s < 1 << 20:
+        raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -349,6 +375,13 @@ commit_max_batch = 256          # group commit: most instances per fsync batch /
 commit_max_wait_ms = 2.0        # group commit: longest wait for more instances to join a batch
 index_map_size = 268435456      # initial LMDB map size; it doubles when full
 fsync = true                    # never switch off in production: acknowledgements would not be durable
+segment_bytes_max = 1073741824  # a worker's active segment is sealed at this size (tar file per segment)
+spool_memory_bytes = 4194304    # an instance waits in memory up to this size; larger ones spill to <volume>/tmp
+spool_memory_total_bytes = 268435456  # memory all of one worker's waiting instances may hold
+commit_queue_max = 1024         # instances waiting for the group commit per worker; more get 0xA700
+compaction_dead_ratio = 0.5     # rewrite a sealed segment once this share of it is dead (overwritten/duplicate)
+compaction_interval_s = 3600.0  # how often the server compacts (0 = only `appliance compact`)
+compaction_bytes_per_s = 67108864  # compaction's copy rate limit
 
 [dicom]
 # sop_classes = ["storage"]     # "storage" = Verification + every storage SOP class; or a list of UIDs

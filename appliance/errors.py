@@ -89,6 +89,19 @@ class IndexFailure(ApplianceError):
     status = PROCESSING_FAILURE
 
 
+class BlobMissing(ApplianceError):
+    """A location names nothing readable (deleted, its segment compacted away, the medium gone)."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class StorageFault(ApplianceError):
+    """An I/O error after which the page cache or a backend's state cannot be trusted (a failed fsync or LMDB
+    commit): the process stops (fail-stop) instead of retrying, and acknowledges nothing more."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 STATUS_NAMES = {
     SUCCESS: "Success",
     DUPLICATE_SOP_INSTANCE: "Duplicate SOP Instance",

@@ -30,11 +30,13 @@ from typing import Any
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, StudyIndex
-from appliance.store.commit import recover
-from appliance.store.volumes import VolumeSet
+from appliance.store.online import BlobStore, recover
 
 log = logging.getLogger("appliance")
 DRAIN_SECONDS = 30.0
+# A worker exits with this code after a storage fault (failed fsync or LMDB I/O error): the supervisor then stops
+# the whole appliance instead of restarting the worker (sysexits' EX_IOERR).
+EXIT_STORAGE_FAULT = 74
 
 
 def setup_logging(level: str) -> None:
@@ -81,22 +83,28 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
 async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, WorkerContext
-    from appliance.store.blobs import TmpFileReserve
     from appliance.store.commit import GroupCommitter
+    from appliance.store.spool import SpoolBudget
 
     loop = asyncio.get_running_loop()
     st = config.storage
     index = StudyIndex(st.index_path, st.index_map_size, sync=st.fsync)
-    volumes = VolumeSet.open(config)
+    blobstore = BlobStore.open(config, index=index)
     metrics = Metrics()
-    committer = GroupCommitter(index, volumes, st.duplicate_policy, loop, st.commit_max_batch,
-                               st.commit_max_wait_ms, st.fsync, metrics)
-    reserves = {vol.name: TmpFileReserve(vol, fsync=st.fsync) for vol in volumes.volumes}
-    ctx = WorkerContext.build(config, volumes=volumes, committer=committer, metrics=metrics, slots=slots,
-                              tmp_reserves=reserves)
+    stop = asyncio.Event()
+    faults: list[str] = []
+
+    def on_fault(reason: str) -> None:
+        faults.append(reason)
+        stop.set()
+
+    committer = GroupCommitter(index, st.duplicate_policy, loop, st.commit_max_batch, st.commit_max_wait_ms,
+                               metrics, on_fault=on_fault, queue_max=st.commit_queue_max)
+    ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics, slots=slots,
+                              blobstore=blobstore,
+                              spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))
     sock = _listen_socket(config.server.host, port, listen=True)
     server = await loop.create_server(lambda: AssociationProtocol(ctx), sock=sock)
-    stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     ready.put(os.getpid())
 
@@ -123,9 +131,12 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     await asyncio.to_thread(committer.close)
     flusher.cancel()
     metrics.flush()
-    for reserve in reserves.values():
-        reserve.close()
+    blobstore.close()
     index.close()
+    if faults:
+        # Fail-stop: after a failed fsync the page cache cannot be trusted; nothing more is acknowledged.
+        log.critical("worker stopped after a storage fault: %s", faults[0])
+        os._exit(EXIT_STORAGE_FAULT)
 
 
 # ---- supervisor -------------------------------------------------------------------------------------
@@ -142,19 +153,24 @@ class Supervisor:
         self.port = config.server.port
         self.metrics_port = 0
         self.stopping = False
+        self.exit_code = 0
         self.metrics_dir = ""
 
     def prepare(self) -> dict[str, int]:
         cfg = self.config
-        volumes = VolumeSet.open(cfg, create_missing=True)
         index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
         try:
-            stats = recover(volumes, index)
+            store = BlobStore.open(cfg, index=index, create_missing=True)
+            try:
+                stats = recover(store, index)
+            finally:
+                store.close()
         finally:
             index.close()  # an LMDB environment must not cross fork()
-        if stats["moved"] or stats["dropped"] or stats["deleted"]:
-            log.info("recovery: %(moved)d committed blobs moved into place, %(dropped)d unacknowledged "
-                     "partial files dropped, %(deleted)d unreferenced blobs deleted", stats)
+        if any(stats.values()):
+            log.info("recovery: %(spill_files)d spill files of interrupted receptions removed, %(truncated_bytes)d "
+                     "unacknowledged bytes truncated, %(sealed)d segments sealed, %(deleted)d compacted segments "
+                     "deleted, %(unknown_segments)d segment files unknown to the index left alone", stats)
         return stats
 
     def _spawn(self) -> ForkProcess:
@@ -193,14 +209,28 @@ class Supervisor:
             while not self.stopping:
                 for i, proc in enumerate(self.workers):
                     if not proc.is_alive() and not self.stopping:
+                        if proc.exitcode == EXIT_STORAGE_FAULT:
+                            log.critical("worker %d stopped on a storage fault: stopping the appliance", proc.pid)
+                            self.stopping = True
+                            self.exit_code = EXIT_STORAGE_FAULT
+                            break
                         log.error("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
+                        self._release_worker(proc)
                         self.workers[i] = self._spawn()
                         self._await_ready(1)
                 time.sleep(0.2)
         finally:
             self._shutdown()
             reserve.close()
-        return 0
+        return self.exit_code
+
+    def _release_worker(self, proc: ForkProcess) -> None:
+        """What a dead worker held: its spill files (its association slots are the network layer's)."""
+        from appliance.store.spool import clear_tmp
+
+        for vc in self.config.volumes:
+            if proc.pid is not None:
+                clear_tmp(str(vc.path / "tmp"), pid=proc.pid)
 
     def _await_ready(self, count: int, timeout: float = 60.0) -> None:
         """Wait for ``count`` workers to report that they listen; fail fast if one dies meanwhile."""

@@ -1,48 +1,58 @@
-"""The LMDB index: Patient -> Study -> Series -> Instance, secondary indexes, blob references, pending deletes.
+"""The LMDB index: Patient -> Study -> Series -> Instance, secondary indexes, blobs and their copies, containers.
 
 Sub-databases (keys are UTF-8, components joined by NUL, so a study's series are a prefix scan):
 
 =============  =========================================  ==================================================
-name           key                                        value (JSON)
+name           key                                        value
 =============  =========================================  ==================================================
-patients       pk                                         patient attributes + counts and sizes
-studies        pk NUL study_uid                           study attributes + ModalitiesInStudy, counts, size
-series         pk NUL study_uid NUL series_uid            series attributes + count, size
-instances      pk NUL study NUL series NUL sop_uid        digest, volume, size, ts, class, received, AE, tier
+patients       pk                                         JSON: patient attributes + counts and sizes
+studies        pk NUL study_uid                           JSON: study attributes + ModalitiesInStudy, counts
+series         pk NUL study_uid NUL series_uid            JSON: series attributes + count, size
+instances      pk NUL study NUL series NUL sop_uid        InstanceRecord (schema.py, MessagePack)
 uids           any Study/Series/SOP Instance UID          level letter + full key of its record
 idx_patientid  PatientID NUL study_uid                    study key
 idx_accession  AccessionNumber NUL study_uid              study key
 idx_studydate  StudyDate NUL study_uid                    study key
-blobs          sha256 hex                                 {"volume", "size", "refs"}
-gc             volume NUL sha256 hex                      empty: blob to delete once no entry names it
+blobs          sha256 hex                                 BlobRecord: size, refs, copies (backend, container, ..)
+containers     backend NUL container                      ContainerRecord: committed end, live bytes, sealed
+contents       backend NUL container NUL sha256 hex       empty: the blobs a container holds live (compaction)
+gc             backend NUL container                      empty: container to delete once nothing names it
+meta           "schema"                                   schema version (2)
 =============  =========================================  ==================================================
 
 ``pk`` is the PatientID (with ``^^issuer`` appended when an Issuer of Patient ID is present). A study stays
 under the patient of the first instance that created it. Level attributes are those of the instance with the
 latest receive time, so the result does not depend on commit order and a rebuild reproduces it exactly.
 
-There is one write path, ``apply``: a list of entries in one write transaction (the group commit). When the
-map is full it grows by doubling and the transaction is replayed.
+Invariants (with store/commit.py): an entry names a copy only after the copy's bytes are durable; a container
+is deleted only after the transaction that stopped naming anything in it (its ``gc`` row) has committed; a
+container's ``live_bytes`` is the sum of the ``stored_bytes`` of the copies in it that a blob record names.
+
+There is one ingest write path, ``apply``: a list of entries in one write transaction (the group commit). When
+the map is full it grows by doubling and the transaction is replayed.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
+from appliance.errors import ApplianceError
+from appliance.index import schema
 from appliance.index.records import Header
+from appliance.index.schema import BlobRecord, ContainerRecord, Copy, InstanceRecord
 
 DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid", "idx_accession",
-            "idx_studydate", "blobs", "gc", "meta")
+            "idx_studydate", "blobs", "containers", "contents", "gc", "meta")
 LEVELS = ("patients", "studies", "series", "instances")
 SEP = "\x00"
-SCHEMA_VERSION = b"1"
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 # Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
 SERVE_LOCK = "serve.lock"
 
@@ -64,6 +74,10 @@ def patient_key(patient: dict[str, str]) -> str:
     return f"{pid}^^{issuer}" if issuer or not pid else pid
 
 
+def container_key(backend: str, container: str) -> bytes:
+    return f"{backend}{SEP}{container}".encode()
+
+
 class Outcome(Enum):
     STORED = "stored"  # new instance
     REPLACED = "replaced"  # overwrite policy, different bytes
@@ -76,94 +90,271 @@ class Outcome(Enum):
 class IndexEntry:
     header: Header
     digest: str
-    volume: str
     size: int
     transfer_syntax: str
     received_ns: int
     calling_ae: str
-    tier: str = "online"
+    copy: Copy  # where the bytes were just made durable
+    policy: str = ""  # this entry's duplicate policy ("" = the index-wide one given to apply)
 
 
 @dataclass
 class ApplyResult:
     outcome: Outcome
-    blob_is_new: bool  # the tmp file must be renamed into place (else it is a duplicate and is dropped)
-    freed: list[tuple[str, str]]  # (volume, digest) blobs no longer named by any entry
+    blob_is_new: bool  # the entry's copy is now named (else its bytes are dead: a duplicate or a refusal)
+    existing: list[Copy] = field(default_factory=list)  # IDENTICAL: the copies already named
+
+
+class SchemaMismatch(ApplianceError):
+    pass
 
 
 class StudyIndex:
     def __init__(self, path: Path, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self.env = lmdb.open(
             str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, sync=sync, metasync=sync,
-            readonly=readonly, lock=True, max_readers=1024,
+            readonly=readonly, lock=True, max_readers=1024, mode=0o600,
         )
+        with self.env.begin() as txn:
+            meta = self.env.open_db(b"meta", txn=txn, create=False) if self._has_db(txn, b"meta") else None
+            version = txn.get(b"schema", db=meta) if meta is not None else None
+        if version is not None and bytes(version) != SCHEMA_VERSION:
+            self.env.close()
+            raise SchemaMismatch(
+                f"the index at {path} has schema version {bytes(version).decode()}, this appliance needs "
+                f"{SCHEMA_VERSION.decode()}: the one-file-per-instance layout (schema 1) has no migration; "
+                "start from an empty index and volumes")
         self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
         if not readonly:
             with self.env.begin(write=True) as txn:
                 txn.put(b"schema", SCHEMA_VERSION, db=self.dbs["meta"], overwrite=False)
 
+    def _has_db(self, txn: lmdb.Transaction, name: bytes) -> bool:
+        return txn.get(name) is not None  # named databases are keys of the main database
+
     def close(self) -> None:
         self.env.close()
 
-    # ---- write path -------------------------------------------------------------------------------
-
-    def apply(self, entries: list[IndexEntry], policy: str) -> list[ApplyResult]:
-        """Index ``entries`` in one durable write transaction; grows the map and retries when full."""
+    def _write(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
+        """One durable write transaction; grows the map and replays ``body`` when full."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    results = [self._apply_one(txn, entry, policy) for entry in entries]
-                    self._unfree_renamed(txn, results)
-                    return results
+                    return body(txn)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)  # another process grew the map: adopt its size
 
-    def _unfree_renamed(self, txn: lmdb.Transaction, results: list[ApplyResult]) -> None:
-        """Drop from ``freed`` the blobs that a later entry of the same batch names again.
+    # ---- write path -------------------------------------------------------------------------------
 
-        The committer deletes every freed blob after the commit. Within one batch a blob freed by one entry can
-        be named again by a later one (X: A -> B -> A, or X and Y sharing A both replaced and then Z arriving
-        with A): it was reported freed by the earlier entry and renamed into place for the later one, so the
-        committer deleted a blob the index names. Only the transaction's final state decides.
-        """
-        for res in results:
-            if not res.freed:
-                continue
-            kept = []
-            for volume, digest in res.freed:
-                blob = self._get(txn, "blobs", digest)
-                if blob is not None and blob["volume"] == volume:
-                    txn.delete(f"{volume}{SEP}{digest}".encode(), db=self.dbs["gc"])
-                else:
-                    kept.append((volume, digest))
-            res.freed = kept
+    def apply(self, entries: list[IndexEntry], policy: str,
+              container_ends: dict[tuple[str, str], int] | None = None,
+              sealed: list[tuple[str, str]] | None = None) -> list[ApplyResult]:
+        """Index ``entries`` in one durable write transaction. ``container_ends`` gives, per (backend, container)
+        written by this batch, the end of the last record written there: what recovery may not truncate.
+        ``sealed`` lists containers whose seal this batch made durable."""
 
-    def collect_garbage(self, freed: list[tuple[str, str]], unlink: Callable[[str, str], None]) -> int:
-        """Delete freed blobs, each only if no entry names its digest any more, inside a write transaction.
+        def body(txn: lmdb.Transaction) -> list[ApplyResult]:
+            for backend, name in sealed or ():
+                rec = self._container(txn, backend, name)
+                if rec is not None and not rec.sealed:
+                    rec.sealed = True
+                    self._put_container(txn, rec)
+            for (backend, name), end in (container_ends or {}).items():
+                rec = self._container(txn, backend, name)
+                assert rec is not None, f"container {backend}/{name} written before it was registered"
+                if end > rec.end:
+                    rec.end = end
+                    self._put_container(txn, rec)
+            return [self._apply_one(txn, entry, entry.policy or policy) for entry in entries]
 
-        The transaction holds LMDB's write lock, which every worker process takes to commit: another worker
-        cannot index the same content between our check and our unlink (it would rename its own copy into
-        the very path we are deleting). Its ``gc`` row goes in the same transaction. Returns how many were
-        deleted.
-        """
-        if not freed:
-            return 0
-        deleted = 0
-        with self.env.begin(write=True) as txn:
-            for volume, digest in freed:
-                if txn.get(digest.encode(), db=self.dbs["blobs"]) is None:
-                    unlink(volume, digest)
-                    deleted += 1
-                txn.delete(f"{volume}{SEP}{digest}".encode(), db=self.dbs["gc"])
-        return deleted
+        results: list[ApplyResult] = self._write(body)
+        return results
+
+    def _apply_one(self, txn: lmdb.Transaction, entry: IndexEntry, policy: str) -> ApplyResult:
+        sop_uid = entry.header.sop_instance_uid
+        existing = txn.get(sop_uid.encode(), db=self.dbs["uids"])
+        outcome = Outcome.STORED
+        if existing is not None:
+            inst_key = bytes(existing[1:]).decode()
+            old = self._instance(txn, inst_key)
+            assert old is not None, f"uids names a missing instance {inst_key!r}"
+            if old.digest == entry.digest:
+                blob = self._blob(txn, entry.digest)
+                return ApplyResult(Outcome.IDENTICAL, False, list(blob.copies) if blob is not None else [])
+            if policy == "reject":
+                return ApplyResult(Outcome.REJECTED, False)
+            if policy == "keep-first":
+                return ApplyResult(Outcome.KEPT_FIRST, False)
+            self._remove_instance(txn, inst_key, old)
+            outcome = Outcome.REPLACED
+        blob_is_new = self._add_ref(txn, entry)
+        self._insert_instance(txn, entry)
+        return ApplyResult(outcome, blob_is_new)
+
+    def _add_ref(self, txn: lmdb.Transaction, entry: IndexEntry) -> bool:
+        blob = self._blob(txn, entry.digest)
+        if blob is None:
+            self._put_blob(txn, entry.digest, BlobRecord(entry.size, 1, [entry.copy]))
+            self._count_copy(txn, entry.digest, entry.copy, +1)
+            return True
+        blob.refs += 1  # identical bytes are stored once: the new record's bytes stay dead
+        self._put_blob(txn, entry.digest, blob)
+        return False
+
+    def _drop_ref(self, txn: lmdb.Transaction, digest: str) -> None:
+        blob = self._blob(txn, digest)
+        if blob is None:
+            return
+        blob.refs -= 1
+        if blob.refs > 0:
+            self._put_blob(txn, digest, blob)
+            return
+        txn.delete(digest.encode(), db=self.dbs["blobs"])
+        for copy in blob.copies:
+            self._count_copy(txn, digest, copy, -1)
+
+    def _count_copy(self, txn: lmdb.Transaction, digest: str, copy: Copy, sign: int) -> None:
+        """A copy starts (+1) or stops (-1) being named: its container's live accounting follows."""
+        rec = self._container(txn, copy.backend, copy.container)
+        if rec is None:  # every writer registers its containers first; a tier that does not gets a bare record
+            rec = ContainerRecord(copy.backend, copy.container, 0)
+        rec.live_bytes += sign * copy.stored_bytes
+        rec.live_records += sign
+        assert rec.live_bytes >= 0 and rec.live_records >= 0, rec
+        self._put_container(txn, rec)
+        key = f"{copy.backend}{SEP}{copy.container}{SEP}{digest}".encode()
+        if sign > 0:
+            txn.put(key, b"", db=self.dbs["contents"])
+        else:
+            txn.delete(key, db=self.dbs["contents"])
+
+    # ---- containers ---------------------------------------------------------------------------------
+
+    def _container(self, txn: lmdb.Transaction, backend: str, name: str) -> ContainerRecord | None:
+        raw = txn.get(container_key(backend, name), db=self.dbs["containers"])
+        return None if raw is None else schema.decode(ContainerRecord, raw)
+
+    def _put_container(self, txn: lmdb.Transaction, rec: ContainerRecord) -> None:
+        txn.put(container_key(rec.backend, rec.name), schema.encode(rec), db=self.dbs["containers"])
+
+    def register_container(self, backend: str, name: str, created_ns: int) -> None:
+        """A new container (segment), before its first byte is written: recovery then knows it is ours."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            if self._container(txn, backend, name) is None:
+                self._put_container(txn, ContainerRecord(backend, name, created_ns))
+
+        self._write(body)
+
+    def seal_containers(self, backend: str, names: list[str]) -> None:
+        def body(txn: lmdb.Transaction) -> None:
+            for name in names:
+                rec = self._container(txn, backend, name)
+                if rec is not None and not rec.sealed:
+                    rec.sealed = True
+                    self._put_container(txn, rec)
+
+        self._write(body)
+
+    def container(self, backend: str, name: str) -> ContainerRecord | None:
+        with self.env.begin() as txn:
+            return self._container(txn, backend, name)
+
+    def containers(self, backend: str | None = None) -> list[ContainerRecord]:
+        with self.env.begin() as txn:
+            prefix = "" if backend is None else backend + SEP
+            return [schema.decode(ContainerRecord, v) for _k, v in self._scan(txn, "containers", prefix)]
+
+    def container_contents(self, backend: str, name: str) -> list[tuple[str, BlobRecord]]:
+        """The blobs a container holds live, with their records."""
+        prefix = f"{backend}{SEP}{name}{SEP}"
+        with self.env.begin() as txn:
+            out = []
+            for key, _v in self._scan(txn, "contents", prefix):
+                digest = key[len(prefix):]
+                blob = self._blob(txn, digest)
+                assert blob is not None, f"contents names a blob without a record: {digest}"
+                out.append((digest, blob))
+            return out
+
+    def move_copies(self, backend: str, old_container: str, moves: dict[str, Copy]) -> int:
+        """Compaction's switch: repoint each blob's copy in ``old_container`` to its new copy (compare-and-swap:
+        a blob freed or moved meanwhile is skipped), then, if nothing live is left in the old container, forget it
+        and queue its file for deletion (``gc``). One transaction. Returns how many copies moved."""
+
+        def body(txn: lmdb.Transaction) -> int:
+            moved = 0
+            for digest, new in moves.items():
+                blob = self._blob(txn, digest)
+                if blob is None:
+                    continue  # freed since the copy was made: the new bytes stay dead
+                for i, old in enumerate(blob.copies):
+                    if old.backend == backend and old.container == old_container:
+                        self._count_copy(txn, digest, old, -1)
+                        blob.copies[i] = new
+                        self._count_copy(txn, digest, new, +1)
+                        self._put_blob(txn, digest, blob)
+                        moved += 1
+                        break
+            rec = self._container(txn, backend, old_container)
+            if rec is not None and rec.live_records == 0:
+                txn.delete(container_key(backend, old_container), db=self.dbs["containers"])
+                txn.put(container_key(backend, old_container), b"", db=self.dbs["gc"])
+            return moved
+
+        moved: int = self._write(body)
+        return moved
+
+    def mark_verified(self, results: list[tuple[str, Copy, str]], when_ns: int) -> None:
+        """Record what ``verify`` found per copy ('ok' or a suspect state) and when."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for digest, checked, state in results:
+                blob = self._blob(txn, digest)
+                if blob is None:
+                    continue
+                blob.copies = [schema.msgspec.structs.replace(c, state=state, verified_ns=when_ns)
+                               if c == checked else c for c in blob.copies]
+                self._put_blob(txn, digest, blob)
+
+        self._write(body)
 
     def pending_gc(self) -> list[tuple[str, str]]:
         with self.env.begin() as txn:
             return [tuple(k.decode().split(SEP, 1)) for k, _ in txn.cursor(db=self.dbs["gc"])]  # type: ignore[misc]
+
+    def collect_garbage(self, containers: list[tuple[str, str]], remove: Callable[[str, str], None]) -> int:
+        """Delete containers queued in ``gc`` (their file first, then the row: a crash in between repeats the
+        harmless delete at the next start). Returns how many."""
+        done = 0
+        for backend, name in containers:
+            with self.env.begin() as txn:
+                if self._container(txn, backend, name) is not None:
+                    continue  # named again (cannot happen today; never delete what the index knows)
+            remove(backend, name)
+            key = container_key(backend, name)
+            with self.env.begin(write=True) as txn:
+                txn.delete(key, db=self.dbs["gc"])
+            done += 1
+        return done
+
+    # ---- typed records --------------------------------------------------------------------------------
+
+    def _blob(self, txn: lmdb.Transaction, digest: str) -> BlobRecord | None:
+        raw = txn.get(digest.encode(), db=self.dbs["blobs"])
+        return None if raw is None else schema.decode(BlobRecord, raw)
+
+    def _put_blob(self, txn: lmdb.Transaction, digest: str, blob: BlobRecord) -> None:
+        assert blob.refs > 0 and blob.copies, (digest, blob)
+        txn.put(digest.encode(), schema.encode(blob), db=self.dbs["blobs"])
+
+    def _instance(self, txn: lmdb.Transaction, key: str) -> InstanceRecord | None:
+        raw = txn.get(key.encode(), db=self.dbs["instances"])
+        return None if raw is None else schema.decode(InstanceRecord, raw)
 
     def _get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
         raw = txn.get(key.encode(), db=self.dbs[db])
@@ -171,54 +362,6 @@ class StudyIndex:
 
     def _put(self, txn: lmdb.Transaction, db: str, key: str, value: dict[str, Any]) -> None:
         txn.put(key.encode(), _enc(value), db=self.dbs[db])
-
-    def _apply_one(self, txn: lmdb.Transaction, entry: IndexEntry, policy: str) -> ApplyResult:
-        sop_uid = entry.header.sop_instance_uid
-        existing = txn.get(sop_uid.encode(), db=self.dbs["uids"])
-        freed: list[tuple[str, str]] = []
-        outcome = Outcome.STORED
-        if existing is not None:
-            inst_key = bytes(existing[1:]).decode()
-            old = self._get(txn, "instances", inst_key)
-            assert old is not None, f"uids names a missing instance {inst_key!r}"
-            if old["digest"] == entry.digest:
-                entry.volume = str(old["volume"])  # where the stored copy is (the committer checks it is there)
-                return ApplyResult(Outcome.IDENTICAL, False, [])
-            if policy == "reject":
-                return ApplyResult(Outcome.REJECTED, False, [])
-            if policy == "keep-first":
-                return ApplyResult(Outcome.KEPT_FIRST, False, [])
-            freed = self._remove_instance(txn, inst_key, old)
-            outcome = Outcome.REPLACED
-        blob_is_new = self._add_ref(txn, entry)
-        self._insert_instance(txn, entry)
-        # A blob freed by this replacement may be named again by the new entry (A -> B -> A): keep it.
-        freed = [(v, d) for v, d in freed if txn.get(d.encode(), db=self.dbs["blobs"]) is None]
-        for volume, digest in freed:
-            txn.put(f"{volume}{SEP}{digest}".encode(), b"", db=self.dbs["gc"])
-        return ApplyResult(outcome, blob_is_new, freed)
-
-    def _add_ref(self, txn: lmdb.Transaction, entry: IndexEntry) -> bool:
-        blob = self._get(txn, "blobs", entry.digest)
-        if blob is None:
-            self._put(txn, "blobs", entry.digest, {"volume": entry.volume, "size": entry.size, "refs": 1})
-            txn.delete(f"{entry.volume}{SEP}{entry.digest}".encode(), db=self.dbs["gc"])
-            return True
-        blob["refs"] += 1
-        self._put(txn, "blobs", entry.digest, blob)
-        entry.volume = blob["volume"]  # identical bytes are stored once, where they already are
-        return False
-
-    def _drop_ref(self, txn: lmdb.Transaction, digest: str) -> list[tuple[str, str]]:
-        blob = self._get(txn, "blobs", digest)
-        if blob is None:
-            return []
-        blob["refs"] -= 1
-        if blob["refs"] > 0:
-            self._put(txn, "blobs", digest, blob)
-            return []
-        txn.delete(digest.encode(), db=self.dbs["blobs"])
-        return [(blob["volume"], digest)]
 
     @staticmethod
     def _count_in(record: dict[str, Any], size: int, attrs: dict[str, str], received_ns: int) -> None:
@@ -283,12 +426,9 @@ class StudyIndex:
         self._put(txn, "series", series_key, series)
 
         inst_key = f"{series_key}{SEP}{h.sop_instance_uid}"
-        record: dict[str, Any] = dict(h.instance)
-        record.update(
-            digest=entry.digest, volume=entry.volume, size=entry.size, TransferSyntaxUID=entry.transfer_syntax,
-            received_ns=entry.received_ns, calling_ae=entry.calling_ae, tier=entry.tier,
-        )
-        self._put(txn, "instances", inst_key, record)
+        record = InstanceRecord(dict(h.instance), entry.digest, entry.size, entry.transfer_syntax,
+                                entry.received_ns, entry.calling_ae)
+        txn.put(inst_key.encode(), schema.encode(record), db=self.dbs["instances"])
         txn.put(h.sop_instance_uid.encode(), b"I" + inst_key.encode(), db=uids)
 
     def _secondary(self, study_key: str, study: dict[str, Any]) -> list[tuple[str, str]]:
@@ -303,13 +443,13 @@ class StudyIndex:
         for db, key in self._secondary(study_key, study):
             txn.delete(key.encode(), db=self.dbs[db])
 
-    def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: dict[str, Any]) -> list[tuple[str, str]]:
-        """Take an instance out of the tree and the aggregates; returns blobs that became unreferenced."""
+    def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord) -> None:
+        """Take an instance out of the tree and the aggregates, and drop its blob reference."""
         pk, study_uid, series_uid, sop_uid = inst_key.split(SEP)
         study_key = f"{pk}{SEP}{study_uid}"
         series_key = f"{study_key}{SEP}{series_uid}"
         uids = self.dbs["uids"]
-        size = int(old["size"])
+        size = old.size
         txn.delete(inst_key.encode(), db=self.dbs["instances"])
         txn.delete(sop_uid.encode(), db=uids)
         series = self._get(txn, "series", series_key) or {"NumberOfInstances": 1, "Size": size}
@@ -343,7 +483,7 @@ class StudyIndex:
             txn.delete(pk.encode(), db=self.dbs["patients"])
         else:
             self._put(txn, "patients", pk, patient)
-        return self._drop_ref(txn, str(old["digest"]))
+        self._drop_ref(txn, old.digest)
 
     # ---- read path --------------------------------------------------------------------------------
 
@@ -357,10 +497,22 @@ class StudyIndex:
                 return
             yield bytes(key).decode(), bytes(value)
 
+    def _decode_level(self, level: str, raw: bytes) -> dict[str, Any]:
+        if level == "instances":
+            return schema.decode(InstanceRecord, raw).public()
+        return _dec(raw)
+
     def items(self, level: str, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
-        """Records of one level whose key starts with ``prefix`` (e.g. a study key + NUL for its series)."""
+        """Records of one level whose key starts with ``prefix`` (e.g. a study key + NUL for its series), as the
+        flat dicts the CLI shows."""
         with self.env.begin() as txn:
-            return [(k, _dec(v)) for k, v in self._scan(txn, level, prefix)]
+            return [(k, self._decode_level(level, v)) for k, v in self._scan(txn, level, prefix)]
+
+    def instance_records(self, prefix: str = "") -> Iterator[tuple[str, InstanceRecord]]:
+        """Typed instance records under a key prefix, read in one transaction."""
+        with self.env.begin() as txn:
+            for key, raw in self._scan(txn, "instances", prefix):
+                yield key, schema.decode(InstanceRecord, raw)
 
     def studies_by(self, index: str, value: str) -> list[str]:
         """Study keys from a secondary index (``idx_patientid``, ``idx_accession``, ``idx_studydate``)."""
@@ -386,29 +538,37 @@ class StudyIndex:
                 return None
             level = {"S": "studies", "R": "series", "I": "instances"}[chr(found[0])]
             key = found[1:].decode()
-            record = self._get(txn, level, key)
-            return (level, key, record) if record is not None else None
+            raw = txn.get(key.encode(), db=self.dbs[level])
+            return (level, key, self._decode_level(level, raw)) if raw is not None else None
 
-    def instances_under(self, uid: str) -> list[tuple[str, dict[str, Any]]]:
-        """Every instance of a study, series or single instance UID (for export, move, tiering)."""
-        found = self.lookup(uid)
-        if found is None:
-            return []
-        level, key, record = found
-        if level == "instances":
-            return [(key, record)]
-        return self.items("instances", key + SEP)
-
-    def blob(self, digest: str) -> dict[str, Any] | None:
+    def instances_under(self, uid: str) -> list[tuple[str, InstanceRecord]]:
+        """Every instance of a study, series or single instance UID (for export, move, tiering), typed."""
         with self.env.begin() as txn:
-            return self._get(txn, "blobs", digest)
+            found = txn.get(uid.encode(), db=self.dbs["uids"])
+            if found is None:
+                return []
+            key = found[1:].decode()
+            if chr(found[0]) == "I":
+                rec = self._instance(txn, key)
+                return [(key, rec)] if rec is not None else []
+            return [(k, schema.decode(InstanceRecord, v)) for k, v in self._scan(txn, "instances", key + SEP)]
+
+    def blob(self, digest: str) -> BlobRecord | None:
+        with self.env.begin() as txn:
+            return self._blob(txn, digest)
+
+    def blobs(self) -> Iterator[tuple[str, BlobRecord]]:
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self.dbs["blobs"]):
+                yield bytes(key).decode(), schema.decode(BlobRecord, raw)
 
     def counts(self) -> dict[str, int]:
         with self.env.begin() as txn:
             return {level: txn.stat(self.dbs[level])["entries"] for level in LEVELS}
 
-    def dump(self, include_provenance: bool = True) -> dict[str, list[tuple[str, Any]]]:
+    def dump(self) -> dict[str, list[tuple[str, Any]]]:
         """Every table as sorted (key, value) rows: what `index rebuild` must reproduce."""
+        typed: dict[str, type] = {"instances": InstanceRecord, "blobs": BlobRecord, "containers": ContainerRecord}
         with self.env.begin() as txn:
             out: dict[str, list[tuple[str, Any]]] = {}
             for name in DB_NAMES:
@@ -416,8 +576,13 @@ class StudyIndex:
                     continue
                 rows = []
                 for key, value in txn.cursor(db=self.dbs[name]):
-                    decoded: Any = value.decode() if name not in ("patients", "studies", "series", "instances",
-                                                                  "blobs") else _dec(value)
-                    rows.append((key.decode(), decoded))
+                    decoded: Any
+                    if name in typed:
+                        decoded = schema.to_builtins(schema.decode(typed[name], value))
+                    elif name in ("patients", "studies", "series"):
+                        decoded = _dec(value)
+                    else:
+                        decoded = bytes(value).decode()
+                    rows.append((bytes(key).decode(), decoded))
                 out[name] = rows
             return out

@@ -11,13 +11,13 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.filereader import dcmread, read_dataset
 from pydicom.tag import BaseTag, Tag
-from pynetdicom.dsutils import split_dataset
 
 from appliance.errors import CannotUnderstand, MissingUIDs
 
@@ -317,22 +317,47 @@ def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -
         raise
 
 
-def read_header_file(path: Path) -> tuple[Header, str]:
-    """Parse a Part-10 blob the way the live path parses what it receives; returns (header, transfer syntax)."""
+def part10_dataset_offset(prefix: bytes) -> tuple[int, str]:
+    """Where the dataset starts in a Part-10 blob and its transfer syntax, from the blob's first bytes (preamble,
+    ``DICM``, the File Meta group). Raises CannotUnderstand when they are not a Part-10 File Meta."""
     try:
-        meta, offset = split_dataset(path)
+        if prefix[128:132] != b"DICM":
+            raise ValueError("no DICM prefix")
+        meta = read_file_meta_info_bytes(prefix)
         ts = str(meta.get("TransferSyntaxUID", ""))
-        size = path.stat().st_size - offset
-        with open(path, "rb") as fh:
+        group_length = int(meta[0x00020000].value)
+    except Exception as exc:
+        raise CannotUnderstand(f"not a DICOM file: {type(exc).__name__}: {exc}") from None
+    return 132 + 12 + group_length, ts
+
+
+def read_file_meta_info_bytes(prefix: bytes) -> Any:
+    from pydicom.filereader import _read_file_meta_info
+
+    fp = io.BytesIO(prefix)
+    fp.seek(132)
+    return _read_file_meta_info(fp)
+
+
+def read_header_blob(open_stream: Callable[[], BinaryIO], size: int) -> tuple[Header, str]:
+    """Parse a Part-10 blob (opened by ``open_stream``, from the start) the way the live path parses what it
+    receives: the same HEAD_LIMIT prefix, the same fallback. Returns (header, transfer syntax)."""
+    with open_stream() as fh:
+        prefix = fh.read(HEAD_LIMIT + 4096)
+    offset, ts = part10_dataset_offset(prefix)
+    head = prefix[offset : offset + HEAD_LIMIT]
+    if len(head) < HEAD_LIMIT and size - offset > len(head):
+        with open_stream() as fh:
             fh.seek(offset)
             head = fh.read(HEAD_LIMIT)
-    except Exception as exc:
-        raise CannotUnderstand(f"{path.name}: not a DICOM file: {type(exc).__name__}: {exc}") from None
-    header = read_header(head, ts, complete=size <= HEAD_LIMIT)
-    return (header if header is not None else read_header_beyond_head(path)), ts
+    header = read_header(head, ts, complete=size - offset <= HEAD_LIMIT)
+    if header is None:
+        with open_stream() as fh:
+            header = read_header_beyond_head(fh)
+    return header, ts
 
 
-def read_header_beyond_head(path: Path | str) -> Header:
+def read_header_beyond_head(path: Path | str | BinaryIO) -> Header:
     """The attributes of a Part-10 file whose first HEAD_LIMIT dataset bytes did not hold them all.
 
     The live path calls this directly once its own prefix parse returned None (parsing the same prefix again
@@ -340,5 +365,6 @@ def read_header_beyond_head(path: Path | str) -> Header:
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS)
     except Exception as exc:
-        raise CannotUnderstand(f"{os.path.basename(path)}: cannot be parsed: {type(exc).__name__}: {exc}") from None
+        name = os.path.basename(path) if isinstance(path, str | Path) else "dataset"
+        raise CannotUnderstand(f"{name}: cannot be parsed: {type(exc).__name__}: {exc}") from None
     return _from_dataset(ds)

@@ -23,13 +23,14 @@ from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator
 from appliance.services.store import StoreOperation, StoreResult
-from appliance.store.blobs import TmpFileReserve
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
     from appliance.metrics import Metrics
     from appliance.store.commit import GroupCommitter
+    from appliance.store.online import BlobStore
+    from appliance.store.spool import SpoolBudget
     from appliance.store.volumes import VolumeSet
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class WorkerContext:
     accepted_sop_classes: frozenset[str] = frozenset()
     negotiator: Negotiator = field(default=cast(Negotiator, None))
     associations: set[AssociationProtocol] = field(default_factory=set)
-    tmp_reserves: dict[str, TmpFileReserve] = field(default_factory=dict)  # volume name -> pre-created tmp files
+    blobstore: BlobStore = field(default=cast("BlobStore", None))
+    spool_budget: SpoolBudget = field(default=cast("SpoolBudget", None))
 
     @classmethod
     def build(cls, config: Config, **kwargs: Any) -> WorkerContext:

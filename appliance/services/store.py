@@ -1,14 +1,14 @@
 """Storage Service Class SCP (PS3.4 Annex B): one ``StoreOperation`` per C-STORE request.
 
-The dataset streams from the PDVs straight into a BlobWriter (temp file + SHA-256); only the first
-``HEAD_LIMIT`` bytes are kept in memory, to read the header attributes the index needs. Every exit returns a
-DIMSE status; a refused instance leaves nothing on disk.
+The dataset streams from the PDVs into an InstanceSpool (memory up to ``storage.spool_memory_bytes``, a spill
+file beyond; SHA-256 as it arrives); the first ``HEAD_LIMIT`` bytes are also kept apart, to read the header
+attributes the index needs. The complete instance goes to the group commit, which appends it to a segment. Every
+exit returns a DIMSE status; a refused instance leaves nothing behind (memory, spill file or index entry).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING
 from appliance import errors
 from appliance.config import PeerConfig
 from appliance.errors import ApplianceError
-from appliance.index.db import IndexEntry, Outcome
+from appliance.index.db import Outcome
 from appliance.index.records import HEAD_LIMIT, read_header, read_header_beyond_head
 from appliance.net.dimse import Command
-from appliance.store.blobs import BlobWriter, file_meta, set_calling_ae
+from appliance.store.blobs import file_meta
+from appliance.store.commit import Submission
+from appliance.store.segments import SegmentBackend
+from appliance.store.spool import InstanceSpool
 
 if TYPE_CHECKING:
     from appliance.net.association import WorkerContext
@@ -49,9 +52,11 @@ class StoreOperation:
         self.calling_ae = calling_ae
         self.started = time.perf_counter()
         self.head = bytearray()
-        self.writer: BlobWriter | None = None
+        self.spool: InstanceSpool | None = None
+        self.backend: SegmentBackend | None = None
         self.result: StoreResult | None = None  # set early when the instance is refused
         self.dataset_bytes = 0
+        self.peer = peer
         sop_class = command.affected_sop_class_uid
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
             self.result = StoreResult(errors.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
@@ -63,29 +68,26 @@ class StoreOperation:
         if volume is None:
             self.result = StoreResult(errors.OUT_OF_RESOURCES, "no volume has space")
             return
-        try:
-            self.writer = BlobWriter(volume, file_meta(sop_class, command.affected_sop_instance_uid,
-                                                       transfer_syntax), ctx.tmp_reserves.get(volume.name))
-        except ApplianceError as exc:
-            self.result = StoreResult(exc.status, str(exc))
-            return
+        self.backend = ctx.blobstore.segment_backend(volume.name)
+        self.spool = InstanceSpool(ctx.spool_budget, volume.tmp,
+                                   file_meta(sop_class, command.affected_sop_instance_uid, transfer_syntax))
         ctx.committer.receiving += 1
 
     def feed(self, data: memoryview) -> None:
         self.dataset_bytes += len(data)
-        if self.result is not None or self.writer is None:
+        if self.result is not None or self.spool is None:
             return  # refused: read and drop the rest of the dataset
         if len(self.head) < HEAD_LIMIT:
             self.head += data[: HEAD_LIMIT - len(self.head)]
         try:
-            self.writer.write(data)
+            self.spool.write(data)
         except ApplianceError as exc:
             self._refuse(exc.status, str(exc))
 
     def _refuse(self, status: int, comment: str) -> None:
-        if self.writer is not None:
-            self.writer.discard()
-            self.writer = None
+        if self.spool is not None:
+            self.spool.discard()
+            self.spool = None
             self.ctx.committer.receiving -= 1
         self.result = StoreResult(status, comment)
 
@@ -108,38 +110,28 @@ class StoreOperation:
     async def _finish(self) -> StoreResult:
         if self.result is not None:
             return self.result
-        writer = self.writer
-        assert writer is not None
-        self.writer = None
+        spool, backend = self.spool, self.backend
+        assert spool is not None and backend is not None
+        self.spool = None
         self.ctx.committer.receiving -= 1
         cmd = self.command
         try:
-            writer.flush_prefix()
             header = read_header(self.head, self.transfer_syntax, complete=self.dataset_bytes <= HEAD_LIMIT)
             if header is None:
-                header = read_header_beyond_head(writer.tmp_path)
+                with spool.reader() as stream:
+                    header = read_header_beyond_head(stream)
         except ApplianceError as exc:
-            writer.discard()
+            spool.discard()
             return StoreResult(exc.status, str(exc))
         if header.sop_instance_uid != cmd.affected_sop_instance_uid or header.sop_class_uid != cmd.affected_sop_class_uid:
-            writer.discard()
+            spool.discard()
             return StoreResult(errors.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "SOP Class/Instance UID in dataset differ from the command")
-        received_ns = time.time_ns()
-        try:
-            # Provenance kept with the blob, for `index rebuild`: mtime = receive time, xattr = calling AE.
-            # Set here on the open descriptor (cheap), made durable by the group commit's fsync.
-            os.utime(writer.fd, ns=(received_ns, received_ns))
-            set_calling_ae(writer.fd, self.calling_ae)
-        except OSError as exc:
-            writer.discard()
-            return StoreResult(errors.OUT_OF_RESOURCES, f"volume write failed: {exc.strerror}")
-        entry = IndexEntry(
-            header=header, digest=writer.digest(), volume=writer.volume.name, size=writer.size,
-            transfer_syntax=self.transfer_syntax, received_ns=received_ns, calling_ae=self.calling_ae,
-        )
-        log.debug("received %s (%d bytes) from %s", cmd.affected_sop_instance_uid, writer.size, self.calling_ae)
-        result = await self.ctx.committer.submit(writer, entry)
+        log.debug("received %s (%d bytes) from %s", cmd.affected_sop_instance_uid, spool.size, self.calling_ae)
+        # Overwrite is a right given per peer ([peers.X] allow_overwrite); everyone else gets the index-wide policy.
+        policy = "overwrite" if self.peer is not None and self.peer.allow_overwrite else ""
+        result = await self.ctx.committer.submit(Submission(
+            spool, backend, header, self.transfer_syntax, time.time_ns(), self.calling_ae, policy))
         if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.REJECTED):
             self.ctx.metrics.duplicates.labels(result.outcome.value).inc()
         return StoreResult(result.status, result.comment)

@@ -1,46 +1,50 @@
-"""Group commit: many C-STOREs share one fsync batch and one LMDB write transaction.
+"""Group commit: the only place that writes both blobs and the index.
 
-Order (the durability contract; see also store/blobs.py):
-1. as soon as an instance's last PDV is written (its mtime = receive time and calling-AE xattr already set),
-   a pool thread fsyncs its tmp file; concurrent fsyncs share journal commits. The index thread then takes
-   every instance made durable so far as one batch and fsyncs each volume's tmp/ folder once if one of the
-   batch's tmp files was created on the spot (files from the TmpFileReserve were created, and their folder
-   fsync'd, before they were handed out);
-2. one LMDB write transaction indexes every instance of the batch, and is committed (fsync'd by LMDB);
-3. rename each new blob from tmp/ to blobs/ab/cd/<digest>; drop tmp files of duplicates;
-4. delete blobs that no index entry names any more (their ``gc`` rows were written in step 2);
-5. only now wake the associations, which send Success.
+Order for every instance (the durability contract; invariants also in store/segments.py and index/db.py):
+1. the event loop hands over a complete instance (spooled bytes + its index entry);
+2. the writer thread appends every instance handed over so far to its volume's active segment, then makes
+   them durable with ONE ``sync`` (fdatasync) per segment for the whole group;
+3. the index thread indexes every durable instance in ONE LMDB write transaction (fsync'd by LMDB), which also
+   records how far each segment is committed;
+4. only then are the associations woken, and they send Success.
 
-A crash after 2 and before 3 leaves indexed blobs in tmp/: ``recover_volume`` at startup finishes the rename.
-Batching: the index thread takes everything fsync'd so far; if other instances are still in the fsync pool,
-it waits up to ``commit_max_wait_ms`` for them, so one LMDB commit serves many instances. While it commits,
-the pool is already fsyncing the next ones (a two-stage pipeline).
+A crash before 3 leaves records beyond the committed end of their segment, which startup recovery truncates (they
+were never acknowledged). A crash after 3 loses nothing acknowledged: the records are durable and indexed.
+
+The two threads form a pipeline: while the index thread commits group N, the writer appends and syncs group N+1.
+A failed sync or an I/O error from LMDB is fail-stop (``StorageFault``): nothing of the group is acknowledged,
+everything later is refused, and ``on_fault`` stops the worker (the supervisor then stops the appliance).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lmdb
+
 from appliance import errors
-from appliance.index.db import ApplyResult, IndexEntry, Outcome, StudyIndex
-from appliance.store.blobs import BlobWriter, hash_file
-from appliance.store.volumes import Volume, VolumeSet, fsync_dir
+from appliance.errors import ApplianceError, StorageFault
+from appliance.index.db import IndexEntry, Outcome, StudyIndex
+from appliance.index.records import Header
+from appliance.index.schema import Copy
+from appliance.store.backend import BlobMeta
+from appliance.store.segments import SegmentBackend, parse_location, record_end
+from appliance.store.spool import InstanceSpool
 
 if TYPE_CHECKING:
     from appliance.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-FSYNC_THREADS = 16  # concurrent fsyncs share device flushes; the hardware probe saturates at about 8
+# LMDB errors that mean the disk or the map is broken, not this batch: fail-stop.
+_LMDB_FATAL = (lmdb.DiskError, lmdb.PanicError, lmdb.CorruptedError, lmdb.InvalidError)
 
 
 @dataclass
@@ -51,267 +55,246 @@ class CommitResult:
 
 
 @dataclass
+class Submission:
+    """What the store service hands over for one complete instance."""
+
+    spool: InstanceSpool
+    backend: SegmentBackend
+    header: Header
+    transfer_syntax: str
+    received_ns: int
+    calling_ae: str
+    policy: str = ""
+
+
+@dataclass
 class _Pending:
-    writer: BlobWriter
-    entry: IndexEntry
+    sub: Submission
     future: asyncio.Future[CommitResult]
     queued_at: float
+    entry: IndexEntry | None = None  # set once appended
+    durable_at: float = 0.0
+    answered: bool = False  # set by the thread that resolves it (reading future.done() off the loop is racy)
 
 
 class GroupCommitter:
-    """Two stages, so that the disk always has work: a pool fsyncs each instance as soon as its last PDV is
-    written (concurrent fsyncs share journal commits), and one index thread commits whatever is durable in
-    one LMDB transaction, while the next instances are being fsync'd."""
-
     def __init__(
         self,
         index: StudyIndex,
-        volumes: VolumeSet,
         policy: str,
         loop: asyncio.AbstractEventLoop,
         max_batch: int = 256,
         max_wait_ms: float = 2.0,
-        fsync: bool = True,
         metrics: Metrics | None = None,
+        on_fault: Callable[[str], None] | None = None,
+        queue_max: int = 1024,
     ) -> None:
+        assert max_batch >= 1 and queue_max >= max_batch
         self.index = index
-        self.volumes = volumes
         self.policy = policy
         self.loop = loop
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self.fsync = fsync
         self.metrics = metrics
+        self.on_fault = on_fault
+        self.queue_max = queue_max
         self.receiving = 0  # stores whose dataset is still arriving (written by the event loop only)
-        self._durable: deque[tuple[_Pending, OSError | None, float]] = deque()
-        self._syncing = 0  # instances handed to the fsync pool and not yet back
+        self.fault: str | None = None
         self._cond = threading.Condition()
-        self._closed = False  # the index thread stops once this is set and nothing is left
+        self._incoming: deque[_Pending] = deque()
+        self._durable: deque[tuple[list[_Pending], dict[tuple[str, str], int], list[tuple[str, str]]]] = deque()
+        self._writing = 0  # instances taken by the writer and not yet handed to the index thread
+        self._closed = False
         self._accepting = True
-        # Stage 1 is a fixed set of threads on a C-level SimpleQueue rather than a ThreadPoolExecutor: the
-        # executor's submit (work item, locks, thread-count check) held the GIL for ~18% of a busy worker's
-        # Python time under py-spy --gil.
-        self._fsync_queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._fsync_threads = [threading.Thread(target=self._fsync_loop, name=f"fsync-{i}", daemon=True)
-                               for i in range(FSYNC_THREADS)]
-        for thread in self._fsync_threads:
-            thread.start()
-        self._folders: set[tuple[str, str]] = set()  # (volume, ab/cd) blob folders known to exist
-        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._write_loop, name="segment-writer", daemon=True)
+        self._indexer = threading.Thread(target=self._index_loop, name="group-commit", daemon=True)
+        self._writer.start()
+        self._indexer.start()
 
-    def submit(self, writer: BlobWriter, entry: IndexEntry) -> asyncio.Future[CommitResult]:
+    def submit(self, sub: Submission) -> asyncio.Future[CommitResult]:
         future: asyncio.Future[CommitResult] = self.loop.create_future()
-        if not self._accepting:  # stopping: nothing would fsync or answer it any more
-            writer.discard()
-            future.set_result(CommitResult(errors.PROCESSING_FAILURE, None, "shutting down"))
+        refusal = None
+        if not self._accepting:
+            refusal = CommitResult(errors.PROCESSING_FAILURE, None, "shutting down")
+        elif self.fault is not None:
+            refusal = CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault: the appliance is stopping")
+        elif len(self._incoming) + self._writing >= self.queue_max:
+            # Bounded: a disk slower than the network must push back on the modalities, not fill memory.
+            refusal = CommitResult(errors.OUT_OF_RESOURCES, None, "commit queue full")
+        if refusal is not None:
+            sub.spool.discard()
+            future.set_result(refusal)
             return future
-        item = _Pending(writer, entry, future, time.perf_counter())
         with self._cond:
-            self._syncing += 1
-        self._fsync_queue.put(item)
+            self._incoming.append(_Pending(sub, future, time.perf_counter()))
+            self._cond.notify_all()
         return future
 
     def close(self) -> None:
-        self._accepting = False  # submit() refuses from now on; what is queued is still fsync'd and committed
-        for _ in self._fsync_threads:
-            self._fsync_queue.put(None)
-        for thread in self._fsync_threads:
-            thread.join()
-        late: list[tuple[_Pending, CommitResult]] = []  # submitted while close() was starting: refuse them
-        while True:
-            try:
-                item = self._fsync_queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item.writer.discard()
-                late.append((item, CommitResult(errors.PROCESSING_FAILURE, None, "shutting down")))
-        if late:
-            self._resolve(late)
+        """Commit what was submitted, then stop both threads. submit() refuses from now on."""
+        self._accepting = False
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        self._writer.join()
+        self._indexer.join()
 
-    # ---- stage 1: fsync pool ------------------------------------------------------------------------
+    # ---- stage 1: append + sync ---------------------------------------------------------------------
 
-    def _fsync_loop(self) -> None:
-        while (item := self._fsync_queue.get()) is not None:
-            self._make_durable(item)
-
-    def _make_durable(self, item: _Pending) -> None:
-        error: OSError | None = None
-        writer = item.writer
-        try:
-            if self.fsync:
-                os.fsync(writer.fd)  # fsync, not fdatasync: the mtime and xattr must be durable too
-            writer.close()
-            # The blob's folder is made now, before the index names the blob: on a full volume mkdir fails
-            # with ENOSPC, and here that refuses this instance cleanly. After the index commit it would have
-            # failed an already indexed instance.
-            digest = item.entry.digest
-            key = (writer.volume.name, digest[:4])
-            if key not in self._folders:
-                os.makedirs(os.path.dirname(writer.volume.blob_file(digest)), exist_ok=True)
-                self._folders.add(key)
-        except OSError as exc:
-            error = exc
-        except Exception as exc:  # never lose an item: its association waits for an answer
-            log.exception("making an instance durable")
-            error = OSError(str(exc))
-        with self._cond:
-            self._syncing -= 1
-            self._durable.append((item, error, time.perf_counter()))
-            self._cond.notify()
-
-    # ---- stage 2: index thread ----------------------------------------------------------------------
-
-    def _run(self) -> None:
+    def _write_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._durable and not self._closed:
+                while not self._incoming and not self._closed:
                     self._cond.wait()
-                if not self._durable and self._closed:
+                if not self._incoming and self._closed:
+                    self._cond.notify_all()
                     return
-                if self.max_wait > 0 and (self._syncing or self.receiving) and len(self._durable) < self.max_batch:
-                    # More instances are being received or fsync'd right now: a bounded wait lets them share
-                    # this commit.
-                    self._cond.wait_for(lambda: (not self._syncing and not self.receiving)
-                                        or len(self._durable) >= self.max_batch, self.max_wait)
-                batch = [self._durable.popleft() for _ in range(min(self.max_batch, len(self._durable)))]
+                if self.max_wait > 0 and self.receiving and len(self._incoming) < self.max_batch:
+                    # Instances are still arriving: a bounded wait lets them share this group's sync.
+                    self._cond.wait_for(lambda: not self.receiving or len(self._incoming) >= self.max_batch
+                                        or self._closed, self.max_wait)
+                batch = [self._incoming.popleft() for _ in range(min(self.max_batch, len(self._incoming)))]
+                self._writing += len(batch)
             try:
-                self._commit(batch)
+                durable, ends, sealed = self._append_and_sync(batch)
+            except StorageFault as exc:
+                self._fail_stop(str(exc), batch)
+                durable, ends, sealed = [], {}, []
             except Exception:
-                # Whatever broke (a metrics error, an unexpected OSError), this thread must live on and every
-                # instance of the batch must get an answer, or its association waits forever. An instance
-                # that was in fact committed is answered with a failure: the modality re-sends it, and the
-                # identical re-send is a no-op Success.
+                log.exception("appending a group to its segments")
+                self._resolve([(p, CommitResult(errors.PROCESSING_FAILURE, None, "write failure")) for p in batch
+                               if not p.answered])
+                durable, ends, sealed = [], {}, []
+            with self._cond:
+                self._writing -= len(batch)
+                if durable:
+                    self._durable.append((durable, ends, sealed))
+                self._cond.notify_all()
+
+    def _append_and_sync(self, batch: list[_Pending]
+                         ) -> tuple[list[_Pending], dict[tuple[str, str], int], list[tuple[str, str]]]:
+        refused: list[tuple[_Pending, CommitResult]] = []
+        written: list[_Pending] = []
+        backends: dict[str, SegmentBackend] = {}
+        for item in batch:
+            sub = item.sub
+            if self.fault is not None:
+                sub.spool.discard()
+                refused.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault")))
+                continue
+            digest = sub.spool.digest()
+            meta = BlobMeta(digest, sub.spool.size, sub.received_ns, sub.calling_ae)
+            try:
+                location = sub.backend.put(meta, sub.spool)
+            except StorageFault:
+                raise
+            except ApplianceError as exc:  # the volume is full or failing: this instance only
+                refused.append((item, CommitResult(exc.status, None, str(exc))))
+                continue
+            finally:
+                sub.spool.discard()  # appended or refused: its memory or spill file goes now
+            segment, record, _data, _size = parse_location(location)
+            copy = Copy(sub.backend.name, segment, location, record_end(location) - record)
+            item.entry = IndexEntry(sub.header, digest, meta.size, sub.transfer_syntax, sub.received_ns,
+                                    sub.calling_ae, copy, sub.policy)
+            backends[sub.backend.name] = sub.backend
+            written.append(item)
+        if refused:
+            self._resolve(refused)
+        sealed: list[tuple[str, str]] = []
+        for backend in backends.values():
+            backend.sync()  # raises StorageFault: nothing of the group is acknowledged
+            sealed += [(backend.name, name) for name in backend.take_sealed()]
+        ends: dict[tuple[str, str], int] = {}
+        now = time.perf_counter()
+        for item in written:
+            assert item.entry is not None
+            key = (item.entry.copy.backend, item.entry.copy.container)
+            ends[key] = max(ends.get(key, 0), record_end(item.entry.copy.location))
+            item.durable_at = now
+        return written, ends, sealed
+
+    # ---- stage 2: index ------------------------------------------------------------------------------
+
+    def _index_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._durable and not (self._closed and not self._writer.is_alive()):
+                    self._cond.wait(0.5)
+                if not self._durable:
+                    return
+                groups = [self._durable.popleft() for _ in range(len(self._durable))]
+            batch = [item for items, _e, _s in groups for item in items]
+            ends: dict[tuple[str, str], int] = {}
+            sealed: list[tuple[str, str]] = []
+            for _items, group_ends, group_sealed in groups:
+                for key, end in group_ends.items():
+                    ends[key] = max(ends.get(key, 0), end)
+                sealed += group_sealed
+            try:
+                self._commit(batch, ends, sealed)
+            except StorageFault as exc:
+                self._fail_stop(str(exc), batch)
+            except Exception:
+                # Whatever broke (a metrics error, an unexpected index error), this thread must live on and every
+                # instance of the batch must get an answer, or its association waits forever. An instance that
+                # was in fact committed is answered with a failure: the modality re-sends it, and the identical
+                # re-send is a no-op Success.
                 log.exception("group commit failed")
                 self._resolve([(item, CommitResult(errors.PROCESSING_FAILURE, None, "commit failure"))
-                               for item, _error, _at in batch])
+                               for item in batch if not item.answered])
 
-    def _commit(self, batch: list[tuple[_Pending, OSError | None, float]]) -> None:
-        durable: list[_Pending] = []
-        results: list[tuple[_Pending, CommitResult]] = []
-        for item, error, _at in batch:
-            if error is None:
-                durable.append(item)
-            else:
-                item.writer.discard()
-                results.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, f"not made durable: {error}")))
-        try:
-            if self.fsync:
-                # The tmp files' directory entries: one fsync per volume per batch, only for files created on
-                # the spot (reserve files had their folder fsync'd before they were handed out).
-                for vol in {id(i.writer.volume): i.writer.volume for i in durable
-                            if not i.writer.entry_durable}.values():
-                    fsync_dir(vol.tmp_dir)
-            t1 = time.perf_counter()
-            applied = self.index.apply([i.entry for i in durable], self.policy) if durable else []
-            t2 = time.perf_counter()
-        except Exception:
-            # Nothing of this batch is indexed: refuse it (0xC211) and keep serving; the modality may retry.
-            log.exception("group commit failed before the index commit")
-            for item in durable:
-                item.writer.discard()
-            self._resolve(results + [(item, CommitResult(errors.PROCESSING_FAILURE, None, "index failure"))
-                                     for item in durable])
+    def _commit(self, batch: list[_Pending], ends: dict[tuple[str, str], int], sealed: list[tuple[str, str]]) -> None:
+        if self.fault is not None:
+            self._resolve([(item, CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault")) for item in batch])
             return
-        for item, res in zip(durable, applied, strict=True):
+        entries = [item.entry for item in batch if item.entry is not None]
+        t1 = time.perf_counter()
+        try:
+            applied = self.index.apply(entries, self.policy, ends, sealed)
+        except _LMDB_FATAL as exc:
+            raise StorageFault(f"index commit failed: {exc}") from None
+        except Exception:
+            # Nothing of this batch is indexed: refuse it (0xC211) and keep serving; the modality may retry. The
+            # appended bytes stay dead in their segment (compaction reclaims them).
+            log.exception("group commit failed before the index commit")
+            self._resolve([(item, CommitResult(errors.PROCESSING_FAILURE, None, "index failure")) for item in batch])
+            return
+        t2 = time.perf_counter()
+        results: list[tuple[_Pending, CommitResult]] = []
+        for item, res in zip(batch, applied, strict=True):
             if res.outcome is Outcome.REJECTED:
                 results.append((item, CommitResult(errors.DUPLICATE_SOP_INSTANCE, res.outcome,
                                                    "duplicate SOP Instance UID with other content")))
             else:
                 results.append((item, CommitResult(errors.SUCCESS, res.outcome)))
-        try:
-            self._after_commit(durable, applied)
-        except Exception:
-            # The batch is indexed and durable: its instances are stored whatever failed here (a rename or a
-            # blob delete); startup recovery finishes such leftovers.
-            log.exception("after the index commit")
         self._resolve(results)
         if self.metrics is not None:
-            self.metrics.commit(len(batch), t2 - t1, [(at - item.queued_at, t1 - at) for item, _e, at in batch])
+            self.metrics.commit(len(batch), t2 - t1, [(item.durable_at - item.queued_at, t1 - item.durable_at)
+                                                      for item in batch])
 
-    def _after_commit(self, durable: list[_Pending], applied: list[ApplyResult]) -> None:
-        """Steps 3 and 4: move new blobs into place, drop duplicates' tmp files, delete freed blobs."""
-        freed: list[tuple[str, str]] = []
-        for item, res in zip(durable, applied, strict=True):
-            if res.blob_is_new:
-                final = item.writer.volume.blob_file(item.entry.digest)
-                try:
-                    os.rename(item.writer.tmp_path, final)
-                except OSError:
-                    # Indexed and durable in tmp/ already: never discard it. This is the state a crash between
-                    # steps 2 and 3 leaves, and startup recovery finishes the rename.
-                    log.exception("blob %s stays in %s until the next start", item.entry.digest,
-                                  item.writer.tmp_path)
-                item.writer.volume.charge(item.writer.size)
-            elif res.outcome is Outcome.IDENTICAL and self._restores_lost_blob(item):
-                pass
-            else:
-                item.writer.discard()
-            freed.extend(res.freed)
-        if freed:
-            self.index.collect_garbage(freed, self.volumes.unlink_blob)
+    # ---- answers ---------------------------------------------------------------------------------------
 
-    def _restores_lost_blob(self, item: _Pending) -> bool:
-        """An identical re-send of an instance whose blob is gone (`verify` reports it missing) puts it back:
-        the modality re-sending is how a site repairs such a loss. Only on the volume the index names."""
-        writer, digest = item.writer, item.entry.digest
-        if item.entry.volume != writer.volume.name:
-            return False
-        final = writer.volume.blob_path(digest)
-        if final.exists():
-            return False
-        try:
-            os.rename(writer.tmp_path, final)
-        except OSError:
-            log.exception("could not restore the missing blob %s", digest)
-            return False
-        log.warning("blob %s was missing from volume %s; restored from an identical re-send", digest,
-                    writer.volume.name)
-        return True
+    def _fail_stop(self, reason: str, batch: list[_Pending]) -> None:
+        log.critical("STORAGE FAULT, stopping: %s", reason)
+        self.fault = reason
+        self._resolve([(item, CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault")) for item in batch
+                       if not item.answered])
+        if self.on_fault is not None:
+            self.loop.call_soon_threadsafe(self.on_fault, reason)
 
     def _resolve(self, results: list[tuple[_Pending, CommitResult]]) -> None:
+        if not results:
+            return
+        for item, _result in results:
+            item.answered = True
+
         def wake() -> None:
             for item, result in results:
                 if not item.future.done():
                     item.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(wake)
-
-
-def recover_volume(volume: Volume, index: StudyIndex) -> dict[str, int]:
-    """Startup recovery of one volume's tmp/: finish renames the index already committed, drop the rest."""
-    moved = dropped = 0
-    for path in sorted(Path(volume.tmp_dir).iterdir()):
-        if not path.is_file():
-            continue
-        if path.stat().st_size == 0:
-            path.unlink()  # a tmp file created ahead of use (TmpFileReserve) and never written
-            continue
-        digest = hash_file(path)
-        blob = index.blob(digest)
-        final = volume.blob_path(digest)
-        if blob is not None and blob.get("volume") == volume.name and not final.exists():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, final)
-            moved += 1
-        else:
-            path.unlink()
-            dropped += 1
-    if moved:
-        fsync_dir(volume.blobs_dir)
-    return {"moved": moved, "dropped": dropped}
-
-
-def recover(volumes: VolumeSet, index: StudyIndex) -> dict[str, int]:
-    """Run before any worker starts: tmp/ leftovers and pending blob deletes from an interrupted commit."""
-    totals = {"moved": 0, "dropped": 0, "deleted": 0}
-    for vol in volumes.volumes:
-        for key, value in recover_volume(vol, index).items():
-            totals[key] += value
-    totals["deleted"] = index.collect_garbage(index.pending_gc(), volumes.unlink_blob)
-    return totals
+        try:
+            self.loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # the loop is closed (worker exiting): nobody is waiting any more
+            pass

@@ -1,8 +1,9 @@
 """Volume roots (RAID arrays, iSCSI LUNs mounted somewhere), their markers, free space and placement.
 
-A volume is a folder holding ``.appliance-volume`` (a marker written once by ``volume init``), ``blobs/`` and
-``tmp/``. A folder without the marker is never written into: an empty mount point whose filesystem did not
-mount looks exactly like that, and writing there would fill the root filesystem with data nobody finds later.
+A volume is a folder holding ``.appliance-volume`` (a marker written once by ``volume init``), ``segments/``
+(append-only tar segments, store/segments.py) and ``tmp/`` (spill files of large instances being received).
+A folder without the marker is never written into: an empty mount point whose filesystem did not mount looks
+exactly like that, and writing there would fill the root filesystem with data nobody finds later.
 The one exception is a volume folder that does not exist at all, which ``serve`` creates and marks on first
 use so that a fresh install works with no set-up step.
 """
@@ -32,32 +33,20 @@ class Volume:
     _free: int = field(default=0, repr=False)
     _total: int = field(default=1, repr=False)
     _attached: bool = field(default=False, repr=False)
-    # String forms of the hot-path folders: pathlib's joins and conversions cost ~5% of a busy worker's
-    # Python time (py-spy), plain string joins a tenth of that.
-    _blobs: str = field(default="", repr=False)
-    _tmp: str = field(default="", repr=False)
+    # The string form of the hot-path folder: pathlib's joins and conversions cost ~5% of a busy worker's Python
+    # time (py-spy), plain string joins a tenth of that.
+    tmp: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
-        self._blobs = os.path.join(self.root, "blobs")
-        self._tmp = os.path.join(self.root, "tmp")
+        self.tmp = os.path.join(self.root, "tmp")
 
     @property
-    def blobs_dir(self) -> Path:
-        return self.root / "blobs"
+    def segments_dir(self) -> Path:
+        return self.root / "segments"
 
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
-
-    def blob_path(self, digest: str) -> Path:
-        return Path(self.blob_file(digest))
-
-    def blob_file(self, digest: str) -> str:
-        """``<root>/blobs/ab/cd/<digest>`` as a string (the hot path's form of blob_path)."""
-        return f"{self._blobs}/{digest[:2]}/{digest[2:4]}/{digest}"
-
-    def tmp_file(self, name: str) -> str:
-        return f"{self._tmp}/{name}"
 
     def refresh(self, max_age: float = 0.5) -> None:
         """Re-read free space and the marker at most every ``max_age`` seconds (two syscalls per instance
@@ -108,8 +97,8 @@ def init_volume(root: Path, name: str) -> str:
             raise VolumeError(f"{root} is already volume {data.get('name')!r}, not {name!r}")
         return str(data["id"])
     volume_id = str(uuid.uuid4())
-    (root / "blobs").mkdir(exist_ok=True)
-    (root / "tmp").mkdir(exist_ok=True)
+    (root / "segments").mkdir(exist_ok=True, mode=0o700)
+    (root / "tmp").mkdir(exist_ok=True, mode=0o700)
     tmp = root / (MARKER + ".tmp")
     with open(tmp, "w") as fh:
         json.dump({"name": name, "id": volume_id, "created": time.time()}, fh)
@@ -120,7 +109,7 @@ def init_volume(root: Path, name: str) -> str:
     return volume_id
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -146,9 +135,14 @@ def open_volume(vc: VolumeConfig, create_missing: bool) -> Volume:
         raise VolumeError(f"volume {vc.name}: unreadable marker {marker}: {exc}") from None
     if data.get("name") != vc.name:
         raise VolumeError(f"volume {vc.name}: {root} is marked as volume {data.get('name')!r}")
-    for sub in ("blobs", "tmp"):
-        (root / sub).mkdir(exist_ok=True)
-    if not os.access(root / "tmp", os.W_OK) or not os.access(root / "blobs", os.W_OK):
+    old = root / "blobs"
+    if old.is_dir() and any(old.iterdir()):
+        raise VolumeError(
+            f"volume {vc.name}: {root} holds blobs/ in the one-file-per-instance layout of version 0.1, which this "
+            "version does not read (no site ran it; there is no migration): use a new volume")
+    for sub in ("segments", "tmp"):
+        (root / sub).mkdir(exist_ok=True, mode=0o700)
+    if not os.access(root / "tmp", os.W_OK) or not os.access(root / "segments", os.W_OK):
         raise VolumeError(f"volume {vc.name}: {root} is not writable")
     return Volume(vc.name, root, vc.high_watermark, str(data.get("id", "")))
 
@@ -175,20 +169,3 @@ class VolumeSet:
             if best is None or vol.free_bytes() > best.free_bytes():
                 best = vol
         return best
-
-    def unlink_blob(self, volume: str, digest: str) -> None:
-        vol = self.by_name.get(volume)
-        if vol is not None:
-            vol.blob_path(digest).unlink(missing_ok=True)
-
-    def find_blob(self, volume: str, digest: str) -> Path | None:
-        vol = self.by_name.get(volume)
-        if vol is not None:
-            path = vol.blob_path(digest)
-            if path.exists():
-                return path
-        for other in self.volumes:
-            path = other.blob_path(digest)
-            if path.exists():
-                return path
-        return None

@@ -1,0 +1,91 @@
+"""Typed index records (schema version 2), encoded with msgspec's MessagePack.
+
+The index never parses a backend's location: a copy carries its container (a segment, an archive, a tape
+file set) and the bytes it occupies there, which is all that space accounting and compaction need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+SCHEMA_VERSION = b"2"
+
+# Instance Availability (PS3.4 C.4.1.1.3.2): what C-FIND reports and what decides whether a retrieve must recall.
+ONLINE, NEARLINE, OFFLINE = "ONLINE", "NEARLINE", "OFFLINE"
+AVAILABILITIES = (ONLINE, NEARLINE, OFFLINE)
+
+# State of one copy of a blob.
+COPY_OK = "ok"  # durable and named; readable as far as we know
+COPY_SUSPECT = "suspect"  # verify found it missing or corrupt
+
+
+class Copy(msgspec.Struct, frozen=True):
+    """One place where a blob's bytes are."""
+
+    backend: str  # the backend's name: a volume name for the online segments, a tier's name otherwise
+    container: str  # the segment (or archive) holding it; compaction and space accounting work per container
+    location: str  # opaque to the index: the backend's own address of the blob
+    stored_bytes: int  # bytes the copy occupies in its container (headers and padding included)
+    state: str = COPY_OK
+    verified_ns: int = 0  # last time `verify` re-hashed it (0: never)
+
+
+class BlobRecord(msgspec.Struct):
+    size: int
+    refs: int  # instances naming this content (identical bytes are stored once)
+    copies: list[Copy]
+
+    def __post_init__(self) -> None:
+        assert self.refs >= 0 and self.size >= 0
+
+
+class InstanceRecord(msgspec.Struct):
+    attrs: dict[str, str]  # the instance-level attributes of the header (records.INSTANCE_ATTRS)
+    digest: str
+    size: int
+    transfer_syntax: str
+    received_ns: int
+    calling_ae: str
+    availability: str = ONLINE
+
+    def public(self) -> dict[str, Any]:
+        """The flat view the CLI shows (attribute names as in DICOM, provenance beside them)."""
+        return {**self.attrs, "digest": self.digest, "size": self.size, "TransferSyntaxUID": self.transfer_syntax,
+                "received_ns": self.received_ns, "calling_ae": self.calling_ae,
+                "InstanceAvailability": self.availability}
+
+
+class ContainerRecord(msgspec.Struct):
+    """A segment (or another backend's container) and what of it is still named by the index."""
+
+    backend: str
+    name: str
+    created_ns: int
+    end: int = 0  # bytes committed so far: recovery truncates what lies beyond (never acknowledged)
+    live_bytes: int = 0  # bytes of the records the index names; the rest is dead (overwritten, duplicates)
+    live_records: int = 0
+    sealed: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.live_bytes >= 0 and self.live_records >= 0 and self.end >= 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def encode(record: msgspec.Struct) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode(kind: type, raw: bytes | memoryview) -> Any:
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return decoder.decode(raw)
+
+
+def to_builtins(record: msgspec.Struct) -> Any:
+    return msgspec.to_builtins(record)

@@ -1,0 +1,144 @@
+"""Space reclaim: rewrite sealed segments whose records are mostly dead, then delete them.
+
+A record dies when no index entry names it any more: an overwritten instance, an identical re-send (its bytes were
+appended before the index found the duplicate), a group whose index commit failed. A sealed segment whose dead
+share reaches ``storage.compaction_dead_ratio`` (or that holds nothing live) is compacted:
+
+1. its live records are copied, with their provenance, to the compactor's own active segment, and synced;
+2. one index transaction records how far that segment is committed (so recovery never truncates the copies);
+3. one index transaction repoints every moved blob (compare-and-swap: a blob freed or moved meanwhile is left
+   alone) and, if nothing live is left in the old segment, replaces its container record by a ``gc`` row;
+4. the old segment file is deleted, then its ``gc`` row.
+
+A crash after 1 or 2 leaves dead copies (reclaimed by a later compaction); after 3, the ``gc`` row makes startup
+recovery finish step 4. Every step is idempotent; the copy rate is limited (``compaction_bytes_per_s``) so that
+ingest keeps the disk. Only one compactor runs at a time (a lock file beside the index).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from appliance.config import Config
+from appliance.errors import ApplianceError, BlobMissing
+from appliance.index.db import StudyIndex
+from appliance.index.schema import ContainerRecord, Copy
+from appliance.store.backend import BlobBackend, BlobSource
+from appliance.store.online import BlobStore
+from appliance.store.segments import SegmentBackend, parse_location, record_end
+
+log = logging.getLogger(__name__)
+COMPACT_LOCK = "compact.lock"
+
+
+@dataclass
+class CompactionReport:
+    candidates: list[dict[str, object]] = field(default_factory=list)
+    segments_compacted: int = 0
+    records_moved: int = 0
+    bytes_copied: int = 0
+    bytes_reclaimed: int = 0
+    dry_run: bool = False
+
+
+def dead_share(rec: ContainerRecord) -> float:
+    return 1.0 if rec.end <= 0 else max(0.0, (rec.end - rec.live_bytes) / rec.end)
+
+
+def candidates(index: StudyIndex, backend: str, dead_ratio: float) -> list[ContainerRecord]:
+    """Sealed segments worth rewriting, the deadest first."""
+    found = [c for c in index.containers(backend)
+             if c.sealed and (c.live_records == 0 or dead_share(c) >= dead_ratio)]
+    return sorted(found, key=dead_share, reverse=True)
+
+
+class _CopySource(BlobSource):
+    """A blob's bytes streamed from its current copy (bounded memory whatever its size)."""
+
+    def __init__(self, backend: BlobBackend, location: str, size: int) -> None:
+        self.backend, self.location, self.size = backend, location, size
+
+    def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+        return self.backend.iter_read(self.location, chunk_bytes)
+
+
+class _RateLimit:
+    def __init__(self, bytes_per_s: int) -> None:
+        self.bytes_per_s = bytes_per_s
+        self.started = time.monotonic()
+        self.done = 0
+
+    def spend(self, nbytes: int) -> None:
+        self.done += nbytes
+        ahead = self.done / self.bytes_per_s - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(min(ahead, 5.0))
+
+
+def compact(config: Config, index: StudyIndex, dry_run: bool = False, segments_max: int = 64) -> CompactionReport:
+    """Compact every volume's candidates (at most ``segments_max`` per run). Takes the compaction lock."""
+    st = config.storage
+    report = CompactionReport(dry_run=dry_run)
+    lock_path = st.index_path / COMPACT_LOCK
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ApplianceError("another compaction is running") from None
+        store = BlobStore.open(config, index=index)
+        try:
+            limit = _RateLimit(st.compaction_bytes_per_s)
+            for name in list(store.backends):
+                backend = store.segment_backend(name)
+                for rec in candidates(index, name, st.compaction_dead_ratio)[:segments_max]:
+                    report.candidates.append({"volume": name, "segment": rec.name, "size": rec.end,
+                                              "live_bytes": rec.live_bytes, "live_records": rec.live_records,
+                                              "dead_share": round(dead_share(rec), 3)})
+                    if dry_run:
+                        continue
+                    _compact_one(index, backend, rec, limit, report)
+            report.bytes_reclaimed = sum(int(str(c["size"])) - int(str(c["live_bytes"]))
+                                         for c in report.candidates) if not dry_run else 0
+        finally:
+            store.close()
+    finally:
+        os.close(fd)
+    return report
+
+
+def _compact_one(index: StudyIndex, backend: SegmentBackend, rec: ContainerRecord, limit: _RateLimit,
+                 report: CompactionReport) -> None:
+    moves: dict[str, Copy] = {}
+    for digest, blob in index.container_contents(backend.name, rec.name):
+        old = next((c for c in blob.copies if c.backend == backend.name and c.container == rec.name), None)
+        if old is None:
+            continue
+        try:
+            meta = backend.stat(old.location)
+        except BlobMissing:
+            log.error("compaction: %s in %s/%s cannot be read; left where it is", digest, backend.name, rec.name)
+            return  # never drop what the index names: leave this segment for `verify` and an operator
+        assert meta.digest == digest and meta.size == blob.size, (meta, digest)
+        location = backend.put(meta, _CopySource(backend, old.location, meta.size))
+        segment, record, _data, _size = parse_location(location)
+        moves[digest] = Copy(backend.name, segment, location, record_end(location) - record)
+        report.bytes_copied += meta.size
+        limit.spend(meta.size)
+    backend.sync()
+    ends: dict[tuple[str, str], int] = {}
+    for copy in moves.values():
+        key = (copy.backend, copy.container)
+        ends[key] = max(ends.get(key, 0), record_end(copy.location))
+    sealed = [(backend.name, s) for s in backend.take_sealed()]
+    if ends or sealed:
+        index.apply([], "keep-first", ends, sealed)  # committed ends first: recovery must not cut the copies
+    report.records_moved += index.move_copies(backend.name, rec.name, moves)
+    index.collect_garbage([(backend.name, rec.name)], lambda _b, n: backend.remove_segment(n))
+    report.segments_compacted += 1
+    log.info("compacted segment %s/%s: %d live records moved", backend.name, rec.name, len(moves))

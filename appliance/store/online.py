@@ -1,0 +1,118 @@
+"""This node's backends by name, the one read API over them, and startup recovery.
+
+``BlobStore.open_blob`` is what ``export``, ``verify`` and (next) C-GET / C-MOVE read through: it takes a blob's
+index record and returns its bytes from the first copy that can be read, whatever the tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from appliance.config import Config
+from appliance.errors import BlobMissing
+from appliance.index.db import StudyIndex
+from appliance.index.schema import BlobRecord, Copy
+from appliance.store.backend import BlobBackend
+from appliance.store.segments import SegmentBackend
+from appliance.store.spool import clear_tmp
+from appliance.store.volumes import VolumeSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlobStore:
+    volumes: VolumeSet
+    backends: dict[str, BlobBackend]
+
+    @classmethod
+    def open(cls, config: Config, index: StudyIndex | None = None, create_missing: bool = False) -> BlobStore:
+        """One SegmentBackend per configured volume. With ``index``, new segments register themselves in it
+        (a writer); without, the store is for reading."""
+        volumes = VolumeSet.open(config, create_missing=create_missing)
+        backends: dict[str, BlobBackend] = {}
+        for vol in volumes.volumes:
+            register = (lambda name, ns, v=vol.name: index.register_container(v, name, ns)) if index is not None else None
+            backends[vol.name] = SegmentBackend(vol, config.storage.segment_bytes_max, config.storage.fsync,
+                                                on_create=register)
+        return cls(volumes, backends)
+
+    def segment_backend(self, volume: str) -> SegmentBackend:
+        backend = self.backends[volume]
+        assert isinstance(backend, SegmentBackend)
+        return backend
+
+    def read_copy(self, copy: Copy) -> Iterator[bytes]:
+        backend = self.backends.get(copy.backend)
+        if backend is None:
+            raise BlobMissing(f"copy on {copy.backend!r}, which this node does not have")
+        return backend.iter_read(copy.location)
+
+    def open_blob(self, digest: str, blob: BlobRecord) -> Iterator[bytes]:
+        """The blob's bytes, in chunks, from the first readable copy (online first)."""
+        errors = []
+        for copy in blob.copies:
+            try:
+                chunks = self.read_copy(copy)
+                first = next(chunks, b"")
+            except BlobMissing as exc:
+                errors.append(str(exc))
+                continue
+            return _chain(first, chunks)
+        raise BlobMissing(f"blob {digest}: no readable copy ({'; '.join(errors) or 'no copies'})")
+
+    def read_all(self, digest: str, blob: BlobRecord) -> bytes:
+        return b"".join(self.open_blob(digest, blob))
+
+    def check(self, digest: str, copy: Copy) -> str:
+        """'ok', 'missing' or 'corrupt' for one copy (re-hashes every byte)."""
+        hasher = hashlib.sha256()
+        try:
+            for chunk in self.read_copy(copy):
+                hasher.update(chunk)
+        except BlobMissing:
+            return "missing"
+        except OSError:
+            return "missing"
+        return "ok" if hasher.hexdigest() == digest else "corrupt"
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    if first:
+        yield first
+    yield from rest
+
+
+def recover(store: BlobStore, index: StudyIndex) -> dict[str, int]:
+    """Before any worker starts: spill files of interrupted receptions, segments cut short by a crash (truncated
+    to what the index committed, then sealed: a new run never appends to an old segment), and segment deletes
+    that a compaction queued but did not finish."""
+    totals = {"spill_files": 0, "truncated_bytes": 0, "sealed": 0, "unknown_segments": 0, "deleted": 0}
+    for vol in store.volumes.volumes:
+        totals["spill_files"] += clear_tmp(vol.tmp)
+    for name, backend in store.backends.items():
+
+        def committed_end(segment: str, backend_name: str = name) -> int | None:
+            rec = index.container(backend_name, segment)
+            return None if rec is None else rec.end
+
+        stats = backend.recover(committed_end)
+        totals["truncated_bytes"] += stats.get("truncated_bytes", 0)
+        totals["sealed"] += stats.get("sealed", 0)
+        totals["unknown_segments"] += stats.get("unknown", 0)
+        index.seal_containers(name, [c.name for c in index.containers(name) if not c.sealed])
+    totals["deleted"] = index.collect_garbage(index.pending_gc(), lambda b, n: _remove(store, b, n))
+    return totals
+
+
+def _remove(store: BlobStore, backend: str, container: str) -> None:
+    target = store.backends.get(backend)
+    if isinstance(target, SegmentBackend):
+        target.remove_segment(container)

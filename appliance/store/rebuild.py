@@ -1,0 +1,171 @@
+"""The blobs are the source of truth: rebuild the index from the backends alone, and verify blobs against it.
+
+Every segment record carries what its index entry holds: the Part-10 bytes (attributes, File Meta with the transfer
+syntax), its name (the digest) and, in its pax header, the receive time and calling AE. Records are replayed in
+receive-time order with the configured duplicate policy, which reproduces the live index: a record the live index
+never named (an identical re-send, a refused duplicate, an overwritten instance) is replayed and loses the same
+way it lost live.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.config import Config
+from appliance.errors import ApplianceError, IndexInUse
+from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
+from appliance.index.records import read_header_blob
+from appliance.index.schema import COPY_OK, COPY_SUSPECT, Copy
+from appliance.store.online import BlobStore
+from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, created_ns, parse_location, record_end
+
+BATCH = 512
+
+
+@dataclass
+class RebuildStats:
+    blobs: int = 0
+    indexed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def rebuild_index(config: Config, target: Path, rehash: bool = False) -> RebuildStats:
+    """Build a fresh index at ``target`` (which must not exist or be empty) from every segment of every volume."""
+    if target.exists() and any(target.iterdir()):
+        raise ApplianceError(f"{target} exists and is not empty")
+    store = BlobStore.open(config)
+    stats = RebuildStats()
+    entries: list[IndexEntry] = []
+    ends: dict[tuple[str, str], int] = {}
+    sealed: list[tuple[str, str]] = []
+    segments: list[tuple[str, str]] = []
+    try:
+        for name, backend in store.backends.items():
+            assert isinstance(backend, SegmentBackend)
+            for segment in backend.segments():
+                segments.append((name, segment))
+                size = os.path.getsize(os.path.join(backend.dir, segment))
+                for blob in backend.list_segment(segment):
+                    stats.blobs += 1
+                    meta, location = blob.meta, blob.location
+                    try:
+                        if rehash and _hash(backend, location, meta.size) != meta.digest:
+                            raise ApplianceError("content does not match its name")
+                        header, ts = read_header_blob(functools.partial(backend.open, location, meta.size),
+                                                      meta.size)
+                    except ApplianceError as exc:
+                        stats.unreadable.append(f"{name}/{segment}@{parse_location(location)[1]}: {exc}")
+                        continue
+                    _seg, record, _data, _size = parse_location(location)
+                    end = record_end(location)
+                    ends[(name, segment)] = max(ends.get((name, segment), 0), end)
+                    copy = Copy(name, segment, location, end - record)
+                    entries.append(IndexEntry(header, meta.digest, meta.size, ts, meta.received_ns, meta.calling_ae,
+                                              copy))
+                if size >= len(END_OF_ARCHIVE) and _is_sealed(backend, segment, size):
+                    sealed.append((name, segment))
+    finally:
+        store.close()
+    entries.sort(key=lambda e: (e.received_ns, e.digest, e.copy.container, e.copy.location))
+    index = StudyIndex(target, config.storage.index_map_size, sync=True)
+    try:
+        for backend_name, segment in segments:
+            index.register_container(backend_name, segment, created_ns(segment))
+        for start in range(0, len(entries), BATCH):
+            index.apply(entries[start : start + BATCH], config.storage.duplicate_policy)
+        index.apply([], config.storage.duplicate_policy, ends, sealed)
+        stats.indexed = index.counts()["instances"]
+    finally:
+        index.close()
+    return stats
+
+
+def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
+    with open(os.path.join(backend.dir, segment), "rb") as fh:
+        fh.seek(size - len(END_OF_ARCHIVE))
+        return fh.read() == END_OF_ARCHIVE
+
+
+def _hash(backend: SegmentBackend, location: str, size: int) -> str:
+    hasher = hashlib.sha256()
+    for chunk in backend.iter_read(location):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def replace_index(config: Config, rehash: bool = False) -> RebuildStats:
+    """Rebuild beside the live index, then swap it in (the old one is kept as ``<index>.old``). The serve lock is
+    held from the start through the swap, so no server can start on the old index meanwhile."""
+    live = config.storage.index_path
+    live.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(live / SERVE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a running supervisor
+        except BlockingIOError:
+            raise IndexInUse(f"the appliance is serving {live}: stop it first, or use --into DIR") from None
+        fresh = live.with_name(live.name + ".rebuild")
+        old = live.with_name(live.name + ".old")
+        shutil.rmtree(fresh, ignore_errors=True)
+        stats = rebuild_index(config, fresh, rehash)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(live, old)
+        os.rename(fresh, live)
+        return stats
+    finally:
+        os.close(fd)  # the lock file went to <index>.old with the folder: a new server locks the new one
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)  # the index names a copy that cannot be read
+    corrupt: list[str] = field(default_factory=list)  # a copy's content does not hash to its name
+    orphans: list[str] = field(default_factory=list)  # segment files the index does not know, and the reverse
+    dead_bytes: int = 0  # bytes in segments that no index entry names (reclaimed by compaction)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.corrupt or self.orphans)
+
+
+def verify(config: Config, index: StudyIndex) -> VerifyReport:
+    store = BlobStore.open(config)
+    report = VerifyReport()
+    marks: list[tuple[str, Copy, str]] = []
+    try:
+        for digest, blob in index.blobs():
+            for copy in blob.copies:
+                report.checked += 1
+                state = store.check(digest, copy)
+                where = f"{copy.backend}/{copy.container} {digest}"
+                if state == "missing":
+                    report.missing.append(where)
+                elif state == "corrupt":
+                    report.corrupt.append(where)
+                marks.append((digest, copy, COPY_OK if state == "ok" else COPY_SUSPECT))
+                if len(marks) >= BATCH:
+                    index.mark_verified(marks, time.time_ns())
+                    marks = []
+        if marks:
+            index.mark_verified(marks, time.time_ns())
+        for name, backend in store.backends.items():
+            assert isinstance(backend, SegmentBackend)
+            on_disk = set(backend.segments())
+            known = {c.name: c for c in index.containers(name)}
+            report.orphans += [f"{name}/{s}: not in the index" for s in sorted(on_disk - set(known))]
+            report.orphans += [f"{name}/{s}: in the index, file missing" for s, c in sorted(known.items())
+                               if s not in on_disk and c.live_records]
+            for segment in on_disk & set(known):
+                size = os.path.getsize(os.path.join(backend.dir, segment))
+                report.dead_bytes += max(0, min(size, known[segment].end) - known[segment].live_bytes)
+    finally:
+        store.close()
+    return report

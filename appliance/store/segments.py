@@ -1,0 +1,389 @@
+"""The online tier: append-only segment files on a volume, one active segment per writer.
+
+A segment is a POSIX tar (pax) archive: ``tar -tf`` lists it and ``tar -xf`` extracts valid Part-10 files named
+``<sha256>.dcm``, without our software. Each record is a pax extended header (``mtime`` = receive time with ns,
+``comment`` = our provenance as JSON), a ustar header and the blob's bytes padded to 512. ``comment`` is a
+standard pax keyword that readers ignore silently (GNU tar warns on unknown keywords).
+
+Invariants (kept with store/commit.py and index/db.py):
+- one writer per segment: the worker (or compactor) that created it; it appends at the offset it tracks itself,
+  so a torn append is simply overwritten by the next one;
+- a segment is registered in the index (``on_create``) before its first byte is written, so a segment file
+  that the index does not know is never ours to delete (the index was lost or replaced: ``index rebuild``);
+- the index names a record only after ``sync`` made it durable;
+- ``recover`` truncates every segment to the end the index committed (what lies beyond was never
+  acknowledged) and seals it: the segments of a previous run are never appended to again;
+- a sealed segment ends with the two zero blocks of a tar end-of-archive and is read-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import os
+import tarfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from appliance.errors import BlobMissing, OutOfSpace, StorageFault
+from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, Capabilities, LatencyClass, Location, StoredBlob
+from appliance.store.volumes import Volume, fsync_dir
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+END_OF_ARCHIVE = b"\x00" * (2 * BLOCK)
+SUFFIX = ".tar"
+PROVENANCE_VERSION = 1
+COPY_CHUNK = 8 << 20
+
+
+def segment_name() -> str:
+    """Sortable by creation time, unique across processes and restarts."""
+    return f"{time.time_ns():016x}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+
+
+def created_ns(segment: str) -> int:
+    """The creation time a segment's name carries."""
+    return int(segment.split("-", 1)[0], 16)
+
+
+def parse_location(location: Location) -> tuple[str, int, int, int]:
+    """``segment:record_offset:data_offset:size`` -> its parts."""
+    segment, record, data, size = location.rsplit(":", 3)
+    return segment, int(record), int(data), int(size)
+
+
+def make_location(segment: str, record: int, data: int, size: int) -> Location:
+    return f"{segment}:{record}:{data}:{size}"
+
+
+def record_end(location: Location) -> int:
+    """Offset just past the record (data padded to a tar block)."""
+    _seg, _record, data, size = parse_location(location)
+    return data + size + (-size) % BLOCK
+
+
+def record_header(meta: BlobMeta) -> bytes:
+    info = tarfile.TarInfo(f"{meta.digest}.dcm")
+    info.size = meta.size
+    info.mode = 0o600
+    info.mtime = meta.received_ns // 1_000_000_000
+    info.pax_headers = {
+        "mtime": f"{meta.received_ns // 1_000_000_000}.{meta.received_ns % 1_000_000_000:09d}",
+        "comment": json.dumps({"appliance": PROVENANCE_VERSION, "received_ns": meta.received_ns,
+                               "calling_ae": meta.calling_ae}, separators=(",", ":")),
+    }
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def meta_of(info: tarfile.TarInfo) -> BlobMeta | None:
+    """Provenance of one tar member, or None when it is not one of our records."""
+    name = info.name
+    if not name.endswith(".dcm") or len(name) != 68 or not info.isfile():
+        return None
+    try:
+        prov = json.loads(info.pax_headers.get("comment", "{}"))
+        return BlobMeta(digest=name[:64], size=info.size, received_ns=int(prov["received_ns"]),
+                        calling_ae=str(prov.get("calling_ae", "")))
+    except (ValueError, KeyError, TypeError, AssertionError):
+        return None
+
+
+class SegmentBackend(BlobBackend):
+    """The segments of one volume. ``name`` is the volume's name (the index's copies say which volume)."""
+
+    capabilities = Capabilities(random_read=True, atomic_publish=True, latency=LatencyClass.ONLINE,
+                                deletes_immediately=False)
+
+    def __init__(self, volume: Volume, segment_bytes_max: int = 1 << 30, fsync: bool = True,
+                 on_create: Callable[[str, int], None] | None = None, open_files_max: int = 64) -> None:
+        assert segment_bytes_max >= 1 << 20, "a segment must hold at least a few instances"
+        self.volume = volume
+        self.name = volume.name
+        self.dir = os.path.join(volume.root, "segments")
+        self.segment_bytes_max = segment_bytes_max
+        self.fsync = fsync
+        self.on_create = on_create
+        self.active: str | None = None
+        self._fd = -1
+        self._end = 0  # where the next record goes in the active segment
+        self._unsynced: list[int] = []  # descriptors written since the last sync (a segment sealed meanwhile too)
+        self._to_close: list[int] = []
+        self._sealed: list[str] = []  # sealed since the last take_sealed(), for the index
+        self._readers: OrderedDict[str, int] = OrderedDict()  # segment -> read-only fd, LRU
+        self._readers_max = open_files_max
+        self._readers_lock = threading.Lock()
+
+    # ---- write path (one writer thread) -------------------------------------------------------------
+
+    def put(self, meta: BlobMeta, source: BlobSource) -> Location:
+        assert source.size == meta.size
+        header = record_header(meta)
+        needed = len(header) + meta.size + BLOCK
+        if self.active is None or (self._end > 0 and self._end + needed > self.segment_bytes_max):
+            self._roll()
+        assert self.active is not None
+        start = self._end
+        data_offset = start + len(header)
+        pad = b"\x00" * ((-meta.size) % BLOCK)
+        try:
+            fd = source.fileno()
+            if fd is not None:  # a spill file: copied in the kernel
+                self._pwrite_all([header], start)
+                self._copy_from(fd, meta.size, data_offset)
+                self._pwrite_all([pad], data_offset + meta.size)
+            elif meta.size <= COPY_CHUNK:  # the common case: one syscall for the whole record
+                self._pwrite_all([header, *source.chunks(COPY_CHUNK), pad], start)
+            else:  # a large blob streamed from elsewhere (compaction, a recall): bounded memory
+                offset = start
+                for part in itertools.chain([header], source.chunks(COPY_CHUNK)):
+                    self._pwrite_all([part], offset)
+                    offset += len(part)
+                if offset != data_offset + meta.size:
+                    raise OSError(errno.EIO, "source shorter than its size")
+                self._pwrite_all([pad], offset)
+        except OSError as exc:
+            # Nothing names the torn bytes and the next put overwrites them; give the space back now.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutOfSpace(f"volume {self.name} full: {exc.strerror}") from None
+            raise OutOfSpace(f"volume {self.name} write failed: {exc.strerror}") from None
+        self._end = data_offset + meta.size + len(pad)
+        if not self._unsynced or self._unsynced[-1] != self._fd:
+            self._unsynced.append(self._fd)
+        self.volume.charge(self._end - start)
+        return make_location(self.active, start, data_offset, meta.size)
+
+    def _pwrite_all(self, parts: list[bytes | memoryview], offset: int) -> None:
+        views = [memoryview(p) for p in parts if len(p)]
+        while views:
+            written = os.pwritev(self._fd, views, offset)
+            offset += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
+
+    def _copy_from(self, src: int, size: int, offset: int) -> None:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(src, self._fd, min(COPY_CHUNK, size - done), done, offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "spill file shorter than its instance")
+            done += n
+
+    def sync(self) -> None:
+        pending, self._unsynced = self._unsynced, []
+        if self.fsync:
+            for fd in pending:
+                try:
+                    os.fdatasync(fd)  # data and size; a segment's other metadata never matters
+                except OSError as exc:
+                    raise StorageFault(f"fdatasync of a segment on volume {self.name} failed: {exc.strerror}; "
+                                       "the page cache can no longer be trusted") from None
+        for fd in self._to_close:
+            os.close(fd)
+        self._to_close.clear()
+
+    def take_sealed(self) -> list[str]:
+        """Segments sealed since the last call (their seal is durable once ``sync`` returned)."""
+        sealed, self._sealed = self._sealed, []
+        return sealed
+
+    def publish(self, locations: list[Location]) -> None:
+        """Records are readable as soon as they are written; only the index makes them reachable."""
+
+    def _roll(self) -> None:
+        """Seal the active segment (if any) and start a new one."""
+        if self.active is not None:
+            self._pwrite_all([END_OF_ARCHIVE], self._end)
+            if not self._unsynced or self._unsynced[-1] != self._fd:
+                self._unsynced.append(self._fd)
+            self._to_close.append(self._fd)  # closed after the sync that makes the seal durable
+            self._sealed.append(self.active)
+            self.active, self._fd = None, -1
+        name = segment_name()
+        path = os.path.join(self.dir, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OutOfSpace(f"volume {self.name}: cannot create a segment: {exc.strerror}") from None
+        try:
+            if self.fsync:
+                fsync_dir(self.dir)
+            if self.on_create is not None:
+                self.on_create(name, created_ns(name))  # registered in the index before its first byte
+        except Exception:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self.active, self._fd, self._end = name, fd, 0
+        log.debug("volume %s: new segment %s", self.name, name)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for fd in self._to_close:
+            os.close(fd)
+        self._to_close.clear()
+        with self._readers_lock:
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
+
+    @property
+    def active_end(self) -> int:
+        return self._end
+
+    # ---- read path (any thread) ---------------------------------------------------------------------
+
+    def _reader(self, segment: str) -> int:
+        with self._readers_lock:
+            fd = self._readers.get(segment)
+            if fd is not None:
+                self._readers.move_to_end(segment)
+                return fd
+            try:
+                fd = os.open(os.path.join(self.dir, segment), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise BlobMissing(f"segment {self.name}/{segment} is gone") from None
+            self._readers[segment] = fd
+            while len(self._readers) > self._readers_max:
+                _old, old_fd = self._readers.popitem(last=False)
+                os.close(old_fd)
+            return fd
+
+    def forget_reader(self, segment: str) -> None:
+        with self._readers_lock:
+            fd = self._readers.pop(segment, None)
+            if fd is not None:
+                os.close(fd)
+
+    def read(self, location: Location, offset: int = 0, length: int = -1) -> bytes:
+        segment, _record, data, size = parse_location(location)
+        if length < 0 or offset + length > size:
+            length = max(0, size - offset)
+        chunks = []
+        fd = self._reader(segment)
+        pos = data + offset
+        while length > 0:
+            chunk = os.pread(fd, length, pos)
+            if not chunk:
+                raise BlobMissing(f"{self.name}:{location}: segment ends before the record does")
+            chunks.append(chunk)
+            pos += len(chunk)
+            length -= len(chunk)
+        return b"".join(chunks)
+
+    def stat(self, location: Location) -> BlobMeta:
+        segment, record, data, _size = parse_location(location)
+        header = os.pread(self._reader(segment), data - record, record)
+        info = _first_member(header)
+        meta = meta_of(info) if info is not None else None
+        if meta is None:
+            raise BlobMissing(f"{self.name}:{location}: no record there")
+        return meta
+
+    def delete(self, locations: list[Location]) -> None:
+        """Space in a segment comes back through compaction (store/compact.py), which rewrites what is live."""
+
+    def segments(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.dir) if n.endswith(SUFFIX))
+        except FileNotFoundError:
+            return []
+
+    def list(self) -> Iterator[StoredBlob]:
+        for segment in self.segments():
+            yield from self.list_segment(segment)
+
+    def list_segment(self, segment: str) -> Iterator[StoredBlob]:
+        """Every record of one segment, in order; stops quietly at a torn tail."""
+        path = os.path.join(self.dir, segment)
+        try:
+            with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as archive:
+                while True:
+                    try:
+                        info = archive.next()
+                    except tarfile.TarError:
+                        return  # a torn tail (an append a crash cut short): nothing beyond was acknowledged
+                    if info is None:
+                        return
+                    meta = meta_of(info)
+                    if meta is None or info.offset_data + info.size > os.fstat(fh.fileno()).st_size:
+                        continue
+                    yield StoredBlob(make_location(segment, info.offset, info.offset_data, info.size), meta)
+        except tarfile.ReadError:
+            return  # empty or not a tar at all
+        except FileNotFoundError:
+            return
+
+    # ---- recovery -----------------------------------------------------------------------------------
+
+    def recover(self, committed_end: Callable[[str], int | None]) -> dict[str, int]:
+        """Truncate each known segment to its committed end and seal it; leave unknown files alone (loudly)."""
+        stats = {"truncated_bytes": 0, "sealed": 0, "unknown": 0}
+        for segment in self.segments():
+            path = os.path.join(self.dir, segment)
+            end = committed_end(segment)
+            if end is None:
+                stats["unknown"] += 1
+                log.warning("volume %s: segment %s is not in the index; it is left alone (run `appliance index "
+                            "rebuild` if the index was lost)", self.name, segment)
+                continue
+            size = os.path.getsize(path)
+            with open(path, "r+b") as fh:
+                tail = b""
+                if size == end + len(END_OF_ARCHIVE):
+                    fh.seek(end)
+                    tail = fh.read()
+                if tail == END_OF_ARCHIVE:
+                    continue  # sealed
+                if size < end:
+                    raise StorageFault(f"volume {self.name}: segment {segment} is {size} bytes but the index "
+                                       f"committed records up to {end}: the volume lost acknowledged data")
+                stats["truncated_bytes"] += size - end
+                fh.truncate(end)
+                fh.seek(end)
+                fh.write(END_OF_ARCHIVE)
+                fh.flush()
+                if self.fsync:
+                    os.fdatasync(fh.fileno())
+                stats["sealed"] += 1
+        return stats
+
+    def remove_segment(self, segment: str) -> None:
+        """Delete a whole segment file (compaction, after the index stopped naming anything in it)."""
+        self.forget_reader(segment)
+        try:
+            os.unlink(os.path.join(self.dir, segment))
+        except FileNotFoundError:
+            pass
+        if self.fsync:
+            fsync_dir(self.dir)
+
+
+def _first_member(header: bytes) -> tarfile.TarInfo | None:
+    import io
+
+    try:
+        with tarfile.open(fileobj=io.BytesIO(header + b"\x00" * BLOCK), mode="r:") as archive:
+            return archive.next()
+    except tarfile.TarError:
+        return None
+
+
+def sealed_end(size: int) -> int:
+    """The end of the records of a sealed segment of ``size`` bytes."""
+    return size - len(END_OF_ARCHIVE)
