@@ -201,7 +201,18 @@ class StudyIndex:
             self._put_blob(txn, entry.digest, BlobRecord(entry.size, 1, [entry.copy]))
             self._count_copy(txn, entry.digest, entry.copy, +1)
             return True
-        blob.refs += 1  # identical bytes are stored once: the new record's bytes stay dead
+        blob.refs += 1  # identical bytes are stored once: one record is named, the others stay dead
+        # Which record is named must not depend on commit order (two workers may commit identical bytes in either
+        # order), or `index rebuild`, which replays records in receive order, would name another one: the
+        # earliest received record of a backend is the one named.
+        for i, cur in enumerate(blob.copies):
+            new = entry.copy
+            if cur.backend == new.backend and (new.received_ns, new.location) < (cur.received_ns, cur.location):
+                self._count_copy(txn, entry.digest, cur, -1)
+                blob.copies[i] = new
+                self._count_copy(txn, entry.digest, new, +1)
+                self._put_blob(txn, entry.digest, blob)
+                return True
         self._put_blob(txn, entry.digest, blob)
         return False
 

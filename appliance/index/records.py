@@ -320,23 +320,17 @@ def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -
 def part10_dataset_offset(prefix: bytes) -> tuple[int, str]:
     """Where the dataset starts in a Part-10 blob and its transfer syntax, from the blob's first bytes (preamble,
     ``DICM``, the File Meta group). Raises CannotUnderstand when they are not a Part-10 File Meta."""
+    from pydicom.filereader import _read_file_meta_info
+
     try:
         if prefix[128:132] != b"DICM":
             raise ValueError("no DICM prefix")
-        meta = read_file_meta_info_bytes(prefix)
-        ts = str(meta.get("TransferSyntaxUID", ""))
-        group_length = int(meta[0x00020000].value)
+        fp = io.BytesIO(prefix)
+        fp.seek(132)
+        meta = _read_file_meta_info(fp)
+        return fp.tell(), str(meta.get("TransferSyntaxUID", ""))
     except Exception as exc:
         raise CannotUnderstand(f"not a DICOM file: {type(exc).__name__}: {exc}") from None
-    return 132 + 12 + group_length, ts
-
-
-def read_file_meta_info_bytes(prefix: bytes) -> Any:
-    from pydicom.filereader import _read_file_meta_info
-
-    fp = io.BytesIO(prefix)
-    fp.seek(132)
-    return _read_file_meta_info(fp)
 
 
 def read_header_blob(open_stream: Callable[[], BinaryIO], size: int) -> tuple[Header, str]:
@@ -355,6 +349,11 @@ def read_header_blob(open_stream: Callable[[], BinaryIO], size: int) -> tuple[He
         with open_stream() as fh:
             header = read_header_beyond_head(fh)
     return header, ts
+
+
+def read_header_file(path: Path) -> tuple[Header, str]:
+    """read_header_blob for a Part-10 file on disk."""
+    return read_header_blob(lambda: open(path, "rb"), path.stat().st_size)
 
 
 def read_header_beyond_head(path: Path | str | BinaryIO) -> Header:

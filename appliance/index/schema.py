@@ -28,6 +28,7 @@ class Copy(msgspec.Struct, frozen=True):
     container: str  # the segment (or archive) holding it; compaction and space accounting work per container
     location: str  # opaque to the index: the backend's own address of the blob
     stored_bytes: int  # bytes the copy occupies in its container (headers and padding included)
+    received_ns: int = 0  # the provenance of the record this copy is (identical bytes: the earliest one is kept)
     state: str = COPY_OK
     verified_ns: int = 0  # last time `verify` re-hashed it (0: never)
 

@@ -194,7 +194,7 @@ class GroupCommitter:
             finally:
                 sub.spool.discard()  # appended or refused: its memory or spill file goes now
             segment, record, _data, _size = parse_location(location)
-            copy = Copy(sub.backend.name, segment, location, record_end(location) - record)
+            copy = Copy(sub.backend.name, segment, location, record_end(location) - record, sub.received_ns)
             item.entry = IndexEntry(sub.header, digest, meta.size, sub.transfer_syntax, sub.received_ns,
                                     sub.calling_ae, copy, sub.policy)
             backends[sub.backend.name] = sub.backend

@@ -127,7 +127,7 @@ def _compact_one(index: StudyIndex, backend: SegmentBackend, rec: ContainerRecor
         assert meta.digest == digest and meta.size == blob.size, (meta, digest)
         location = backend.put(meta, _CopySource(backend, old.location, meta.size))
         segment, record, _data, _size = parse_location(location)
-        moves[digest] = Copy(backend.name, segment, location, record_end(location) - record)
+        moves[digest] = Copy(backend.name, segment, location, record_end(location) - record, meta.received_ns)
         report.bytes_copied += meta.size
         limit.spend(meta.size)
     backend.sync()

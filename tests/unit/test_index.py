@@ -12,6 +12,7 @@ import pytest
 
 from appliance.index.db import SEP, IndexEntry, Outcome, StudyIndex
 from appliance.index.records import Header
+from appliance.index.schema import Copy
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -45,8 +46,15 @@ def header(pid: str, study: str, series: str, sop: str, modality: str = "CT", *,
 
 def entry(h: Header, content: str | None = None, size: int = 1000, t: int = 1, volume: str = "vol0",
           ae: str = "SCU") -> IndexEntry:
-    return IndexEntry(header=h, digest=digest(content or h.sop_instance_uid), volume=volume, size=size,
-                      transfer_syntax="1.2.840.10008.1.2.1", received_ns=t, calling_ae=ae)
+    d = digest(content or h.sop_instance_uid)
+    return IndexEntry(header=h, digest=d, size=size, transfer_syntax="1.2.840.10008.1.2.1", received_ns=t,
+                      calling_ae=ae, copy=Copy(volume, "seg", f"seg:{d}:{t}", size, t))
+
+
+def live(index: StudyIndex, volume: str = "vol0") -> tuple[int, int]:
+    """(live records, live bytes) of the test's one container."""
+    rec = index.container(volume, "seg")
+    return (0, 0) if rec is None else (rec.live_records, rec.live_bytes)
 
 
 @pytest.fixture
@@ -85,7 +93,7 @@ def build_tree(index: StudyIndex) -> None:
     ]
     results = index.apply(entries[:3], "overwrite") + index.apply(entries[3:], "overwrite")
     assert [r.outcome for r in results] == [Outcome.STORED] * len(entries)
-    assert all(r.blob_is_new and r.freed == [] for r in results)
+    assert all(r.blob_is_new for r in results)
 
 
 def test_hierarchy_and_prefix_scans(index: StudyIndex) -> None:
@@ -125,9 +133,9 @@ def test_counts_and_sizes_at_every_level(index: StudyIndex) -> None:
     sr = record(index, "series", "P1\x00S1\x00S1.SR")
     assert (sr["NumberOfInstances"], sr["Size"]) == (1, 50)
     inst = record(index, "instances", "P1\x00S1\x00S1.CT\x00I2")
-    assert inst["size"] == 200 and inst["digest"] == digest("I2") and inst["volume"] == "vol0"
+    assert inst["size"] == 200 and inst["digest"] == digest("I2")
     assert inst["SOPClassUID"] == CT and inst["received_ns"] == 2 and inst["calling_ae"] == "SCU"
-    assert inst["TransferSyntaxUID"] == "1.2.840.10008.1.2.1" and inst["tier"] == "online"
+    assert inst["TransferSyntaxUID"] == "1.2.840.10008.1.2.1" and inst["InstanceAvailability"] == "ONLINE"
     # Sums agree between levels.
     for pk, patient in index.items("patients"):
         studies = index.items("studies", pk + SEP)
@@ -185,9 +193,10 @@ def test_identical_resend(index: StudyIndex, policy: str) -> None:
     index.apply([entry(h, "v1", size=10)], policy)
     before = index.dump()
     (res,) = index.apply([entry(h, "v1", size=10, t=99)], policy)
-    assert (res.outcome, res.blob_is_new, res.freed) == (Outcome.IDENTICAL, False, [])
+    assert (res.outcome, res.blob_is_new) == (Outcome.IDENTICAL, False)
+    assert [c.backend for c in res.existing] == ["vol0"]  # where the stored copy is
     assert index.dump() == before
-    assert index.blob(digest("v1"))["refs"] == 1  # type: ignore[index]
+    assert index.blob(digest("v1")).refs == 1  # type: ignore[union-attr]
 
 
 def test_overwrite_replaces_and_frees_the_old_blob(index: StudyIndex) -> None:
@@ -195,14 +204,10 @@ def test_overwrite_replaces_and_frees_the_old_blob(index: StudyIndex) -> None:
     index.apply([entry(h, "v1", size=10)], "overwrite")
     (res,) = index.apply([entry(h, "v2", size=25, t=2)], "overwrite")
     assert res.outcome is Outcome.REPLACED and res.blob_is_new
-    assert res.freed == [("vol0", digest("v1"))]
     assert index.blob(digest("v1")) is None
-    assert index.blob(digest("v2")) == {"volume": "vol0", "size": 25, "refs": 1}
-    assert index.pending_gc() == [("vol0", digest("v1"))]
-    unlinked: list[tuple[str, str]] = []
-    assert index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d))) == 1
-    assert unlinked == [("vol0", digest("v1"))]
-    assert index.pending_gc() == []
+    v2 = index.blob(digest("v2"))
+    assert v2 is not None and (v2.size, v2.refs, [c.backend for c in v2.copies]) == (25, 1, ["vol0"])
+    assert live(index) == (1, 25)  # v1's 10 bytes are dead in the container now
     inst = record(index, "instances", "P\x00S\x00R\x00I")
     assert (inst["digest"], inst["size"]) == (digest("v2"), 25)
     for level, key in (("patients", "P"), ("studies", "P\x00S"), ("series", "P\x00S\x00R")):
@@ -218,7 +223,7 @@ def test_keep_first_and_reject(index: StudyIndex, policy: str, outcome: Outcome)
     index.apply([entry(h, "v1", size=10)], policy)
     before = index.dump()
     (res,) = index.apply([entry(h, "v2", size=25, t=2)], policy)
-    assert (res.outcome, res.blob_is_new, res.freed) == (outcome, False, [])
+    assert (res.outcome, res.blob_is_new) == (outcome, False)
     assert index.dump() == before
     assert index.blob(digest("v2")) is None
 
@@ -232,7 +237,7 @@ def test_replacement_moving_to_another_series_study_and_patient_cleans_up(index:
     # I2 is re-sent as part of another series of the same study: its old (SR) series disappears.
     (res,) = index.apply([entry(header("P1", "S1", "R1", "I2", "CT", accession="ACC1", date="20200101"), "b2",
                                 size=21, t=4)], "overwrite")
-    assert res.outcome is Outcome.REPLACED and res.freed == [("vol0", digest("b"))]
+    assert res.outcome is Outcome.REPLACED and index.blob(digest("b")) is None
     assert keys(index, "series", "P1\x00S1\x00") == ["P1\x00S1\x00R1"]
     assert index.lookup("R2") is None
     study = record(index, "studies", "P1\x00S1")
@@ -254,7 +259,7 @@ def test_replacement_moving_to_another_series_study_and_patient_cleans_up(index:
     dump = index.dump()
     assert [k for k, _ in dump["uids"]] == sorted(["I1", "I2", "I3", "R3", "S2"])
     assert {k for k, _ in dump["blobs"]} == {digest("a2"), digest("b3"), digest("c")}
-    assert sorted(index.pending_gc()) == sorted(("vol0", digest(x)) for x in ("a", "b", "b2"))
+    assert live(index) == (3, 11 + 12 + 30)
 
 
 def test_identical_content_is_one_blob_with_refcounts(index: StudyIndex) -> None:
@@ -263,13 +268,14 @@ def test_identical_content_is_one_blob_with_refcounts(index: StudyIndex) -> None
     r1, r2 = index.apply([first, second], "overwrite")
     assert (r1.outcome, r1.blob_is_new) == (Outcome.STORED, True)
     assert (r2.outcome, r2.blob_is_new) == (Outcome.STORED, False)  # the bytes are stored already
-    assert index.blob(digest("same")) == {"volume": "vol0", "size": 5, "refs": 2}
-    assert record(index, "instances", "P\x00S\x00R\x00I2")["volume"] == "vol0"  # where the bytes are
-    (r3,) = index.apply([entry(header("P", "S", "R", "I1"), "other", t=2)], "overwrite")
-    assert r3.freed == [] and index.blob(digest("same"))["refs"] == 1  # type: ignore[index]
-    (r4,) = index.apply([entry(header("P", "S", "R", "I2"), "other2", t=3)], "overwrite")
-    assert r4.freed == [("vol0", digest("same"))]
+    same = index.blob(digest("same"))
+    assert same is not None and (same.refs, [c.backend for c in same.copies]) == (2, ["vol0"])  # stored once
+    assert live(index, "vol1") == (0, 0)  # the second copy's bytes are dead where they were written
+    index.apply([entry(header("P", "S", "R", "I1"), "other", t=2)], "overwrite")
+    assert index.blob(digest("same")).refs == 1  # type: ignore[union-attr]
+    index.apply([entry(header("P", "S", "R", "I2"), "other2", t=3)], "overwrite")
     assert index.blob(digest("same")) is None
+    assert live(index) == (2, 2000)
 
 
 def test_a_b_a_in_separate_batches(index: StudyIndex) -> None:
@@ -277,22 +283,21 @@ def test_a_b_a_in_separate_batches(index: StudyIndex) -> None:
     index.apply([entry(h, "A", t=1)], "overwrite")
     index.apply([entry(h, "B", t=2)], "overwrite")
     (res,) = index.apply([entry(h, "A", t=3)], "overwrite")
-    assert res.outcome is Outcome.REPLACED and res.blob_is_new and res.freed == [("vol0", digest("B"))]
-    assert ("vol0", digest("A")) not in index.pending_gc()
+    assert res.outcome is Outcome.REPLACED and res.blob_is_new
+    assert index.blob(digest("B")) is None and index.blob(digest("A")).refs == 1  # type: ignore[union-attr]
+    assert live(index) == (1, 1000)
 
 
 def test_a_b_a_in_one_batch_never_frees_a_named_blob(index: StudyIndex) -> None:
-    """Within one group commit, X:A, X:B, X:A: the committer deletes every blob in the results' ``freed`` after
-    the transaction. A blob freed by an earlier entry and named again by a later one must not be in it."""
+    """Within one group commit, X:A, X:B, X:A: only the transaction's final state decides what is live."""
     h = header("P", "S", "R", "I")
-    results = index.apply([entry(h, "A", t=1), entry(h, "B", t=2), entry(h, "A", t=3)], "overwrite")
-    freed = {f for r in results for f in r.freed}
+    index.apply([entry(h, "A", t=1), entry(h, "B", t=2), entry(h, "A", t=3)], "overwrite")
     named = {rec["digest"] for _, rec in index.items("instances")}
     assert named == {digest("A")}
-    assert not {d for _v, d in freed} & named, "a blob the index names would be deleted"
-    assert freed == {("vol0", digest("B"))}
-    assert index.blob(digest("A"))["refs"] == 1  # type: ignore[index]
-    assert index.pending_gc() == [("vol0", digest("B"))]
+    assert index.blob(digest("A")).refs == 1  # type: ignore[union-attr]
+    assert index.blob(digest("B")) is None
+    assert live(index) == (1, 1000)
+    assert index.container_contents("vol0", "seg")[0][0] == digest("A")
 
 
 def test_shared_blob_freed_and_readded_in_one_batch(index: StudyIndex) -> None:
@@ -300,10 +305,11 @@ def test_shared_blob_freed_and_readded_in_one_batch(index: StudyIndex) -> None:
     index.apply([entry(header("P", "S", "R", "X"), "A"), entry(header("P", "S", "R", "Y"), "A")], "overwrite")
     results = index.apply([entry(header("P", "S", "R", "X"), "B", t=2), entry(header("P", "S", "R", "Y"), "C", t=3),
                            entry(header("P", "S", "R", "Z"), "A", t=4)], "overwrite")
-    freed = {d for r in results for _v, d in r.freed}
+    assert [r.outcome for r in results] == [Outcome.REPLACED, Outcome.REPLACED, Outcome.STORED]
     named = {rec["digest"] for _, rec in index.items("instances")}
     assert named == {digest("A"), digest("B"), digest("C")}
-    assert not freed & named
+    assert all(index.blob(d) is not None for d in named)
+    assert live(index) == (3, 3000)
 
 
 # ---- map growth -------------------------------------------------------------------------------------
@@ -370,9 +376,9 @@ def test_commit_order_does_not_matter(tmp_path: Path) -> None:
     assert len(reference["instances"]) == 300 and len(reference["studies"]) == 6
     for seed in range(3):
         rng = random.Random(seed)
-        shuffled = [entry(e.header, None, e.size, e.received_ns, e.volume, e.calling_ae) for e in entries]
+        shuffled = [entry(e.header, None, e.size, e.received_ns, e.copy.backend, e.calling_ae) for e in entries]
         for new, old in zip(shuffled, entries, strict=True):
-            new.digest = old.digest
+            new.digest, new.copy = old.digest, old.copy
         rng.shuffle(shuffled)
         assert apply_in_batches(tmp_path / f"shuffled{seed}", shuffled, rng) == reference, seed
 
@@ -407,15 +413,64 @@ def test_largest_valid_keys_fit(index: StudyIndex) -> None:
     assert res.outcome is Outcome.STORED
 
 
-def test_garbage_named_again_by_another_commit_is_not_deleted(index: StudyIndex) -> None:
-    """Another worker indexed the same content between our commit and our delete: the blob must stay."""
+def test_compaction_switch_moves_live_copies_and_queues_the_empty_container(index: StudyIndex) -> None:
+    """move_copies is a compare-and-swap: a blob freed since the copy was made stays unnamed, the others are
+    repointed, and the emptied container is replaced by a gc row; collect_garbage removes it once."""
     h1, h2 = header("P", "S", "R", "I1"), header("P", "S", "R", "I2")
-    index.apply([entry(h1, "v1", size=10)], "overwrite")
-    (res,) = index.apply([entry(h1, "v2", size=10, t=2)], "overwrite")
-    assert res.freed == [("vol0", digest("v1"))]
-    index.apply([entry(h2, "v1", size=10, t=3)], "overwrite")  # the other worker's commit
-    unlinked: list[tuple[str, str]] = []
-    assert index.collect_garbage(res.freed, lambda vol, d: unlinked.append((vol, d))) == 0
-    assert unlinked == []
+    index.register_container("vol0", "seg", 1)
+    index.register_container("vol0", "new", 2)
+    index.apply([entry(h1, "v1", size=10), entry(h2, "v2", size=20)], "overwrite", {("vol0", "seg"): 30})
+    index.apply([entry(h2, "v3", size=5, t=2)], "overwrite")  # v2 is freed before the switch
+    moves = {d: Copy("vol0", "new", f"new:{d}", size) for d, size in ((digest("v1"), 10), (digest("v2"), 20))}
+    assert index.move_copies("vol0", "seg", moves) == 1
+    assert index.blob(digest("v1")).copies == [moves[digest("v1")]]  # type: ignore[union-attr]
+    assert index.blob(digest("v2")) is None
+    assert live(index) == (1, 5)  # v3 still lives in "seg": it is not queued
     assert index.pending_gc() == []
-    assert index.blob(digest("v1")) == {"volume": "vol0", "size": 10, "refs": 1}
+    assert index.move_copies("vol0", "seg", {digest("v3"): Copy("vol0", "new", "new:v3", 5)}) == 1
+    assert index.container("vol0", "seg") is None and index.pending_gc() == [("vol0", "seg")]
+    removed: list[tuple[str, str]] = []
+    assert index.collect_garbage(index.pending_gc(), lambda b, n: removed.append((b, n))) == 1
+    assert removed == [("vol0", "seg")] and index.pending_gc() == []
+    new = index.container("vol0", "new")
+    assert new is not None and (new.live_records, new.live_bytes) == (2, 15)
+
+
+def test_container_end_only_grows_and_sealing_is_recorded(index: StudyIndex) -> None:
+    index.register_container("vol0", "seg", 1)
+    index.apply([entry(header("P", "S", "R", "I1"))], "overwrite", {("vol0", "seg"): 4096})
+    index.apply([], "overwrite", {("vol0", "seg"): 1024}, [("vol0", "seg")])
+    rec = index.container("vol0", "seg")
+    assert rec is not None and (rec.end, rec.sealed) == (4096, True)
+
+
+def test_the_named_copy_of_identical_bytes_does_not_depend_on_commit_order(tmp_path: Path) -> None:
+    """Two workers store identical bytes (two records); whichever commits first, the earliest received record is
+    the one named, as `index rebuild` (which replays in receive order) will name it."""
+    early = entry(header("P", "S", "R", "I1"), "same", size=5, t=1)
+    late = entry(header("P", "S", "R", "I2"), "same", size=5, t=2)
+    late.copy = Copy("vol0", "seg", "seg:late", 5, 2)
+    dumps = []
+    for name, order in (("a", [early, late]), ("b", [late, early])):
+        idx = StudyIndex(tmp_path / name, sync=False)
+        for e in order:
+            idx.apply([e], "overwrite")
+        blob = idx.blob(digest("same"))
+        assert blob is not None and blob.copies == [early.copy] and blob.refs == 2
+        dumps.append(idx.dump())
+        idx.close()
+    assert dumps[0] == dumps[1]
+
+
+def test_an_index_of_another_schema_is_refused(tmp_path: Path) -> None:
+    import lmdb
+
+    from appliance.index.db import SchemaMismatch
+
+    env = lmdb.open(str(tmp_path / "old"), max_dbs=4)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", b"1", db=meta)
+    env.close()
+    with pytest.raises(SchemaMismatch, match="schema version 1"):
+        StudyIndex(tmp_path / "old")
