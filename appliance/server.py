@@ -99,7 +99,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
         stop.set()
 
     committer = GroupCommitter(index, st.duplicate_policy, loop, st.commit_max_batch, st.commit_max_wait_ms,
-                               metrics, on_fault=on_fault, queue_max=st.commit_queue_max)
+                               metrics, on_fault=on_fault, queue_max=st.commit_queue_max,
+                               copy_exists=blobstore.copy_exists)
     ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics, slots=slots,
                               blobstore=blobstore,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))

@@ -320,6 +320,27 @@ class StudyIndex:
         moved: int = self._write(body)
         return moved
 
+    def repair_copies(self, repairs: list[tuple[str, list[Copy], Copy]]) -> int:
+        """Name a new durable copy in place of copies found unreadable (an identical re-send repairing a lost
+        segment). A blob changed meanwhile (its lost copies no longer named) is left alone. Returns how many."""
+
+        def body(txn: lmdb.Transaction) -> int:
+            done = 0
+            for digest, lost, new in repairs:
+                blob = self._blob(txn, digest)
+                if blob is None or not all(c in blob.copies for c in lost):
+                    continue
+                for copy in lost:
+                    self._count_copy(txn, digest, copy, -1)
+                blob.copies = [c for c in blob.copies if c not in lost] + [new]
+                self._count_copy(txn, digest, new, +1)
+                self._put_blob(txn, digest, blob)
+                done += 1
+            return done
+
+        done: int = self._write(body)
+        return done
+
     def mark_verified(self, results: list[tuple[str, Copy, str]], when_ns: int) -> None:
         """Record what ``verify`` found per copy ('ok' or a suspect state) and when."""
 
@@ -577,8 +598,9 @@ class StudyIndex:
         with self.env.begin() as txn:
             return {level: txn.stat(self.dbs[level])["entries"] for level in LEVELS}
 
-    def dump(self) -> dict[str, list[tuple[str, Any]]]:
-        """Every table as sorted (key, value) rows: what `index rebuild` must reproduce."""
+    def dump(self, verification: bool = False) -> dict[str, list[tuple[str, Any]]]:
+        """Every table as sorted (key, value) rows: what `index rebuild` must reproduce. What `verify` recorded
+        per copy (state, time) is history, not content: left out unless ``verification``."""
         typed: dict[str, type] = {"instances": InstanceRecord, "blobs": BlobRecord, "containers": ContainerRecord}
         with self.env.begin() as txn:
             out: dict[str, list[tuple[str, Any]]] = {}
@@ -590,6 +612,9 @@ class StudyIndex:
                     decoded: Any
                     if name in typed:
                         decoded = schema.to_builtins(schema.decode(typed[name], value))
+                        if name == "blobs" and not verification:
+                            for copy in decoded["copies"]:
+                                del copy["state"], copy["verified_ns"]
                     elif name in ("patients", "studies", "series"):
                         decoded = _dec(value)
                     else:

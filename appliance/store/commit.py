@@ -31,9 +31,9 @@ import lmdb
 
 from appliance import errors
 from appliance.errors import ApplianceError, StorageFault
-from appliance.index.db import IndexEntry, Outcome, StudyIndex
+from appliance.index.db import ApplyResult, IndexEntry, Outcome, StudyIndex
 from appliance.index.records import Header
-from appliance.index.schema import Copy
+from appliance.index.schema import COPY_OK, Copy
 from appliance.store.backend import BlobMeta
 from appliance.store.segments import SegmentBackend, parse_location, record_end
 from appliance.store.spool import InstanceSpool
@@ -88,6 +88,7 @@ class GroupCommitter:
         metrics: Metrics | None = None,
         on_fault: Callable[[str], None] | None = None,
         queue_max: int = 1024,
+        copy_exists: Callable[[Copy], bool] | None = None,
     ) -> None:
         assert max_batch >= 1 and queue_max >= max_batch
         self.index = index
@@ -98,6 +99,7 @@ class GroupCommitter:
         self.metrics = metrics
         self.on_fault = on_fault
         self.queue_max = queue_max
+        self.copy_exists = copy_exists or (lambda _copy: True)
         self.receiving = 0  # stores whose dataset is still arriving (written by the event loop only)
         self.fault: str | None = None
         self._cond = threading.Condition()
@@ -268,10 +270,26 @@ class GroupCommitter:
                                                    "duplicate SOP Instance UID with other content")))
             else:
                 results.append((item, CommitResult(errors.SUCCESS, res.outcome)))
+        self._repair_lost(batch, applied)
         self._resolve(results)
         if self.metrics is not None:
             self.metrics.commit(len(batch), t2 - t1, [(item.durable_at - item.queued_at, t1 - item.durable_at)
                                                       for item in batch])
+
+    def _repair_lost(self, batch: list[_Pending], applied: list[ApplyResult]) -> None:
+        """An identical re-send of an instance whose stored copies are lost (their segment file is gone, or
+        `verify` marked them suspect) names the bytes just made durable instead: a modality re-sending is how a site
+        repairs such a loss. Costs one stat per identical re-send, nothing otherwise."""
+        repairs = []
+        for item, res in zip(batch, applied, strict=True):
+            if res.outcome is not Outcome.IDENTICAL or item.entry is None:
+                continue
+            lost = [c for c in res.existing if c.state != COPY_OK or not self.copy_exists(c)]
+            if lost and len(lost) == len(res.existing):
+                repairs.append((item.entry.digest, lost, item.entry.copy))
+        if repairs:
+            done = self.index.repair_copies(repairs)
+            log.warning("%d lost blob(s) restored from identical re-sends", done)
 
     # ---- answers ---------------------------------------------------------------------------------------
 

@@ -45,6 +45,13 @@ class BlobStore:
         assert isinstance(backend, SegmentBackend)
         return backend
 
+    def copy_exists(self, copy: Copy) -> bool:
+        """Cheap presence check (no read): the copy's container is there. True for backends it cannot tell."""
+        backend = self.backends.get(copy.backend)
+        if backend is None:
+            return False
+        return backend.has_container(copy.container) if isinstance(backend, SegmentBackend) else True
+
     def read_copy(self, copy: Copy) -> Iterator[bytes]:
         backend = self.backends.get(copy.backend)
         if backend is None:

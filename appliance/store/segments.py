@@ -184,13 +184,16 @@ class SegmentBackend(BlobBackend):
 
     def sync(self) -> None:
         pending, self._unsynced = self._unsynced, []
-        if self.fsync:
-            for fd in pending:
-                try:
+        for fd in pending:
+            try:
+                if self.fsync:
                     os.fdatasync(fd)  # data and size; a segment's other metadata never matters
-                except OSError as exc:
-                    raise StorageFault(f"fdatasync of a segment on volume {self.name} failed: {exc.strerror}; "
-                                       "the page cache can no longer be trusted") from None
+                gone = os.fstat(fd).st_nlink == 0
+            except OSError as exc:
+                raise StorageFault(f"fdatasync of a segment on volume {self.name} failed: {exc.strerror}; "
+                                   "the page cache can no longer be trusted") from None
+            if gone:  # deleted behind our back: what was just written there is in no file any more
+                raise StorageFault(f"a segment on volume {self.name} was deleted while being written")
         for fd in self._to_close:
             os.close(fd)
         self._to_close.clear()
@@ -297,6 +300,9 @@ class SegmentBackend(BlobBackend):
 
     def delete(self, locations: list[Location]) -> None:
         """Space in a segment comes back through compaction (store/compact.py), which rewrites what is live."""
+
+    def has_container(self, segment: str) -> bool:
+        return os.path.exists(os.path.join(self.dir, segment))
 
     def segments(self) -> list[str]:
         try:
