@@ -4,7 +4,8 @@
 
 Each mutant is one hand-written textual edit of appliance/store/{commit,segments,online,compact}.py that breaks a
 guarantee (a sync skipped, an answer sent early, a truncate left out...). For each mutant, in turn, the runner
-copies the tree (appliance/, tests/, bench/, tiering/, pyproject.toml) into a fresh temp dir, applies the edit there
+copies the tree (appliance/, tests/, bench/, tiering/, pyproject.toml; as committed in HEAD unless --working-tree)
+into a fresh temp dir, applies the edit there
 (never in the checkout), runs the tests that guard the code, and reports the mutant KILLED (a test failed) or
 SURVIVED (every test passed: either a test is missing or the mutant is equivalent; the report says which).
 
@@ -50,8 +51,8 @@ MUTANTS = [
     # ---- segments.py: durability of appends, recovery
     Mutant("segments-fdatasync-pass", SEG, "                    os.fdatasync(fd)  # data and size", "                    pass  # data and size",
            "sync() returns without flushing: acknowledged bytes live only in the page cache"),
-    Mutant("segments-sync-error-swallowed", SEG, "                    raise StorageFault(f\"fdatasync of a segment",
-           "                    return None\n                    raise StorageFault(f\"fdatasync of a segment",
+    Mutant("segments-sync-error-swallowed", SEG, "            except OSError as exc:\n                raise StorageFault(f\"fdatasync of a segment",
+           "            except OSError as exc:\n                continue\n                raise StorageFault(f\"fdatasync of a segment",
            "a failed fdatasync is ignored: the group is acknowledged on an untrusted page cache"),
     Mutant("segments-put-no-truncate", SEG, "                os.ftruncate(self._fd, start)", "                pass",
            "a torn append (ENOSPC mid-record) is left in the segment file"),
@@ -125,7 +126,13 @@ MUTANTS = [
 ]
 
 
-def make_tree(dest: Path) -> None:
+def make_tree(dest: Path, working: bool) -> None:
+    """The committed tree (HEAD) by default: the checkout may hold someone's half-done edits."""
+    if not working:
+        archive = subprocess.run(["git", "archive", "--format=tar", "HEAD", *COPIED], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
     for name in COPIED:
         src = ROOT / name
         if src.is_dir():
@@ -134,12 +141,12 @@ def make_tree(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_mutant(mutant: Mutant | None, python: str, timeout: float) -> tuple[str, str, float]:
+def run_mutant(mutant: Mutant | None, python: str, timeout: float, working: bool) -> tuple[str, str, float]:
     name = mutant.name if mutant else "(unmutated)"
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
         tree = Path(tmp)
-        make_tree(tree)
+        make_tree(tree, working)
         if mutant is not None:
             target = tree / mutant.path
             text = target.read_text()
@@ -161,7 +168,7 @@ def run_mutant(mutant: Mutant | None, python: str, timeout: float) -> tuple[str,
         if result.returncode == 0:
             return name, "SURVIVED", elapsed
         failed = [line.split(" ", 1)[1].split(" - ")[0] for line in result.stdout.splitlines()
-                  if line.startswith(("FAILED ", "ERROR "))]
+                  if line.startswith(("FAILED tests", "ERROR tests"))]
         return name, f"KILLED by {failed[0] if failed else 'exit ' + str(result.returncode)}", elapsed
 
 
@@ -171,6 +178,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--working-tree", action="store_true", help="mutate a copy of the checkout's files, "
+                        "uncommitted edits included, instead of HEAD")
     args = parser.parse_args()
     python = str(ROOT / ".venv/bin/python")
     mutants = [m for m in MUTANTS if args.only is None or m.name in args.only]
@@ -178,14 +187,14 @@ def main() -> int:
         for m in mutants:
             print(f"{m.name:40} {m.path}: {m.why}")
         return 0
-    baseline = run_mutant(None, python, args.timeout)
+    baseline = run_mutant(None, python, args.timeout, args.working_tree)
     print(f"{baseline[0]:40} {baseline[1]:70} {baseline[2]:5.1f}s", flush=True)
     if baseline[1] != "SURVIVED":
         print("the unmutated tree fails its tests: fix that first", file=sys.stderr)
         return 2
     survivors = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for (name, verdict, elapsed), m in zip(pool.map(lambda m: run_mutant(m, python, args.timeout), mutants),
+        for (name, verdict, elapsed), m in zip(pool.map(lambda m: run_mutant(m, python, args.timeout, args.working_tree), mutants),
                                                mutants, strict=True):
             print(f"{name:40} {verdict:70} {elapsed:5.1f}s", flush=True)
             if verdict == "SURVIVED":
