@@ -1,4 +1,4 @@
-"""The one console command: ``appliance serve|init|status|ls|show|export|verify|index|volume``.
+"""The one console command: ``appliance serve|init|status|ls|show|export|verify|compact|index|volume``.
 
 Human output by default, ``--json`` for scripts. Exit codes (appliance/errors.py): 0 ok, 1 failure (or
 verify found problems), 2 usage, 3 not found, 69 unavailable (volume detached...), 78 configuration error.
@@ -168,7 +168,7 @@ LS_COLUMNS = {
     "studies": ("StudyInstanceUID", "PatientID", "StudyDate", "AccessionNumber", "ModalitiesInStudy",
                 "NumberOfSeries", "NumberOfInstances", "StudyDescription"),
     "series": ("SeriesInstanceUID", "Modality", "SeriesNumber", "NumberOfInstances", "SeriesDescription"),
-    "instances": ("SOPInstanceUID", "InstanceNumber", "SOPClassUID", "TransferSyntaxUID", "size", "volume"),
+    "instances": ("SOPInstanceUID", "InstanceNumber", "SOPClassUID", "TransferSyntaxUID", "size", "InstanceAvailability"),
 }
 
 
@@ -331,6 +331,35 @@ def verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     _emit(data, as_json, "\n".join(lines))
     if not report.ok:
         raise typer.Exit(errors.EXIT_FAILURE)
+
+
+@app.command()
+def compact(
+    config: ConfigOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the segments that would be compacted")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Reclaim space: rewrite sealed segments whose dead share reaches storage.compaction_dead_ratio.
+
+    Safe while the server runs (copies are rate-limited by storage.compaction_bytes_per_s); a crash at any step
+    loses nothing and a later run finishes the job."""
+    from appliance.store.compact import compact as run_compact
+
+    try:
+        cfg = _config(config)
+        with _open_index(cfg) as index:
+            report = run_compact(cfg, index, dry_run=dry_run)
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    data = {"dry_run": report.dry_run, "candidates": report.candidates,
+            "segments_compacted": report.segments_compacted, "records_moved": report.records_moved,
+            "bytes_copied": report.bytes_copied, "bytes_reclaimed": report.bytes_reclaimed}
+    lines = [f"  {c['volume']}/{c['segment']}: {c['size']} bytes, {c['live_records']} live records, "
+             f"{float(str(c['dead_share'])):.0%} dead" for c in report.candidates]
+    head = (f"{len(report.candidates)} segment(s) would be compacted" if dry_run else
+            f"compacted {report.segments_compacted} segment(s): {report.records_moved} records moved, "
+            f"{report.bytes_copied} bytes copied, {report.bytes_reclaimed} bytes reclaimed")
+    _emit(data, as_json, "\n".join([head, *lines]))
 
 
 @index_app.command("rebuild")

@@ -140,6 +140,24 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
         os._exit(EXIT_STORAGE_FAULT)
 
 
+def _compact_main(config: Config) -> None:
+    """A scheduled compaction, in its own process (an LMDB environment must not cross fork(), and a crash of the
+    compactor must not take a worker with it). Crash-safe at every step, so the supervisor may kill it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from appliance.store.compact import compact
+
+    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=config.storage.fsync)
+    try:
+        report = compact(config, index)
+        if report.segments_compacted:
+            log.info("compaction: %d segment(s) rewritten, %d records moved, %d bytes reclaimed",
+                     report.segments_compacted, report.records_moved, report.bytes_reclaimed)
+    except ApplianceError as exc:
+        log.warning("compaction skipped: %s", exc)
+    finally:
+        index.close()
+
+
 # ---- supervisor -------------------------------------------------------------------------------------
 
 
@@ -156,6 +174,8 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self.metrics_dir = ""
+        self.compactor: ForkProcess | None = None
+        self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
 
     def prepare(self) -> dict[str, int]:
         cfg = self.config
@@ -219,11 +239,22 @@ class Supervisor:
                         self._release_worker(proc)
                         self.workers[i] = self._spawn()
                         self._await_ready(1)
+                self._maybe_compact()
                 time.sleep(0.2)
         finally:
             self._shutdown()
             reserve.close()
         return self.exit_code
+
+    def _maybe_compact(self) -> None:
+        interval = self.config.storage.compaction_interval_s
+        if not interval or time.monotonic() < self.next_compaction:
+            return
+        if self.compactor is not None and self.compactor.is_alive():
+            return  # the previous run is still going: one compactor at a time
+        self.next_compaction = time.monotonic() + interval
+        self.compactor = self.mp.Process(target=_compact_main, args=(self.config,), name="appliance-compactor")
+        self.compactor.start()
 
     def _release_worker(self, proc: ForkProcess) -> None:
         """What a dead worker held: its spill files (its association slots are the network layer's)."""
@@ -275,6 +306,9 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         log.info("draining associations and stopping workers")
+        if self.compactor is not None and self.compactor.is_alive():
+            self.compactor.kill()  # crash-safe at every step; the next run finishes its job
+            self.compactor.join(10)
         for proc in self.workers:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)

@@ -178,7 +178,7 @@ def one_run(factory: Callable[[Path], Receiver], burst: synth.Burst, scenario: s
     finally:
         receiver.stop()
         try:
-            sample.stored = count_files(receiver.storage())
+            sample.stored = receiver.stored_count()
         except OSError:
             sample.stored = 0
         if sample.stored != sample.instances and not sample.errors:

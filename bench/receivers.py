@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,8 +191,12 @@ class Receiver:
         raise NotImplementedError
 
     def storage(self) -> Path:
-        """The folder whose file count after stop is the number of instances stored."""
+        """The folder holding what the receiver stored."""
         raise NotImplementedError
+
+    def stored_count(self) -> int:
+        """How many instances the receiver holds after stop (one file per instance, by default)."""
+        return count_files(self.storage())
 
     def wait_port(self) -> None:
         pass
@@ -296,7 +301,15 @@ class ApplianceReceiver(Receiver):
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
 
     def storage(self) -> Path:
-        return self.workdir / "var" / "volumes" / "vol0" / "blobs"
+        return self.workdir / "var" / "volumes" / "vol0" / "segments"
+
+    def stored_count(self) -> int:
+        """Records in the segments (tar members), read as any tar reader would."""
+        count = 0
+        for segment in sorted(self.storage().glob("*.tar")):
+            with tarfile.open(segment) as archive:
+                count += sum(1 for member in archive if member.name.endswith(".dcm"))
+        return count
 
 
 class StorescpReceiver(Receiver):

@@ -42,7 +42,6 @@ from bench.monitor import STAGES, MetricsWindow
 from bench.receivers import (
     DCMTK_ENV,
     Receiver,
-    count_files,
     disk_delta,
     disk_io,
     first_line,
@@ -219,7 +218,7 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
     finally:
         receiver.stop()
         try:
-            sample["stored"] = count_files(receiver.storage())
+            sample["stored"] = receiver.stored_count()
         except OSError:
             sample["stored"] = 0
         if sample["stored"] != plan.instances and not sample["errors"]:

@@ -242,8 +242,21 @@ def send_store(assoc: Association, sop_class: str, sop_instance: str, dataset: b
 # ---- what must stay untouched --------------------------------------------------------------------------
 
 
-def blob_files(volume: Path) -> set[str]:
-    return {p.name for p in (volume / "blobs").rglob("*") if p.is_file()}
+def blob_files(server: ServerHandle, volume: Path | None = None) -> set[str]:
+    """Digests of the blobs the index names with a copy on ``volume`` (dead records awaiting compaction, such as
+    a duplicate's bytes, are not stored instances)."""
+    from appliance.index.db import StudyIndex
+
+    name = "vol0"
+    index = StudyIndex(server.root / "var/index")
+    try:
+        return {d for d, blob in index.blobs() if any(c.backend == name for c in blob.copies)}
+    finally:
+        index.close()
+
+
+def segment_bytes(volume: Path) -> int:
+    return sum(p.stat().st_size for p in (volume / "segments").glob("*.tar"))
 
 
 def partial_files(volume: Path) -> list[str]:
@@ -255,7 +268,9 @@ def partial_files(volume: Path) -> list[str]:
 
 def snapshot(server: ServerHandle, volume: Path | None = None) -> dict[str, Any]:
     volume = volume or server.volume
-    return {"blobs": blob_files(volume), "counts": server.cli_json("status")["counts"]}
+    # Segment bytes too: a refused instance must not even leave a dead record behind.
+    return {"blobs": blob_files(server, volume), "counts": server.cli_json("status")["counts"],
+            "segment_bytes": segment_bytes(volume)}
 
 
 def assert_nothing_left(server: ServerHandle, before: dict[str, Any], volume: Path | None = None) -> None:
@@ -333,19 +348,21 @@ def test_garbage_on_an_established_association_is_aborted(server: ServerHandle) 
 
 
 @pytest.mark.parametrize("how", ["truncated-pdu", "peer-a-abort", "pdv-on-unknown-context", "release-mid-dataset"])
-def test_broken_off_mid_dataset_leaves_nothing(server: ServerHandle, how: str) -> None:
-    ds = new_instance()
+def test_broken_off_mid_dataset_leaves_nothing(make_server: MakeServer, how: str) -> None:
+    # A small spool, so that the instance being received spills to a file in tmp/ that can be watched.
+    server = make_server(storage={"spool_memory_bytes": 65536})
+    ds = big_instance(200_000)
     pdus = c_store_pdus(3, CTImageStorage, ds.SOPInstanceUID, wire_bytes(ds), 16384)
-    assert len(pdus) >= 3  # command, dataset fragments
+    assert len(pdus) >= 8  # command, dataset fragments
     with association(server) as keeper:
         before = snapshot(server)
         sock, _ac = raw_associate(server)
         with sock:
-            sock.sendall(pdus[0] + pdus[1])  # the command and the first dataset fragment...
-            # ...are being written to a temp file on the volume,
+            sock.sendall(b"".join(pdus[:7]))  # the command and 96 KiB of dataset...
+            # ...past the 64 KiB spool: spilled to a file in the volume's tmp/,
             wait_for(lambda: partial_files(server.volume), 15, what="the partial instance in tmp/")
             if how == "truncated-pdu":  # a P-DATA-TF whose header announces more bytes than come; peer gone
-                sock.sendall(pdus[2][: len(pdus[2]) // 2])
+                sock.sendall(pdus[7][: len(pdus[7]) // 2])
             elif how == "peer-a-abort":  # A-ABORT from the service user
                 sock.sendall(HEADER.pack(0x07, 4) + bytes(4))
                 assert wait_eof(sock) == b""
@@ -354,7 +371,7 @@ def test_broken_off_mid_dataset_leaves_nothing(server: ServerHandle, how: str) -
                 assert abort_fields(read_pdu(sock)) == (2, 2)  # provider, unexpected PDU
                 assert wait_eof(sock) == b""
             else:  # the next fragment on presentation context 5, which was never proposed
-                sock.sendall(c_store_pdus(5, CTImageStorage, ds.SOPInstanceUID, wire_bytes(ds), 16384)[2])
+                sock.sendall(c_store_pdus(5, CTImageStorage, ds.SOPInstanceUID, wire_bytes(ds), 16384)[7])
                 assert abort_fields(read_pdu(sock))[0] == 2
                 assert wait_eof(sock) == b""
         assert_nothing_left(server, before)
@@ -573,7 +590,7 @@ def assert_stored_exactly(server: ServerHandle, volume: Path, sent: dict[str, by
         assert dataset_bytes(out / f"{uid}.dcm") == data
     assert server.cli("verify").returncode == 0
     assert partial_files(volume) == []
-    assert len(blob_files(volume)) == len(sent)
+    assert len(blob_files(server, volume)) == len(sent)
 
 
 def big_instance(nbytes: int) -> pydicom.Dataset:
@@ -583,14 +600,15 @@ def big_instance(nbytes: int) -> pydicom.Dataset:
 
 
 def test_real_enospc(make_server: MakeServer, tmpfs: Callable[[str], Path], tmp_path: Path) -> None:
-    volume = tmpfs("size=12m") / "vol0"
+    volume = tmpfs("size=20m") / "vol0"
     server = full_volume_server(make_server, volume)
     sent: dict[str, bytes] = {}
     failed: list[tuple[str, int]] = []
     try:
         with association(server) as keeper:
-            # 7 MiB instances into 12 MiB: the second one passes the placement check (more than the 4 MiB
-            # size hint is free) and then hits ENOSPC while its dataset is written.
+            # 7 MiB instances into 20 MiB. Larger than the 4 MiB spool, each waits in a spill file before it is
+            # appended to the segment, so it needs twice its size for a moment: the second one passes the
+            # placement check (more than the 4 MiB size hint is free), spills, and hits ENOSPC in the append.
             for _ in range(5):
                 ds = big_instance(7 << 20)
                 rsp = keeper.send_c_store(ds)
@@ -615,26 +633,22 @@ def test_real_enospc(make_server: MakeServer, tmpfs: Callable[[str], Path], tmp_
 
 
 def test_no_inode_left(make_server: MakeServer, tmpfs: Callable[[str], Path], tmp_path: Path) -> None:
-    """ENOSPC from mkdir (a blob's blobs/ab/cd/ folder) rather than from write: refused cleanly, never an
-    indexed instance without its blob."""
-    mnt = tmpfs("size=12m")
+    """Out of inodes: instances that fit the spool need none (they are appended to the open segment), so they are
+    still stored; one that must spill to a file is refused cleanly (0xA700), never indexed without its bytes."""
+    mnt = tmpfs("size=24m")
     volume = mnt / "vol0"
     server = full_volume_server(make_server, volume)
     try:
         sent: dict[str, bytes] = {}
-        statuses = []
         with association(server) as keeper:
             ds = new_instance()
-            assert store_status(keeper, ds) == 0
+            assert store_status(keeper, ds) == 0  # the worker's segment exists from here on
             sent[ds.SOPInstanceUID] = wire_bytes(ds)
-            # Now leave room for one more file only, not for a new blob's blobs/ab/cd/ folders. (Recent kernels
-            # also charge xattrs to the inode budget: measuring the use covers that. The server's background
-            # thread that creates tmp files ahead may take inodes meanwhile: measure again until it sticks.)
             remount: list[subprocess.CompletedProcess[str]] = []
 
             def limit_inodes() -> bool:
                 st = os.statvfs(mnt)
-                remount.append(subprocess.run(["mount", "-o", f"remount,nr_inodes={st.f_files - st.f_ffree + 1}",
+                remount.append(subprocess.run(["mount", "-o", f"remount,nr_inodes={st.f_files - st.f_ffree}",
                                                str(mnt)], capture_output=True, text=True))
                 return remount[-1].returncode == 0
 
@@ -644,12 +658,16 @@ def test_no_inode_left(make_server: MakeServer, tmpfs: Callable[[str], Path], tm
                 pytest.skip(f"cannot limit the tmpfs inodes: {remount[-1].stderr.strip()}")
             for _ in range(3):
                 ds = new_instance()
-                statuses.append(store_status(keeper, ds))
-                if statuses[-1] == 0:
-                    sent[ds.SOPInstanceUID] = wire_bytes(ds)
-            assert 0xA700 in statuses and set(statuses) <= {0, 0xA700}, [hex(s) for s in statuses]
+                assert store_status(keeper, ds) == 0  # no inode per instance
+                sent[ds.SOPInstanceUID] = wire_bytes(ds)
+            large = big_instance(6 << 20)  # past the 4 MiB spool: needs a spill file, so an inode
+            assert store_status(keeper, large) == 0xA700
             assert "No space left on device" in server.log()
             assert_serving(server, keeper, store=False)
+            ds = new_instance()
+            assert store_status(keeper, ds) == 0
+            sent[ds.SOPInstanceUID] = wire_bytes(ds)
+        assert server.cli("show", large.SOPInstanceUID, check=False).returncode == 3  # not in the index
         assert_stored_exactly(server, volume, sent, tmp_path / "out")
     finally:
         server.stop()  # before the tmpfs fixture unmounts the volume
@@ -666,7 +684,7 @@ def test_same_file_twice_is_one_blob(server: ServerHandle) -> None:
         assert store_status(assoc, ds) == 0
         assert store_status(assoc, ds) == 0
     assert server.cli_json("status")["counts"]["instances"] == 2
-    assert len(blob_files(server.volume)) == 2
+    assert len(blob_files(server)) == 2
     assert server.cli("verify").returncode == 0
 
 
@@ -679,7 +697,7 @@ def test_duplicate_policy(make_server: MakeServer, tmp_path: Path, policy: str) 
     with association(server) as assoc:
         assert store_status(assoc, first) == 0
         assert store_status(assoc, first) == 0  # identical re-send: Success under every policy
-        first_blobs = blob_files(server.volume)
+        first_blobs = blob_files(server)
         assert len(first_blobs) == 1
         expected_status = {"overwrite": 0x0000, "keep-first": 0x0000, "reject": 0x0111}[policy]
         assert store_status(assoc, second) == expected_status
@@ -689,7 +707,7 @@ def test_duplicate_policy(make_server: MakeServer, tmp_path: Path, policy: str) 
         server.cli("export", first.SOPInstanceUID, str(out))
         return dataset_bytes(out / f"{first.SOPInstanceUID}.dcm")
 
-    blobs = blob_files(server.volume)
+    blobs = blob_files(server)
     assert len(blobs) == 1  # the replaced blob is deleted, the refused one never kept
     if policy == "overwrite":
         assert blobs != first_blobs
@@ -703,7 +721,7 @@ def test_duplicate_policy(make_server: MakeServer, tmp_path: Path, policy: str) 
     if policy == "overwrite":  # and back: A -> B -> A brings the first blob back
         with association(server) as assoc:
             assert store_status(assoc, first) == 0
-        assert blob_files(server.volume) == first_blobs
+        assert blob_files(server) == first_blobs
         assert exported() == wire_bytes(first)
         assert server.cli_json("status")["counts"]["instances"] == 1
         assert server.cli("verify").returncode == 0

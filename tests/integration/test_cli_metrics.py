@@ -23,6 +23,9 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 
 from appliance.index.db import StudyIndex
+from appliance.index.records import part10_dataset_offset
+from appliance.index.schema import Copy
+from appliance.store.segments import parse_location
 from tests.conftest import APPLIANCE, ServerHandle, dataset_bytes, wait_for, write_config
 
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -182,7 +185,7 @@ def test_ls_instances_with_filters(archive: Archive) -> None:
     assert instances() == archive.sops("R1", "R2", "R3", "R4")
     assert instances("--study", "1.2.3.4.5.6.7.8.9") == set()
     row = ls(archive, "instances", "--series", u["R2"])[0]
-    assert row["TransferSyntaxUID"] == ExplicitVRLittleEndian and row["volume"] == "vol0"
+    assert row["TransferSyntaxUID"] == ExplicitVRLittleEndian and row["InstanceAvailability"] == "ONLINE"
     assert row["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.4" and row["calling_ae"] == "CLITEST"
 
 
@@ -309,8 +312,14 @@ def test_status_json(archive: Archive) -> None:
 # ---- verify and rebuild -----------------------------------------------------------------------------
 
 
-def blob_files(volume: Path) -> list[Path]:
-    return sorted(p for p in (volume / "blobs").rglob("*") if p.is_file())
+def named_copies(server: ServerHandle) -> list[tuple[str, Copy]]:
+    """(digest, copy) of every blob the index names, in record order."""
+    index = StudyIndex(server.root / "var/index")
+    try:
+        copies = [(d, c) for d, blob in index.blobs() for c in blob.copies]
+    finally:
+        index.close()
+    return sorted(copies, key=lambda dc: (dc[1].container, parse_location(dc[1].location)[1]))
 
 
 def test_verify_detects_corrupt_missing_and_orphaned_blobs(make_server: MakeServer) -> None:
@@ -319,33 +328,31 @@ def test_verify_detects_corrupt_missing_and_orphaned_blobs(make_server: MakeServ
     datasets = [make_instance(CT, "PV", study, series, number=i) for i in range(4)]
     assert send(server.port, datasets) == [0] * 4
     clean = server.cli_json("verify")
-    assert clean == {"checked": 4, "missing": [], "corrupt": [], "orphans": [], "ok": True}
+    assert clean == {"checked": 4, "missing": [], "corrupt": [], "orphans": [], "dead_bytes": 0, "ok": True}
 
-    blobs = blob_files(server.volume)
-    assert len(blobs) == 4
-    corrupt, missing = blobs[0], blobs[1]
-    original = corrupt.read_bytes()
+    copies = named_copies(server)
+    assert len(copies) == 4 and len({c.container for _d, c in copies}) == 1  # one association: one segment
+    segment = server.volume / "segments" / copies[0][1].container
+    original = segment.read_bytes()
+    (corrupt_digest, corrupt), (missing_digest, missing) = copies[0], copies[-1]
+    _seg, _record, data, size = parse_location(corrupt.location)
     raw = bytearray(original)
-    raw[len(raw) // 2] ^= 0x01  # one bit, in the middle of the pixel data
-    corrupt.write_bytes(raw)
-    missing_bytes = missing.read_bytes()
-    missing.unlink()
-    orphan_digest = hashlib.sha256(b"nobody names me").hexdigest()
-    orphan = server.volume / "blobs" / orphan_digest[:2] / orphan_digest[2:4] / orphan_digest
-    orphan.parent.mkdir(parents=True, exist_ok=True)
-    orphan.write_bytes(b"nobody names me")
+    raw[data + size // 2] ^= 0x01  # one bit, in the middle of the first record's pixel data
+    _seg, record, _data, _size = parse_location(missing.location)
+    segment.write_bytes(raw[:record])  # the last record is gone (a torn copy of the file, say)
+    orphan = server.volume / "segments" / "0000000000000001-deadbeef.tar"
+    orphan.write_bytes(original)
     result = server.cli("verify", "--json", check=False)
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["checked"] == 4 and report["ok"] is False
-    assert [c.split()[0] for c in report["corrupt"]] == [f"vol0/{corrupt.name}"]
-    assert [m.split()[0] for m in report["missing"]] == [f"vol0/{missing.name}"]
-    assert report["orphans"] == [f"vol0/{orphan_digest}"]
+    assert report["corrupt"] == [f"vol0/{corrupt.container} {corrupt_digest}"]
+    assert report["missing"] == [f"vol0/{missing.container} {missing_digest}"]
+    assert report["orphans"] == [f"vol0/{orphan.name}: not in the index"]
     human = server.cli("verify", check=False)
-    assert human.returncode == 1 and f"CORRUPT vol0/{corrupt.name}" in human.stdout
+    assert human.returncode == 1 and f"CORRUPT vol0/{corrupt.container} {corrupt_digest}" in human.stdout
 
-    missing.write_bytes(missing_bytes)
-    corrupt.write_bytes(original)
+    segment.write_bytes(original)
     orphan.unlink()
     assert server.cli_json("verify")["ok"] is True
 
@@ -390,7 +397,8 @@ def test_index_rebuild_reproduces_the_live_index(make_server: MakeServer, tmp_pa
     # --into works beside the running server.
     into = tmp_path / "rebuilt"
     stats = server.cli_json("index", "rebuild", "--into", str(into))
-    assert (stats["blobs"], stats["instances"], stats["unreadable"]) == (7, 7, [])
+    # 9 records: the identical re-send and the replaced first version are dead records, replayed and dropped.
+    assert (stats["blobs"], stats["instances"], stats["unreadable"]) == (9, 7, [])
     assert live_dump(into) == live
 
     # Replace mode refuses to swap the index under the running server...
@@ -400,7 +408,7 @@ def test_index_rebuild_reproduces_the_live_index(make_server: MakeServer, tmp_pa
     # ...and works with the server stopped; the old index is kept beside it.
     assert server.stop() == 0
     stats = server.cli_json("index", "rebuild", "--rehash")
-    assert (stats["blobs"], stats["instances"], stats["unreadable"]) == (7, 7, [])
+    assert (stats["blobs"], stats["instances"], stats["unreadable"]) == (9, 7, [])
     assert live_dump(index_path) == live
     assert (index_path.parent / "index.old" / "data.mdb").is_file()
     server.start()
@@ -533,13 +541,17 @@ def check_memory_bound(make_server: MakeServer, tmp_path: Path, monkeypatch: pyt
     assert grown < 64 << 20, f"worker peak RSS grew by {grown / 2**20:.1f} MiB for a {pixel_bytes / 2**20:.0f} MiB instance"
     shown = server.cli_json("show", ds.SOPInstanceUID)
     assert shown["NumberOfFrames"] == str(ds.NumberOfFrames)
-    blob = server.volume / "blobs" / shown["digest"][:2] / shown["digest"][2:4] / shown["digest"]
-    assert shown["size"] == blob.stat().st_size
-    with open(blob, "rb") as a, open(path, "rb") as b:  # the dataset part, compared without loading it
-        a.seek(-(64 << 20), os.SEEK_END)
+    (copy,) = [c for d, c in named_copies(server) if d == shown["digest"]]
+    segment = server.volume / "segments" / copy.container
+    _seg, _record, data, size = parse_location(copy.location)
+    assert shown["size"] == size
+    with open(segment, "rb") as a, open(path, "rb") as b:  # the dataset part, compared without loading it
+        a.seek(data + size - (64 << 20))
         b.seek(-(64 << 20), os.SEEK_END)
-        assert a.read() == b.read()
-    assert blob.stat().st_size - len(dataset_head(blob)) == path.stat().st_size - len(dataset_head(path))
+        assert a.read(64 << 20) == b.read()
+        a.seek(data)
+        meta_length, _ts = part10_dataset_offset(a.read(4096))
+    assert size - meta_length == path.stat().st_size - len(dataset_head(path))
 
 
 def dataset_head(path: Path) -> bytes:
