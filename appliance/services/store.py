@@ -22,7 +22,7 @@ from appliance.net.dimse import Command
 from appliance.store.blobs import BlobWriter, file_meta, set_calling_ae
 
 if TYPE_CHECKING:
-    from appliance.net.association import WorkerContext
+    from appliance.services.context import WorkerContext
 
 log = logging.getLogger(__name__)
 

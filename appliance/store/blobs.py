@@ -29,14 +29,12 @@ import uuid
 from collections import deque
 from pathlib import Path
 
+from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME  # noqa: F401 (re-exported)
 from appliance.errors import OutOfSpace
 from appliance.store.volumes import Volume, fsync_dir
 
 log = logging.getLogger(__name__)
 
-# A UUID-derived UID (PS3.5 B.2): needs no registered root.
-IMPLEMENTATION_CLASS_UID = "2.25.91993142740427924133552079705596492658"
-IMPLEMENTATION_VERSION_NAME = "APPLIANCE_010"
 CALLING_AE_XATTR = "user.appliance.calling_ae"
 
 _ELEMENT_SHORT = struct.Struct("<HH2sH")
