@@ -307,8 +307,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def _end_handlers(self) -> None:
-        handlers = list(self.running.values())
-        if self.receiving is not None:
+        handlers = list(self.running.values())  # the one receiving its dataset is among them
+        if self.receiving is not None and all(h is not self.receiving for h in handlers):
             handlers.append(self.receiving)
         self.receiving = self.receiving_request = None
         self.running.clear()
