@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.net import dimse, pdu
-from appliance.net.association import AWAIT_RQ, CLOSED, ESTABLISHED, REJECTED
+from appliance.net.association import CLOSED, ESTABLISHED, REJECTED
 from tests.protocol.fakes import (
     Recorder,
     associate_rq,
@@ -376,6 +376,7 @@ async def test_abort_mid_dataset_abandons_the_handler() -> None:
     ep = endpoint(app)
     proto, transport = associated(ep)
     command = dimse.store_request(3, "1.2.840.10008.5.1.4.1.1.2", "1.2.3")
-    receive(proto, b"".join([*pdu.p_data_pdus(3, command, True, 0), simple_pdu(pdu.P_DATA_TF, b"\x00\x00\x00\x04\x03\x00ab")]))
+    first_fragment = simple_pdu(pdu.P_DATA_TF, b"\x00\x00\x00\x04\x03\x00ab")  # not the last one
+    receive(proto, b"".join([*pdu.p_data_pdus(3, command, True, 0), first_fragment]))
     receive(proto, simple_pdu(pdu.A_ABORT))
     assert app.abandoned == 1 and transport.closed and ep.slots.in_use() == 0
