@@ -25,6 +25,7 @@ run: $(STAMP)
 test: $(STAMP) dcmtk
 	$(BIN)/ruff check appliance tiering bench tests
 	$(BIN)/mypy appliance bench
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP) dcmtk
@@ -33,6 +34,7 @@ test-slow: $(STAMP) dcmtk
 lint: $(STAMP)
 	$(BIN)/ruff check appliance tiering bench tests
 	$(BIN)/mypy appliance bench
+	$(BIN)/lint-imports
 
 bench: $(STAMP) dcmtk
 	$(BIN)/python -m bench.compare

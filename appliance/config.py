@@ -75,7 +75,9 @@ class PeerConfig:
     allow_move: bool = True
     allow_get: bool = True
     allow_storage_commitment: bool = True
-    # A re-sent SOP Instance UID with other bytes replaces the stored instance only for peers given this right.
+    # May this peer replace an instance already stored with other bytes (same SOP Instance UID)? Only when the
+    # peer is named here and this is true does ``storage.duplicate_policy = "overwrite"`` apply to it; everyone
+    # else gets keep-first, so an unknown host on the network can never replace (and so delete) stored images.
     allow_overwrite: bool = False
 
 
@@ -90,10 +92,32 @@ class VolumeConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     ae_title: str = "APPLIANCE"
-    host: str = "0.0.0.0"
+    # Loopback by default: a fresh install should not take PHI from the whole network before anyone has looked
+    # at its config. Set "0.0.0.0" (or "::") to serve modalities.
+    host: str = "127.0.0.1"
     port: int = 11112
     max_associations: int = 64
     max_pdu: int = 1_048_576
+    # Limits against hostile or broken peers (issue 8). Each one bounds a resource one peer could otherwise take.
+    # Connections open in one worker, associated or not (a connection that never associates is counted too).
+    max_connections_per_worker: int = 128
+    # Associations open at once from one calling AE title / one source address, over all workers.
+    max_associations_per_ae: int = 32
+    max_associations_per_host: int = 32
+    # Largest A-ASSOCIATE-RQ read before the association exists (the full max_pdu buffer comes only after).
+    max_associate_rq_bytes: int = 65536
+    # Presentation contexts one A-ASSOCIATE-RQ may propose (PS3.8: odd IDs 1..255, so 128 at most).
+    max_presentation_contexts: int = 128
+    # Smallest Maximum Length Received a peer may announce (0 = unlimited is always fine). Below it the
+    # association is rejected: we must not send PDUs larger than the peer announced, so we cannot clamp.
+    min_peer_pdu: int = 4096
+    # Seconds one DIMSE message (command and dataset) may take to arrive, from its first byte to its last.
+    message_timeout: float = 600.0
+    # Pending output per association above which we stop reading from the peer until it drains (bytes).
+    write_buffer_high: int = 1_048_576
+    # Seconds output may stay above write_buffer_high (the peer is not reading) before the connection is
+    # reset (aborted, not closed: a close would wait for the buffer to drain, forever).
+    write_timeout: float = 60.0
     # Worker processes sharing the port through SO_REUSEPORT; 0 means one per CPU (measured 0-9% faster than one
     # on two cores, see docs/benchmarks.md).
     workers: int = 0
@@ -112,7 +136,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     index_path: Path = Path("var/index")
-    duplicate_policy: str = "overwrite"
+    # keep-first by default: a stored instance is never replaced unless a named peer has allow_overwrite.
+    duplicate_policy: str = "keep-first"
     # Group commit: one batch holds at most this many instances and waits at most this long for company.
     commit_max_batch: int = 256
     commit_max_wait_ms: float = 2.0
@@ -157,6 +182,14 @@ class Config:
             if peer.ae_title == ae_title:
                 return peer
         return None
+
+    def duplicate_policy_for(self, peer: PeerConfig | None) -> str:
+        """The duplicate policy that applies to instances sent by ``peer`` (None: a calling AE not in [peers]).
+        "overwrite" is granted per peer; everyone else keeps the first instance stored."""
+        policy = self.storage.duplicate_policy
+        if policy == "overwrite" and (peer is None or not peer.allow_overwrite):
+            return "keep-first"
+        return policy
 
     def effective_workers(self) -> int:
         return self.server.workers or (os.cpu_count() or 1)
@@ -307,6 +340,20 @@ def validate(config: Config) -> None:
         raise ConfigError("server.workers: 0 (one per CPU) to 64")
     if s.acse_timeout <= 0 or s.idle_timeout <= 0:
         raise ConfigError("server.acse_timeout and server.idle_timeout must be positive")
+    for key in ("max_connections_per_worker", "max_associations_per_ae", "max_associations_per_host",
+                "max_presentation_contexts"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"server.{key}: must be at least 1")
+    if s.max_presentation_contexts > 128:
+        raise ConfigError("server.max_presentation_contexts: at most 128 (PS3.8: odd context IDs 1..255)")
+    if not 1024 <= s.max_associate_rq_bytes <= 16 * 1024 * 1024:
+        raise ConfigError(f"server.max_associate_rq_bytes: {s.max_associate_rq_bytes} is outside 1024..16777216")
+    if not 1024 <= s.min_peer_pdu <= s.max_pdu:
+        raise ConfigError(f"server.min_peer_pdu: {s.min_peer_pdu} is outside 1024..max_pdu ({s.max_pdu})")
+    if s.message_timeout <= 0 or s.write_timeout <= 0:
+        raise ConfigError("server.message_timeout and server.write_timeout must be positive")
+    if s.write_buffer_high < 65536:
+        raise ConfigError("server.write_buffer_high: at least 65536 bytes")
     if s.log_level not in LOG_LEVELS:
         raise ConfigError(f"server.log_level: one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
     st = config.storage
@@ -346,6 +393,9 @@ def validate(config: Config) -> None:
         _check_ae(f"peers.{peer.name}.ae_title", peer.ae_title)
         if not 1 <= peer.port <= 65535:
             raise ConfigError(f"peers.{peer.name}.port: {peer.port} is not a TCP port")
+        if peer.allow_overwrite and st.duplicate_policy != "overwrite":
+            # Said so rather than ignored: whoever wrote it expects this peer's re-sends to replace.
+            raise ConfigError(f"peers.{peer.name}.allow_overwrite: needs storage.duplicate_policy = \"overwrite\"")
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -355,10 +405,19 @@ DEFAULT_CONFIG_TOML = """\
 
 [server]
 ae_title = "APPLIANCE"          # our AE title; associations calling another title are rejected
-host = "0.0.0.0"                # bind address
+host = "127.0.0.1"              # bind address; "0.0.0.0" (or "::") to take associations from the network
 port = 11112                    # DICOM port
 max_associations = 64           # concurrent associations (over all workers); more are rejected (transient)
 max_pdu = 1048576               # largest P-DATA-TF PDU we receive (bytes); bounds memory per association
+max_connections_per_worker = 128  # open connections per worker, associated or not; more are reset at once
+max_associations_per_ae = 32    # associations open at once per calling AE title (over all workers)
+max_associations_per_host = 32  # associations open at once per source address (over all workers)
+max_associate_rq_bytes = 65536  # largest A-ASSOCIATE-RQ accepted; read into a buffer of this size
+max_presentation_contexts = 128 # presentation contexts per A-ASSOCIATE-RQ (128 is the most PS3.8 allows)
+min_peer_pdu = 4096             # smallest non-zero Maximum Length Received a peer may announce
+message_timeout = 600.0         # seconds one DIMSE message (command + dataset) may take to arrive
+write_buffer_high = 1048576     # unsent bytes per association above which we stop reading from the peer
+write_timeout = 60.0            # seconds a peer may leave that output unread before it is reset
 workers = 0                     # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
 acse_timeout = 30.0             # seconds a new connection has to request an association (ARTIM)
 idle_timeout = 300.0            # seconds of silence after which an association is aborted
@@ -370,7 +429,8 @@ log_level = "info"              # debug logs UIDs; patient data is never logged
 
 [storage]
 index_path = "var/index"        # LMDB index folder
-duplicate_policy = "overwrite"  # same SOP Instance UID, different bytes: overwrite | reject | keep-first
+duplicate_policy = "keep-first" # same SOP Instance UID, different bytes: keep-first | reject | overwrite
+                                # (overwrite applies only to [peers] with allow_overwrite = true)
 commit_max_batch = 256          # group commit: most instances per fsync batch / index transaction
 commit_max_wait_ms = 2.0        # group commit: longest wait for more instances to join a batch
 index_map_size = 268435456      # initial LMDB map size; it doubles when full
@@ -406,4 +466,5 @@ high_watermark = 0.95
 # allow_move = true
 # allow_get = true
 # allow_storage_commitment = true
+# allow_overwrite = false       # true: this peer may replace stored instances (duplicate_policy = "overwrite")
 """

@@ -61,7 +61,7 @@ def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
 # ---- worker -----------------------------------------------------------------------------------------
 
 
-def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
+def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
     # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
     # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
@@ -77,12 +77,14 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop works too
         pass
-    asyncio.run(_worker(config, port, ready, slots))
+    asyncio.run(_worker(config, port, ready, slots, worker))
 
 
-async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
+async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
-    from appliance.net.association import AssociationProtocol, WorkerContext
+    from appliance.net.association import AssociationProtocol, Endpoint
+    from appliance.services.application import StorageApplication
+    from appliance.services.context import WorkerContext
     from appliance.store.commit import GroupCommitter
     from appliance.store.spool import SpoolBudget
 
@@ -101,11 +103,12 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     committer = GroupCommitter(index, st.duplicate_policy, loop, st.commit_max_batch, st.commit_max_wait_ms,
                                metrics, on_fault=on_fault, queue_max=st.commit_queue_max,
                                copy_exists=blobstore.copy_exists)
-    ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics, slots=slots,
+    ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics,
                               blobstore=blobstore,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))
+    endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
     sock = _listen_socket(config.server.host, port, listen=True)
-    server = await loop.create_server(lambda: AssociationProtocol(ctx), sock=sock)
+    server = await loop.create_server(lambda: AssociationProtocol(endpoint), sock=sock)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     ready.put(os.getpid())
 
@@ -120,13 +123,13 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any) -> None:
     flusher = asyncio.create_task(flush_metrics())
     await stop.wait()
 
-    server.close()  # stop accepting; associations in progress go on
-    deadline = time.monotonic() + DRAIN_SECONDS
-    while ctx.associations and time.monotonic() < deadline:
+    server.close()  # stop accepting; associations in progress go on (not after a storage fault: stop now)
+    deadline = time.monotonic() + (0.0 if faults else DRAIN_SECONDS)
+    while endpoint.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    for assoc in list(ctx.associations):
+    for assoc in list(endpoint.connections):
         assoc.abort(0x00, "shutting down")
-    pending = [t for a in ctx.associations for t in a.tasks]
+    pending = [t for a in endpoint.connections for t in a.tasks]
     if pending:
         await asyncio.wait(pending, timeout=5)
     await asyncio.to_thread(committer.close)
@@ -167,7 +170,10 @@ class Supervisor:
         self.port_file = port_file
         self.mp = multiprocessing.get_context("fork")
         self.ready = self.mp.Queue()
-        self.slots = self.mp.Value("i", 0)
+        from appliance.net.slots import SlotTable
+
+        # Rows per association with their owner worker, so a worker that dies can have its slots released.
+        self.slots = SlotTable(config.server.max_associations, self.mp)
         self.workers: list[ForkProcess] = []
         self.port = config.server.port
         self.metrics_port = 0
@@ -194,8 +200,8 @@ class Supervisor:
                      "deleted, %(unknown_segments)d segment files unknown to the index left alone", stats)
         return stats
 
-    def _spawn(self) -> ForkProcess:
-        proc = self.mp.Process(target=_worker_main, args=(self.config, self.port, self.ready, self.slots),
+    def _spawn(self, worker: int) -> ForkProcess:
+        proc = self.mp.Process(target=_worker_main, args=(self.config, self.port, self.ready, self.slots, worker),
                                name="appliance-worker", daemon=False)
         proc.start()
         return proc
@@ -215,7 +221,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
-            self.workers = [self._spawn() for _ in range(count)]
+            self.workers = [self._spawn(i) for i in range(count)]
             self._await_ready(count)
             if cfg.server.metrics_enabled:
                 try:
@@ -235,9 +241,11 @@ class Supervisor:
                             self.stopping = True
                             self.exit_code = EXIT_STORAGE_FAULT
                             break
-                        log.error("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
+                        freed = self.slots.reap(i)
+                        log.error("worker %d exited with %s; %d association slot(s) released; restarting it",
+                                  proc.pid, proc.exitcode, freed)
                         self._release_worker(proc)
-                        self.workers[i] = self._spawn()
+                        self.workers[i] = self._spawn(i)
                         self._await_ready(1)
                 self._maybe_compact()
                 time.sleep(0.2)
@@ -294,6 +302,10 @@ class Supervisor:
             raise IndexInUse(f"another appliance is serving the index {cfg.storage.index_path}") from None
         if cfg.server.port:
             probe = socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET)
+            # SO_REUSEADDR as the real listeners have it: without it the probe fails while the previous run's
+            # connections sit in TIME_WAIT (up to a minute after a burst or a kill -9), which is no conflict.
+            # A live listener still makes it fail: the workers' sockets set SO_REUSEPORT, the probe does not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((cfg.server.host, cfg.server.port))
             except OSError as exc:
@@ -343,5 +355,8 @@ class Supervisor:
 
 
 def serve(config: Config, port_file: Path | None = None) -> int:
+    # Blobs, tmp files and the index hold PHI: whatever this process and its workers create is private to the
+    # service account (0600 files, 0700 folders), whatever umask the shell or unit had.
+    os.umask(0o077)
     setup_logging(config.server.log_level)
     return Supervisor(config, port_file).run()

@@ -3,7 +3,8 @@ nothing. It measures the *driver's* ceiling (bench/driver.py reports it next to 
 the driver reaches against it is the most it can offer any receiver on this machine.
 
 It is the appliance's own Upper Layer (appliance.net.association.AssociationProtocol: PDU framing, negotiation,
-DIMSE command decoding, release/abort) with the store path replaced: no volume, no blob, no index, no fsync.
+DIMSE command decoding, release/abort) with another Application behind the same interface as the storage
+service (net/service.py): no volume, no blob, no index, no fsync.
 One process, one uvloop loop; run it in its own process (``python -m bench.discard``) so it has its own core.
 
     python -m bench.discard --port 0 --port-file /tmp/discard.json     # prints/writes the port it got
@@ -20,16 +21,17 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from appliance import errors
 from appliance.config import Config, ServerConfig
 from appliance.net import dimse
-from appliance.net.association import AssociationProtocol, WorkerContext
-from appliance.net.dimse import Command
-from appliance.services.store import StoreResult
+from appliance.net.association import AssociationProtocol, Endpoint
+from appliance.net.service import Handler, Request, Response
+from appliance.services.echo import EchoHandler
 
 DEFAULT_AE = "DISCARD"
 
@@ -41,77 +43,85 @@ class Counters:
     dataset_bytes: int = 0
 
 
-class DiscardOperation:
-    """Stands in for services.store.StoreOperation: counts the dataset bytes, answers Success."""
+class DiscardHandler:
+    """Stands in for the storage service's handler: counts the dataset bytes, answers Success."""
 
-    __slots__ = ("command", "result", "dataset_bytes", "counters")
+    __slots__ = ("status", "dataset_bytes", "counters")
 
-    def __init__(self, command: Command, counters: Counters) -> None:
-        self.command = command
-        self.result: StoreResult | None = None
+    def __init__(self, request: Request, counters: Counters) -> None:
+        self.status = errors.SUCCESS
+        if request.command.affected_sop_class_uid != request.abstract_syntax:
+            self.status = errors.SOP_CLASS_NOT_SUPPORTED
+        elif not request.command.has_dataset:
+            self.status = errors.CANNOT_UNDERSTAND
         self.dataset_bytes = 0
         self.counters = counters
 
     def feed(self, data: memoryview) -> None:
         self.dataset_bytes += len(data)
 
+    async def responses(self) -> AsyncIterator[Response]:
+        if self.status == errors.SUCCESS:
+            self.counters.instances += 1
+            self.counters.dataset_bytes += self.dataset_bytes
+        yield Response(self.status)
+
+    def cancel(self) -> None:
+        pass
+
     def abandon(self) -> None:
-        self.result = StoreResult(errors.PROCESSING_FAILURE, "association ended")
-
-    async def finish(self) -> StoreResult:
-        if self.result is not None:
-            return self.result
-        self.counters.instances += 1
-        self.counters.dataset_bytes += self.dataset_bytes
-        return StoreResult(errors.SUCCESS)
+        self.status = errors.PROCESSING_FAILURE
 
 
-class DiscardContext(WorkerContext):
-    """A WorkerContext without volumes, committer or shared slots; the metrics go to a private registry."""
+class DiscardApplication:
+    """The Application of the discard receiver: C-ECHO as the appliance, C-STORE counted and dropped."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    def handler(self, request: Request) -> Handler | None:
+        field = request.command.command_field
+        if field == dimse.C_ECHO_RQ:
+            return EchoHandler(request)
+        if field == dimse.C_STORE_RQ:
+            return DiscardHandler(request, self.counters)
+        return None
+
+
+class DiscardEndpoint(Endpoint):
+    """An Endpoint without storage or shared slots; the metrics go to a private registry."""
 
     counters: Counters
 
     @classmethod
-    def create(cls, ae_title: str = DEFAULT_AE, max_pdu: int = 1 << 20, max_associations: int = 1024) -> DiscardContext:
+    def create(cls, ae_title: str = DEFAULT_AE, max_pdu: int = 1 << 20, max_associations: int = 1024) -> DiscardEndpoint:
         from prometheus_client import CollectorRegistry
 
         from appliance.metrics import Metrics
 
+        # The benchmark drives many associations from one host and one AE title: per-peer limits off.
         config = Config(server=ServerConfig(ae_title=ae_title, host="127.0.0.1", port=0, max_pdu=max_pdu,
-                                            max_associations=max_associations, metrics_enabled=False))
-        ctx = cast(DiscardContext, cls.build(config, volumes=None, committer=None, metrics=Metrics(CollectorRegistry())))
-        ctx.counters = Counters()
-        return ctx
+                                            max_associations=max_associations, metrics_enabled=False,
+                                            max_connections_per_worker=2 * max_associations,
+                                            max_associations_per_ae=max_associations,
+                                            max_associations_per_host=max_associations))
+        counters = Counters()
+        ep = cls(config, DiscardApplication(counters), Metrics(CollectorRegistry()))
+        ep.counters = counters
+        return ep
+
+    def snapshot(self) -> Counters:
+        self.counters.associations = self.accepted
+        return self.counters
 
 
-class DiscardProtocol(AssociationProtocol):
-    """AssociationProtocol whose C-STORE requests go to a DiscardOperation instead of the storage service."""
-
-    ctx: DiscardContext
-
-    def _on_associate_rq(self, raw: bytes) -> None:
-        super()._on_associate_rq(raw)
-        if self.has_slot:
-            self.ctx.counters.associations += 1
-
-    def _on_command(self, command: Command, context_id: int, context: tuple[str, str]) -> None:
-        if command.command_field != dimse.C_STORE_RQ:
-            return super()._on_command(command, context_id, context)
-        op = DiscardOperation(command, self.ctx.counters)
-        if command.affected_sop_class_uid != context[0]:
-            op.result = StoreResult(errors.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
-        if command.has_dataset:
-            self.operation = op  # type: ignore[assignment]  # duck-typed StoreOperation
-            self.operation_context = context_id
-        else:
-            op.result = StoreResult(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset")
-            self._spawn(self._respond_store(op, context_id))  # type: ignore[arg-type]
+DiscardContext = DiscardEndpoint  # the name the harness used before the service seam
 
 
-async def serve(host: str, port: int, ctx: DiscardContext, port_file: Path | None,
+async def serve(host: str, port: int, ctx: DiscardEndpoint, port_file: Path | None,
                 stop: asyncio.Event | None = None) -> Counters:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: DiscardProtocol(ctx), host, port, reuse_address=True, backlog=1024)
+    server = await loop.create_server(lambda: AssociationProtocol(ctx), host, port, reuse_address=True, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
@@ -123,9 +133,9 @@ async def serve(host: str, port: int, ctx: DiscardContext, port_file: Path | Non
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.close()
-    for assoc in list(ctx.associations):
+    for assoc in list(ctx.connections):
         assoc.abort(0x00, "shutting down")
-    return ctx.counters
+    return ctx.snapshot()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    ctx = DiscardContext.create(args.ae, args.max_pdu)
+    ctx = DiscardEndpoint.create(args.ae, args.max_pdu)
     counters: Any = asyncio.run(serve(args.host, args.port, ctx, args.port_file))
     stats = json.dumps(counters.__dict__)
     if args.stats_file is not None:

@@ -1,9 +1,17 @@
 """One asyncio.BufferedProtocol per association, acceptor role (PS3.8 state machine, simplified to the states
-an acceptor can be in): awaiting A-ASSOCIATE-RQ (ARTIM running), established, released/aborted.
+an acceptor can be in): awaiting A-ASSOCIATE-RQ (ARTIM running), established, rejected (waiting for the peer to
+close), closed.
 
-A-ASSOCIATE-RQ goes to net/negotiation.py (pynetdicom's codecs and negotiation, cached); P-DATA-TF is framed
-by net/pdu.py and its PDVs go straight to the DIMSE service (C-ECHO, C-STORE). A protocol error aborts this
-association only (A-ABORT with the provider reason); the worker keeps serving the others.
+A-ASSOCIATE-RQ: its fixed fields are checked first (net/negotiation.py read_request_header: AE titles, number
+of presentation contexts, the peer's max PDU), then it goes to the Negotiator (pynetdicom's codecs, cached).
+P-DATA-TF is framed by net/pdu.py; each DIMSE request goes to the Application's Handler (net/service.py), whose
+responses are sent as they come. A protocol error aborts this association only (A-ABORT with the provider
+reason); the worker keeps serving the others.
+
+Everything one peer can make us hold is bounded by a [server] key: the receive buffer (max_associate_rq_bytes
+before the association exists, max_pdu after), connections per worker, association slots overall, per calling
+AE and per source host (net/slots.py), the time to associate (acse_timeout), to send one message
+(message_timeout), to stay silent (idle_timeout), and the unsent output (write_buffer_high, write_timeout).
 """
 
 from __future__ import annotations
@@ -12,31 +20,26 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from appliance import errors
 from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
-from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator
-from appliance.services.store import StoreOperation, StoreResult
+from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
+from appliance.net.service import Application, Handler, Request, Response
+from appliance.net.slots import SlotTable
 
 if TYPE_CHECKING:
-    from multiprocessing.sharedctypes import Synchronized
-
     from appliance.metrics import Metrics
-    from appliance.store.commit import GroupCommitter
-    from appliance.store.online import BlobStore
-    from appliance.store.spool import SpoolBudget
-    from appliance.store.volumes import VolumeSet
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 MAX_COMMAND_BYTES = 64 * 1024
+UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.2
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 RJ_NO_REASON = (0x01, 0x01, 0x01)
@@ -48,48 +51,53 @@ RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 
 @dataclass
-class WorkerContext:
-    """What every association of one worker process shares. Built once by the server."""
+class Endpoint:
+    """What every association of one listening worker shares. Built once per worker by the server."""
 
     config: Config
-    volumes: VolumeSet
-    committer: GroupCommitter
+    app: Application
     metrics: Metrics
-    slots: Synchronized[int] | None = None  # associations open over all workers
-    accepted_sop_classes: frozenset[str] = frozenset()
+    slots: SlotTable = field(default=cast(SlotTable, None))  # None: a table private to this process
+    worker: int = 0  # this worker's row owner id in ``slots``
     negotiator: Negotiator = field(default=cast(Negotiator, None))
-    associations: set[AssociationProtocol] = field(default_factory=set)
-    blobstore: BlobStore = field(default=cast("BlobStore", None))
-    spool_budget: SpoolBudget = field(default=cast("SpoolBudget", None))
+    connections: set[AssociationProtocol] = field(default_factory=set)  # open, associated or not
+    accepted: int = 0  # associations accepted so far (the benchmark's discard receiver reports it)
 
-    @classmethod
-    def build(cls, config: Config, **kwargs: Any) -> WorkerContext:
-        return cls(config=config, accepted_sop_classes=frozenset(config.dicom.sop_classes),
-                   negotiator=Negotiator(config), **kwargs)
-
-    def take_slot(self) -> bool:
+    def __post_init__(self) -> None:
         if self.slots is None:
-            return len(self.associations) <= self.config.server.max_associations
-        with self.slots.get_lock():
-            if self.slots.value >= self.config.server.max_associations:
-                return False
-            self.slots.value += 1
-            return True
-
-    def give_slot(self) -> None:
-        if self.slots is not None:
-            with self.slots.get_lock():
-                self.slots.value -= 1
+            self.slots = SlotTable(self.config.server.max_associations)
+        if self.negotiator is None:
+            self.negotiator = Negotiator(self.config)
 
 
-AWAIT_RQ, ESTABLISHED, CLOSED = "await-rq", "established", "closed"
+AWAIT_RQ, ESTABLISHED, REJECTED, CLOSED = "await-rq", "established", "rejected", "closed"
+
+
+class _Answer:
+    """A handler that answers once with a response known up front and drops any dataset."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+    def feed(self, data: memoryview) -> None:
+        pass
+
+    async def responses(self) -> AsyncIterator[Response]:
+        yield self.response
+
+    def cancel(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
 
 
 class AssociationProtocol(asyncio.BufferedProtocol):
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
-        cfg = ctx.config.server
-        self.framer = pdu.PDUFramer(cfg.max_pdu, max_other=max(65536, cfg.max_pdu))
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.ep = endpoint
+        cfg = endpoint.config.server
+        # Only what an A-ASSOCIATE-RQ may need until the association is accepted (then grown to max_pdu).
+        self.framer = pdu.PDUFramer(cfg.max_associate_rq_bytes, max_other=cfg.max_associate_rq_bytes)
         self.state = AWAIT_RQ
         self.transport: asyncio.Transport | None = None
         self.calling_ae = ""
@@ -98,81 +106,152 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.command_buf = bytearray()
         self.command_context = 0  # the presentation context of the command being reassembled
         self.known_peer: PeerConfig | None = None  # the calling AE's [peers] entry, looked up once
-        self.operation: StoreOperation | None = None
-        self.operation_context = 0
+        self.receiving: Handler | None = None  # the handler whose dataset is arriving
+        self.receiving_request: Request | None = None
+        self.running: dict[int, Handler] = {}  # message id -> handler still answering (for C-CANCEL)
         self.tasks: set[asyncio.Task[None]] = set()
         self.release_requested = False
-        self.has_slot = False
+        self.slot = -1  # our row in the slot table while associated
         self.last_activity = time.monotonic()
+        self.message_started: float | None = None  # first byte of the DIMSE message in progress
+        self.write_paused_at: float | None = None  # output above write_buffer_high since then
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_when = 0.0
+        self.hard_abort: asyncio.TimerHandle | None = None
         self.peer = ""
+        self.host = ""
 
     # ---- transport callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        cfg = self.ep.config.server
+        peer = transport.get_extra_info("peername")
+        self.host = str(peer[0]) if peer else "?"
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if len(self.ep.connections) >= cfg.max_connections_per_worker:
+            # Not even an A-ASSOCIATE-RJ: that would mean reading the request into a buffer we refuse to give.
+            log.warning("%s: %d connections open in this worker, resetting", self.peer, len(self.ep.connections))
+            self.ep.metrics.aborts.labels("connections").inc()
+            self.state = CLOSED
+            transport.abort()  # type: ignore[attr-defined]
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.ctx.associations.add(self)
-        self._arm_timer(self.ctx.config.server.acse_timeout)
+        transport.set_write_buffer_limits(high=cfg.write_buffer_high)  # type: ignore[attr-defined]
+        self.ep.connections.add(self)
+        self._arm_timer(cfg.acse_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.framer.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.framer.advance(nbytes)
-        self.last_activity = time.monotonic()
+        now = self.last_activity = time.monotonic()
+        if self.state == REJECTED:  # PS3.8 Sta13: read and drop until the peer closes or ARTIM expires
+            self.framer.start = self.framer.end = 0
+            return
+        if self.state == ESTABLISHED and self.message_started is None:
+            self.message_started = now
+            self._schedule(now + self.ep.config.server.message_timeout)
         try:
             for pdu_type, body in self.framer.pdus():
-                if self.state == CLOSED:
+                if self.state not in (AWAIT_RQ, ESTABLISHED):
                     return
                 self._on_pdu(pdu_type, body)
+        except pdu.PDUTooLarge as exc:
+            if self.state == AWAIT_RQ and exc.pdu_type == pdu.A_ASSOCIATE_RQ:
+                self._reject(RJ_NO_REASON, f"A-ASSOCIATE-RQ of {exc.length} bytes (server.max_associate_rq_bytes)")
+            else:
+                self.abort(exc.reason, str(exc))
         except pdu.PDUError as exc:
             self.abort(exc.reason, str(exc))
         except dimse.CommandError as exc:
             self.abort(pdu.ABORT_INVALID_PARAMETER, f"bad command set: {exc}")
+        if (self.message_started is not None and self.receiving is None and not self.command_buf
+                and not self.framer.partial):
+            self.message_started = None  # the message is complete: its handler is ours to time, not the peer's
 
     def eof_received(self) -> bool | None:
         return False
 
+    def pause_writing(self) -> None:
+        # The peer does not read its responses as fast as it sends requests: stop reading its requests until it
+        # does, so the output buffer stays bounded; if it never does, the timer resets the connection.
+        self.write_paused_at = time.monotonic()
+        if self.transport is not None and self.state != CLOSED:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):  # already closing
+                pass
+        self._schedule(self.write_paused_at + self.ep.config.server.write_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = None
+        if self.transport is not None and self.state not in (CLOSED,) and not self.transport.is_closing():
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.operation is not None:
-            self.operation.abandon()  # whatever the state: its tmp file must go
-        self.operation = None
+        self._end_handlers()
         self.state = CLOSED
-        if self.timer is not None:
-            self.timer.cancel()
-        self.ctx.associations.discard(self)
-        if self.has_slot:
-            self.has_slot = False
-            self.ctx.give_slot()
-            self.ctx.metrics.associations_active.labels(self.calling_ae).dec()
+        for handle in (self.timer, self.hard_abort):
+            if handle is not None:
+                handle.cancel()
+        self.ep.connections.discard(self)
+        self._give_slot()
 
     # ---- timers -----------------------------------------------------------------------------------
 
     def _arm_timer(self, delay: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        loop = asyncio.get_running_loop()
+        self.timer_when = loop.time() + delay
+        self.timer = loop.call_at(self.timer_when, self._on_timer)
+
+    def _schedule(self, deadline: float) -> None:
+        """Make sure the timer fires by ``deadline`` (time.monotonic()), re-arming only if it is earlier than
+        the one already set: the common case (message deadline after the idle check) costs nothing."""
+        delay = max(0.0, deadline - time.monotonic())
+        if self.timer is None or asyncio.get_running_loop().time() + delay < self.timer_when:
+            self._arm_timer(delay)
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.state == AWAIT_RQ:
-            log.info("%s: no A-ASSOCIATE-RQ within %ss (ARTIM), closing", self.peer, self.ctx.config.server.acse_timeout)
-            self.ctx.metrics.aborts.labels("artim").inc()
+        cfg = self.ep.config.server
+        if self.state in (AWAIT_RQ, REJECTED):
+            log.info("%s: no A-ASSOCIATE-RQ (or no close after a reject) within %ss (ARTIM), closing", self.peer,
+                     cfg.acse_timeout)
+            self.ep.metrics.aborts.labels("artim").inc()
             self._close()
             return
         if self.state != ESTABLISHED:
             return
-        idle = time.monotonic() - self.last_activity
-        limit = self.ctx.config.server.idle_timeout
-        if idle >= limit and not self.tasks:
+        now = time.monotonic()
+        if self.write_paused_at is not None and now - self.write_paused_at >= cfg.write_timeout:
+            log.warning("%s (%s): has not read its responses for %ss, resetting", self.peer, self.calling_ae,
+                        cfg.write_timeout)
+            self.ep.metrics.aborts.labels("write_timeout").inc()
+            self._reset()
+            return
+        if self.message_started is not None and now - self.message_started >= cfg.message_timeout:
+            self.abort(pdu.ABORT_NOT_SPECIFIED, f"a message took longer than {cfg.message_timeout}s to arrive",
+                       metric="message_timeout")
+            return
+        idle = now - self.last_activity
+        if idle >= cfg.idle_timeout and not self.tasks:
             self.abort(pdu.ABORT_NOT_SPECIFIED, f"idle for {idle:.0f}s", metric="idle")
-        else:
-            self._arm_timer(max(0.05, limit - idle))
+            return
+        deadlines = [self.last_activity + cfg.idle_timeout]
+        if self.message_started is not None:
+            deadlines.append(self.message_started + cfg.message_timeout)
+        if self.write_paused_at is not None:
+            deadlines.append(self.write_paused_at + cfg.write_timeout)
+        self._arm_timer(max(0.05, min(deadlines) - now))
 
     # ---- PDUs -------------------------------------------------------------------------------------
 
@@ -182,19 +261,19 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 raise pdu.PDUError(f"PDU type 0x{pdu_type:02x} before A-ASSOCIATE-RQ", pdu.ABORT_UNEXPECTED_PDU)
             self._on_associate_rq(pdu.HEADER.pack(pdu_type, len(body)) + body)
         elif pdu_type == pdu.P_DATA_TF:
+            if self.release_requested:
+                raise pdu.PDUError("P-DATA-TF after A-RELEASE-RQ", pdu.ABORT_UNEXPECTED_PDU)
             for pdv in pdu.iter_pdvs(body):
                 self._on_pdv(pdv)
         elif pdu_type == pdu.A_RELEASE_RQ:
-            if self.operation is not None:
-                raise pdu.PDUError("A-RELEASE-RQ in the middle of a dataset", pdu.ABORT_UNEXPECTED_PDU)
+            if self.receiving is not None or self.command_buf:
+                raise pdu.PDUError("A-RELEASE-RQ in the middle of a message", pdu.ABORT_UNEXPECTED_PDU)
             self.release_requested = True
             self._maybe_release()
         elif pdu_type == pdu.A_ABORT:
             log.info("%s (%s): peer aborted the association", self.peer, self.calling_ae)
-            self.ctx.metrics.aborts.labels("peer").inc()
-            if self.operation is not None:
-                self.operation.abandon()
-                self.operation = None
+            self.ep.metrics.aborts.labels("peer").inc()
+            self._end_handlers()
             self._close()
         else:
             raise pdu.PDUError(f"unexpected PDU type 0x{pdu_type:02x} on an association", pdu.ABORT_UNEXPECTED_PDU)
@@ -203,54 +282,107 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def _give_slot(self) -> None:
+        if self.slot >= 0:
+            self.ep.slots.give(self.slot)
+            self.slot = -1
+            self.ep.metrics.associations_active.labels(self.calling_ae).dec()
+
     def _close(self) -> None:
+        """Close after what is queued has been sent. The slot is free at once; the descriptor is freed when the
+        peer has read our last PDU, or reset after write_timeout if it never does (close() alone would wait
+        for the output to drain forever)."""
         self.state = CLOSED
+        self._give_slot()
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self.hard_abort = asyncio.get_running_loop().call_later(self.ep.config.server.write_timeout, self._reset)
+
+    def _reset(self) -> None:
+        self.state = CLOSED
+        self._give_slot()
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
+
+    def _end_handlers(self) -> None:
+        handlers = list(self.running.values())  # the one receiving its dataset is among them
+        if self.receiving is not None and all(h is not self.receiving for h in handlers):
+            handlers.append(self.receiving)
+        self.receiving = self.receiving_request = None
+        self.running.clear()
+        for handler in handlers:
+            handler.abandon()  # whatever the state: a store's tmp file must go
 
     def abort(self, reason: int, message: str, metric: str = "protocol") -> None:
         log.warning("%s (%s): aborting association: %s", self.peer, self.calling_ae or "-", message)
-        self.ctx.metrics.aborts.labels(metric).inc()
-        if self.operation is not None:
-            self.operation.abandon()
-            self.operation = None
+        self.ep.metrics.aborts.labels(metric).inc()
+        self._end_handlers()
+        if self.write_paused_at is not None:
+            self._reset()  # it does not read: an A-ABORT would only queue behind what it already ignores
+            return
         self._send(pdu.abort_pdu(0x02, reason))
         self._close()
 
     def _reject(self, rj: tuple[int, int, int], why: str) -> None:
         log.info("%s: association from %r rejected: %s", self.peer, self.calling_ae, why)
-        self.ctx.metrics.associations_total.labels(self.calling_ae, "rejected").inc()
+        self.ep.metrics.associations_total.labels(self.calling_ae, "rejected").inc()
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = rj
         out = A_ASSOCIATE_RJ()
         out.from_primitive(primitive)
         self._send(out.encode())
-        self._close()
+        # PS3.8 Sta13: the requestor closes after reading the RJ. Closing first while it is still sending (an
+        # oversized request) would reset the connection and could destroy the RJ before the peer reads it, so
+        # half-close, drop what still comes, and let ARTIM bound the wait.
+        self.state = REJECTED
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._arm_timer(self.ep.config.server.acse_timeout)
 
     def _on_associate_rq(self, raw: bytes) -> None:
-        neg = self.ctx.negotiator.negotiate(raw)
-        cfg = self.ctx.config
-        self.calling_ae = neg.calling_ae
-        if not (neg.protocol_version & 1):
-            return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {neg.protocol_version}")
+        cfg = self.ep.config
+        server = cfg.server
+        # Cheap checks on the fixed fields first: a peer we refuse costs no pynetdicom decode.
+        head = read_request_header(raw)
+        self.calling_ae = head.calling_ae
+        if not (head.protocol_version & 1):
+            return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {head.protocol_version}")
+        if head.called_ae != server.ae_title:
+            return self._reject(RJ_CALLED_AE, f"called AE title {head.called_ae!r} is not ours")
+        self.known_peer = cfg.peer_by_ae(self.calling_ae)
+        if server.refuse_unknown_calling_ae and self.known_peer is None:
+            return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
+        if head.presentation_contexts > server.max_presentation_contexts:
+            return self._reject(RJ_NO_REASON, f"{head.presentation_contexts} presentation contexts "
+                                              f"(server.max_presentation_contexts = {server.max_presentation_contexts})")
+        if head.peer_max_pdu and head.peer_max_pdu < server.min_peer_pdu:
+            # We may not send PDUs longer than the peer announced, and cannot make useful ones shorter than this.
+            return self._reject(RJ_NO_REASON, f"maximum PDU length {head.peer_max_pdu} is below "
+                                              f"server.min_peer_pdu ({server.min_peer_pdu})")
+        neg = self.ep.negotiator.negotiate(raw)
         if neg.application_context != APPLICATION_CONTEXT:
             return self._reject(RJ_APP_CONTEXT, "unknown application context")
-        if neg.called_ae != cfg.server.ae_title:
-            return self._reject(RJ_CALLED_AE, f"called AE title {neg.called_ae!r} is not ours")
-        self.known_peer = cfg.peer_by_ae(self.calling_ae)
-        if cfg.server.refuse_unknown_calling_ae and self.known_peer is None:
-            return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
-        if not self.ctx.take_slot():
-            return self._reject(RJ_LOCAL_LIMIT, f"{cfg.server.max_associations} associations already open")
-        self.has_slot = True
+        if neg.peer_max_pdu and neg.peer_max_pdu < server.min_peer_pdu:  # the same field, as pynetdicom read it
+            return self._reject(RJ_NO_REASON, f"maximum PDU length {neg.peer_max_pdu} is below server.min_peer_pdu")
+        taken = self.ep.slots.take(self.ep.worker, self.calling_ae, self.host, server.max_associations_per_ae,
+                                   server.max_associations_per_host)
+        if isinstance(taken, str):
+            self.ep.metrics.aborts.labels("limit").inc()
+            return self._reject(RJ_LOCAL_LIMIT, f"server.{taken} reached")
+        self.slot = taken
         self.peer_max_pdu = neg.peer_max_pdu
         self.contexts = neg.contexts  # shared with the cache entry: read-only here
+        self.framer.grow(server.max_pdu, max(65536, server.max_pdu))
         self._send(neg.ac_pdu)
         self.state = ESTABLISHED
-        self.ctx.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
-        self.ctx.metrics.associations_active.labels(self.calling_ae).inc()
+        self.ep.accepted += 1
+        self.ep.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
+        self.ep.metrics.associations_active.labels(self.calling_ae).inc()
         log.debug("%s: association with %s accepted, %d contexts", self.peer, self.calling_ae, len(self.contexts))
-        self._arm_timer(cfg.server.idle_timeout)
+        self._arm_timer(server.idle_timeout)
+        return None
 
     # ---- DIMSE ------------------------------------------------------------------------------------
 
@@ -259,7 +391,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if context is None:
             raise pdu.PDUError(f"PDV on presentation context {pdv.context_id}, which was not accepted")
         if pdv.is_command:
-            if self.operation is not None:
+            if self.receiving is not None:
                 raise pdu.PDUError("command fragment in the middle of a dataset", pdu.ABORT_UNEXPECTED_PARAMETER)
             if len(self.command_buf) + len(pdv.data) > MAX_COMMAND_BYTES:
                 raise pdu.PDUError("command set larger than 64 KiB")
@@ -272,39 +404,54 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 self.command_buf.clear()
                 self._on_command(command, pdv.context_id, context)
             return
-        op = self.operation
-        if op is None or pdv.context_id != self.operation_context:
+        handler, request = self.receiving, self.receiving_request
+        if handler is None or request is None or pdv.context_id != request.context_id:
             raise pdu.PDUError("dataset fragment without a pending command", pdu.ABORT_UNEXPECTED_PARAMETER)
-        op.feed(pdv.data)
+        handler.feed(pdv.data)
         if pdv.is_last:
-            self.operation = None
-            self._spawn(self._respond_store(op, pdv.context_id))
+            self.receiving = self.receiving_request = None
+            self._spawn(self._respond(handler, request))
 
     def _on_command(self, command: dimse.Command, context_id: int, context: tuple[str, str]) -> None:
-        field_ = command.command_field
-        if field_ == dimse.C_ECHO_RQ:
-            peer = self.known_peer
-            status = errors.NOT_AUTHORIZED if peer is not None and not peer.allow_echo else errors.SUCCESS
-            self._send_response(context_id, dimse.C_ECHO_RSP, command.message_id, status, VERIFICATION)
-        elif field_ == dimse.C_STORE_RQ:
-            op = StoreOperation(self.ctx, command, context[0], context[1], self.calling_ae, self.known_peer)
-            if command.has_dataset:
-                self.operation = op
-                self.operation_context = context_id
-            else:
-                op.result = op.result or StoreResult(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset")
-                self._spawn(self._respond_store(op, context_id))
-        elif field_ == dimse.C_CANCEL_RQ:
-            pass  # nothing of ours is cancellable yet
+        if command.command_field == dimse.C_CANCEL_RQ:
+            running = self.running.get(command.message_id_responded_to or 0)
+            if running is not None:
+                running.cancel()
+            return
+        request = Request(command, context_id, context[0], context[1], self.calling_ae, self.known_peer, self.host)
+        handler = self.ep.app.handler(request) if not command.command_field & 0x8000 else None
+        if handler is None:
+            handler = _Answer(Response(UNRECOGNIZED_OPERATION))
+        self.running[command.message_id] = handler
+        if command.has_dataset:
+            self.receiving, self.receiving_request = handler, request
         else:
-            # PS3.7 C.4.2: Unrecognized Operation. Only reachable on contexts we accepted (Verification/Storage).
-            self._send_response(context_id, field_ | 0x8000, command.message_id, 0x0211,
-                                command.affected_sop_class_uid)
+            self._spawn(self._respond(handler, request))
 
-    def _send_response(self, context_id: int, field_: int, message_id: int, status: int, sop_class: str = "",
-                       sop_instance: str = "", comment: str = "") -> None:
-        command = dimse.response(field_, message_id, status, sop_class, sop_instance, comment)
-        self._send(b"".join(pdu.p_data_pdus(context_id, command, True, self.peer_max_pdu)))
+    async def _respond(self, handler: Handler, request: Request) -> None:
+        command = request.command
+        try:
+            async for response in handler.responses():
+                if self.state == CLOSED:
+                    return
+                self._send_response(request, response)
+                if not response.is_pending:
+                    return
+        finally:
+            if self.running.get(command.message_id) is handler:
+                del self.running[command.message_id]
+
+    def _send_response(self, request: Request, response: Response) -> None:
+        command = request.command
+        instance = response.affected_sop_instance_uid
+        encoded = dimse.response(command.command_field | 0x8000, command.message_id, response.status,
+                                 command.affected_sop_class_uid,
+                                 command.affected_sop_instance_uid if instance is None else instance,
+                                 response.comment, has_dataset=response.dataset is not None)
+        out = list(pdu.p_data_pdus(request.context_id, encoded, True, self.peer_max_pdu))
+        if response.dataset is not None:
+            out.extend(pdu.p_data_pdus(request.context_id, response.dataset, False, self.peer_max_pdu))
+        self._send(b"".join(out))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -315,21 +462,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: DIMSE handler failed", self.peer, exc_info=task.exception())
-            self.abort(pdu.ABORT_NOT_SPECIFIED, "internal error")
+            if self.state == ESTABLISHED:
+                self.abort(pdu.ABORT_NOT_SPECIFIED, "internal error")
             return
         self._maybe_release()
-
-    async def _respond_store(self, op: StoreOperation, context_id: int) -> None:
-        result = await op.finish()
-        cmd = op.command
-        self._send_response(context_id, dimse.C_STORE_RSP, cmd.message_id,
-                            result.status, cmd.affected_sop_class_uid, cmd.affected_sop_instance_uid,
-                            result.comment)
 
     def _maybe_release(self) -> None:
         """A-RELEASE-RP goes out only after every pending response has been sent."""
         if self.release_requested and not self.tasks and self.state == ESTABLISHED:
             self._send(pdu.RELEASE_RP_PDU)
-            self.state = CLOSED
-            if self.transport is not None:
-                self.transport.close()
+            self._close()

@@ -138,11 +138,12 @@ def response(
     sop_class_uid: str = "",
     sop_instance_uid: str = "",
     error_comment: str = "",
+    has_dataset: bool = False,
 ) -> bytes:
     elements: list[tuple[int, bytes]] = [
         (COMMAND_FIELD, US.pack(command_field)),
         (MESSAGE_ID_BEING_RESPONDED_TO, US.pack(message_id)),
-        (COMMAND_DATA_SET_TYPE, US.pack(NO_DATASET)),
+        (COMMAND_DATA_SET_TYPE, US.pack(HAS_DATASET if has_dataset else NO_DATASET)),
         (STATUS, US.pack(status)),
     ]
     if sop_class_uid:

@@ -10,6 +10,7 @@ moment (association slots) are not part of it.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +28,63 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from appliance.config import Config
+from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from appliance.net import pdu
-from appliance.store.blobs import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+# A-ASSOCIATE-RQ layout (PS3.8 9.3.2): header (6), protocol version (2), reserved (2), called AE (16),
+# calling AE (16), reserved (32), then variable items: type (1), reserved (1), length (2), value.
+_RQ_FIXED = 74
+_ITEM = struct.Struct(">BxH")
+ITEM_PRESENTATION_CONTEXT = 0x20
+ITEM_USER_INFORMATION = 0x50
+SUB_ITEM_MAXIMUM_LENGTH = 0x51
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    """What the fixed-position fields and the item headers of an A-ASSOCIATE-RQ say. Read without pynetdicom in
+    a few microseconds, so that AE titles and limits are checked before the expensive decode."""
+
+    protocol_version: int
+    called_ae: str
+    calling_ae: str
+    presentation_contexts: int
+    peer_max_pdu: int | None  # None: no Maximum Length sub-item (pynetdicom then assumes unlimited)
+
+
+def _ae(raw: bytes | memoryview) -> str:
+    # PS3.8 9.3.2: leading and trailing spaces are not significant. Non-ASCII cannot match any configured title.
+    return bytes(raw).decode("ascii", "replace").strip(" \x00")
+
+
+def read_request_header(raw: bytes | memoryview) -> RequestHeader:
+    """Walk an A-ASSOCIATE-RQ (whole PDU). Raises PDUError when its items do not tile its length exactly."""
+    view = memoryview(raw)
+    if len(view) < _RQ_FIXED:
+        raise pdu.PDUError(f"A-ASSOCIATE-RQ of {len(view)} bytes is shorter than its fixed fields")
+    version = struct.unpack_from(">H", view, 6)[0]
+    contexts, max_pdu = 0, None
+    offset = _RQ_FIXED
+    while offset < len(view):
+        if len(view) - offset < _ITEM.size:
+            raise pdu.PDUError("truncated item header in A-ASSOCIATE-RQ")
+        item_type, length = _ITEM.unpack_from(view, offset)
+        end = offset + _ITEM.size + length
+        if end > len(view):
+            raise pdu.PDUError(f"item 0x{item_type:02x} overruns the A-ASSOCIATE-RQ")
+        if item_type == ITEM_PRESENTATION_CONTEXT:
+            contexts += 1
+        elif item_type == ITEM_USER_INFORMATION:
+            sub = offset + _ITEM.size
+            while sub + _ITEM.size <= end:
+                sub_type, sub_length = _ITEM.unpack_from(view, sub)
+                if sub_type == SUB_ITEM_MAXIMUM_LENGTH and sub_length == 4 and sub + 8 <= end:
+                    max_pdu = struct.unpack_from(">L", view, sub + 4)[0]
+                sub += _ITEM.size + sub_length
+        offset = end
+    return RequestHeader(version, _ae(view[10:26]), _ae(view[26:42]), contexts, max_pdu)
 
 
 @dataclass(frozen=True)

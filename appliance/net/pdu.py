@@ -43,6 +43,14 @@ class PDUError(Exception):
         self.reason = reason
 
 
+class PDUTooLarge(PDUError):
+    """A PDU whose length field exceeds the limit for its type; the header has been read, not the body."""
+
+    def __init__(self, message: str, pdu_type: int, length: int) -> None:
+        super().__init__(message)
+        self.pdu_type, self.length = pdu_type, length
+
+
 class PDV(NamedTuple):
     context_id: int
     is_command: bool
@@ -76,6 +84,10 @@ def iter_pdvs(body: memoryview) -> Iterator[PDV]:
 def p_data_pdus(context_id: int, payload: bytes | memoryview, is_command: bool, max_pdu: int) -> Iterator[bytes]:
     """Fragment ``payload`` into P-DATA-TF PDUs whose length field is at most ``max_pdu`` (0 = unlimited)."""
     limit = (max_pdu or 1 << 30) - 6  # PDV header (length field excluded from the 4) is 4 + 2 bytes
+    if limit < 1:
+        # A limit this small would never make progress (or, negative, slice backwards); peers announcing it are
+        # refused at association time (server.min_peer_pdu), this is the last line.
+        raise ValueError(f"maximum PDU length {max_pdu} cannot carry any data")
     view = memoryview(payload)
     total = len(view)
     offset = 0
@@ -125,6 +137,24 @@ class PDUFramer:
         space[: len(data)] = data
         self.advance(len(data))
 
+    def grow(self, max_pdu: int, max_other: int) -> None:
+        """Raise the limits (and the buffer) once the association is accepted: before that a connection only
+        gets a buffer for its A-ASSOCIATE-RQ, so a connection that never associates costs little memory.
+        Bytes already received beyond the current PDU are kept; views handed out earlier stay valid (they keep
+        the old buffer alive)."""
+        pending = bytes(self.view[self.start : self.end])
+        self.max_pdu, self.max_other = max_pdu, max_other
+        self.capacity = max(max_pdu, max_other) + 6
+        self.buf = bytearray(self.capacity)
+        self.view = memoryview(self.buf)
+        self.buf[: len(pending)] = pending
+        self.start, self.end = 0, len(pending)
+
+    @property
+    def partial(self) -> bool:
+        """Part of a PDU has been received and not yet framed."""
+        return self.end > self.start
+
     def _compact(self) -> None:
         pending = self.end - self.start
         # Same-size slice assignment: allowed even while memoryviews of the buffer exist.
@@ -138,7 +168,7 @@ class PDUFramer:
                 raise PDUError(f"unknown PDU type 0x{pdu_type:02x}", ABORT_UNRECOGNIZED_PDU)
             limit = self.max_pdu if pdu_type == P_DATA_TF else self.max_other
             if length > limit:
-                raise PDUError(f"PDU length {length} exceeds the maximum {limit}")
+                raise PDUTooLarge(f"PDU length {length} exceeds the maximum {limit}", pdu_type, length)
             total = 6 + length
             if self.end - self.start < total:
                 if self.start + total > self.capacity:

@@ -25,7 +25,7 @@ from appliance.store.segments import SegmentBackend
 from appliance.store.spool import InstanceSpool
 
 if TYPE_CHECKING:
-    from appliance.net.association import WorkerContext
+    from appliance.services.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class StoreOperation:
             return StoreResult(errors.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "SOP Class/Instance UID in dataset differ from the command")
         log.debug("received %s (%d bytes) from %s", cmd.affected_sop_instance_uid, spool.size, self.calling_ae)
-        # Overwrite is a right given per peer ([peers.X] allow_overwrite); everyone else gets the index-wide policy.
-        policy = "overwrite" if self.peer is not None and self.peer.allow_overwrite else ""
+        # Overwrite is a right given per peer ([peers.X] allow_overwrite); everyone else keeps the first instance.
+        policy = self.ctx.config.duplicate_policy_for(self.peer)
         result = await self.ctx.committer.submit(Submission(
             spool, backend, header, self.transfer_syntax, time.time_ns(), self.calling_ae, policy))
         if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.REJECTED):

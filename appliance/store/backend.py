@@ -61,6 +61,9 @@ class BlobMeta:
     size: int
     received_ns: int  # when the last byte of the instance arrived (wall clock, ns)
     calling_ae: str
+    # The duplicate policy the instance was stored under (the sender's rights: overwrite is granted per peer), so
+    # that a rebuild replays it as it happened, whatever the config says by then. "" = the configured policy.
+    policy: str = ""
 
     def __post_init__(self) -> None:
         assert len(self.digest) == 64, self.digest

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import struct
 
-# A UUID-derived UID (PS3.5 B.2): needs no registered root.
-IMPLEMENTATION_CLASS_UID = "2.25.91993142740427924133552079705596492658"
-IMPLEMENTATION_VERSION_NAME = "APPLIANCE_010"
+from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 _ELEMENT_SHORT = struct.Struct("<HH2sH")
 _ELEMENT_LONG = struct.Struct("<HH2s2xL")

@@ -185,7 +185,7 @@ class GroupCommitter:
                 refused.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault")))
                 continue
             digest = sub.spool.digest()
-            meta = BlobMeta(digest, sub.spool.size, sub.received_ns, sub.calling_ae)
+            meta = BlobMeta(digest, sub.spool.size, sub.received_ns, sub.calling_ae, sub.policy)
             try:
                 location = sub.backend.put(meta, sub.spool)
             except StorageFault:

@@ -68,7 +68,7 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False) -> Rebuild
                     ends[(name, segment)] = max(ends.get((name, segment), 0), end)
                     copy = Copy(name, segment, location, end - record, meta.received_ns)
                     entries.append(IndexEntry(header, meta.digest, meta.size, ts, meta.received_ns, meta.calling_ae,
-                                              copy))
+                                              copy, meta.policy))
                 if size >= len(END_OF_ARCHIVE) and _is_sealed(backend, segment, size):
                     sealed.append((name, segment))
     finally:

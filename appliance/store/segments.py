@@ -77,7 +77,7 @@ def record_header(meta: BlobMeta) -> bytes:
     info.pax_headers = {
         "mtime": f"{meta.received_ns // 1_000_000_000}.{meta.received_ns % 1_000_000_000:09d}",
         "comment": json.dumps({"appliance": PROVENANCE_VERSION, "received_ns": meta.received_ns,
-                               "calling_ae": meta.calling_ae}, separators=(",", ":")),
+                               "calling_ae": meta.calling_ae, "policy": meta.policy}, separators=(",", ":")),
     }
     return info.tobuf(format=tarfile.PAX_FORMAT)
 
@@ -90,7 +90,7 @@ def meta_of(info: tarfile.TarInfo) -> BlobMeta | None:
     try:
         prov = json.loads(info.pax_headers.get("comment", "{}"))
         return BlobMeta(digest=name[:64], size=info.size, received_ns=int(prov["received_ns"]),
-                        calling_ae=str(prov.get("calling_ae", "")))
+                        calling_ae=str(prov.get("calling_ae", "")), policy=str(prov.get("policy", "")))
     except (ValueError, KeyError, TypeError, AssertionError):
         return None
 

@@ -523,12 +523,12 @@ def test_artim_closes_a_silent_connection(make_server: MakeServer) -> None:
     server = make_server(server={"acse_timeout": 1.0})
     with association(server) as keeper:
         before = snapshot(server)
+        started = time.monotonic()  # before the connections: the server's ARTIM starts when it accepts them
         with connect(server) as silent, connect(server) as half:
             half.sendall(associate_rq()[:10])  # a header and a little: ARTIM must end this one too
-            started = time.monotonic()
             assert wait_eof(silent, 15) == b""
             assert wait_eof(half, 15) == b""
-            assert time.monotonic() - started >= 0.5  # not closed at once: the timer did it
+            assert time.monotonic() - started >= 1.0  # not closed at once: the timer did it
         # The established association is not subject to ARTIM.
         assert_nothing_left(server, before)
         assert_serving(server, keeper)

@@ -367,7 +367,9 @@ def live_dump(index_path: Path) -> dict:
 
 def test_index_rebuild_reproduces_the_live_index(make_server: MakeServer, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    server = make_server()
+    # AE_THREE replaces an instance: overwrite, granted per peer since keep-first is the default.
+    server = make_server(storage={"duplicate_policy": "overwrite"},
+                         peers={"three": {"ae_title": "AE_THREE", "allow_overwrite": True}})
     study_a, study_b = generate_uid(), generate_uid()
     first = [make_instance(CT, "PR1", study_a, generate_uid(), accession="RB1", date="20220101", number=i)
              for i in range(3)]

@@ -16,6 +16,7 @@ from tests.conftest import ServerHandle, wait_for
 from tests.integration.test_cli_metrics import CT, make_instance, send
 
 MakeServer = Callable[..., ServerHandle]
+OVERWRITER = {"ct": {"ae_title": "CT01", "allow_overwrite": True}}  # overwrite is granted per peer
 
 
 def _overwritten_archive(server: ServerHandle, count: int = 40) -> list[Dataset]:
@@ -34,7 +35,7 @@ def _digest_of(path: Path) -> str:
 
 def test_compact_reclaims_dead_records_and_keeps_everything_named(make_server: MakeServer, tmp_path: Path) -> None:
     server = make_server(storage={"duplicate_policy": "overwrite", "segment_bytes_max": 1 << 20,
-                                  "compaction_interval_s": 0.0})
+                                  "compaction_interval_s": 0.0}, peers=OVERWRITER)
     datasets = _overwritten_archive(server)
     server.stop()
     server.start()  # recovery seals every segment of the first run
@@ -69,7 +70,7 @@ def test_compact_reclaims_dead_records_and_keeps_everything_named(make_server: M
 
 def test_the_server_compacts_on_its_own(make_server: MakeServer) -> None:
     server = make_server(storage={"duplicate_policy": "overwrite", "segment_bytes_max": 1 << 20,
-                                  "compaction_interval_s": 0.5})
+                                  "compaction_interval_s": 0.5}, peers=OVERWRITER)
     _overwritten_archive(server, count=30)
     server.stop()
     server.start()  # the old segments are sealed now; the next scheduled run rewrites them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,9 +41,10 @@ def test_pynetdicom_echo_and_parallel_stores(server: ServerHandle) -> None:
     import pydicom
     from pydicom.uid import generate_uid
 
-    base = pydicom.dcmread(CT)
-
     def send(worker: int) -> list[int]:
+        # One dataset per thread: Dataset.copy() is shallow, so copies of a shared one share their elements and
+        # four threads setting SOPInstanceUID raced on the same DataElement.
+        base = pydicom.dcmread(CT)
         ae = AE(ae_title=f"PYN{worker}")
         ae.requested_contexts = StoragePresentationContexts[:120]
         ae.add_requested_context(Verification)
@@ -50,7 +52,7 @@ def test_pynetdicom_echo_and_parallel_stores(server: ServerHandle) -> None:
         assert assoc.is_established
         statuses = [assoc.send_c_echo().Status]
         for i in range(10):
-            ds = base.copy()
+            ds = copy.deepcopy(base)
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = i
             statuses.append(assoc.send_c_store(ds).Status)
@@ -73,7 +75,7 @@ def test_parallel_storescu_associations(server: ServerHandle, tmp_path: Path) ->
         folder = tmp_path / f"in{k}"
         folder.mkdir()
         for i in range(15):
-            ds = base.copy()
+            ds = copy.deepcopy(base)
             ds.SOPInstanceUID = generate_uid()
             ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.{k + 10}"
             ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)

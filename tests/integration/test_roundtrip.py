@@ -79,7 +79,12 @@ def prepare(case: str, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     root = tmp_path_factory.mktemp("roundtrip")
-    handle = ServerHandle(root, write_config(root))
+    # The cases re-send the same SOP Instance UIDs in other encodings and expect the latest to be stored: that
+    # is overwrite, which (since keep-first became the default) is granted per peer.
+    handle = ServerHandle(root, write_config(root, storage={"duplicate_policy": "overwrite"}, peers={
+        "roundtrip": {"ae_title": "ROUNDTRIP", "allow_overwrite": True},
+        "storescu": {"ae_title": "STORESCU", "allow_overwrite": True},
+    }))
     handle.start()
     yield handle
     handle.stop()

@@ -44,7 +44,8 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.server.ae_title == "APPLIANCE"
     assert cfg.server.port == 11112
     assert cfg.server.workers == 0  # one per CPU
-    assert cfg.storage.duplicate_policy == "overwrite"
+    assert cfg.storage.duplicate_policy == "keep-first"
+    assert cfg.server.host == "127.0.0.1"  # loopback until the config opens it
     assert cfg.storage.fsync is True
     assert cfg.storage.index_path == tmp_path / "var/index"
     assert [(v.name, v.path, v.high_watermark) for v in cfg.volumes] == [("vol0", tmp_path / "var/volumes/vol0", 0.95)]

@@ -1,0 +1,74 @@
+"""The one interface between the network layer and the services (issue 8 item 6).
+
+The association (net/association.py) knows PDUs, DIMSE command sets and association state; it knows nothing
+about storage. For every DIMSE request it asks the ``Application`` for a ``Handler`` (dispatch by command field
+and SOP class is the application's business, as in pynetdicom), feeds it the request's dataset fragments as
+they arrive, then sends every ``Response`` the handler yields: zero or more Pending, then one final. A C-CANCEL
+for the request reaches ``Handler.cancel``; an association that ends early calls ``Handler.abandon``.
+Modelled on the protocol/app split of ASGI servers: the protocol owns the socket, the app owns the meaning.
+
+Only ``appliance.net`` and ``appliance.config`` types appear here, so services import the network layer and
+never the other way round (checked by the import-linter contracts in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from appliance.config import PeerConfig
+from appliance.net.dimse import Command
+
+
+@dataclass(frozen=True)
+class Request:
+    """One DIMSE request as the association received it."""
+
+    command: Command
+    context_id: int
+    abstract_syntax: str  # of the presentation context the command came on
+    transfer_syntax: str  # negotiated for that context: the encoding of any dataset
+    calling_ae: str
+    peer: PeerConfig | None  # the calling AE's [peers] entry, if any
+    address: str  # source host of the connection (no port)
+
+
+@dataclass
+class Response:
+    """One response to a request; ``status`` in the Pending range (0xFF00, 0xFF01) means more will follow."""
+
+    status: int
+    comment: str = ""
+    dataset: bytes | None = None  # an identifier (C-FIND) or other response dataset, in the context's syntax
+    affected_sop_instance_uid: str | None = None  # None: the request's
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status in (0xFF00, 0xFF01)
+
+
+class Handler(Protocol):
+    """One request in progress. ``feed`` is called for each dataset fragment (a view into the receive buffer:
+    copy what must outlive the call), then ``responses`` once. ``cancel`` and ``abandon`` may come at any
+    time, also before ``responses``, and must be cheap and idempotent."""
+
+    def feed(self, data: memoryview) -> None: ...
+
+    def responses(self) -> AsyncIterator[Response]: ...
+
+    def cancel(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+class Application(Protocol):
+    def handler(self, request: Request) -> Handler | None:
+        """The handler for ``request``, or None when this application does not know the operation (the
+        association answers 0x0211, Unrecognized Operation)."""
+        ...
+
+
+async def single(response: Response) -> AsyncIterator[Response]:
+    """``responses`` for a handler that answers once, from a value it already has."""
+    yield response

@@ -1,0 +1,32 @@
+"""What the storage services of one worker process share (volumes and their segment backends, the group committer,
+the spool budget, metrics). Built once per worker by the server; the network layer never sees it (it sees the
+Application)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from appliance.config import Config
+
+if TYPE_CHECKING:
+    from appliance.metrics import Metrics
+    from appliance.store.commit import GroupCommitter
+    from appliance.store.online import BlobStore
+    from appliance.store.spool import SpoolBudget
+    from appliance.store.volumes import VolumeSet
+
+
+@dataclass
+class WorkerContext:
+    config: Config
+    volumes: VolumeSet
+    committer: GroupCommitter
+    metrics: Metrics
+    blobstore: BlobStore
+    spool_budget: SpoolBudget
+    accepted_sop_classes: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(cls, config: Config, **kwargs: Any) -> WorkerContext:
+        return cls(config=config, accepted_sop_classes=frozenset(config.dicom.sop_classes), **kwargs)
