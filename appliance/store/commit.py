@@ -178,6 +178,30 @@ class GroupCommitter:
         refused: list[tuple[_Pending, CommitResult]] = []
         written: list[_Pending] = []
         backends: dict[str, SegmentBackend] = {}
+        try:
+            self._append(batch, refused, written, backends)
+        finally:
+            # Whatever escaped (a segment that could not be registered), every spool of the group goes now: its
+            # memory back to the budget, its spill file out of tmp/. discard() is idempotent.
+            for item in batch:
+                item.sub.spool.discard()
+        if refused:
+            self._resolve(refused)
+        sealed: list[tuple[str, str]] = []
+        for backend in backends.values():
+            backend.sync()  # raises StorageFault: nothing of the group is acknowledged
+            sealed += [(backend.name, name) for name in backend.take_sealed()]
+        ends: dict[tuple[str, str], int] = {}
+        now = time.perf_counter()
+        for item in written:
+            assert item.entry is not None
+            key = (item.entry.copy.backend, item.entry.copy.container)
+            ends[key] = max(ends.get(key, 0), record_end(item.entry.copy.location))
+            item.durable_at = now
+        return written, ends, sealed
+
+    def _append(self, batch: list[_Pending], refused: list[tuple[_Pending, CommitResult]], written: list[_Pending],
+                backends: dict[str, SegmentBackend]) -> None:
         for item in batch:
             sub = item.sub
             if self.fault is not None:
@@ -201,20 +225,6 @@ class GroupCommitter:
                                     sub.calling_ae, copy, sub.policy)
             backends[sub.backend.name] = sub.backend
             written.append(item)
-        if refused:
-            self._resolve(refused)
-        sealed: list[tuple[str, str]] = []
-        for backend in backends.values():
-            backend.sync()  # raises StorageFault: nothing of the group is acknowledged
-            sealed += [(backend.name, name) for name in backend.take_sealed()]
-        ends: dict[tuple[str, str], int] = {}
-        now = time.perf_counter()
-        for item in written:
-            assert item.entry is not None
-            key = (item.entry.copy.backend, item.entry.copy.container)
-            ends[key] = max(ends.get(key, 0), record_end(item.entry.copy.location))
-            item.durable_at = now
-        return written, ends, sealed
 
     # ---- stage 2: index ------------------------------------------------------------------------------
 

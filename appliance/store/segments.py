@@ -125,7 +125,9 @@ class SegmentBackend(BlobBackend):
     def put(self, meta: BlobMeta, source: BlobSource) -> Location:
         assert source.size == meta.size
         header = record_header(meta)
-        needed = len(header) + meta.size + BLOCK
+        # Room for the record, its padding and the end-of-archive a seal appends: a sealed segment never exceeds
+        # segment_bytes_max (unless one record alone is larger).
+        needed = len(header) + meta.size + (-meta.size) % BLOCK + len(END_OF_ARCHIVE)
         if self.active is None or (self._end > 0 and self._end + needed > self.segment_bytes_max):
             self._roll()
         assert self.active is not None
@@ -343,6 +345,10 @@ class SegmentBackend(BlobBackend):
         for segment in self.segments():
             path = os.path.join(self.dir, segment)
             end = committed_end(segment)
+            if end is None and os.path.getsize(path) == 0:
+                # Created, then a crash before its registration: it never held a byte, whatever index is in use.
+                os.unlink(path)
+                continue
             if end is None:
                 stats["unknown"] += 1
                 log.warning("volume %s: segment %s is not in the index; it is left alone (run `appliance index "

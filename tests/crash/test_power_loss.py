@@ -390,10 +390,6 @@ def test_the_power_model_drops_unsynced_writes(tmp_path: Path, monkeypatch: pyte
     assert segments.record_end(first) == len(raw) and segments.parse_location(second)[1] == len(raw)
 
 
-@pytest.mark.xfail(strict=True, reason="segments.py _roll: the segment file is created and its folder fsync'd before "
-                   "on_create registers it in the index; a crash in between leaves an empty segment the index does "
-                   "not know: recover leaves it alone forever, verify reports it as an orphan, and a rebuild "
-                   "registers it (rebuild != live)")
 def test_power_loss_between_segment_creation_and_its_registration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                    ) -> None:
     power_loss_in_a_burst(tmp_path, monkeypatch, ("register", 2, "before"))

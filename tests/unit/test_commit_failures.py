@@ -368,10 +368,6 @@ def test_a_failing_segment_registration_answers_the_whole_group_and_leaves_no_fi
     run(tmp_path, wrapped, on_create=on_create)
 
 
-@pytest.mark.xfail(strict=True, reason="commit.py _append_and_sync: an exception other than ApplianceError from put "
-                   "(e.g. on_create failing inside _roll) leaves the loop, so the spools of the group's later "
-                   "instances are never discarded: their memory stays charged to the SpoolBudget and their spill "
-                   "files stay in tmp/ until the next restart")
 def test_a_failing_segment_registration_returns_every_spool_of_the_group(tmp_path: Path) -> None:
     holder: list[Rig] = []
     attempts: list[str] = []
