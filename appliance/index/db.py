@@ -84,6 +84,7 @@ class Outcome(Enum):
     IDENTICAL = "identical"  # same SOP Instance UID, same bytes: no-op
     KEPT_FIRST = "kept-first"  # keep-first policy: new bytes dropped
     REJECTED = "rejected"  # reject policy
+    CONFLICT = "conflict"  # a UID of the instance already names another level or sits under another parent
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ApplyResult:
     outcome: Outcome
     blob_is_new: bool  # the entry's copy is now named (else its bytes are dead: a duplicate or a refusal)
     existing: list[Copy] = field(default_factory=list)  # IDENTICAL: the copies already named
+    reason: str = ""  # CONFLICT: what clashed (no UID in it: it goes to the peer and to the log)
 
 
 class SchemaMismatch(ApplianceError):
@@ -174,8 +176,32 @@ class StudyIndex:
         results: list[ApplyResult] = self._write(body)
         return results
 
+    def _level_conflict(self, txn: lmdb.Transaction, h: Header) -> str:
+        """Why the instance's UIDs cannot be filed as they say (one UID naming two levels, a series already in
+        another study), or "". Checked per entry inside the transaction, so a bad instance fails alone, never the
+        group."""
+        study, series, sop = h.study["StudyInstanceUID"], h.series["SeriesInstanceUID"], h.sop_instance_uid
+        if len({study, series, sop}) < 3:
+            return "the Study, Series and SOP Instance UIDs are not distinct"
+        uids = self.dbs["uids"]
+        found = {uid: txn.get(uid.encode(), db=uids) for uid in (study, series, sop)}
+        for uid, letter, level in ((study, b"S", "study"), (series, b"R", "series"), (sop, b"I", "SOP instance")):
+            raw = found[uid]
+            if raw is not None and bytes(raw[:1]) != letter:
+                return f"the {level} UID already names another level"
+        series_raw, study_raw = found[series], found[study]
+        if series_raw is not None:
+            series_key = bytes(series_raw[1:]).decode()
+            study_key = bytes(study_raw[1:]).decode() if study_raw is not None else None
+            if study_key is None or not series_key.startswith(study_key + SEP):
+                return "the series UID already belongs to another study"
+        return ""
+
     def _apply_one(self, txn: lmdb.Transaction, entry: IndexEntry, policy: str) -> ApplyResult:
         sop_uid = entry.header.sop_instance_uid
+        conflict = self._level_conflict(txn, entry.header)
+        if conflict:
+            return ApplyResult(Outcome.CONFLICT, False, reason=conflict)
         existing = txn.get(sop_uid.encode(), db=self.dbs["uids"])
         outcome = Outcome.STORED
         if existing is not None:

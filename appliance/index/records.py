@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -110,11 +111,32 @@ def _from_dataset(ds: Any) -> Header:
     return header
 
 
+# PS3.5 9.1: a UID is components of digits separated by dots, at most 64 characters. Leading zeros in a component
+# are not allowed by the standard but are sent by real modalities and harm nothing here, so they are accepted;
+# anything else (NUL, '/', '..', letters, an empty component) would break the index's NUL-joined keys or a path.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+# Control characters in the attributes that become index keys (ESC stays: ISO 2022 character sets use it).
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+_KEY_ATTRIBUTES = (("patient", "PatientID"), ("patient", "IssuerOfPatientID"), ("study", "AccessionNumber"),
+                   ("study", "StudyDate"))
+
+
+def valid_uid(uid: str) -> bool:
+    return len(uid) <= 64 and _UID.fullmatch(uid) is not None
+
+
 def _check_uids(header: Header) -> None:
     if not header.study.get("StudyInstanceUID") or not header.series.get("SeriesInstanceUID"):
         raise MissingUIDs("dataset has no Study or Series Instance UID")
     if not header.sop_instance_uid or not header.sop_class_uid:
         raise MissingUIDs("dataset has no SOP Instance UID or SOP Class UID")
+    for level, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                           ("instance", "SOPInstanceUID"), ("instance", "SOPClassUID")):
+        if not valid_uid(getattr(header, level)[keyword]):
+            raise CannotUnderstand(f"{keyword} is not a valid UID (digits and dots, at most 64 characters)")
+    for level, keyword in _KEY_ATTRIBUTES:
+        if _CONTROL.search(getattr(header, level).get(keyword, "")):
+            raise CannotUnderstand(f"{keyword} holds control characters")
     _check_key_sizes(header)
 
 

@@ -275,7 +275,9 @@ class GroupCommitter:
         t2 = time.perf_counter()
         results: list[tuple[_Pending, CommitResult]] = []
         for item, res in zip(batch, applied, strict=True):
-            if res.outcome is Outcome.REJECTED:
+            if res.outcome is Outcome.CONFLICT:
+                results.append((item, CommitResult(errors.CANNOT_UNDERSTAND, res.outcome, res.reason)))
+            elif res.outcome is Outcome.REJECTED:
                 results.append((item, CommitResult(errors.DUPLICATE_SOP_INSTANCE, res.outcome,
                                                    "duplicate SOP Instance UID with other content")))
             else:

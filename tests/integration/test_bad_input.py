@@ -447,6 +447,36 @@ def test_dataset_not_matching_the_command_is_refused(server: ServerHandle, what:
         assert_serving(server, keeper)
 
 
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("SOPInstanceUID", "1.2.3\x004.5"), ("SOPInstanceUID", "1.2/../3"), ("SOPInstanceUID", "1.2..3"),
+    ("StudyInstanceUID", "1.2.3/4"), ("StudyInstanceUID", "1.2.3.abc"), ("SeriesInstanceUID", "1." + "2" * 70),
+    ("PatientID", "ID\x00WITH\x01NUL"),
+])
+def test_invalid_uids_and_key_attributes_are_refused(server: ServerHandle, keyword: str, value: str) -> None:
+    """PS3.5 9.1: a UID is digits and dots (at most 64); a NUL, '/' or '..' would break the index's keys or a
+    path. Key attributes with control characters likewise. Refused with 0xC000, nothing stored, still serving."""
+    with association(server) as keeper:
+        before = snapshot(server)
+        ds = new_instance()
+        setattr(ds, keyword, value)
+        status = send_store(keeper, CTImageStorage, str(ds.SOPInstanceUID), wire_bytes(ds))
+        assert status == 0xC000
+        assert_nothing_left(server, before)
+        assert_serving(server, keeper)
+
+
+def test_a_uid_naming_another_level_is_refused_alone(server: ServerHandle) -> None:
+    """A Study Instance UID that is already a SOP Instance UID elsewhere: that instance is refused, the next one of
+    the same association stored."""
+    with association(server) as keeper:
+        first = new_instance()
+        assert store_status(keeper, first) == 0
+        clash = new_instance(StudyInstanceUID=first.SOPInstanceUID, SeriesInstanceUID=generate_uid())
+        assert store_status(keeper, clash) == 0xC000
+        assert store_status(keeper, new_instance()) == 0
+    assert server.cli_json("status")["counts"]["instances"] == 2
+
+
 def test_unaccepted_sop_class(make_server: MakeServer) -> None:
     server = make_server(dicom={"sop_classes": [Verification, CTImageStorage]})
     with association(server) as keeper:

@@ -474,3 +474,20 @@ def test_an_index_of_another_schema_is_refused(tmp_path: Path) -> None:
     env.close()
     with pytest.raises(SchemaMismatch, match="schema version 1"):
         StudyIndex(tmp_path / "old")
+
+
+@pytest.mark.parametrize(("second", "why"), [
+    (header("P", "S", "R2", "S"), "not distinct"),  # the SOP Instance UID is the study's UID
+    (header("P", "I1", "R3", "I9"), "names another level"),  # a study UID that is a SOP Instance UID elsewhere
+    (header("P", "S2", "R", "I2"), "belongs to another study"),  # a series UID already in study S
+    (header("P", "S3", "R4", "R"), "names another level"),  # a SOP Instance UID that is a series UID
+])
+def test_level_conflicts_fail_alone(index: StudyIndex, second: Header, why: str) -> None:
+    """A UID that already names another level (or a series under another study) refuses that one entry; the
+    others of the same transaction are stored."""
+    index.apply([entry(header("P", "S", "R", "I1"))], "overwrite")
+    good = entry(header("P", "S", "R", "I5"), t=2)
+    results = index.apply([entry(second, "bad", t=2), good], "overwrite")
+    assert results[0].outcome is Outcome.CONFLICT and why in results[0].reason
+    assert results[1].outcome is Outcome.STORED
+    assert index.counts()["instances"] == 2
