@@ -174,6 +174,8 @@ class _Stop:
 # The first bytes of a dataset kept in memory while it streams to disk; the index attributes are nearly always
 # in them. The live path and `index rebuild` parse exactly this prefix the same way, so both index the same.
 HEAD_LIMIT = 64 * 1024
+# How much of a deflated dataset's head is inflated to find the index attributes (never the whole dataset).
+DEFLATED_INFLATE_MAX = 4 << 20
 
 _TAG_LE = struct.Struct("<HH")
 _TAG_BE = struct.Struct(">HH")
@@ -187,6 +189,10 @@ _PLAIN_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 192", b"ISO_IR 100"}
 
 class _Incomplete(Exception):
     pass
+
+
+# Sequences nested deeper than this are left to pydicom (real headers nest 3 or 4 deep).
+SEQUENCE_DEPTH_MAX = 16
 
 
 class _FastParser:
@@ -206,6 +212,7 @@ class _FastParser:
         self.u32 = struct.Struct("<L" if little else ">L")
         self.values: dict[int, bytes | bytearray] = {}
         self.reached = False
+        self.depth = 0
 
     def header(self, pos: int, implicit: bool) -> tuple[int, int, int]:
         """(tag, value length, value offset) of the element at ``pos``."""
@@ -251,6 +258,17 @@ class _FastParser:
         return pos
 
     def sequence(self, pos: int, implicit: bool) -> int:
+        # Bounded recursion: a peer can nest sequences thousands deep in 64 KiB. Past the bound the fast walk gives
+        # up and pydicom decides (its own recursion ends in an error that refuses the instance with 0xC000).
+        self.depth += 1
+        if self.depth > SEQUENCE_DEPTH_MAX:
+            raise _Incomplete
+        try:
+            return self._items(pos, implicit)
+        finally:
+            self.depth -= 1
+
+    def _items(self, pos: int, implicit: bool) -> int:
         while True:
             tag, length, value = self.header(pos, True)
             if tag == _SEQ_END:
@@ -269,7 +287,7 @@ def _fast_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) 
     parser = _FastParser(head, transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE)
     try:
         parser.dataset(0, parser.implicit, top=True)
-    except (_Incomplete, struct.error, CannotUnderstand):
+    except (_Incomplete, struct.error, CannotUnderstand, RecursionError):
         return None
     if not parser.reached and not complete:
         return None
@@ -308,10 +326,12 @@ def read_header(head: bytes | bytearray, transfer_syntax: str, complete: bool) -
     if transfer_syntax == DEFLATED:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            head = inflater.decompress(bytes(head), 4 << 20)
+            head = inflater.decompress(bytes(head), DEFLATED_INFLATE_MAX)
         except zlib.error as exc:
             raise CannotUnderstand(f"deflated dataset does not inflate: {exc}") from None
-        complete = complete and not inflater.unconsumed_tail
+        # The index attributes must be in what this bounded inflate gave: inflating a whole deflated dataset (a
+        # zip bomb, or 1 GiB of pixels) on the event loop is what a hostile peer would want. Not found: refused.
+        complete = True
     else:
         fast = _fast_header(head, transfer_syntax, complete)  # reads the bytearray in place, no copy
         if fast is not None:

@@ -4,6 +4,7 @@ on every suitable file pydicom ships with."""
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from pathlib import Path
 
@@ -242,3 +243,40 @@ def test_values_too_long_to_index_are_refused(keyword: str, value: str, ts: str)
     setattr(ds, keyword, value)
     with pytest.raises(CannotUnderstand):
         read_header(encoded(ds, ts), ts, True)
+
+
+def _deeply_nested(depth: int) -> bytes:
+    """Explicit VR LE bytes: the four UIDs, then a sequence nested ``depth`` levels deep (undefined lengths)."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.5"
+    head = encode(ds, False, True)
+    assert head is not None
+    sq_open = struct.pack("<HH2s2xL", 0x0040, 0xA730, b"SQ", 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000,
+                                                                                       0xFFFFFFFF)
+    sq_close = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return bytes(head) + sq_open * depth + sq_close * depth
+
+
+@pytest.mark.parametrize("depth", [3, 2000])
+def test_deep_sequence_nesting_never_escapes_as_recursion_error(depth: int) -> None:
+    """A peer can nest sequences thousands deep in 64 KiB: the walk is bounded, and the instance is either indexed
+    or refused with CannotUnderstand (0xC000), never a RecursionError that would kill the handler."""
+    raw = _deeply_nested(depth)
+    try:
+        header = read_header(raw, ExplicitVRLittleEndian, complete=True)
+    except ApplianceError:
+        assert depth > records.SEQUENCE_DEPTH_MAX
+        return
+    assert header is not None and header.sop_instance_uid == "1.2.3.4"
+
+
+def test_a_deflated_dataset_is_never_inflated_past_the_bound() -> None:
+    """The index attributes must be within the bounded inflate of a deflated head; beyond it, refused (no whole
+    inflate of a zip bomb on the event loop)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = compressor.compress(b"\x00" * (records.DEFLATED_INFLATE_MAX + (1 << 20))) + compressor.flush()
+    with pytest.raises(ApplianceError):  # CannotUnderstand or MissingUIDs: refused, and no None (= read on)
+        read_header(bomb[:HEAD_LIMIT], records.DEFLATED, complete=False)
