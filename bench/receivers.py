@@ -181,6 +181,7 @@ class Receiver:
         self.port = 0
         self.metrics_url: str | None = None  # the appliance's /metrics once started; None for the others
         self.log_path = workdir / "receiver.log"
+        self.extra_env: dict[str, str] = {}
 
     @staticmethod
     def available() -> str | None:
@@ -205,7 +206,7 @@ class Receiver:
         cmd = self.command()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                         env=DCMTK_ENV, start_new_session=True)
+                                         env={**DCMTK_ENV, **self.extra_env}, start_new_session=True)
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -261,13 +262,20 @@ class Receiver:
 class ApplianceReceiver(Receiver):
     ae = "APPLIANCE"
 
-    def __init__(self, workdir: Path, workers: int, fsync: bool = True) -> None:
+    def __init__(self, workdir: Path, workers: int, fsync: bool = True, source: Path | None = None) -> None:
         super().__init__(workdir)
         self.workers = workers
         self.fsync_on = fsync
-        self.fsync = "fsync blob + dir, LMDB commit, before Success" if fsync else "OFF (storage.fsync = false)"
+        self.source = source
+        self.fsync = ("segment append + fdatasync per group, LMDB commit, before Success" if fsync
+                      else "OFF (storage.fsync = false)")
         # workers = 0 is the product default (one per CPU): the label says how many that made
         self.label = f"appliance-w{workers or os.cpu_count() or 1}" + ("" if fsync else "-nofsync")
+        if source is not None:
+            # Another checkout of the appliance (APPLIANCE_BENCH_BASE): the same harness, the code before a change.
+            self.label = f"base-w{workers or os.cpu_count() or 1}"
+            self.fsync = f"as in {source}"
+            self.extra_env = {"PYTHONPATH": str(source)}
         self.port_file = workdir / "port.json"
         self.config_path = workdir / "appliance.toml"
 
@@ -305,6 +313,9 @@ class ApplianceReceiver(Receiver):
 
     def stored_count(self) -> int:
         """Records in the segments (tar members), read as any tar reader would."""
+        older = self.storage().parent / "blobs"  # a base checkout from before segments: one file per instance
+        if older.is_dir():
+            return count_files(older)
         count = 0
         for segment in sorted(self.storage().glob("*.tar")):
             with tarfile.open(segment) as archive:
@@ -375,6 +386,12 @@ def make_receivers(names: list[str], workers: list[int], nofsync: bool) -> list[
                 factories.append(functools.partial(ApplianceReceiver, workers=w))
                 if nofsync:
                     factories.append(functools.partial(ApplianceReceiver, workers=w, fsync=False))
+        elif name == "appliance-base":  # the checkout named by APPLIANCE_BENCH_BASE, for before/after runs
+            base = os.environ.get("APPLIANCE_BENCH_BASE")
+            if not base or not (Path(base) / "appliance").is_dir():
+                raise SystemExit("appliance-base needs APPLIANCE_BENCH_BASE=<a checkout of the appliance>")
+            for w in workers:
+                factories.append(functools.partial(ApplianceReceiver, workers=w, source=Path(base)))
         elif name == "storescp":
             factories.append(StorescpReceiver)
         elif name == "orthanc":
