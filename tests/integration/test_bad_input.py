@@ -720,7 +720,9 @@ def test_same_file_twice_is_one_blob(server: ServerHandle) -> None:
 
 @pytest.mark.parametrize("policy", ["overwrite", "keep-first", "reject"])
 def test_duplicate_policy(make_server: MakeServer, tmp_path: Path, policy: str) -> None:
-    server = make_server(storage={"duplicate_policy": policy})
+    # Overwrite is a right granted per peer: GOODSCU has it (and under the other policies it changes nothing).
+    server = make_server(storage={"duplicate_policy": policy},
+                         peers={"good": {"ae_title": "GOODSCU", "allow_overwrite": policy == "overwrite"}})
     first = new_instance()
     second = copy.deepcopy(first)  # Dataset.copy() is shallow: it would change ``first`` too
     second.ImageComments = "the same SOP Instance UID with other bytes"

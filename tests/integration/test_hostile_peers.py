@@ -203,7 +203,7 @@ def test_data_and_index_are_private(server: ServerHandle) -> None:
     with association(server) as assoc:
         assert store_status(assoc, new_instance()) == 0
     paths = [server.root / "var", *(server.root / "var").rglob("*")]
-    assert any(p.name == "data.mdb" for p in paths) and any(p.parent.parent.parent.name == "blobs" for p in paths)
+    assert any(p.name == "data.mdb" for p in paths) and any(p.parent.name == "segments" for p in paths)
     public = [f"{p.relative_to(server.root)} {stat.filemode(p.stat().st_mode)}" for p in paths
               if p.stat().st_mode & 0o077]
     assert public == []

@@ -84,6 +84,7 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     handle = ServerHandle(root, write_config(root, storage={"duplicate_policy": "overwrite"}, peers={
         "roundtrip": {"ae_title": "ROUNDTRIP", "allow_overwrite": True},
         "storescu": {"ae_title": "STORESCU", "allow_overwrite": True},
+        "dcmtkscu": {"ae_title": "DCMTKSCU", "allow_overwrite": True},
     }))
     handle.start()
     yield handle
