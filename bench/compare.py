@@ -264,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", default="1,4,8", type=lambda t: [int(v) for v in parse_list(t)],
                         help="parallel associations, comma list (default: 1,4,8)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell; medians are reported (default 3)")
-    parser.add_argument("--receivers", default=",".join(RECEIVERS), type=lambda t: parse_list(t, RECEIVERS),
-                        help=f"comma list of {', '.join(RECEIVERS)} (default: all)")
+    parser.add_argument("--receivers", default=",".join(RECEIVERS),
+                        type=lambda t: parse_list(t, (*RECEIVERS, "appliance-base")),
+                        help=f"comma list of {', '.join(RECEIVERS)} (default: all), and appliance-base: the "
+                             "checkout named by $APPLIANCE_BENCH_BASE, for a before/after run")
     parser.add_argument("--workers", default=None, type=lambda t: [int(v) for v in parse_list(t)],
                         help="appliance worker counts to run, comma list (default: 1,2; 2 with --scenario)")
     parser.add_argument("--appliance-nofsync", action="store_true",
