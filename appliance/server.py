@@ -90,7 +90,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
 
     loop = asyncio.get_running_loop()
     st = config.storage
-    index = StudyIndex(st.index_path, st.index_map_size, sync=st.fsync)
+    # Lazy meta page: one flush per group commit; startup recovery redoes a lost last transaction from the segments.
+    index = StudyIndex(st.index_path, st.index_map_size, sync=st.fsync, lazy_meta=True)
     blobstore = BlobStore.open(config, index=index)
     metrics = Metrics()
     stop = asyncio.Event()
@@ -189,15 +190,16 @@ class Supervisor:
         try:
             store = BlobStore.open(cfg, index=index, create_missing=True)
             try:
-                stats = recover(store, index)
+                stats = recover(store, index, cfg.storage.duplicate_policy)
             finally:
                 store.close()
         finally:
             index.close()  # an LMDB environment must not cross fork()
         if any(stats.values()):
-            log.info("recovery: %(spill_files)d spill files of interrupted receptions removed, %(truncated_bytes)d "
-                     "unacknowledged bytes truncated, %(sealed)d segments sealed, %(deleted)d compacted segments "
-                     "deleted, %(unknown_segments)d segment files unknown to the index left alone", stats)
+            log.info("recovery: %(spill_files)d spill files of interrupted receptions removed, %(reindexed)d durable "
+                     "records beyond the index's last commit indexed (%(unreadable)d not indexable), "
+                     "%(truncated_bytes)d torn bytes truncated, %(sealed)d segments sealed, %(deleted)d compacted "
+                     "segments deleted, %(unknown_segments)d segment files unknown to the index left alone", stats)
         return stats
 
     def _spawn(self, worker: int) -> ForkProcess:

@@ -112,11 +112,18 @@ class SchemaMismatch(ApplianceError):
 
 
 class StudyIndex:
-    def __init__(self, path: Path, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False) -> None:
+    def __init__(self, path: Path, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False,
+                 lazy_meta: bool = False) -> None:
+        """``lazy_meta`` (the serving workers): each commit flushes its data pages but not LMDB's meta page, which
+        the next commit's flush (or ``sync``) makes durable: one flush per group commit instead of two. A power loss
+        can then undo the last transaction, and startup recovery redoes it from the segments, whose records were
+        made durable before it (store/online.py recover). Anything that deletes data after a commit calls
+        ``sync`` first."""
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
+        self.lazy_meta = lazy_meta and sync
         self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, sync=sync, metasync=sync,
+            str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, sync=sync, metasync=sync and not lazy_meta,
             readonly=readonly, lock=True, max_readers=1024, mode=0o600,
         )
         with self.env.begin() as txn:
@@ -137,7 +144,13 @@ class StudyIndex:
         return txn.get(name) is not None  # named databases are keys of the main database
 
     def close(self) -> None:
+        if self.lazy_meta:
+            self.env.sync(True)
         self.env.close()
+
+    def sync(self) -> None:
+        """Make every committed transaction durable, the meta page included."""
+        self.env.sync(True)
 
     def _write(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
         """One durable write transaction; grows the map and replays ``body`` when full."""
@@ -286,6 +299,8 @@ class StudyIndex:
                 self._put_container(txn, ContainerRecord(backend, name, created_ns))
 
         self._write(body)
+        if self.lazy_meta:
+            self.env.sync(True)  # once per segment: recovery must know the segment is ours
 
     def seal_containers(self, backend: str, names: list[str]) -> None:
         def body(txn: lmdb.Transaction) -> None:
@@ -389,6 +404,8 @@ class StudyIndex:
         """Delete containers queued in ``gc`` (their file first, then the row: a crash in between repeats the
         harmless delete at the next start). Returns how many."""
         done = 0
+        if containers:
+            self.env.sync(True)  # the transaction that stopped naming them must be durable before the files go
         for backend, name in containers:
             with self.env.begin() as txn:
                 if self._container(txn, backend, name) is not None:

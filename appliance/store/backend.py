@@ -27,13 +27,13 @@ import enum
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from appliance.errors import BlobMissing, StorageFault
 
 __all__ = ["BlobBackend", "BlobMeta", "BlobMissing", "BlobSource", "Capabilities", "LatencyClass", "Location",
-           "StorageFault", "StoredBlob"]
+           "Recovery", "StorageFault", "StoredBlob"]
 
 Location = str
 
@@ -74,6 +74,15 @@ class BlobMeta:
 class StoredBlob:
     location: Location
     meta: BlobMeta
+
+
+@dataclass
+class Recovery:
+    """What ``recover`` did. ``tail``: whole, verified blobs beyond what the index committed, in write order; the
+    caller indexes them (they are durable, and may have been acknowledged by a transaction the index lost)."""
+
+    tail: list[StoredBlob] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 class BlobSource(ABC):
@@ -155,10 +164,14 @@ class BlobBackend(ABC):
         """Every blob the backend holds, with its provenance (for ``index rebuild`` and ``verify``)."""
 
     @abstractmethod
-    def recover(self, committed_end: Callable[[str], int | None]) -> dict[str, int]:
-        """Startup, before any put: remove what an interrupted put left (torn records, unpublished uploads).
-        ``committed_end(container)`` tells how far the index has committed into one of the backend's containers
-        (a segment) or None when the index does not know it. Idempotent; returns counts for the log."""
+    def recover(self, committed_end: Callable[[str], int | None]) -> Recovery:
+        """Startup, before any put. ``committed_end(container)`` tells how far the index has committed into one of
+        the backend's containers (a segment), or None when the index does not know it (left alone).
+
+        Whole blobs beyond the committed end whose bytes hash to their name are returned in ``tail``: they were
+        made durable, and their index transaction may have been lost (the index syncs its last commit lazily),
+        so the caller indexes them. What an interrupted put left (a torn or unsynced record, an unpublished
+        upload) is removed. Idempotent once the caller has indexed the tail."""
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release descriptors. Anything not synced is not durable."""

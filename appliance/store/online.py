@@ -6,17 +6,19 @@ index record and returns its bytes from the first copy that can be read, whateve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from appliance.config import Config
-from appliance.errors import BlobMissing
-from appliance.index.db import StudyIndex
+from appliance.errors import ApplianceError, BlobMissing
+from appliance.index.db import IndexEntry, StudyIndex
+from appliance.index.records import read_header_blob
 from appliance.index.schema import BlobRecord, Copy
-from appliance.store.backend import BlobBackend
-from appliance.store.segments import SegmentBackend
+from appliance.store.backend import BlobBackend, StoredBlob
+from appliance.store.segments import SegmentBackend, parse_location, record_end
 from appliance.store.spool import clear_tmp
 from appliance.store.volumes import VolumeSet
 
@@ -97,24 +99,56 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def recover(store: BlobStore, index: StudyIndex) -> dict[str, int]:
-    """Before any worker starts: spill files of interrupted receptions, segments cut short by a crash (truncated
-    to what the index committed, then sealed: a new run never appends to an old segment), and segment deletes
-    that a compaction queued but did not finish."""
-    totals = {"spill_files": 0, "truncated_bytes": 0, "sealed": 0, "unknown_segments": 0, "deleted": 0}
+def entry_for(backend: BlobBackend, stored: StoredBlob) -> IndexEntry:
+    """The index entry of a record read back from a backend (recovery's tail, `index rebuild`): the same header
+    parse as the live path, the provenance from the record, the copy where it lies."""
+    meta, location = stored.meta, stored.location
+    header, ts = read_header_blob(functools.partial(backend.open, location, meta.size), meta.size)
+    segment, record, _data, _size = parse_location(location)
+    copy = Copy(backend.name, segment, location, record_end(location) - record, meta.received_ns)
+    return IndexEntry(header, meta.digest, meta.size, ts, meta.received_ns, meta.calling_ae, copy, meta.policy)
+
+
+def recover(store: BlobStore, index: StudyIndex, policy: str = "keep-first") -> dict[str, int]:
+    """Before any worker starts: spill files of interrupted receptions; in every segment, the records beyond what
+    the index committed are verified and indexed (they were made durable; the index's last transaction may have
+    been lost, as it is synced lazily) and a torn tail is truncated; every segment of the previous run is sealed;
+    segment deletes that a compaction queued but did not finish are done. ``policy``: the configured duplicate
+    policy, for tail records that carry none."""
+    totals = {"spill_files": 0, "truncated_bytes": 0, "sealed": 0, "unknown_segments": 0, "reindexed": 0,
+              "unreadable": 0, "deleted": 0}
     for vol in store.volumes.volumes:
         totals["spill_files"] += clear_tmp(vol.tmp)
+    tail: list[IndexEntry] = []
     for name, backend in store.backends.items():
 
         def committed_end(segment: str, backend_name: str = name) -> int | None:
             rec = index.container(backend_name, segment)
             return None if rec is None else rec.end
 
-        stats = backend.recover(committed_end)
-        totals["truncated_bytes"] += stats.get("truncated_bytes", 0)
-        totals["sealed"] += stats.get("sealed", 0)
-        totals["unknown_segments"] += stats.get("unknown", 0)
+        result = backend.recover(committed_end)
+        totals["truncated_bytes"] += result.counts.get("truncated_bytes", 0)
+        totals["sealed"] += result.counts.get("sealed", 0)
+        totals["unknown_segments"] += result.counts.get("unknown", 0)
+        for stored in result.tail:
+            try:
+                tail.append(entry_for(backend, stored))
+            except ApplianceError as exc:  # whole and hashing right, but not indexable: it was refused live too
+                totals["unreadable"] += 1
+                log.warning("recovery: a record of %s cannot be indexed: %s", name, exc)
+    if tail:
+        # In receive order, as live (and as `index rebuild`); each record with the policy it was sent under.
+        tail.sort(key=lambda e: (e.received_ns, e.digest, e.copy.container, e.copy.location))
+        ends: dict[tuple[str, str], int] = {}
+        for entry in tail:
+            key = (entry.copy.backend, entry.copy.container)
+            ends[key] = max(ends.get(key, 0), record_end(entry.copy.location))
+        for start in range(0, len(tail), 512):
+            index.apply(tail[start : start + 512], policy, ends if start == 0 else None)
+        totals["reindexed"] = len(tail)
+    for name in store.backends:
         index.seal_containers(name, [c.name for c in index.containers(name) if not c.sealed])
+    index.sync()  # what recovery did is durable before any worker builds on it
     totals["deleted"] = index.collect_garbage(index.pending_gc(), lambda b, n: _remove(store, b, n))
     return totals
 

@@ -10,7 +10,6 @@ way it lost live.
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import os
 import shutil
@@ -21,9 +20,8 @@ from pathlib import Path
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
-from appliance.index.records import read_header_blob
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, Copy
-from appliance.store.online import BlobStore
+from appliance.store.online import BlobStore, entry_for
 from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, created_ns, parse_location, record_end
 
 BATCH = 512
@@ -58,17 +56,12 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False) -> Rebuild
                     try:
                         if rehash and _hash(backend, location, meta.size) != meta.digest:
                             raise ApplianceError("content does not match its name")
-                        header, ts = read_header_blob(functools.partial(backend.open, location, meta.size),
-                                                      meta.size)
+                        entry = entry_for(backend, blob)
                     except ApplianceError as exc:
                         stats.unreadable.append(f"{name}/{segment}@{parse_location(location)[1]}: {exc}")
                         continue
-                    _seg, record, _data, _size = parse_location(location)
-                    end = record_end(location)
-                    ends[(name, segment)] = max(ends.get((name, segment), 0), end)
-                    copy = Copy(name, segment, location, end - record, meta.received_ns)
-                    entries.append(IndexEntry(header, meta.digest, meta.size, ts, meta.received_ns, meta.calling_ae,
-                                              copy, meta.policy))
+                    ends[(name, segment)] = max(ends.get((name, segment), 0), record_end(location))
+                    entries.append(entry)
                 if size >= len(END_OF_ARCHIVE) and _is_sealed(backend, segment, size):
                     sealed.append((name, segment))
     finally:

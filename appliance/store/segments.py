@@ -11,14 +11,17 @@ Invariants (kept with store/commit.py and index/db.py):
 - a segment is registered in the index (``on_create``) before its first byte is written, so a segment file
   that the index does not know is never ours to delete (the index was lost or replaced: ``index rebuild``);
 - the index names a record only after ``sync`` made it durable;
-- ``recover`` truncates every segment to the end the index committed (what lies beyond was never
-  acknowledged) and seals it: the segments of a previous run are never appended to again;
+- ``recover`` keeps what the index committed, hands back every whole record beyond it whose bytes hash to its name
+  (durable, so possibly acknowledged: the index's last transaction is synced lazily) for re-indexing, truncates
+  from the first torn one (never made durable, so never acknowledged) and seals: the segments of a previous run
+  are never appended to again;
 - a sealed segment ends with the two zero blocks of a tar end-of-archive and is read-only.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import logging
@@ -28,10 +31,20 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableSequence
+from typing import BinaryIO
 
 from appliance.errors import BlobMissing, OutOfSpace, StorageFault
-from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, Capabilities, LatencyClass, Location, StoredBlob
+from appliance.store.backend import (
+    BlobBackend,
+    BlobMeta,
+    BlobSource,
+    Capabilities,
+    LatencyClass,
+    Location,
+    Recovery,
+    StoredBlob,
+)
 from appliance.store.volumes import Volume, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -339,9 +352,14 @@ class SegmentBackend(BlobBackend):
 
     # ---- recovery -----------------------------------------------------------------------------------
 
-    def recover(self, committed_end: Callable[[str], int | None]) -> dict[str, int]:
-        """Truncate each known segment to its committed end and seal it; leave unknown files alone (loudly)."""
-        stats = {"truncated_bytes": 0, "sealed": 0, "unknown": 0}
+    def recover(self, committed_end: Callable[[str], int | None]) -> Recovery:
+        """Each known segment: keep what the index committed, verify every record beyond it (whole, and hashing to
+        its name) and hand those back to be indexed (durable, and possibly acknowledged: the index syncs its last
+        transaction lazily), truncate from the first torn or corrupt one, and seal. Unknown files are left alone
+        (loudly), except empty ones, which never held a byte."""
+        result = Recovery()
+        counts = result.counts
+        counts.update(truncated_bytes=0, sealed=0, unknown=0, tail_records=0)
         for segment in self.segments():
             path = os.path.join(self.dir, segment)
             end = committed_end(segment)
@@ -350,30 +368,58 @@ class SegmentBackend(BlobBackend):
                 os.unlink(path)
                 continue
             if end is None:
-                stats["unknown"] += 1
+                counts["unknown"] += 1
                 log.warning("volume %s: segment %s is not in the index; it is left alone (run `appliance index "
                             "rebuild` if the index was lost)", self.name, segment)
                 continue
-            size = os.path.getsize(path)
             with open(path, "r+b") as fh:
-                tail = b""
-                if size == end + len(END_OF_ARCHIVE):
-                    fh.seek(end)
-                    tail = fh.read()
-                if tail == END_OF_ARCHIVE:
-                    continue  # sealed
+                size = os.fstat(fh.fileno()).st_size
                 if size < end:
                     raise StorageFault(f"volume {self.name}: segment {segment} is {size} bytes but the index "
                                        f"committed records up to {end}: the volume lost acknowledged data")
-                stats["truncated_bytes"] += size - end
-                fh.truncate(end)
-                fh.seek(end)
+                pos, sealed = self._verified_tail(fh, segment, end, size, result.tail)
+                if sealed and size == pos + len(END_OF_ARCHIVE):
+                    continue  # sealed, nothing after the end-of-archive
+                counts["truncated_bytes"] += size - pos
+                fh.truncate(pos)
+                fh.seek(pos)
                 fh.write(END_OF_ARCHIVE)
                 fh.flush()
                 if self.fsync:
                     os.fdatasync(fh.fileno())
-                stats["sealed"] += 1
-        return stats
+                counts["sealed"] += 1
+        counts["tail_records"] = len(result.tail)
+        return result
+
+    def _verified_tail(self, fh: BinaryIO, segment: str, start: int, size: int, tail: MutableSequence[StoredBlob]
+                       ) -> tuple[int, bool]:
+        """Walk the records from ``start``: append each whole, hash-verified one to ``tail``. Returns where the good
+        records end and whether an end-of-archive starts there."""
+        pos = start
+        fd = fh.fileno()
+        while True:
+            block = os.pread(fd, BLOCK, pos)
+            if len(block) < BLOCK:
+                return pos, False  # the end of the file (or a torn header)
+            if block == b"\x00" * BLOCK:
+                return pos, True
+            fh.seek(pos)
+            try:
+                with tarfile.open(fileobj=fh, mode="r:") as archive:
+                    info = archive.next()
+            except tarfile.TarError:
+                return pos, False
+            meta = meta_of(info) if info is not None else None
+            if info is None or meta is None or info.offset_data + info.size > size:
+                return pos, False
+            location = make_location(segment, pos, info.offset_data, info.size)
+            hasher = hashlib.sha256()
+            for chunk in self.iter_read(location):
+                hasher.update(chunk)
+            if hasher.hexdigest() != meta.digest:
+                return pos, False  # written but not made durable before the crash: never acknowledged
+            tail.append(StoredBlob(location, meta))
+            pos = record_end(location)
 
     def remove_segment(self, segment: str) -> None:
         """Delete a whole segment file (compaction, after the index stopped naming anything in it)."""

@@ -229,45 +229,59 @@ def container_bytes(h: Harness, backend: BlobBackend, container: str) -> bytes:
     return (Path(backend.dir) / container).read_bytes()
 
 
-def test_recover_truncates_beyond_the_committed_end_and_keeps_what_is_before(harness: Harness) -> None:
+def test_recover_hands_back_whole_records_beyond_the_committed_end_and_cuts_a_torn_tail(harness: Harness) -> None:
+    """Beyond what the index committed: whole records that hash to their name are durable (their index commit may
+    have been lost) and come back in ``tail`` in write order; from the first torn or corrupt one, the container is
+    cut (it was never made durable, so never acknowledged)."""
     backend = harness.backend()
     committed = put_synced(backend, [b"one" * 1000, ODD])
-    uncommitted = put_synced(backend, [b"synced but never committed" * 50])  # durable, never indexed
-    torn = backend.put(meta_for(b"torn" * 999), BytesSource(b"torn" * 999))  # never synced at all
+    durable = put_synced(backend, [b"synced, index commit lost" * 50, b"second" * 77])
+    corrupt = put_synced(backend, [b"corrupt" * 300])[0]
+    after = put_synced(backend, [b"after the corrupt one"])[0]
     container = harness.container_of(committed[0])
-    assert {harness.container_of(loc) for loc in [*committed, *uncommitted, torn]} == {container}
+    assert {harness.container_of(loc) for loc in [*committed, *durable, corrupt, after]} == {container}
     end = record_end(committed[-1]) if harness.kind == "tar-segments" else 0
+    if harness.kind == "tar-segments":  # a write that did not reach the disk whole: its bytes are not its name's
+        path = Path(backend.dir) / container
+        raw = bytearray(path.read_bytes())
+        raw[parse_location(corrupt)[2] + 5] ^= 0xFF
+        path.write_bytes(raw)
 
     fresh = harness.restart(backend)
-    stats = fresh.recover(lambda c: end if c == container else None)
-    assert stats.get("truncated_bytes", 1) > 0
-    assert fresh.read(committed[0]) == b"one" * 1000
-    assert fresh.read(committed[1]) == ODD
+    result = fresh.recover(lambda c: end if c == container else None)
+    assert [s.location for s in result.tail] == durable
+    assert [s.meta.digest for s in result.tail] == [meta_for(d).digest for d in
+                                                    (b"synced, index commit lost" * 50, b"second" * 77)]
+    assert result.counts.get("truncated_bytes", 1) > 0
+    assert fresh.read(committed[0]) == b"one" * 1000 and fresh.read(committed[1]) == ODD
+    assert fresh.read(durable[1]) == b"second" * 77
     listed = {s.location for s in fresh.list()}
-    assert set(committed) <= listed
-    for loc in [*uncommitted, torn]:
+    assert set(committed) | set(durable) <= listed
+    for loc in (corrupt, after):
         assert loc not in listed
         with pytest.raises(BlobMissing):
             fresh.read(loc)
     if harness.kind == "tar-segments":
-        raw = container_bytes(harness, fresh, container)
-        assert raw == raw[:end] + END_OF_ARCHIVE  # truncated exactly there, then sealed
+        raw2 = container_bytes(harness, fresh, container)
+        cut = record_end(durable[-1])
+        assert raw2 == bytes(raw[:cut]) + END_OF_ARCHIVE  # cut exactly there, then sealed
 
 
 def test_recover_is_idempotent(harness: Harness) -> None:
     backend = harness.backend()
     committed = put_synced(backend, [ODD])
-    put_synced(backend, [b"beyond"])
+    (beyond,) = put_synced(backend, [b"beyond"])
     container = harness.container_of(committed[0])
-    end = record_end(committed[0])
     fresh = harness.restart(backend)
-    fresh.recover(lambda c: end if c == container else None)
+    first = fresh.recover(lambda c: record_end(committed[0]) if c == container else None)
+    assert [s.location for s in first.tail] == [beyond]
     after_first = container_bytes(harness, fresh, container)
     again = harness.restart(fresh)
-    stats = again.recover(lambda c: end if c == container else None)
-    assert stats.get("truncated_bytes", 0) == 0
+    # The caller indexed the tail, so the committed end now covers it: nothing more to hand back or cut.
+    second = again.recover(lambda c: record_end(beyond) if c == container else None)
+    assert second.tail == [] and second.counts.get("truncated_bytes", 0) == 0
     assert container_bytes(harness, again, container) == after_first
-    assert again.read(committed[0]) == ODD
+    assert again.read(committed[0]) == ODD and again.read(beyond) == b"beyond"
 
 
 def test_recover_leaves_an_unknown_container_alone(harness: Harness) -> None:
@@ -277,8 +291,8 @@ def test_recover_leaves_an_unknown_container_alone(harness: Harness) -> None:
     container = harness.container_of(loc)
     before = container_bytes(harness, backend, container)
     fresh = harness.restart(backend)
-    stats = fresh.recover(lambda _c: None)  # the index does not know it (lost or replaced index)
-    assert stats.get("unknown", 1) >= 1
+    result = fresh.recover(lambda _c: None)  # the index does not know it (lost or replaced index)
+    assert result.counts.get("unknown", 1) >= 1 and result.tail == []
     assert container_bytes(harness, fresh, container) == before
     assert fresh.read(loc) == ODD
 
@@ -389,14 +403,15 @@ def test_stock_tar_lists_and_extracts_valid_files_named_by_their_sha256(harness:
 
 
 def test_a_sealed_segment_after_recover_is_read_by_stock_tar(harness: Harness, tmp_path: Path) -> None:
-    """recover seals the active segment of the previous run (truncated to its committed end): tar reads it too."""
+    """recover seals the active segment of the previous run (after its last whole record): tar reads it too."""
     backend = require_tar_segments(harness)
     locations = put_synced(backend, [ODD, b"", b"last"])
-    put_synced(backend, [b"never committed"])
+    (torn,) = put_synced(backend, [b"torn by the power loss" * 40])
     container = parse_location(locations[0])[0]
+    path = Path(backend.dir) / container
+    os.truncate(path, parse_location(torn)[2] + 100)  # the last record's data only partly reached the disk
     fresh = harness.restart(backend, MiB)
     fresh.recover(lambda c: record_end(locations[-1]) if c == container else None)
-    path = Path(backend.dir) / container
     listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
     assert listing.stdout.split() == [hashlib.sha256(b).hexdigest() + ".dcm" for b in (ODD, b"", b"last")]
     assert listing.stderr == ""
