@@ -10,8 +10,11 @@ moment (association slots) are not part of it.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,22 @@ _ITEM = struct.Struct(">BxH")
 ITEM_PRESENTATION_CONTEXT = 0x20
 ITEM_USER_INFORMATION = 0x50
 SUB_ITEM_MAXIMUM_LENGTH = 0x51
+# A peer's undecodable request is answered with an A-ABORT and one WARNING line quoting this much of the reason.
+MAX_REASON_CHARS = 200
+
+
+@contextmanager
+def _pynetdicom_quiet() -> Iterator[None]:
+    """pynetdicom logs an ERROR, often with a traceback and a hex dump of the item, for every field of a request it
+    cannot decode: any peer could fill the log with them (one per connection, each up to three times the
+    request's size). The association layer reports the failure itself, in one line."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,8 @@ class Negotiator:
         if found is not None:
             self._cache.move_to_end(raw)
             return found
-        negotiated = self._negotiate(raw)
+        with _pynetdicom_quiet():
+            negotiated = self._negotiate(raw)
         self._cache[raw] = negotiated
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -126,7 +146,10 @@ class Negotiator:
             rq.decode(raw)
             primitive = rq.to_primitive()
         except Exception as exc:
-            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {exc}") from None
+            reason = str(exc)
+            if len(reason) > MAX_REASON_CHARS:
+                reason = reason[:MAX_REASON_CHARS] + "..."
+            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {type(exc).__name__}: {reason}") from None
         peer_max_pdu = 0
         roles: dict[UID, tuple[bool | None, bool | None]] = {}
         for item in primitive.user_information:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 from appliance.config import load_config
 from appliance.net.negotiation import Negotiator
+from appliance.net.pdu import PDUError
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 UNKNOWN = "1.2.3.4.5.6"
@@ -54,3 +58,19 @@ def test_outcomes_are_cached_per_request_bytes_with_a_bound() -> None:
     assert other is not first and other.calling_ae == "CT02"
     negotiator.negotiate(request("CT03"))  # evicts CT01, the least recently used
     assert negotiator.negotiate(request("CT01")) is not first
+
+
+def test_an_undecodable_request_logs_one_short_line_not_pynetdicom_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    # Found by the network fuzzer (tests/fuzz): an abstract syntax item whose type byte was changed to 0x10 made
+    # pynetdicom log an ERROR with a traceback for a peer's bytes, and the abort message quoted the whole item.
+    raw = bytearray(request(contexts=[(CT, [EXPLICIT_LE])] * 3))
+    at = raw.index(CT.encode()) - 4  # the abstract syntax sub-item of the first presentation context
+    assert raw[at] == 0x30
+    raw[at] = 0x10  # now an application context item whose value is ... not ASCII either:
+    raw[at + 4 : at + 8] = b"\xd3\x00\xff\x00"
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PDUError) as info:
+        Negotiator(load_config(None)).negotiate(bytes(raw) + b"\xd3" * 5000)
+    assert len(str(info.value)) < 300
+    assert [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.WARNING] == []
+    assert logging.getLogger("pynetdicom").level == logging.NOTSET  # restored
