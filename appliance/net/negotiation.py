@@ -47,6 +47,11 @@ SUB_ITEM_MAXIMUM_LENGTH = 0x51
 MAX_REASON_CHARS = 200
 
 
+def _reason(exc: Exception) -> str:
+    reason = f"{type(exc).__name__}: {exc}"
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS] + "..."
+
+
 @contextmanager
 def _pynetdicom_quiet() -> Iterator[None]:
     """pynetdicom logs an ERROR, often with a traceback and a hex dump of the item, for every field of a request it
@@ -146,10 +151,7 @@ class Negotiator:
             rq.decode(raw)
             primitive = rq.to_primitive()
         except Exception as exc:
-            reason = str(exc)
-            if len(reason) > MAX_REASON_CHARS:
-                reason = reason[:MAX_REASON_CHARS] + "..."
-            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {type(exc).__name__}: {reason}") from None
+            raise pdu.PDUError(f"undecodable A-ASSOCIATE-RQ: {_reason(exc)}") from None
         peer_max_pdu = 0
         roles: dict[UID, tuple[bool | None, bool | None]] = {}
         for item in primitive.user_information:
@@ -157,11 +159,15 @@ class Negotiator:
                 peer_max_pdu = int(item.maximum_length_received or 0)
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
                 roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
-        results, role_items = self._contexts(primitive.presentation_context_definition_list, roles)
-        contexts = {
-            int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-            for cx in results if cx.result == 0x00 and cx.context_id is not None
-        }
+        try:
+            results, role_items = self._contexts(primitive.presentation_context_definition_list, roles)
+            contexts = {
+                int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in results if cx.result == 0x00 and cx.context_id is not None
+            }
+            ac_pdu = self._accept_pdu(primitive, results, role_items)
+        except Exception as exc:  # pynetdicom met a combination of items it does not expect: still the peer's
+            raise pdu.PDUError(f"A-ASSOCIATE-RQ cannot be negotiated: {_reason(exc)}") from None
         return Negotiated(
             calling_ae=str(primitive.calling_ae_title).strip(),
             called_ae=str(primitive.called_ae_title).strip(),
@@ -169,7 +175,7 @@ class Negotiator:
             application_context=str(primitive.application_context_name),
             peer_max_pdu=peer_max_pdu,
             contexts=contexts,
-            ac_pdu=self._accept_pdu(primitive, results, role_items),
+            ac_pdu=ac_pdu,
         )
 
     def _contexts(
@@ -181,6 +187,16 @@ class Negotiator:
         results: list[PresentationContext] = []
         role_items: dict[str, Any] = {}
         for rq_cx in proposed:
+            if not rq_cx.abstract_syntax or not rq_cx.transfer_syntax:
+                # PS3.8 9.3.2.2: one abstract syntax and at least one transfer syntax sub-item. pynetdicom's
+                # negotiation indexes the first transfer syntax: refuse the context here (the others go on).
+                refused = PresentationContext()
+                refused.context_id = rq_cx.context_id
+                refused.abstract_syntax = rq_cx.abstract_syntax or UID(APPLICATION_CONTEXT)
+                refused.transfer_syntax = [UID(self.config.dicom.transfer_syntaxes[0])]
+                refused.result = 0x03 if not rq_cx.abstract_syntax else 0x04
+                results.append(refused)
+                continue
             offer = [PresentationContext()]
             offer[0].abstract_syntax = rq_cx.abstract_syntax
             if rq_cx.abstract_syntax in self.sop_classes:

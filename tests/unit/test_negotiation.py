@@ -74,3 +74,22 @@ def test_an_undecodable_request_logs_one_short_line_not_pynetdicom_tracebacks(ca
     assert len(str(info.value)) < 300
     assert [r for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.WARNING] == []
     assert logging.getLogger("pynetdicom").level == logging.NOTSET  # restored
+
+
+def test_a_context_without_transfer_syntax_is_refused_alone() -> None:
+    # Found by the network fuzzer: a presentation context item with no transfer syntax sub-item made pynetdicom's
+    # negotiation raise IndexError out of the protocol callback (no A-ABORT, uvloop's "Fatal error on transport").
+    raw = bytearray(request(contexts=[("1.2.840.10008.1.1", [EXPLICIT_LE]), (CT, [EXPLICIT_LE])]))
+    ts = EXPLICIT_LE.encode()
+    at = raw.index(ts) - 4  # the transfer syntax sub-item of the first context
+    assert raw[at] == 0x40
+    del raw[at : at + 4 + len(ts)]
+    raw[2:6] = (len(raw) - 6).to_bytes(4, "big")
+    pc = raw.rindex(b"\x20\x00", 0, at)  # the first presentation context item
+    raw[pc + 2 : pc + 4] = (int.from_bytes(raw[pc + 2 : pc + 4], "big") - 4 - len(ts)).to_bytes(2, "big")
+    neg = Negotiator(load_config(None)).negotiate(bytes(raw))
+    assert neg.contexts == {3: (CT, EXPLICIT_LE)}
+    ac = A_ASSOCIATE_AC()
+    ac.decode(neg.ac_pdu)
+    assert {cx.context_id: cx.result for cx in ac.to_primitive().presentation_context_definition_results_list} == {
+        1: 4, 3: 0}
