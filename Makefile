@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-slow lint bench dcmtk clean
+.PHONY: run test test-slow fuzz lint bench dcmtk clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: $(STAMP) dcmtk
 
 test-slow: $(STAMP) dcmtk
 	$(BIN)/pytest -q -m slow
+
+# The network fuzzer (tests/fuzz/fuzzer.py, docs/testing.md) against a fresh server, bounded in time and cases.
+# FUZZ_SEED= (default: from the clock, printed), FUZZ_ARGS="--keep-going --workers 2 ...". Failing cases go to
+# var/fuzz/; replay one with `.venv/bin/python -m tests.fuzz.fuzzer --replay var/fuzz/fuzz-SEED-N.json`.
+FUZZ_SECONDS ?= 180
+FUZZ_CASES   ?= 100000
+fuzz: $(STAMP) dcmtk
+	$(BIN)/python -m tests.fuzz.fuzzer --seconds $(FUZZ_SECONDS) --cases $(FUZZ_CASES) \
+	  $(if $(FUZZ_SEED),--seed $(FUZZ_SEED)) $(FUZZ_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance tiering bench tests
