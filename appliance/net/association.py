@@ -144,31 +144,43 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._arm_timer(cfg.acse_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.state in (REJECTED, CLOSED):
+            self._drop_input()  # whatever is left can never be framed: never hand out a full (empty) buffer
         return self.framer.get_buffer()
+
+    def _drop_input(self) -> None:
+        self.framer.start = self.framer.end = 0
 
     def buffer_updated(self, nbytes: int) -> None:
         self.framer.advance(nbytes)
         now = self.last_activity = time.monotonic()
-        if self.state == REJECTED:  # PS3.8 Sta13: read and drop until the peer closes or ARTIM expires
-            self.framer.start = self.framer.end = 0
+        if self.state in (REJECTED, CLOSED):  # PS3.8 Sta13: read and drop until the peer closes or ARTIM expires
+            self._drop_input()
             return
         if self.state == ESTABLISHED and self.message_started is None:
             self.message_started = now
             self._schedule(now + self.ep.config.server.message_timeout)
         try:
             for pdu_type, body in self.framer.pdus():
-                if self.state not in (AWAIT_RQ, ESTABLISHED):
-                    return
                 self._on_pdu(pdu_type, body)
+                if self.state not in (AWAIT_RQ, ESTABLISHED):
+                    break
         except pdu.PDUTooLarge as exc:
             if self.state == AWAIT_RQ and exc.pdu_type == pdu.A_ASSOCIATE_RQ:
                 self._reject(RJ_NO_REASON, f"A-ASSOCIATE-RQ of {exc.length} bytes (server.max_associate_rq_bytes)")
-            else:
+            elif self.state in (AWAIT_RQ, ESTABLISHED):
                 self.abort(exc.reason, str(exc))
         except pdu.PDUError as exc:
-            self.abort(exc.reason, str(exc))
+            # Only while the association can still be aborted: after an A-ASSOCIATE-RJ (write_eof done) or our own
+            # A-ABORT, the next PDU header of the same read is no longer ours to judge.
+            if self.state in (AWAIT_RQ, ESTABLISHED):
+                self.abort(exc.reason, str(exc))
         except dimse.CommandError as exc:
-            self.abort(pdu.ABORT_INVALID_PARAMETER, f"bad command set: {exc}")
+            if self.state in (AWAIT_RQ, ESTABLISHED):
+                self.abort(pdu.ABORT_INVALID_PARAMETER, f"bad command set: {exc}")
+        if self.state in (REJECTED, CLOSED):
+            self._drop_input()
+            return
         if (self.message_started is not None and self.receiving is None and not self.command_buf
                 and not self.framer.partial):
             self.message_started = None  # the message is complete: its handler is ours to time, not the peer's

@@ -116,7 +116,8 @@ def _element(element: int, value: bytes) -> bytes:
 
 
 def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
+    # A response echoes the request's UIDs, which decode_command read with errors="replace": never fail on them.
+    raw = value.encode("ascii", "replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 

@@ -37,6 +37,7 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
+        assert not self.eof_written, "write after write_eof"  # uvloop raises RuntimeError
         self.out += data
 
     def is_closing(self) -> bool:
