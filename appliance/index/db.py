@@ -5,10 +5,10 @@ Sub-databases (keys are UTF-8, components joined by NUL, so a study's series are
 =============  =========================================  ==================================================
 name           key                                        value
 =============  =========================================  ==================================================
-patients       pk                                         JSON: patient attributes + counts and sizes
-studies        pk NUL study_uid                           JSON: study attributes + ModalitiesInStudy, counts
-series         pk NUL study_uid NUL series_uid            JSON: series attributes + count, size
-instances      pk NUL study NUL series NUL sop_uid        InstanceRecord (schema.py, MessagePack)
+patients       pk                                         LevelRecord: attributes, studies, instances, size
+studies        pk NUL study_uid                           LevelRecord: attributes, series, modalities, ..
+series         pk NUL study_uid NUL series_uid            LevelRecord: attributes, instances, size
+instances      pk NUL study NUL series NUL sop_uid        InstanceRecord (every record: schema.py, MessagePack)
 uids           any Study/Series/SOP Instance UID          level letter + full key of its record
 idx_patientid  PatientID NUL study_uid                    study key
 idx_accession  AccessionNumber NUL study_uid              study key
@@ -34,7 +34,6 @@ the map is full it grows by doubling and the transaction is replayed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,7 +45,7 @@ import lmdb
 from appliance.errors import ApplianceError
 from appliance.index import schema
 from appliance.index.records import Header
-from appliance.index.schema import BlobRecord, ContainerRecord, Copy, InstanceRecord
+from appliance.index.schema import BlobRecord, ContainerRecord, Copy, InstanceRecord, LevelRecord
 
 DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid", "idx_accession",
             "idx_studydate", "blobs", "containers", "contents", "gc", "meta")
@@ -55,15 +54,6 @@ SEP = "\x00"
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 # Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
 SERVE_LOCK = "serve.lock"
-
-
-def _enc(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _dec(raw: bytes) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(raw)
-    return result
 
 
 def patient_key(patient: dict[str, str]) -> str:
@@ -431,22 +421,13 @@ class StudyIndex:
         raw = txn.get(key.encode(), db=self.dbs["instances"])
         return None if raw is None else schema.decode(InstanceRecord, raw)
 
-    def _get(self, txn: lmdb.Transaction, db: str, key: str) -> dict[str, Any] | None:
+    def _level(self, txn: lmdb.Transaction, db: str, key: str) -> LevelRecord | None:
         raw = txn.get(key.encode(), db=self.dbs[db])
-        return None if raw is None else _dec(bytes(raw))
+        return None if raw is None else schema.decode(LevelRecord, raw)
 
-    def _put(self, txn: lmdb.Transaction, db: str, key: str, value: dict[str, Any]) -> None:
-        txn.put(key.encode(), _enc(value), db=self.dbs[db])
-
-    @staticmethod
-    def _count_in(record: dict[str, Any], size: int, attrs: dict[str, str], received_ns: int) -> None:
-        """One more instance under a patient/study/series record; its attributes are those of the instance
-        with the latest receive time (so the result does not depend on commit order)."""
-        record["NumberOfInstances"] += 1
-        record["Size"] += size
-        if received_ns >= int(record.get("_t", 0)):
-            record.update(attrs)
-            record["_t"] = received_ns
+    def _put_level(self, txn: lmdb.Transaction, db: str, key: str, record: LevelRecord) -> None:
+        assert record.instances > 0 and record.size >= 0, (db, key, record)
+        txn.put(key.encode(), schema.encode(record), db=self.dbs[db])
 
     def _insert_instance(self, txn: lmdb.Transaction, entry: IndexEntry) -> None:
         h = entry.header
@@ -462,32 +443,30 @@ class StudyIndex:
         else:
             pk = patient_key(h.patient)
             study_key = f"{pk}{SEP}{study_uid}"
-        patient = self._get(txn, "patients", pk)
-        if patient is None:
-            patient = {"NumberOfStudies": 0, "NumberOfInstances": 0, "Size": 0, "_t": 0}
+        patient = self._level(txn, "patients", pk) or LevelRecord({})
         if found is None:
-            patient["NumberOfStudies"] += 1
-        self._count_in(patient, entry.size, h.patient, t)
-        self._put(txn, "patients", pk, patient)
+            patient.children += 1
+        patient.count_in(entry.size, h.patient, t)
+        self._put_level(txn, "patients", pk, patient)
 
-        study = self._get(txn, "studies", study_key)
+        study = self._level(txn, "studies", study_key)
         old_secondary: list[tuple[str, str]] = []
         if study is None:
-            study = {"NumberOfSeries": 0, "NumberOfInstances": 0, "Size": 0, "ModalitiesInStudy": [], "_t": 0}
+            study = LevelRecord({})
             txn.put(study_uid.encode(), b"S" + study_key.encode(), db=uids)
         else:
             old_secondary = self._secondary(study_key, study)
         series_key = f"{study_key}{SEP}{series_uid}"
-        series = self._get(txn, "series", series_key)
+        series = self._level(txn, "series", series_key)
         if series is None:
-            series = {"NumberOfInstances": 0, "Size": 0, "_t": 0}
-            study["NumberOfSeries"] += 1
+            series = LevelRecord({})
+            study.children += 1
             txn.put(series_uid.encode(), b"R" + series_key.encode(), db=uids)
-        self._count_in(study, entry.size, {**h.study, "PatientID": h.patient.get("PatientID", "")}, t)
+        study.count_in(entry.size, {**h.study, "PatientID": h.patient.get("PatientID", "")}, t)
         modality = h.series.get("Modality", "")
-        if modality and modality not in study["ModalitiesInStudy"]:
-            study["ModalitiesInStudy"] = sorted([*study["ModalitiesInStudy"], modality])
-        self._put(txn, "studies", study_key, study)
+        if modality and modality not in study.modalities:
+            study.modalities = sorted([*study.modalities, modality])
+        self._put_level(txn, "studies", study_key, study)
         # Secondary keys change only when the study's PatientID, AccessionNumber or StudyDate does: rewriting
         # them for every instance cost six LMDB operations per instance for nothing.
         new_secondary = self._secondary(study_key, study)
@@ -497,8 +476,8 @@ class StudyIndex:
             for db, key in new_secondary:
                 txn.put(key.encode(), study_key.encode(), db=self.dbs[db])
 
-        self._count_in(series, entry.size, h.series, t)
-        self._put(txn, "series", series_key, series)
+        series.count_in(entry.size, h.series, t)
+        self._put_level(txn, "series", series_key, series)
 
         inst_key = f"{series_key}{SEP}{h.sop_instance_uid}"
         record = InstanceRecord(dict(h.instance), entry.digest, entry.size, entry.transfer_syntax,
@@ -506,15 +485,16 @@ class StudyIndex:
         txn.put(inst_key.encode(), schema.encode(record), db=self.dbs["instances"])
         txn.put(h.sop_instance_uid.encode(), b"I" + inst_key.encode(), db=uids)
 
-    def _secondary(self, study_key: str, study: dict[str, Any]) -> list[tuple[str, str]]:
+    def _secondary(self, study_key: str, study: LevelRecord) -> list[tuple[str, str]]:
         study_uid = study_key.split(SEP, 1)[1]
+        attrs = study.attrs
         return [
-            ("idx_patientid", f"{study.get('PatientID', '')}{SEP}{study_uid}"),
-            ("idx_accession", f"{study.get('AccessionNumber', '')}{SEP}{study_uid}"),
-            ("idx_studydate", f"{study.get('StudyDate', '')}{SEP}{study_uid}"),
+            ("idx_patientid", f"{attrs.get('PatientID', '')}{SEP}{study_uid}"),
+            ("idx_accession", f"{attrs.get('AccessionNumber', '')}{SEP}{study_uid}"),
+            ("idx_studydate", f"{attrs.get('StudyDate', '')}{SEP}{study_uid}"),
         ]
 
-    def _unindex_study(self, txn: lmdb.Transaction, study_key: str, study: dict[str, Any]) -> None:
+    def _unindex_study(self, txn: lmdb.Transaction, study_key: str, study: LevelRecord) -> None:
         for db, key in self._secondary(study_key, study):
             txn.delete(key.encode(), db=self.dbs[db])
 
@@ -527,37 +507,35 @@ class StudyIndex:
         size = old.size
         txn.delete(inst_key.encode(), db=self.dbs["instances"])
         txn.delete(sop_uid.encode(), db=uids)
-        series = self._get(txn, "series", series_key) or {"NumberOfInstances": 1, "Size": size}
-        study = self._get(txn, "studies", study_key) or {"NumberOfSeries": 1, "NumberOfInstances": 1, "Size": size}
-        patient = self._get(txn, "patients", pk) or {"NumberOfStudies": 1, "NumberOfInstances": 1, "Size": size}
-        series["NumberOfInstances"] -= 1
-        series["Size"] -= size
-        study["NumberOfInstances"] -= 1
-        study["Size"] -= size
-        patient["NumberOfInstances"] -= 1
-        patient["Size"] -= size
-        if series["NumberOfInstances"] <= 0:
+        series = self._level(txn, "series", series_key)
+        study = self._level(txn, "studies", study_key)
+        patient = self._level(txn, "patients", pk)
+        assert series is not None and study is not None and patient is not None, f"a parent of {inst_key!r} is gone"
+        for record in (series, study, patient):
+            record.instances -= 1
+            record.size -= size
+            assert record.instances >= 0 and record.size >= 0, (inst_key, record)
+        if series.instances <= 0:
             txn.delete(series_key.encode(), db=self.dbs["series"])
             txn.delete(series_uid.encode(), db=uids)
-            study["NumberOfSeries"] -= 1
-            modality = series.get("Modality")
-            if modality and not any(
-                _dec(v).get("Modality") == modality for _, v in self._scan(txn, "series", study_key + SEP)
-            ):
-                study["ModalitiesInStudy"] = [m for m in study.get("ModalitiesInStudy", []) if m != modality]
+            study.children -= 1
+            modality = series.attrs.get("Modality")
+            if modality and not any(schema.decode(LevelRecord, v).attrs.get("Modality") == modality
+                                    for _, v in self._scan(txn, "series", study_key + SEP)):
+                study.modalities = [m for m in study.modalities if m != modality]
         else:
-            self._put(txn, "series", series_key, series)
-        if study["NumberOfInstances"] <= 0:
+            self._put_level(txn, "series", series_key, series)
+        if study.instances <= 0:
             self._unindex_study(txn, study_key, study)
             txn.delete(study_key.encode(), db=self.dbs["studies"])
             txn.delete(study_uid.encode(), db=uids)
-            patient["NumberOfStudies"] -= 1
+            patient.children -= 1
         else:
-            self._put(txn, "studies", study_key, study)
-        if patient["NumberOfInstances"] <= 0:
+            self._put_level(txn, "studies", study_key, study)
+        if patient.instances <= 0:
             txn.delete(pk.encode(), db=self.dbs["patients"])
         else:
-            self._put(txn, "patients", pk, patient)
+            self._put_level(txn, "patients", pk, patient)
         self._drop_ref(txn, old.digest)
 
     # ---- read path --------------------------------------------------------------------------------
@@ -575,7 +553,7 @@ class StudyIndex:
     def _decode_level(self, level: str, raw: bytes) -> dict[str, Any]:
         if level == "instances":
             return schema.decode(InstanceRecord, raw).public()
-        return _dec(raw)
+        return schema.decode(LevelRecord, raw).public(level)
 
     def items(self, level: str, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
         """Records of one level whose key starts with ``prefix`` (e.g. a study key + NUL for its series), as the
@@ -644,7 +622,8 @@ class StudyIndex:
     def dump(self, verification: bool = False) -> dict[str, list[tuple[str, Any]]]:
         """Every table as sorted (key, value) rows: what `index rebuild` must reproduce. What `verify` recorded
         per copy (state, time) is history, not content: left out unless ``verification``."""
-        typed: dict[str, type] = {"instances": InstanceRecord, "blobs": BlobRecord, "containers": ContainerRecord}
+        typed: dict[str, type] = {"instances": InstanceRecord, "blobs": BlobRecord, "containers": ContainerRecord,
+                                  "patients": LevelRecord, "studies": LevelRecord, "series": LevelRecord}
         with self.env.begin() as txn:
             out: dict[str, list[tuple[str, Any]]] = {}
             for name in DB_NAMES:
@@ -658,8 +637,6 @@ class StudyIndex:
                         if name == "blobs" and not verification:
                             for copy in decoded["copies"]:
                                 del copy["state"], copy["verified_ns"]
-                    elif name in ("patients", "studies", "series"):
-                        decoded = _dec(value)
                     else:
                         decoded = bytes(value).decode()
                     rows.append((bytes(key).decode(), decoded))

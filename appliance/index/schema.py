@@ -58,6 +58,35 @@ class InstanceRecord(msgspec.Struct):
                 "InstanceAvailability": self.availability}
 
 
+class LevelRecord(msgspec.Struct):
+    """A patient, study or series: its attributes (those of its most recently received instance, so the result does
+    not depend on commit order) and what lies under it."""
+
+    attrs: dict[str, str]
+    instances: int = 0
+    size: int = 0
+    children: int = 0  # studies of a patient, series of a study (0 for a series)
+    modalities: list[str] = msgspec.field(default_factory=list)  # a study's ModalitiesInStudy, sorted
+    latest_ns: int = 0  # receive time of the instance the attributes come from
+
+    def count_in(self, size: int, attrs: dict[str, str], received_ns: int) -> None:
+        self.instances += 1
+        self.size += size
+        if received_ns >= self.latest_ns:
+            self.attrs.update(attrs)
+            self.latest_ns = received_ns
+
+    def public(self, level: str) -> dict[str, Any]:
+        """The flat view the CLI shows (DICOM-like names for the counts)."""
+        out: dict[str, Any] = {**self.attrs, "NumberOfInstances": self.instances, "Size": self.size}
+        if level == "patients":
+            out["NumberOfStudies"] = self.children
+        elif level == "studies":
+            out["NumberOfSeries"] = self.children
+            out["ModalitiesInStudy"] = list(self.modalities)
+        return out
+
+
 class ContainerRecord(msgspec.Struct):
     """A segment (or another backend's container) and what of it is still named by the index."""
 
