@@ -34,24 +34,20 @@ the map is full it grows by doubling and the transaction is replayed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from appliance.errors import ApplianceError
 from appliance.index import schema
+from appliance.index.containers import ContainerIndex
+from appliance.index.env import DB_NAMES, SEP
 from appliance.index.records import Header
 from appliance.index.schema import BlobRecord, ContainerRecord, Copy, InstanceRecord, LevelRecord
 
-DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid", "idx_accession",
-            "idx_studydate", "blobs", "containers", "contents", "gc", "meta")
 LEVELS = ("patients", "studies", "series", "instances")
-SEP = "\x00"
-SCHEMA_VERSION = schema.SCHEMA_VERSION
 # Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
 SERVE_LOCK = "serve.lock"
 
@@ -62,10 +58,6 @@ def patient_key(patient: dict[str, str]) -> str:
     # PatientID is Type 2 (may be empty), but LMDB refuses empty keys (MDB_BAD_VALSIZE): an instance without one
     # failed its whole commit batch with 0xC211. Such instances share the key "^^" (no ID, no issuer).
     return f"{pid}^^{issuer}" if issuer or not pid else pid
-
-
-def container_key(backend: str, container: str) -> bytes:
-    return f"{backend}{SEP}{container}".encode()
 
 
 class Outcome(Enum):
@@ -97,61 +89,9 @@ class ApplyResult:
     reason: str = ""  # CONFLICT: what clashed (no UID in it: it goes to the peer and to the log)
 
 
-class SchemaMismatch(ApplianceError):
-    pass
-
-
-class StudyIndex:
-    def __init__(self, path: Path, map_size: int = 256 << 20, sync: bool = True, readonly: bool = False,
-                 lazy_meta: bool = False) -> None:
-        """``lazy_meta`` (the serving workers): each commit flushes its data pages but not LMDB's meta page, which
-        the next commit's flush (or ``sync``) makes durable: one flush per group commit instead of two. A power loss
-        can then undo the last transaction, and startup recovery redoes it from the segments, whose records were
-        made durable before it (store/online.py recover). Anything that deletes data after a commit calls
-        ``sync`` first."""
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = path
-        self.lazy_meta = lazy_meta and sync
-        self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, sync=sync, metasync=sync and not lazy_meta,
-            readonly=readonly, lock=True, max_readers=1024, mode=0o600,
-        )
-        with self.env.begin() as txn:
-            meta = self.env.open_db(b"meta", txn=txn, create=False) if self._has_db(txn, b"meta") else None
-            version = txn.get(b"schema", db=meta) if meta is not None else None
-        if version is not None and bytes(version) != SCHEMA_VERSION:
-            self.env.close()
-            raise SchemaMismatch(
-                f"the index at {path} has schema version {bytes(version).decode()}, this appliance needs "
-                f"{SCHEMA_VERSION.decode()}: the one-file-per-instance layout (schema 1) has no migration; "
-                "start from an empty index and volumes")
-        self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
-        if not readonly:
-            with self.env.begin(write=True) as txn:
-                txn.put(b"schema", SCHEMA_VERSION, db=self.dbs["meta"], overwrite=False)
-
-    def _has_db(self, txn: lmdb.Transaction, name: bytes) -> bool:
-        return txn.get(name) is not None  # named databases are keys of the main database
-
-    def close(self) -> None:
-        if self.lazy_meta:
-            self.env.sync(True)
-        self.env.close()
-
-    def sync(self) -> None:
-        """Make every committed transaction durable, the meta page included."""
-        self.env.sync(True)
-
-    def _write(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
-        """One durable write transaction; grows the map and replays ``body`` when full."""
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    return body(txn)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+class StudyIndex(ContainerIndex):
+    """The study index (module docstring); the environment, the record codecs and the container accounting are in
+    env.py and containers.py."""
 
     # ---- write path -------------------------------------------------------------------------------
 
@@ -256,178 +196,6 @@ class StudyIndex:
         txn.delete(digest.encode(), db=self.dbs["blobs"])
         for copy in blob.copies:
             self._count_copy(txn, digest, copy, -1)
-
-    def _count_copy(self, txn: lmdb.Transaction, digest: str, copy: Copy, sign: int) -> None:
-        """A copy starts (+1) or stops (-1) being named: its container's live accounting follows."""
-        rec = self._container(txn, copy.backend, copy.container)
-        if rec is None:  # every writer registers its containers first; a tier that does not gets a bare record
-            rec = ContainerRecord(copy.backend, copy.container, 0)
-        rec.live_bytes += sign * copy.stored_bytes
-        rec.live_records += sign
-        assert rec.live_bytes >= 0 and rec.live_records >= 0, rec
-        self._put_container(txn, rec)
-        key = f"{copy.backend}{SEP}{copy.container}{SEP}{digest}".encode()
-        if sign > 0:
-            txn.put(key, b"", db=self.dbs["contents"])
-        else:
-            txn.delete(key, db=self.dbs["contents"])
-
-    # ---- containers ---------------------------------------------------------------------------------
-
-    def _container(self, txn: lmdb.Transaction, backend: str, name: str) -> ContainerRecord | None:
-        raw = txn.get(container_key(backend, name), db=self.dbs["containers"])
-        return None if raw is None else schema.decode(ContainerRecord, raw)
-
-    def _put_container(self, txn: lmdb.Transaction, rec: ContainerRecord) -> None:
-        txn.put(container_key(rec.backend, rec.name), schema.encode(rec), db=self.dbs["containers"])
-
-    def register_container(self, backend: str, name: str, created_ns: int) -> None:
-        """A new container (segment), before its first byte is written: recovery then knows it is ours."""
-
-        def body(txn: lmdb.Transaction) -> None:
-            if self._container(txn, backend, name) is None:
-                self._put_container(txn, ContainerRecord(backend, name, created_ns))
-
-        self._write(body)
-        if self.lazy_meta:
-            self.env.sync(True)  # once per segment: recovery must know the segment is ours
-
-    def seal_containers(self, backend: str, names: list[str]) -> None:
-        def body(txn: lmdb.Transaction) -> None:
-            for name in names:
-                rec = self._container(txn, backend, name)
-                if rec is not None and not rec.sealed:
-                    rec.sealed = True
-                    self._put_container(txn, rec)
-
-        self._write(body)
-
-    def container(self, backend: str, name: str) -> ContainerRecord | None:
-        with self.env.begin() as txn:
-            return self._container(txn, backend, name)
-
-    def containers(self, backend: str | None = None) -> list[ContainerRecord]:
-        with self.env.begin() as txn:
-            prefix = "" if backend is None else backend + SEP
-            return [schema.decode(ContainerRecord, v) for _k, v in self._scan(txn, "containers", prefix)]
-
-    def container_contents(self, backend: str, name: str) -> list[tuple[str, BlobRecord]]:
-        """The blobs a container holds live, with their records."""
-        prefix = f"{backend}{SEP}{name}{SEP}"
-        with self.env.begin() as txn:
-            out = []
-            for key, _v in self._scan(txn, "contents", prefix):
-                digest = key[len(prefix):]
-                blob = self._blob(txn, digest)
-                assert blob is not None, f"contents names a blob without a record: {digest}"
-                out.append((digest, blob))
-            return out
-
-    def move_copies(self, backend: str, old_container: str, moves: dict[str, Copy]) -> int:
-        """Compaction's switch: repoint each blob's copy in ``old_container`` to its new copy (compare-and-swap:
-        a blob freed or moved meanwhile is skipped), then, if nothing live is left in the old container, forget it
-        and queue its file for deletion (``gc``). One transaction. Returns how many copies moved."""
-
-        def body(txn: lmdb.Transaction) -> int:
-            moved = 0
-            for digest, new in moves.items():
-                blob = self._blob(txn, digest)
-                if blob is None:
-                    continue  # freed since the copy was made: the new bytes stay dead
-                for i, old in enumerate(blob.copies):
-                    if old.backend == backend and old.container == old_container:
-                        self._count_copy(txn, digest, old, -1)
-                        blob.copies[i] = new
-                        self._count_copy(txn, digest, new, +1)
-                        self._put_blob(txn, digest, blob)
-                        moved += 1
-                        break
-            rec = self._container(txn, backend, old_container)
-            if rec is not None and rec.live_records == 0:
-                txn.delete(container_key(backend, old_container), db=self.dbs["containers"])
-                txn.put(container_key(backend, old_container), b"", db=self.dbs["gc"])
-            return moved
-
-        moved: int = self._write(body)
-        return moved
-
-    def repair_copies(self, repairs: list[tuple[str, list[Copy], Copy]]) -> int:
-        """Name a new durable copy in place of copies found unreadable (an identical re-send repairing a lost
-        segment). A blob changed meanwhile (its lost copies no longer named) is left alone. Returns how many."""
-
-        def body(txn: lmdb.Transaction) -> int:
-            done = 0
-            for digest, lost, new in repairs:
-                blob = self._blob(txn, digest)
-                if blob is None or not all(c in blob.copies for c in lost):
-                    continue
-                for copy in lost:
-                    self._count_copy(txn, digest, copy, -1)
-                blob.copies = [c for c in blob.copies if c not in lost] + [new]
-                self._count_copy(txn, digest, new, +1)
-                self._put_blob(txn, digest, blob)
-                done += 1
-            return done
-
-        done: int = self._write(body)
-        return done
-
-    def mark_verified(self, results: list[tuple[str, Copy, str]], when_ns: int) -> None:
-        """Record what ``verify`` found per copy ('ok' or a suspect state) and when."""
-
-        def body(txn: lmdb.Transaction) -> None:
-            for digest, checked, state in results:
-                blob = self._blob(txn, digest)
-                if blob is None:
-                    continue
-                blob.copies = [schema.msgspec.structs.replace(c, state=state, verified_ns=when_ns)
-                               if c == checked else c for c in blob.copies]
-                self._put_blob(txn, digest, blob)
-
-        self._write(body)
-
-    def pending_gc(self) -> list[tuple[str, str]]:
-        with self.env.begin() as txn:
-            return [tuple(k.decode().split(SEP, 1)) for k, _ in txn.cursor(db=self.dbs["gc"])]  # type: ignore[misc]
-
-    def collect_garbage(self, containers: list[tuple[str, str]], remove: Callable[[str, str], None]) -> int:
-        """Delete containers queued in ``gc`` (their file first, then the row: a crash in between repeats the
-        harmless delete at the next start). Returns how many."""
-        done = 0
-        if containers:
-            self.env.sync(True)  # the transaction that stopped naming them must be durable before the files go
-        for backend, name in containers:
-            with self.env.begin() as txn:
-                if self._container(txn, backend, name) is not None:
-                    continue  # named again (cannot happen today; never delete what the index knows)
-            remove(backend, name)
-            key = container_key(backend, name)
-            with self.env.begin(write=True) as txn:
-                txn.delete(key, db=self.dbs["gc"])
-            done += 1
-        return done
-
-    # ---- typed records --------------------------------------------------------------------------------
-
-    def _blob(self, txn: lmdb.Transaction, digest: str) -> BlobRecord | None:
-        raw = txn.get(digest.encode(), db=self.dbs["blobs"])
-        return None if raw is None else schema.decode(BlobRecord, raw)
-
-    def _put_blob(self, txn: lmdb.Transaction, digest: str, blob: BlobRecord) -> None:
-        assert blob.refs > 0 and blob.copies, (digest, blob)
-        txn.put(digest.encode(), schema.encode(blob), db=self.dbs["blobs"])
-
-    def _instance(self, txn: lmdb.Transaction, key: str) -> InstanceRecord | None:
-        raw = txn.get(key.encode(), db=self.dbs["instances"])
-        return None if raw is None else schema.decode(InstanceRecord, raw)
-
-    def _level(self, txn: lmdb.Transaction, db: str, key: str) -> LevelRecord | None:
-        raw = txn.get(key.encode(), db=self.dbs[db])
-        return None if raw is None else schema.decode(LevelRecord, raw)
-
-    def _put_level(self, txn: lmdb.Transaction, db: str, key: str, record: LevelRecord) -> None:
-        assert record.instances > 0 and record.size >= 0, (db, key, record)
-        txn.put(key.encode(), schema.encode(record), db=self.dbs[db])
 
     def _insert_instance(self, txn: lmdb.Transaction, entry: IndexEntry) -> None:
         h = entry.header
@@ -539,16 +307,6 @@ class StudyIndex:
         self._drop_ref(txn, old.digest)
 
     # ---- read path --------------------------------------------------------------------------------
-
-    def _scan(self, txn: lmdb.Transaction, db: str, prefix: str) -> Iterator[tuple[str, bytes]]:
-        cursor = txn.cursor(db=self.dbs[db])
-        raw_prefix = prefix.encode()
-        if not cursor.set_range(raw_prefix):
-            return
-        for key, value in cursor:
-            if not bytes(key).startswith(raw_prefix):
-                return
-            yield bytes(key).decode(), bytes(value)
 
     def _decode_level(self, level: str, raw: bytes) -> dict[str, Any]:
         if level == "instances":

@@ -465,7 +465,7 @@ def test_the_named_copy_of_identical_bytes_does_not_depend_on_commit_order(tmp_p
 def test_an_index_of_another_schema_is_refused(tmp_path: Path) -> None:
     import lmdb
 
-    from appliance.index.db import SchemaMismatch
+    from appliance.index.env import SchemaMismatch
 
     env = lmdb.open(str(tmp_path / "old"), max_dbs=4)
     meta = env.open_db(b"meta")

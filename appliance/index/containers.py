@@ -1,0 +1,162 @@
+"""The index's side of space accounting: containers (segments, archives) with their committed end and live bytes,
+the blobs each holds live, compaction's switch, verify's marks, and the deletes queued in ``gc``.
+
+Invariant (with store/compact.py): a container's ``live_bytes`` is the sum of the ``stored_bytes`` of the copies in
+it that a blob record names; a container file is deleted only after the transaction that stopped naming anything in
+it is durable (``collect_garbage`` syncs first)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lmdb
+import msgspec
+
+from appliance.index import schema
+from appliance.index.env import SEP, IndexEnv, container_key
+from appliance.index.schema import BlobRecord, ContainerRecord, Copy
+
+
+class ContainerIndex(IndexEnv):
+    def _count_copy(self, txn: lmdb.Transaction, digest: str, copy: Copy, sign: int) -> None:
+        """A copy starts (+1) or stops (-1) being named: its container's live accounting follows."""
+        rec = self._container(txn, copy.backend, copy.container)
+        if rec is None:  # every writer registers its containers first; a tier that does not gets a bare record
+            rec = ContainerRecord(copy.backend, copy.container, 0)
+        rec.live_bytes += sign * copy.stored_bytes
+        rec.live_records += sign
+        assert rec.live_bytes >= 0 and rec.live_records >= 0, rec
+        self._put_container(txn, rec)
+        key = f"{copy.backend}{SEP}{copy.container}{SEP}{digest}".encode()
+        if sign > 0:
+            txn.put(key, b"", db=self.dbs["contents"])
+        else:
+            txn.delete(key, db=self.dbs["contents"])
+
+    # ---- containers ---------------------------------------------------------------------------------
+
+    def register_container(self, backend: str, name: str, created_ns: int) -> None:
+        """A new container (segment), before its first byte is written: recovery then knows it is ours."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            if self._container(txn, backend, name) is None:
+                self._put_container(txn, ContainerRecord(backend, name, created_ns))
+
+        self._write(body)
+        if self.lazy_meta:
+            self.env.sync(True)  # once per segment: recovery must know the segment is ours
+
+    def seal_containers(self, backend: str, names: list[str]) -> None:
+        def body(txn: lmdb.Transaction) -> None:
+            for name in names:
+                rec = self._container(txn, backend, name)
+                if rec is not None and not rec.sealed:
+                    rec.sealed = True
+                    self._put_container(txn, rec)
+
+        self._write(body)
+
+    def container(self, backend: str, name: str) -> ContainerRecord | None:
+        with self.env.begin() as txn:
+            return self._container(txn, backend, name)
+
+    def containers(self, backend: str | None = None) -> list[ContainerRecord]:
+        with self.env.begin() as txn:
+            prefix = "" if backend is None else backend + SEP
+            return [schema.decode(ContainerRecord, v) for _k, v in self._scan(txn, "containers", prefix)]
+
+    def container_contents(self, backend: str, name: str) -> list[tuple[str, BlobRecord]]:
+        """The blobs a container holds live, with their records."""
+        prefix = f"{backend}{SEP}{name}{SEP}"
+        with self.env.begin() as txn:
+            out = []
+            for key, _v in self._scan(txn, "contents", prefix):
+                digest = key[len(prefix):]
+                blob = self._blob(txn, digest)
+                assert blob is not None, f"contents names a blob without a record: {digest}"
+                out.append((digest, blob))
+            return out
+
+    def move_copies(self, backend: str, old_container: str, moves: dict[str, Copy]) -> int:
+        """Compaction's switch: repoint each blob's copy in ``old_container`` to its new copy (compare-and-swap:
+        a blob freed or moved meanwhile is skipped), then, if nothing live is left in the old container, forget it
+        and queue its file for deletion (``gc``). One transaction. Returns how many copies moved."""
+
+        def body(txn: lmdb.Transaction) -> int:
+            moved = 0
+            for digest, new in moves.items():
+                blob = self._blob(txn, digest)
+                if blob is None:
+                    continue  # freed since the copy was made: the new bytes stay dead
+                for i, old in enumerate(blob.copies):
+                    if old.backend == backend and old.container == old_container:
+                        self._count_copy(txn, digest, old, -1)
+                        blob.copies[i] = new
+                        self._count_copy(txn, digest, new, +1)
+                        self._put_blob(txn, digest, blob)
+                        moved += 1
+                        break
+            rec = self._container(txn, backend, old_container)
+            if rec is not None and rec.live_records == 0:
+                txn.delete(container_key(backend, old_container), db=self.dbs["containers"])
+                txn.put(container_key(backend, old_container), b"", db=self.dbs["gc"])
+            return moved
+
+        moved: int = self._write(body)
+        return moved
+
+    def repair_copies(self, repairs: list[tuple[str, list[Copy], Copy]]) -> int:
+        """Name a new durable copy in place of copies found unreadable (an identical re-send repairing a lost
+        segment). A blob changed meanwhile (its lost copies no longer named) is left alone. Returns how many."""
+
+        def body(txn: lmdb.Transaction) -> int:
+            done = 0
+            for digest, lost, new in repairs:
+                blob = self._blob(txn, digest)
+                if blob is None or not all(c in blob.copies for c in lost):
+                    continue
+                for copy in lost:
+                    self._count_copy(txn, digest, copy, -1)
+                blob.copies = [c for c in blob.copies if c not in lost] + [new]
+                self._count_copy(txn, digest, new, +1)
+                self._put_blob(txn, digest, blob)
+                done += 1
+            return done
+
+        done: int = self._write(body)
+        return done
+
+    def mark_verified(self, results: list[tuple[str, Copy, str]], when_ns: int) -> None:
+        """Record what ``verify`` found per copy ('ok' or a suspect state) and when."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for digest, checked, state in results:
+                blob = self._blob(txn, digest)
+                if blob is None:
+                    continue
+                blob.copies = [msgspec.structs.replace(c, state=state, verified_ns=when_ns)
+                               if c == checked else c for c in blob.copies]
+                self._put_blob(txn, digest, blob)
+
+        self._write(body)
+
+    def pending_gc(self) -> list[tuple[str, str]]:
+        with self.env.begin() as txn:
+            return [tuple(k.decode().split(SEP, 1)) for k, _ in txn.cursor(db=self.dbs["gc"])]  # type: ignore[misc]
+
+    def collect_garbage(self, containers: list[tuple[str, str]], remove: Callable[[str, str], None]) -> int:
+        """Delete containers queued in ``gc`` (their file first, then the row: a crash in between repeats the
+        harmless delete at the next start). Returns how many."""
+        done = 0
+        if containers:
+            self.env.sync(True)  # the transaction that stopped naming them must be durable before the files go
+        for backend, name in containers:
+            with self.env.begin() as txn:
+                if self._container(txn, backend, name) is not None:
+                    continue  # named again (cannot happen today; never delete what the index knows)
+            remove(backend, name)
+            key = container_key(backend, name)
+            with self.env.begin(write=True) as txn:
+                txn.delete(key, db=self.dbs["gc"])
+            done += 1
+        return done
