@@ -154,6 +154,9 @@ class StorageConfig:
     spool_memory_total_bytes: int = 256 << 20
     # Instances handed to the group commit and not yet answered, per worker; more are refused with 0xA700.
     commit_queue_max: int = 1024
+    # The largest dataset accepted (bytes); a larger one is refused with 0xA700 while it arrives. 8 GiB: more than
+    # any single instance a modality sends (a 2 GiB element is the most most toolkits write).
+    max_instance_bytes: int = 8 << 30
     # Compaction: a sealed segment whose dead share (overwritten, duplicate, failed records) reaches this fraction
     # is rewritten; its live records are copied to a new segment, then it is deleted.
     compaction_dead_ratio: float = 0.5
@@ -367,6 +370,8 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.segment_bytes_max: 1 MiB to 1 TiB")
     if not 64 << 10 <= st.spool_memory_bytes <= st.spool_memory_total_bytes:
         raise ConfigError("storage.spool_memory_bytes: at least 64 KiB and at most storage.spool_memory_total_bytes")
+    if st.max_instance_bytes < 1 << 20:
+        raise ConfigError("storage.max_instance_bytes: at least 1 MiB")
     if st.commit_queue_max < st.commit_max_batch:
         raise ConfigError("storage.commit_queue_max: at least storage.commit_max_batch")
     if not 0.0 < st.compaction_dead_ratio <= 1.0:
@@ -439,6 +444,7 @@ segment_bytes_max = 1073741824  # a worker's active segment is sealed at this si
 spool_memory_bytes = 4194304    # an instance waits in memory up to this size; larger ones spill to <volume>/tmp
 spool_memory_total_bytes = 268435456  # memory all of one worker's waiting instances may hold
 commit_queue_max = 1024         # instances waiting for the group commit per worker; more get 0xA700
+max_instance_bytes = 8589934592 # largest dataset accepted; a larger one is refused (0xA700) as it arrives
 compaction_dead_ratio = 0.5     # rewrite a sealed segment once this share of it is dead (overwritten/duplicate)
 compaction_interval_s = 3600.0  # how often the server compacts (0 = only `appliance compact`)
 compaction_bytes_per_s = 67108864  # compaction's copy rate limit

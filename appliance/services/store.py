@@ -77,6 +77,10 @@ class StoreOperation:
         self.dataset_bytes += len(data)
         if self.result is not None or self.spool is None:
             return  # refused: read and drop the rest of the dataset
+        if self.dataset_bytes > self.ctx.config.storage.max_instance_bytes:
+            # Refused as soon as it is known, not after the disk filled: the rest of the dataset is read and dropped.
+            self._refuse(errors.OUT_OF_RESOURCES, "instance larger than storage.max_instance_bytes")
+            return
         if len(self.head) < HEAD_LIMIT:
             self.head += data[: HEAD_LIMIT - len(self.head)]
         try:

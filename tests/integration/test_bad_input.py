@@ -465,6 +465,16 @@ def test_invalid_uids_and_key_attributes_are_refused(server: ServerHandle, keywo
         assert_serving(server, keeper)
 
 
+def test_an_instance_above_max_instance_bytes_is_refused_as_it_arrives(make_server: MakeServer) -> None:
+    server = make_server(storage={"max_instance_bytes": 1 << 20, "spool_memory_bytes": 65536})
+    with association(server) as keeper:
+        before = snapshot(server)
+        assert store_status(keeper, big_instance(3 << 20)) == 0xA700
+        assert_nothing_left(server, before)
+        assert "max_instance_bytes" in server.log()
+        assert store_status(keeper, new_instance()) == 0  # the association goes on
+
+
 def test_a_uid_naming_another_level_is_refused_alone(server: ServerHandle) -> None:
     """A Study Instance UID that is already a SOP Instance UID elsewhere: that instance is refused, the next one of
     the same association stored."""
