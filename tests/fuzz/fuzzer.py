@@ -450,6 +450,60 @@ def m_command(rng: random.Random, units: list[bytes]) -> str:
     return f"command (0000,{element:04x}) length {value}"
 
 
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def _dataset_elements(data: bytes) -> list[tuple[int, bytes, int, int]]:
+    """(offset, VR, offset of the length field, its width) of the Explicit VR Little Endian elements at the start
+    of a dataset fragment, as far as they parse."""
+    found, offset = [], 0
+    while offset + 8 <= len(data) and len(found) < 200:
+        vr = data[offset + 4 : offset + 6]
+        if not vr.isalpha() or not vr.isupper():
+            break
+        if vr in LONG_VRS:
+            if offset + 12 > len(data):
+                break
+            length, at, width, header = struct.unpack_from("<L", data, offset + 8)[0], offset + 8, 4, 12
+        else:
+            length, at, width, header = struct.unpack_from("<H", data, offset + 6)[0], offset + 6, 2, 8
+        found.append((offset, vr, at, width))
+        if length == 0xFFFFFFFF:
+            break
+        offset += header + length
+    return found
+
+
+def m_dataset(rng: random.Random, units: list[bytes]) -> str:
+    """An element near the start of a dataset (what the header walk reads): its length, VR or tag."""
+    candidates = [(i, p) for i, u in enumerate(units) if u[:1] == b"\x04"
+                  for p in iter_pdvs(u[6:]) if not p[2] & 1]
+    if not candidates:
+        return "dataset: none"
+    i, (pdv_offset, _ctx, _control, data) = candidates[0] if rng.random() < 0.7 else rng.choice(candidates)
+    elements = _dataset_elements(data)
+    if not elements:
+        return "dataset: no element"
+    unit = bytearray(units[i])
+    base = 6 + pdv_offset + 6
+    offset, vr, at, width = rng.choice(elements)
+    what = rng.choice(["length", "length", "vr", "tag"])
+    if what == "length":
+        value = rng.choice([*(INTERESTING_32 if width == 4 else INTERESTING_16), 1, 3, 0xFFFFFFFF])
+        _set(unit, base + at, "<L" if width == 4 else "<H", value)
+        desc = f"dataset element at {offset} ({vr.decode()}) length 0x{value:x}"
+    elif what == "vr":
+        new = rng.choice([b"SQ", b"UN", b"OB", b"UI", b"US", b"UL", b"DA", b"PN", b"XX", b"\x00\x00"])
+        unit[base + offset + 4 : base + offset + 6] = new
+        desc = f"dataset element at {offset} VR {vr.decode()} -> {new!r}"
+    else:
+        group = rng.choice([0x0000, 0x0002, 0x0008, 0x0020, 0x7FE0, 0xFFFE, 0xFFFF])
+        _set(unit, base + offset, "<H", group)
+        desc = f"dataset element at {offset} group 0x{group:04x}"
+    units[i] = bytes(unit)
+    return desc
+
+
 def _rq_items(body: bytes) -> list[tuple[int, int, int]]:
     """(offset in body, item type, length) of the A-ASSOCIATE-RQ's items and of the sub-items of presentation
     context and user information items."""
@@ -559,7 +613,7 @@ def _offset(rng: random.Random, data: bytearray, hot: list[int]) -> int:
 
 PDU_MUTATIONS: list[tuple[Callable[[random.Random, list[bytes]], str], int]] = [
     (m_drop_pdu, 2), (m_duplicate_pdu, 2), (m_swap_pdus, 2), (m_insert_pdu, 3), (m_pdu_length, 3),
-    (m_pdu_type, 1), (m_pdv, 4), (m_refragment, 2), (m_command, 4), (m_associate_rq, 5),
+    (m_pdu_type, 1), (m_pdv, 4), (m_refragment, 2), (m_command, 4), (m_associate_rq, 5), (m_dataset, 4),
 ]
 BYTE_MUTATIONS: list[tuple[Callable[[random.Random, bytearray, list[int]], str], int]] = [
     (b_bitflip, 4), (b_interesting, 4), (b_truncate, 2), (b_garbage, 1),
@@ -866,11 +920,16 @@ class Report:
     failures: list[tuple[int, list[str], str]] = field(default_factory=list)  # (case, problems, saved file)
     answers: dict[str, int] = field(default_factory=dict)  # first PDU type answered -> count
     stored: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)  # C-STORE status -> count
+    mutations: dict[str, int] = field(default_factory=dict)  # mutation kind (first word) -> count
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.answers.items()))
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))
+        mutations = ", ".join(f"{k}: {v}" for k, v in sorted(self.mutations.items()))
         return (f"seed {self.seed}: {self.cases} cases in {self.seconds:.0f}s, {len(self.failures)} failure(s); "
-                f"{self.stored} instance(s) stored; answers {kinds}")
+                f"{self.stored} instance(s) stored; first answer {kinds}; C-STORE statuses {statuses}; "
+                f"mutations {mutations}")
 
 
 ANSWER_NAMES = {0x02: "AC", 0x03: "RJ", 0x04: "P-DATA", 0x06: "RELEASE-RP", 0x07: "ABORT"}
@@ -897,6 +956,12 @@ def fuzz(target: Target, corpus: dict[str, bytes], seed: int, cases: int, second
         kind = ANSWER_NAMES.get(answer.pdu_types[0], hex(answer.pdu_types[0])) if answer.pdu_types else "none"
         report.answers[kind] = report.answers.get(kind, 0) + 1
         report.stored += sum(1 for status, _uid in answer.stores if status in SUCCESS)
+        for status, _uid in answer.stores:
+            report.statuses[f"0x{status:04X}"] = report.statuses.get(f"0x{status:04X}", 0) + 1
+        for mutation in case.mutations:
+            kind = " ".join(mutation.split()[:2]) if mutation.startswith(("rq", "pdv", "dataset")) \
+                else mutation.split()[0]
+            report.mutations[kind] = report.mutations.get(kind, 0) + 1
         pending.append(case)
         answers.append(answer)
         number += 1
