@@ -185,16 +185,20 @@ class Supervisor:
         self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
 
     def prepare(self) -> dict[str, int]:
+        from appliance.store.compact import compaction_lock
+
         cfg = self.config
-        index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
-        try:
-            store = BlobStore.open(cfg, index=index, create_missing=True)
+        # Not beside a running `appliance compact`: recovery would cut or delete the segment it is writing.
+        with compaction_lock(cfg.storage.index_path, wait=True):
+            index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
             try:
-                stats = recover(store, index, cfg.storage.duplicate_policy)
+                store = BlobStore.open(cfg, index=index, create_missing=True)
+                try:
+                    stats = recover(store, index, cfg.storage.duplicate_policy)
+                finally:
+                    store.close()
             finally:
-                store.close()
-        finally:
-            index.close()  # an LMDB environment must not cross fork()
+                index.close()  # an LMDB environment must not cross fork()
         if any(stats.values()):
             log.info("recovery: %(spill_files)d spill files of interrupted receptions removed, %(reindexed)d durable "
                      "records beyond the index's last commit indexed (%(unreadable)d not indexable), "

@@ -7,6 +7,7 @@ it is durable (``collect_garbage`` syncs first)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import lmdb
@@ -144,6 +145,9 @@ class ContainerIndex(IndexEnv):
         with self.env.begin() as txn:
             return [tuple(k.decode().split(SEP, 1)) for k, _ in txn.cursor(db=self.dbs["gc"])]  # type: ignore[misc]
 
+    def _forget_gc(self, key: bytes, txn: lmdb.Transaction) -> None:
+        txn.delete(key, db=self.dbs["gc"])
+
     def collect_garbage(self, containers: list[tuple[str, str]], remove: Callable[[str, str], None]) -> int:
         """Delete containers queued in ``gc`` (their file first, then the row: a crash in between repeats the
         harmless delete at the next start). Returns how many."""
@@ -155,8 +159,6 @@ class ContainerIndex(IndexEnv):
                 if self._container(txn, backend, name) is not None:
                     continue  # named again (cannot happen today; never delete what the index knows)
             remove(backend, name)
-            key = container_key(backend, name)
-            with self.env.begin(write=True) as txn:
-                txn.delete(key, db=self.dbs["gc"])
+            self._write(functools.partial(self._forget_gc, container_key(backend, name)))
             done += 1
         return done

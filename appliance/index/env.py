@@ -3,6 +3,7 @@ typed records' codecs. The index's write logic (db.py) and its container account
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class IndexEnv:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self.lazy_meta = lazy_meta and sync
+        self._write_lock = threading.Lock()
         self.env = lmdb.open(
             str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, sync=sync, metasync=sync and not lazy_meta,
             readonly=readonly, lock=True, max_readers=1024, mode=0o600,
@@ -69,15 +71,18 @@ class IndexEnv:
         self.env.sync(True)
 
     def _write(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
-        """One durable write transaction; grows the map and replays ``body`` when full."""
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    return body(txn)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)  # another process grew the map: adopt its size
+        """One durable write transaction; grows the map and replays ``body`` when full. One at a time per process
+        (the lock): a worker's writer thread registers segments while its index thread commits, and growing the
+        map is not allowed while another thread of the process has a transaction open."""
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)  # another process grew the map: adopt its size
 
     def _scan(self, txn: lmdb.Transaction, db: str, prefix: str) -> Iterator[tuple[str, bytes]]:
         cursor = txn.cursor(db=self.dbs[db])

@@ -17,12 +17,15 @@ ingest keeps the disk. Only one compactor runs at a time (a lock file beside the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing
@@ -58,13 +61,17 @@ def candidates(index: StudyIndex, backend: str, dead_ratio: float) -> list[Conta
 
 
 class _CopySource(BlobSource):
-    """A blob's bytes streamed from its current copy (bounded memory whatever its size)."""
+    """A blob's bytes streamed from its current copy (bounded memory whatever its size), hashed on the way: a copy
+    whose bytes do not match its name is never moved (that would spread the damage and hide it from verify)."""
 
     def __init__(self, backend: BlobBackend, location: str, size: int) -> None:
         self.backend, self.location, self.size = backend, location, size
+        self.hasher = hashlib.sha256()
 
     def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
-        return self.backend.iter_read(self.location, chunk_bytes)
+        for chunk in self.backend.iter_read(self.location, chunk_bytes):
+            self.hasher.update(chunk)
+            yield chunk
 
 
 class _RateLimit:
@@ -80,17 +87,27 @@ class _RateLimit:
             time.sleep(min(ahead, 5.0))
 
 
+@contextlib.contextmanager
+def compaction_lock(index_path: Path, wait: bool, what: str = "another compaction is running") -> Iterator[None]:
+    """Held by a compaction, and by what must not run beside one: startup recovery (it would cut or delete the
+    compactor's segment being written) and `index rebuild` (it would see a record and its copy at once)."""
+    index_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(index_path / COMPACT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise ApplianceError(what) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def compact(config: Config, index: StudyIndex, dry_run: bool = False, segments_max: int = 64) -> CompactionReport:
     """Compact every volume's candidates (at most ``segments_max`` per run). Takes the compaction lock."""
     st = config.storage
     report = CompactionReport(dry_run=dry_run)
-    lock_path = st.index_path / COMPACT_LOCK
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ApplianceError("another compaction is running") from None
+    with compaction_lock(st.index_path, wait=False):
         store = BlobStore.open(config, index=index)
         try:
             limit = _RateLimit(st.compaction_bytes_per_s)
@@ -103,13 +120,21 @@ def compact(config: Config, index: StudyIndex, dry_run: bool = False, segments_m
                     if dry_run:
                         continue
                     _compact_one(index, backend, rec, limit, report)
-            report.bytes_reclaimed = sum(int(str(c["size"])) - int(str(c["live_bytes"]))
-                                         for c in report.candidates) if not dry_run else 0
+            for name in list(store.backends):
+                _seal_output(index, store.segment_backend(name))
         finally:
             store.close()
-    finally:
-        os.close(fd)
     return report
+
+
+def _seal_output(index: StudyIndex, backend: SegmentBackend) -> None:
+    """Seal the compactor's own segment when it is done with it, so that it can be compacted in turn."""
+    if backend.active is None:
+        return
+    name = backend.active
+    backend.seal_active()
+    backend.sync()
+    index.apply([], "keep-first", None, [(backend.name, name)])
 
 
 def _compact_one(index: StudyIndex, backend: SegmentBackend, rec: ContainerRecord, limit: _RateLimit,
@@ -125,7 +150,12 @@ def _compact_one(index: StudyIndex, backend: SegmentBackend, rec: ContainerRecor
             log.error("compaction: %s in %s/%s cannot be read; left where it is", digest, backend.name, rec.name)
             return  # never drop what the index names: leave this segment for `verify` and an operator
         assert meta.digest == digest and meta.size == blob.size, (meta, digest)
-        location = backend.put(meta, _CopySource(backend, old.location, meta.size))
+        source = _CopySource(backend, old.location, meta.size)
+        location = backend.put(meta, source)
+        if source.hasher.hexdigest() != digest:
+            log.error("compaction: %s in %s/%s does not hash to its name; left where it is (run `appliance verify`)",
+                      digest, backend.name, rec.name)
+            return  # the copy just appended stays dead; the segment keeps what the index names
         segment, record, _data, _size = parse_location(location)
         moves[digest] = Copy(backend.name, segment, location, record_end(location) - record, meta.received_ns)
         report.bytes_copied += meta.size
@@ -139,6 +169,7 @@ def _compact_one(index: StudyIndex, backend: SegmentBackend, rec: ContainerRecor
     if ends or sealed:
         index.apply([], "keep-first", ends, sealed)  # committed ends first: recovery must not cut the copies
     report.records_moved += index.move_copies(backend.name, rec.name, moves)
-    index.collect_garbage([(backend.name, rec.name)], lambda _b, n: backend.remove_segment(n))
+    if index.collect_garbage([(backend.name, rec.name)], lambda _b, n: backend.remove_segment(n)):
+        report.bytes_reclaimed += rec.end - rec.live_bytes
     report.segments_compacted += 1
     log.info("compacted segment %s/%s: %d live records moved", backend.name, rec.name, len(moves))

@@ -144,7 +144,10 @@ def recover(store: BlobStore, index: StudyIndex, policy: str = "keep-first") -> 
             key = (entry.copy.backend, entry.copy.container)
             ends[key] = max(ends.get(key, 0), record_end(entry.copy.location))
         for start in range(0, len(tail), 512):
-            index.apply(tail[start : start + 512], policy, ends if start == 0 else None)
+            # The ends go with the last chunk: a crash in between leaves them where they were, so the next start
+            # redoes every chunk (one already indexed comes back IDENTICAL, a no-op).
+            last = start + 512 >= len(tail)
+            index.apply(tail[start : start + 512], policy, ends if last else None)
         totals["reindexed"] = len(tail)
     for name in store.backends:
         index.seal_containers(name, [c.name for c in index.containers(name) if not c.sealed])

@@ -21,8 +21,10 @@ from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, Copy
+from appliance.store.compact import compaction_lock
 from appliance.store.online import BlobStore, entry_for
 from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, created_ns, parse_location, record_end
+from appliance.store.volumes import fsync_dir
 
 BATCH = 512
 
@@ -107,10 +109,13 @@ def replace_index(config: Config, rehash: bool = False) -> RebuildStats:
         fresh = live.with_name(live.name + ".rebuild")
         old = live.with_name(live.name + ".old")
         shutil.rmtree(fresh, ignore_errors=True)
-        stats = rebuild_index(config, fresh, rehash)
+        # Not beside a compaction: it would see a record and its copy at once, and name the one about to go.
+        with compaction_lock(live, wait=False, what="a compaction is running: wait for it, then rebuild"):
+            stats = rebuild_index(config, fresh, rehash)
         shutil.rmtree(old, ignore_errors=True)
         os.rename(live, old)
         os.rename(fresh, live)
+        fsync_dir(live.parent)  # the swap is durable before we say it is done
         return stats
     finally:
         os.close(fd)  # the lock file went to <index>.old with the folder: a new server locks the new one

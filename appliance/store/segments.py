@@ -169,9 +169,7 @@ class SegmentBackend(BlobBackend):
                 os.ftruncate(self._fd, start)
             except OSError:
                 pass
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutOfSpace(f"volume {self.name} full: {exc.strerror}") from None
-            raise OutOfSpace(f"volume {self.name} write failed: {exc.strerror}") from None
+            raise _write_error(self.name, exc) from None
         self._end = data_offset + meta.size + len(pad)
         if not self._unsynced or self._unsynced[-1] != self._fd:
             self._unsynced.append(self._fd)
@@ -221,15 +219,24 @@ class SegmentBackend(BlobBackend):
     def publish(self, locations: list[Location]) -> None:
         """Records are readable as soon as they are written; only the index makes them reachable."""
 
+    def seal_active(self) -> None:
+        """Write the end-of-archive after the active segment's last record (durable at the next ``sync``); the next
+        put starts a new segment."""
+        if self.active is None:
+            return
+        try:
+            self._pwrite_all([END_OF_ARCHIVE], self._end)
+        except OSError as exc:
+            raise _write_error(self.name, exc) from None
+        if not self._unsynced or self._unsynced[-1] != self._fd:
+            self._unsynced.append(self._fd)
+        self._to_close.append(self._fd)  # closed after the sync that makes the seal durable
+        self._sealed.append(self.active)
+        self.active, self._fd = None, -1
+
     def _roll(self) -> None:
         """Seal the active segment (if any) and start a new one."""
-        if self.active is not None:
-            self._pwrite_all([END_OF_ARCHIVE], self._end)
-            if not self._unsynced or self._unsynced[-1] != self._fd:
-                self._unsynced.append(self._fd)
-            self._to_close.append(self._fd)  # closed after the sync that makes the seal durable
-            self._sealed.append(self.active)
-            self.active, self._fd = None, -1
+        self.seal_active()
         name = segment_name()
         path = os.path.join(self.dir, name)
         try:
@@ -430,6 +437,14 @@ class SegmentBackend(BlobBackend):
             pass
         if self.fsync:
             fsync_dir(self.dir)
+
+
+def _write_error(volume: str, exc: OSError) -> Exception:
+    """A full volume refuses one instance (0xA700); any other write error (EIO) is a storage fault: what the page
+    cache holds for this file can no longer be trusted."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutOfSpace(f"volume {volume} full: {exc.strerror}")
+    return StorageFault(f"writing a segment on volume {volume} failed: {exc.strerror}")
 
 
 def _first_member(header: bytes) -> tarfile.TarInfo | None:
