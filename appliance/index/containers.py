@@ -106,27 +106,6 @@ class ContainerIndex(IndexEnv):
         moved: int = self._write(body)
         return moved
 
-    def repair_copies(self, repairs: list[tuple[str, list[Copy], Copy]]) -> int:
-        """Name a new durable copy in place of copies found unreadable (an identical re-send repairing a lost
-        segment). A blob changed meanwhile (its lost copies no longer named) is left alone. Returns how many."""
-
-        def body(txn: lmdb.Transaction) -> int:
-            done = 0
-            for digest, lost, new in repairs:
-                blob = self._blob(txn, digest)
-                if blob is None or not all(c in blob.copies for c in lost):
-                    continue
-                for copy in lost:
-                    self._count_copy(txn, digest, copy, -1)
-                blob.copies = [c for c in blob.copies if c not in lost] + [new]
-                self._count_copy(txn, digest, new, +1)
-                self._put_blob(txn, digest, blob)
-                done += 1
-            return done
-
-        done: int = self._write(body)
-        return done
-
     def mark_verified(self, results: list[tuple[str, Copy, str]], when_ns: int) -> None:
         """Record what ``verify`` found per copy ('ok' or a suspect state) and when."""
 

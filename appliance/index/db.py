@@ -34,7 +34,7 @@ the map is full it grows by doubling and the transaction is replayed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -45,7 +45,7 @@ from appliance.index import schema
 from appliance.index.containers import ContainerIndex
 from appliance.index.env import DB_NAMES, SEP
 from appliance.index.records import Header
-from appliance.index.schema import BlobRecord, ContainerRecord, Copy, InstanceRecord, LevelRecord
+from appliance.index.schema import COPY_OK, BlobRecord, ContainerRecord, Copy, InstanceRecord, LevelRecord
 
 LEVELS = ("patients", "studies", "series", "instances")
 # Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
@@ -65,6 +65,7 @@ class Outcome(Enum):
     REPLACED = "replaced"  # overwrite policy, different bytes
     IDENTICAL = "identical"  # same SOP Instance UID, same bytes: no-op
     KEPT_FIRST = "kept-first"  # keep-first policy: new bytes dropped
+    SUPERSEDED = "superseded"  # overwrite policy, but the stored version was received later: it stays
     REJECTED = "rejected"  # reject policy
     CONFLICT = "conflict"  # a UID of the instance already names another level or sits under another parent
 
@@ -97,10 +98,13 @@ class StudyIndex(ContainerIndex):
 
     def apply(self, entries: list[IndexEntry], policy: str,
               container_ends: dict[tuple[str, str], int] | None = None,
-              sealed: list[tuple[str, str]] | None = None) -> list[ApplyResult]:
+              sealed: list[tuple[str, str]] | None = None,
+              copy_exists: Callable[[Copy], bool] | None = None) -> list[ApplyResult]:
         """Index ``entries`` in one durable write transaction. ``container_ends`` gives, per (backend, container)
         written by this batch, the end of the last record written there: what recovery may not truncate.
-        ``sealed`` lists containers whose seal this batch made durable."""
+        ``sealed`` lists containers whose seal this batch made durable. ``copy_exists`` (cheap, no read) lets an
+        identical re-send of an instance whose every copy is lost name its own bytes instead, in this very
+        transaction (so the repair is as durable as the answer)."""
 
         def body(txn: lmdb.Transaction) -> list[ApplyResult]:
             for backend, name in sealed or ():
@@ -114,7 +118,7 @@ class StudyIndex(ContainerIndex):
                 if end > rec.end:
                     rec.end = end
                     self._put_container(txn, rec)
-            return [self._apply_one(txn, entry, entry.policy or policy) for entry in entries]
+            return [self._apply_one(txn, entry, entry.policy or policy, copy_exists) for entry in entries]
 
         results: list[ApplyResult] = self._write(body)
         return results
@@ -140,7 +144,12 @@ class StudyIndex(ContainerIndex):
                 return "the series UID already belongs to another study"
         return ""
 
-    def _apply_one(self, txn: lmdb.Transaction, entry: IndexEntry, policy: str) -> ApplyResult:
+    def _apply_one(self, txn: lmdb.Transaction, entry: IndexEntry, policy: str,
+                   copy_exists: Callable[[Copy], bool] | None = None) -> ApplyResult:
+        """One entry. Which version of a SOP instance wins is decided by receive time, never by commit order (two
+        workers commit in either order, recovery re-applies records, `index rebuild` replays in receive order):
+        keep-first keeps the earliest received, overwrite the latest received. Only ``reject`` answers by commit
+        order (the first committed is kept; the other sender is told 0x0111)."""
         sop_uid = entry.header.sop_instance_uid
         conflict = self._level_conflict(txn, entry.header)
         if conflict:
@@ -152,17 +161,49 @@ class StudyIndex(ContainerIndex):
             old = self._instance(txn, inst_key)
             assert old is not None, f"uids names a missing instance {inst_key!r}"
             if old.digest == entry.digest:
-                blob = self._blob(txn, entry.digest)
-                return ApplyResult(Outcome.IDENTICAL, False, list(blob.copies) if blob is not None else [])
+                return self._identical(txn, inst_key, old, entry, copy_exists)
+            stored_is_newer = old.received_ns > entry.received_ns
             if policy == "reject":
                 return ApplyResult(Outcome.REJECTED, False)
-            if policy == "keep-first":
+            if policy == "keep-first" and not stored_is_newer:
                 return ApplyResult(Outcome.KEPT_FIRST, False)
+            if policy == "overwrite" and stored_is_newer:
+                return ApplyResult(Outcome.SUPERSEDED, False)
             self._remove_instance(txn, inst_key, old)
             outcome = Outcome.REPLACED
         blob_is_new = self._add_ref(txn, entry)
         self._insert_instance(txn, entry)
         return ApplyResult(outcome, blob_is_new)
+
+    def _identical(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord, entry: IndexEntry,
+                   copy_exists: Callable[[Copy], bool] | None) -> ApplyResult:
+        blob = self._blob(txn, entry.digest)
+        assert blob is not None, f"an instance names a blob without a record: {entry.digest}"
+        existing = list(blob.copies)
+        if copy_exists is not None and all(c.state != COPY_OK or not copy_exists(c) for c in blob.copies):
+            # Every stored copy is lost (its segment gone, or verify found it corrupt): a modality re-sending the
+            # instance is how a site repairs that, and the bytes just made durable are named instead.
+            for copy in blob.copies:
+                self._count_copy(txn, entry.digest, copy, -1)
+            blob.copies = [entry.copy]
+            self._count_copy(txn, entry.digest, entry.copy, +1)
+            self._put_blob(txn, entry.digest, blob)
+            return ApplyResult(Outcome.IDENTICAL, True, existing, reason="repaired")
+        if entry.received_ns < old.received_ns:
+            # The same bytes, received earlier, committed later: the instance's provenance is the earliest
+            # reception, and the earliest record is the one named (as a replay in receive order has it).
+            old.received_ns, old.calling_ae = entry.received_ns, entry.calling_ae
+            txn.put(inst_key.encode(), schema.encode(old), db=self.dbs["instances"])
+            for i, cur in enumerate(blob.copies):
+                new = entry.copy
+                if (cur.backend == new.backend or len(blob.copies) == 1) and (new.received_ns, new.location) < (
+                        cur.received_ns, cur.location):
+                    self._count_copy(txn, entry.digest, cur, -1)
+                    blob.copies[i] = new
+                    self._count_copy(txn, entry.digest, new, +1)
+                    self._put_blob(txn, entry.digest, blob)
+                    return ApplyResult(Outcome.IDENTICAL, True, existing)
+        return ApplyResult(Outcome.IDENTICAL, False, existing)
 
     def _add_ref(self, txn: lmdb.Transaction, entry: IndexEntry) -> bool:
         blob = self._blob(txn, entry.digest)
@@ -173,10 +214,12 @@ class StudyIndex(ContainerIndex):
         blob.refs += 1  # identical bytes are stored once: one record is named, the others stay dead
         # Which record is named must not depend on commit order (two workers may commit identical bytes in either
         # order), or `index rebuild`, which replays records in receive order, would name another one: the
-        # earliest received record of a backend is the one named.
+        # earliest received record is the one named (of the same backend, or of any while the blob has one copy:
+        # two online volumes are alternatives, a nearline copy beside an online one is not).
         for i, cur in enumerate(blob.copies):
             new = entry.copy
-            if cur.backend == new.backend and (new.received_ns, new.location) < (cur.received_ns, cur.location):
+            if (cur.backend == new.backend or len(blob.copies) == 1) and (new.received_ns, new.location) < (
+                        cur.received_ns, cur.location):
                 self._count_copy(txn, entry.digest, cur, -1)
                 blob.copies[i] = new
                 self._count_copy(txn, entry.digest, new, +1)
@@ -395,6 +438,10 @@ class StudyIndex(ContainerIndex):
                         if name == "blobs" and not verification:
                             for copy in decoded["copies"]:
                                 del copy["state"], copy["verified_ns"]
+                        if name in ("patients", "studies", "series"):
+                            # Bookkeeping of which reception the attributes came from: an identical re-send received
+                            # earlier but committed later cannot lower it, and the attributes it chose are equal.
+                            del decoded["latest_ns"]
                     else:
                         decoded = bytes(value).decode()
                     rows.append((bytes(key).decode(), decoded))

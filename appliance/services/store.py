@@ -136,6 +136,6 @@ class StoreOperation:
         policy = self.ctx.config.duplicate_policy_for(self.peer)
         result = await self.ctx.committer.submit(Submission(
             spool, backend, header, self.transfer_syntax, time.time_ns(), self.calling_ae, policy))
-        if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.REJECTED):
+        if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.SUPERSEDED, Outcome.REJECTED):
             self.ctx.metrics.duplicates.labels(result.outcome.value).inc()
         return StoreResult(result.status, result.comment)

@@ -31,9 +31,9 @@ import lmdb
 
 from appliance import errors
 from appliance.errors import ApplianceError, StorageFault
-from appliance.index.db import ApplyResult, IndexEntry, Outcome, StudyIndex
+from appliance.index.db import IndexEntry, Outcome, StudyIndex
 from appliance.index.records import Header
-from appliance.index.schema import COPY_OK, Copy
+from appliance.index.schema import Copy
 from appliance.store.backend import BlobMeta
 from appliance.store.segments import SegmentBackend, parse_location, record_end
 from appliance.store.spool import InstanceSpool
@@ -263,7 +263,7 @@ class GroupCommitter:
         entries = [item.entry for item in batch if item.entry is not None]
         t1 = time.perf_counter()
         try:
-            applied = self.index.apply(entries, self.policy, ends, sealed)
+            applied = self.index.apply(entries, self.policy, ends, sealed, self.copy_exists)
         except _LMDB_FATAL as exc:
             raise StorageFault(f"index commit failed: {exc}") from None
         except Exception:
@@ -282,26 +282,13 @@ class GroupCommitter:
                                                    "duplicate SOP Instance UID with other content")))
             else:
                 results.append((item, CommitResult(errors.SUCCESS, res.outcome)))
-        self._repair_lost(batch, applied)
+        repaired = sum(1 for res in applied if res.reason == "repaired")
+        if repaired:
+            log.warning("%d lost blob(s) restored from identical re-sends", repaired)
         self._resolve(results)
         if self.metrics is not None:
             self.metrics.commit(len(batch), t2 - t1, [(item.durable_at - item.queued_at, t1 - item.durable_at)
                                                       for item in batch])
-
-    def _repair_lost(self, batch: list[_Pending], applied: list[ApplyResult]) -> None:
-        """An identical re-send of an instance whose stored copies are lost (their segment file is gone, or
-        `verify` marked them suspect) names the bytes just made durable instead: a modality re-sending is how a site
-        repairs such a loss. Costs one stat per identical re-send, nothing otherwise."""
-        repairs = []
-        for item, res in zip(batch, applied, strict=True):
-            if res.outcome is not Outcome.IDENTICAL or item.entry is None:
-                continue
-            lost = [c for c in res.existing if c.state != COPY_OK or not self.copy_exists(c)]
-            if lost and len(lost) == len(res.existing):
-                repairs.append((item.entry.digest, lost, item.entry.copy))
-        if repairs:
-            done = self.index.repair_copies(repairs)
-            log.warning("%d lost blob(s) restored from identical re-sends", done)
 
     # ---- answers ---------------------------------------------------------------------------------------
 

@@ -491,3 +491,52 @@ def test_level_conflicts_fail_alone(index: StudyIndex, second: Header, why: str)
     assert results[0].outcome is Outcome.CONFLICT and why in results[0].reason
     assert results[1].outcome is Outcome.STORED
     assert index.counts()["instances"] == 2
+
+
+def _versions_in_orders(tmp_path: Path, policy: str, first: IndexEntry, second: IndexEntry) -> list[dict]:
+    dumps = []
+    for name, order in (("in-order", [first, second]), ("swapped", [second, first])):
+        idx = StudyIndex(tmp_path / f"{policy}-{name}", sync=False)
+        for e in order:
+            idx.apply([e], policy)
+        dumps.append(idx.dump())
+        idx.close()
+    return dumps
+
+
+@pytest.mark.parametrize(("policy", "winner"), [("overwrite", "v2"), ("keep-first", "v1")])
+def test_which_version_wins_depends_on_receive_time_not_commit_order(tmp_path: Path, policy: str,
+                                                                     winner: str) -> None:
+    """Two workers commit two versions of one SOP instance in either order (and recovery re-applies records): the
+    result is what a replay in receive order gives, as `index rebuild` does."""
+    h = header("P", "S", "R", "I")
+    v1, v2 = entry(h, "v1", t=1), entry(h, "v2", t=2)
+    in_order, swapped = _versions_in_orders(tmp_path, policy, v1, v2)
+    assert in_order == swapped
+    (_key, inst), = in_order["instances"]
+    assert inst["digest"] == digest(winner)
+
+
+def test_an_identical_resend_received_earlier_but_committed_later_keeps_the_earliest_provenance(
+        tmp_path: Path) -> None:
+    h = header("P", "S", "R", "I")
+    early, late = entry(h, "same", t=1, ae="EARLY"), entry(h, "same", t=5, ae="LATE")
+    late.copy = Copy("vol0", "seg", "seg:late", 1000, 5)
+    in_order, swapped = _versions_in_orders(tmp_path, "keep-first", early, late)
+    assert in_order == swapped
+    (_key, inst), = in_order["instances"]
+    assert (inst["received_ns"], inst["calling_ae"]) == (1, "EARLY")
+
+
+def test_an_identical_resend_repairs_a_lost_copy_in_the_same_transaction(index: StudyIndex) -> None:
+    h = header("P", "S", "R", "I")
+    index.apply([entry(h, "same", t=1)], "keep-first")
+    resend = entry(h, "same", t=2)
+    resend.copy = Copy("vol0", "seg2", "seg2:x", 1000, 2)
+    (kept,) = index.apply([resend], "keep-first", copy_exists=lambda c: True)
+    assert kept.outcome is Outcome.IDENTICAL and not kept.blob_is_new
+    (repaired,) = index.apply([resend], "keep-first", copy_exists=lambda c: c.container != "seg")
+    assert repaired.outcome is Outcome.IDENTICAL and repaired.blob_is_new and repaired.reason == "repaired"
+    blob = index.blob(digest("same"))
+    assert blob is not None and blob.copies == [resend.copy]
+    assert live(index) == (0, 0) and index.container("vol0", "seg2").live_records == 1  # type: ignore[union-attr]
