@@ -411,10 +411,25 @@ class StudyIndex(ContainerIndex):
         with self.env.begin() as txn:
             return self._blob(txn, digest)
 
-    def blobs(self) -> Iterator[tuple[str, BlobRecord]]:
-        with self.env.begin() as txn:
-            for key, raw in txn.cursor(db=self.dbs["blobs"]):
-                yield bytes(key).decode(), schema.decode(BlobRecord, raw)
+    def blobs(self, batch: int = 1024) -> Iterator[tuple[str, BlobRecord]]:
+        """Every blob record, read ``batch`` at a time in short read transactions: a long walk (verify re-hashing
+        terabytes) must not pin LMDB's old pages for hours while ingest goes on."""
+        after = b""
+        while True:
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self.dbs["blobs"])
+                found = cursor.set_range(after) if after else cursor.first()
+                rows: list[tuple[bytes, BlobRecord]] = []
+                while found and len(rows) < batch:
+                    key = bytes(cursor.key())
+                    if key != after:
+                        rows.append((key, schema.decode(BlobRecord, cursor.value())))
+                    found = cursor.next()
+            if not rows:
+                return
+            for key, blob in rows:
+                yield key.decode(), blob
+            after = rows[-1][0]
 
     def counts(self) -> dict[str, int]:
         with self.env.begin() as txn:

@@ -106,6 +106,7 @@ class GroupCommitter:
         self._incoming: deque[_Pending] = deque()
         self._durable: deque[tuple[list[_Pending], dict[tuple[str, str], int], list[tuple[str, str]]]] = deque()
         self._writing = 0  # instances taken by the writer and not yet handed to the index thread
+        self._indexing = 0  # instances handed to the index thread and not yet answered
         self._closed = False
         self._accepting = True
         self._writer = threading.Thread(target=self._write_loop, name="segment-writer", daemon=True)
@@ -120,7 +121,7 @@ class GroupCommitter:
             refusal = CommitResult(errors.PROCESSING_FAILURE, None, "shutting down")
         elif self.fault is not None:
             refusal = CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault: the appliance is stopping")
-        elif len(self._incoming) + self._writing >= self.queue_max:
+        elif len(self._incoming) + self._writing + self._indexing >= self.queue_max:
             # Bounded: a disk slower than the network must push back on the modalities, not fill memory.
             refusal = CommitResult(errors.OUT_OF_RESOURCES, None, "commit queue full")
         if refusal is not None:
@@ -171,6 +172,7 @@ class GroupCommitter:
                 self._writing -= len(batch)
                 if durable:
                     self._durable.append((durable, ends, sealed))
+                    self._indexing += len(durable)
                 self._cond.notify_all()
 
     def _append_and_sync(self, batch: list[_Pending]
@@ -235,7 +237,12 @@ class GroupCommitter:
                     self._cond.wait(0.5)
                 if not self._durable:
                     return
-                groups = [self._durable.popleft() for _ in range(len(self._durable))]
+                # Every durable group waiting, up to max_batch instances in one transaction (at least one group).
+                groups = [self._durable.popleft()]
+                taken = len(groups[0][0])
+                while self._durable and taken + len(self._durable[0][0]) <= self.max_batch:
+                    taken += len(self._durable[0][0])
+                    groups.append(self._durable.popleft())
             batch = [item for items, _e, _s in groups for item in items]
             ends: dict[tuple[str, str], int] = {}
             sealed: list[tuple[str, str]] = []
@@ -255,6 +262,8 @@ class GroupCommitter:
                 log.exception("group commit failed")
                 self._resolve([(item, CommitResult(errors.PROCESSING_FAILURE, None, "commit failure"))
                                for item in batch if not item.answered])
+            with self._cond:
+                self._indexing -= len(batch)
 
     def _commit(self, batch: list[_Pending], ends: dict[tuple[str, str], int], sealed: list[tuple[str, str]]) -> None:
         if self.fault is not None:

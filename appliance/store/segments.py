@@ -273,21 +273,21 @@ class SegmentBackend(BlobBackend):
 
     # ---- read path (any thread) ---------------------------------------------------------------------
 
-    def _reader(self, segment: str) -> int:
-        with self._readers_lock:
-            fd = self._readers.get(segment)
-            if fd is not None:
-                self._readers.move_to_end(segment)
-                return fd
-            try:
-                fd = os.open(os.path.join(self.dir, segment), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise BlobMissing(f"segment {self.name}/{segment} is gone") from None
-            self._readers[segment] = fd
-            while len(self._readers) > self._readers_max:
-                _old, old_fd = self._readers.popitem(last=False)
-                os.close(old_fd)
+    def _reader_locked(self, segment: str) -> int:
+        """A read-only descriptor of ``segment`` from the LRU (the caller holds ``_readers_lock``)."""
+        fd = self._readers.get(segment)
+        if fd is not None:
+            self._readers.move_to_end(segment)
             return fd
+        try:
+            fd = os.open(os.path.join(self.dir, segment), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobMissing(f"segment {self.name}/{segment} is gone") from None
+        self._readers[segment] = fd
+        while len(self._readers) > self._readers_max:
+            _old, old_fd = self._readers.popitem(last=False)
+            os.close(old_fd)
+        return fd
 
     def forget_reader(self, segment: str) -> None:
         with self._readers_lock:
@@ -300,20 +300,25 @@ class SegmentBackend(BlobBackend):
         if length < 0 or offset + length > size:
             length = max(0, size - offset)
         chunks = []
-        fd = self._reader(segment)
         pos = data + offset
-        while length > 0:
-            chunk = os.pread(fd, length, pos)
-            if not chunk:
-                raise BlobMissing(f"{self.name}:{location}: segment ends before the record does")
-            chunks.append(chunk)
-            pos += len(chunk)
-            length -= len(chunk)
+        # The pread runs under the readers' lock: another thread evicting this segment from the LRU would close
+        # the descriptor (and the number could be reused) mid-read. Reads are not concurrent in a worker today;
+        # C-GET/C-MOVE will want a reference count instead.
+        with self._readers_lock:
+            fd = self._reader_locked(segment)
+            while length > 0:
+                chunk = os.pread(fd, length, pos)
+                if not chunk:
+                    raise BlobMissing(f"{self.name}:{location}: segment ends before the record does")
+                chunks.append(chunk)
+                pos += len(chunk)
+                length -= len(chunk)
         return b"".join(chunks)
 
     def stat(self, location: Location) -> BlobMeta:
         segment, record, data, _size = parse_location(location)
-        header = os.pread(self._reader(segment), data - record, record)
+        with self._readers_lock:
+            header = os.pread(self._reader_locked(segment), data - record, record)
         info = _first_member(header)
         meta = meta_of(info) if info is not None else None
         if meta is None:

@@ -540,3 +540,9 @@ def test_an_identical_resend_repairs_a_lost_copy_in_the_same_transaction(index: 
     blob = index.blob(digest("same"))
     assert blob is not None and blob.copies == [resend.copy]
     assert live(index) == (0, 0) and index.container("vol0", "seg2").live_records == 1  # type: ignore[union-attr]
+
+
+def test_blobs_walks_everything_in_short_transactions(index: StudyIndex) -> None:
+    index.apply([entry(header("P", "S", "R", f"I{n}"), f"c{n}", t=n) for n in range(25)], "keep-first")
+    walked = [d for d, _blob in index.blobs(batch=7)]
+    assert walked == sorted(digest(f"c{n}") for n in range(25))
