@@ -7,6 +7,7 @@ import hashlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -546,3 +547,31 @@ def test_blobs_walks_everything_in_short_transactions(index: StudyIndex) -> None
     index.apply([entry(header("P", "S", "R", f"I{n}"), f"c{n}", t=n) for n in range(25)], "keep-first")
     walked = [d for d, _blob in index.blobs(batch=7)]
     assert walked == sorted(digest(f"c{n}") for n in range(25))
+
+
+def test_gc_makes_the_index_durable_before_a_container_file_goes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the lazy meta page a power loss can undo the last transaction: the one that stopped naming a container
+    must be synced before the container's file is deleted, or the undone index would name deleted bytes."""
+    idx = StudyIndex(tmp_path / "lazy", sync=True, lazy_meta=True)
+    events: list[str] = []
+    real_sync = idx.env.sync
+
+    class SpyEnv:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(idx_env, name)
+
+        def sync(self, force: bool = False) -> None:
+            events.append("sync")
+            real_sync(force)
+
+    idx_env = idx.env
+    monkeypatch.setattr(idx, "env", SpyEnv())
+    idx.register_container("vol0", "seg", 1)
+    idx.apply([entry(header("P", "S", "R", "I"), "v1", size=10)], "overwrite", {("vol0", "seg"): 10})
+    idx.move_copies("vol0", "seg", {digest("v1"): Copy("vol0", "new", "new:v1", 10)})
+    events.clear()
+    idx.collect_garbage(idx.pending_gc(), lambda _b, _n: events.append("remove"))
+    assert events[:2] == ["sync", "remove"]
+    monkeypatch.undo()
+    idx.close()
