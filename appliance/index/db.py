@@ -194,15 +194,8 @@ class StudyIndex(ContainerIndex):
             # reception, and the earliest record is the one named (as a replay in receive order has it).
             old.received_ns, old.calling_ae = entry.received_ns, entry.calling_ae
             txn.put(inst_key.encode(), schema.encode(old), db=self.dbs["instances"])
-            for i, cur in enumerate(blob.copies):
-                new = entry.copy
-                if (cur.backend == new.backend or len(blob.copies) == 1) and (new.received_ns, new.location) < (
-                        cur.received_ns, cur.location):
-                    self._count_copy(txn, entry.digest, cur, -1)
-                    blob.copies[i] = new
-                    self._count_copy(txn, entry.digest, new, +1)
-                    self._put_blob(txn, entry.digest, blob)
-                    return ApplyResult(Outcome.IDENTICAL, True, existing)
+            if self._name_earliest(txn, entry, blob):
+                return ApplyResult(Outcome.IDENTICAL, True, existing)
         return ApplyResult(Outcome.IDENTICAL, False, existing)
 
     def _add_ref(self, txn: lmdb.Transaction, entry: IndexEntry) -> bool:
@@ -212,20 +205,27 @@ class StudyIndex(ContainerIndex):
             self._count_copy(txn, entry.digest, entry.copy, +1)
             return True
         blob.refs += 1  # identical bytes are stored once: one record is named, the others stay dead
-        # Which record is named must not depend on commit order (two workers may commit identical bytes in either
-        # order), or `index rebuild`, which replays records in receive order, would name another one: the
-        # earliest received record is the one named (of the same backend, or of any while the blob has one copy:
-        # two online volumes are alternatives, a nearline copy beside an online one is not).
+        if self._name_earliest(txn, entry, blob):
+            return True
+        self._put_blob(txn, entry.digest, blob)
+        return False
+
+    def _name_earliest(self, txn: lmdb.Transaction, entry: IndexEntry, blob: BlobRecord) -> bool:
+        """Name ``entry``'s record instead of a copy received later, and store the blob record if so.
+
+        Which record is named must not depend on commit order (two workers may commit identical bytes in either
+        order), or `index rebuild`, which replays records in receive order, would name another one: the earliest
+        received record is the one named (of the same backend, or of any while the blob has one copy: two online
+        volumes are alternatives, a nearline copy beside an online one is not)."""
+        new = entry.copy
         for i, cur in enumerate(blob.copies):
-            new = entry.copy
             if (cur.backend == new.backend or len(blob.copies) == 1) and (new.received_ns, new.location) < (
-                        cur.received_ns, cur.location):
+                    cur.received_ns, cur.location):
                 self._count_copy(txn, entry.digest, cur, -1)
                 blob.copies[i] = new
                 self._count_copy(txn, entry.digest, new, +1)
                 self._put_blob(txn, entry.digest, blob)
                 return True
-        self._put_blob(txn, entry.digest, blob)
         return False
 
     def _drop_ref(self, txn: lmdb.Transaction, digest: str) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -30,7 +29,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
-from appliance.net.service import Application, Handler, Request, Response
+from appliance.net.service import AnswerOnce, Application, Handler, Request, Response
 from appliance.net.slots import SlotTable
 
 if TYPE_CHECKING:
@@ -71,25 +70,6 @@ class Endpoint:
 
 
 AWAIT_RQ, ESTABLISHED, REJECTED, CLOSED = "await-rq", "established", "rejected", "closed"
-
-
-class _Answer:
-    """A handler that answers once with a response known up front and drops any dataset."""
-
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-    def feed(self, data: memoryview) -> None:
-        pass
-
-    async def responses(self) -> AsyncIterator[Response]:
-        yield self.response
-
-    def cancel(self) -> None:
-        pass
-
-    def abandon(self) -> None:
-        pass
 
 
 class AssociationProtocol(asyncio.BufferedProtocol):
@@ -433,7 +413,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         request = Request(command, context_id, context[0], context[1], self.calling_ae, self.known_peer, self.host)
         handler = self.ep.app.handler(request) if not command.command_field & 0x8000 else None
         if handler is None:
-            handler = _Answer(Response(UNRECOGNIZED_OPERATION))
+            handler = AnswerOnce(Response(UNRECOGNIZED_OPERATION))
         self.running[command.message_id] = handler
         if command.has_dataset:
             self.receiving, self.receiving_request = handler, request

@@ -72,3 +72,23 @@ class Application(Protocol):
 async def single(response: Response) -> AsyncIterator[Response]:
     """``responses`` for a handler that answers once, from a value it already has."""
     yield response
+
+
+class AnswerOnce:
+    """A handler that answers once with a response known up front and drops any dataset (a refusal decided from the
+    command alone, an unrecognized operation)."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+    def feed(self, data: memoryview) -> None:
+        pass
+
+    async def responses(self) -> AsyncIterator[Response]:
+        yield self.response
+
+    def cancel(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass

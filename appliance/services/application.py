@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from appliance import errors
 from appliance.net import dimse
-from appliance.net.service import Handler, Request, Response
+from appliance.net.service import AnswerOnce, Handler, Request, Response
 from appliance.services.context import WorkerContext
 from appliance.services.echo import EchoHandler
 from appliance.services.store import StoreOperation
@@ -37,23 +37,6 @@ class StoreHandler:
             self.op.abandon()
 
 
-class _Refuse:
-    def __init__(self, status: int, comment: str) -> None:
-        self.response = Response(status, comment)
-
-    def feed(self, data: memoryview) -> None:
-        pass
-
-    async def responses(self) -> AsyncIterator[Response]:
-        yield self.response
-
-    def cancel(self) -> None:
-        pass
-
-    def abandon(self) -> None:
-        pass
-
-
 class StorageApplication:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
@@ -65,6 +48,6 @@ class StorageApplication:
         if field == dimse.C_STORE_RQ:
             if not request.command.has_dataset:
                 # Refused before a StoreOperation (and its tmp file and descriptor) exists.
-                return _Refuse(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset")
+                return AnswerOnce(Response(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset"))
             return StoreHandler(self.ctx, request)
         return None
