@@ -8,8 +8,11 @@ Order for every instance (the durability contract; invariants also in store/segm
    records how far each segment is committed;
 4. only then are the associations woken, and they send Success.
 
-A crash before 3 leaves records beyond the committed end of their segment, which startup recovery truncates (they
-were never acknowledged). A crash after 3 loses nothing acknowledged: the records are durable and indexed.
+A crash before 2's sync returns leaves records beyond the committed end of their segment that may be torn: startup
+recovery cuts from the first one that is not whole or does not hash to its name (it was never acknowledged). Whole
+records there are indexed by recovery: they were durable, and the index (which syncs LMDB's meta page lazily, one
+flush per group instead of two) may have lost the transaction that acknowledged them. A crash after 3 loses
+nothing acknowledged.
 
 The two threads form a pipeline: while the index thread commits group N, the writer appends and syncs group N+1.
 A failed sync or an I/O error from LMDB is fail-stop (``StorageFault``): nothing of the group is acknowledged,

@@ -5,7 +5,7 @@ appended before the index found the duplicate), a group whose index commit faile
 share reaches ``storage.compaction_dead_ratio`` (or that holds nothing live) is compacted:
 
 1. its live records are copied, with their provenance, to the compactor's own active segment, and synced;
-2. one index transaction records how far that segment is committed (so recovery never truncates the copies);
+2. one index transaction records how far that segment is committed (recovery keeps what lies before it as is);
 3. one index transaction repoints every moved blob (compare-and-swap: a blob freed or moved meanwhile is left
    alone) and, if nothing live is left in the old segment, replaces its container record by a ``gc`` row;
 4. the old segment file is deleted, then its ``gc`` row.
