@@ -103,7 +103,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
 
     committer = GroupCommitter(index, st.duplicate_policy, loop, st.commit_max_batch, st.commit_max_wait_ms,
                                metrics, on_fault=on_fault, queue_max=st.commit_queue_max,
-                               copy_exists=blobstore.copy_exists)
+                               copy_exists=blobstore.copy_exists, lanes=st.writer_lanes)
     ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics,
                               blobstore=blobstore,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))

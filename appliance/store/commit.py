@@ -92,8 +92,9 @@ class GroupCommitter:
         on_fault: Callable[[str], None] | None = None,
         queue_max: int = 1024,
         copy_exists: Callable[[Copy], bool] | None = None,
+        lanes: int = 1,
     ) -> None:
-        assert max_batch >= 1 and queue_max >= max_batch
+        assert max_batch >= 1 and queue_max >= max_batch and 1 <= lanes <= 16
         self.index = index
         self.policy = policy
         self.loop = loop
@@ -112,9 +113,15 @@ class GroupCommitter:
         self._indexing = 0  # instances handed to the index thread and not yet answered
         self._closed = False
         self._accepting = True
-        self._writer = threading.Thread(target=self._write_loop, name="segment-writer", daemon=True)
+        # Writer lanes: each has its own active segment per volume and takes the next group while the others wait
+        # in fdatasync, so that several flushes are in flight (one lane serialises every group's flush). Lane 0
+        # writes through the submission's own backend; the others through backends of their own on the same volume.
+        self._lane_backends: list[dict[str, SegmentBackend]] = [{} for _ in range(lanes)]
+        self._writers = [threading.Thread(target=self._write_loop, args=(lane,), name=f"segment-writer-{lane}",
+                                          daemon=True) for lane in range(lanes)]
         self._indexer = threading.Thread(target=self._index_loop, name="group-commit", daemon=True)
-        self._writer.start()
+        for writer in self._writers:
+            writer.start()
         self._indexer.start()
 
     def submit(self, sub: Submission) -> asyncio.Future[CommitResult]:
@@ -142,12 +149,16 @@ class GroupCommitter:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._writer.join()
+        for writer in self._writers:
+            writer.join()
         self._indexer.join()
+        for backends in self._lane_backends[1:]:
+            for backend in backends.values():
+                backend.close()
 
     # ---- stage 1: append + sync ---------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, lane: int = 0) -> None:
         while True:
             with self._cond:
                 while not self._incoming and not self._closed:
@@ -162,7 +173,7 @@ class GroupCommitter:
                 batch = [self._incoming.popleft() for _ in range(min(self.max_batch, len(self._incoming)))]
                 self._writing += len(batch)
             try:
-                durable, ends, sealed = self._append_and_sync(batch)
+                durable, ends, sealed = self._append_and_sync(batch, lane)
             except StorageFault as exc:
                 self._fail_stop(str(exc), batch)
                 durable, ends, sealed = [], {}, []
@@ -178,13 +189,22 @@ class GroupCommitter:
                     self._indexing += len(durable)
                 self._cond.notify_all()
 
-    def _append_and_sync(self, batch: list[_Pending]
+    def _lane_backend(self, lane: int, backend: SegmentBackend) -> SegmentBackend:
+        if lane == 0:
+            return backend
+        own = self._lane_backends[lane].get(backend.name)
+        if own is None:
+            own = self._lane_backends[lane][backend.name] = SegmentBackend(
+                backend.volume, backend.segment_bytes_max, backend.fsync, backend.on_create)
+        return own
+
+    def _append_and_sync(self, batch: list[_Pending], lane: int = 0
                          ) -> tuple[list[_Pending], dict[tuple[str, str], int], list[tuple[str, str]]]:
         refused: list[tuple[_Pending, CommitResult]] = []
         written: list[_Pending] = []
         backends: dict[str, SegmentBackend] = {}
         try:
-            self._append(batch, refused, written, backends)
+            self._append(batch, refused, written, backends, lane)
         finally:
             # Whatever escaped (a segment that could not be registered), every spool of the group goes now: its
             # memory back to the budget, its spill file out of tmp/. discard() is idempotent.
@@ -206,7 +226,7 @@ class GroupCommitter:
         return written, ends, sealed
 
     def _append(self, batch: list[_Pending], refused: list[tuple[_Pending, CommitResult]], written: list[_Pending],
-                backends: dict[str, SegmentBackend]) -> None:
+                backends: dict[str, SegmentBackend], lane: int = 0) -> None:
         for item in batch:
             sub = item.sub
             if self.fault is not None:
@@ -215,8 +235,9 @@ class GroupCommitter:
                 continue
             digest = sub.spool.digest()
             meta = BlobMeta(digest, sub.spool.size, sub.received_ns, sub.calling_ae, sub.policy)
+            backend = self._lane_backend(lane, sub.backend)
             try:
-                location = sub.backend.put(meta, sub.spool)
+                location = backend.put(meta, sub.spool)
             except StorageFault:
                 raise
             except ApplianceError as exc:  # the volume is full or failing: this instance only
@@ -225,10 +246,10 @@ class GroupCommitter:
             finally:
                 sub.spool.discard()  # appended or refused: its memory or spill file goes now
             segment, record, _data, _size = parse_location(location)
-            copy = Copy(sub.backend.name, segment, location, record_end(location) - record, sub.received_ns)
+            copy = Copy(backend.name, segment, location, record_end(location) - record, sub.received_ns)
             item.entry = IndexEntry(sub.header, digest, meta.size, sub.transfer_syntax, sub.received_ns,
                                     sub.calling_ae, copy, sub.policy)
-            backends[sub.backend.name] = sub.backend
+            backends[backend.name] = backend
             written.append(item)
 
     # ---- stage 2: index ------------------------------------------------------------------------------
@@ -236,7 +257,7 @@ class GroupCommitter:
     def _index_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._durable and not (self._closed and not self._writer.is_alive()):
+                while not self._durable and not (self._closed and not any(w.is_alive() for w in self._writers)):
                     self._cond.wait(0.5)
                 if not self._durable:
                     return
