@@ -846,7 +846,7 @@ class Target:
         while time.monotonic() < deadline:
             for pid in self.workers:
                 self.fds[pid] = min(self.fds[pid], fd_count(pid))
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval
 
     def check(self, case: Case, answer: Answer) -> list[str]:
         problems: list[str] = []
@@ -861,7 +861,7 @@ class Target:
             extra = {pid: fd_count(pid) - self.fds[pid] for pid in self.workers}
             if all(n <= 0 for n in extra.values()) or time.monotonic() > deadline:
                 break
-            time.sleep(0.02)
+            time.sleep(0.02)  # poll interval
         if any(n > 0 for n in extra.values()):
             fds = {pid: sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
                    for pid in self.workers}
@@ -875,7 +875,7 @@ class Target:
             # A spill file lives as long as its instance is being received or committed: poll briefly.
             deadline = time.monotonic() + SETTLE_SECONDS
             while spills and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.05)  # poll interval
                 spills = sorted(p.name for p in self.tmp.iterdir() if p.is_file() and p.stat().st_size > 0)
             if spills:
                 problems.append(f"spill files left in tmp/: {spills}")
