@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 SIZE_HINT = 4 * 1024 * 1024
 
 
+_last_received_ns = 0
+
+
+def receive_time_ns() -> int:
+    """Wall-clock receive time that never steps back within a worker (an NTP step would otherwise make a later
+    instance look older; receive time decides which version of a SOP instance wins). One event loop per worker
+    process calls it: no lock."""
+    global _last_received_ns
+    now = time.time_ns()
+    _last_received_ns = now if now > _last_received_ns else _last_received_ns + 1
+    return _last_received_ns
+
+
 @dataclass
 class StoreResult:
     status: int
@@ -135,7 +148,7 @@ class StoreOperation:
         # Overwrite is a right given per peer ([peers.X] allow_overwrite); everyone else keeps the first instance.
         policy = self.ctx.config.duplicate_policy_for(self.peer)
         result = await self.ctx.committer.submit(Submission(
-            spool, backend, header, self.transfer_syntax, time.time_ns(), self.calling_ae, policy))
+            spool, backend, header, self.transfer_syntax, receive_time_ns(), self.calling_ae, policy))
         if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.SUPERSEDED, Outcome.REJECTED):
             self.ctx.metrics.duplicates.labels(result.outcome.value).inc()
         return StoreResult(result.status, result.comment)

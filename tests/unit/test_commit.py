@@ -136,3 +136,14 @@ def test_two_writer_lanes_write_two_segments_and_answer_everything(tmp_path: Pat
         rig.index.close()
 
     asyncio.run(scenario())
+
+
+def test_receive_time_never_steps_back_within_a_worker(monkeypatch: Any) -> None:
+    """An NTP step backwards must not make a later instance look older (receive time decides which version of a SOP
+    instance wins)."""
+    from appliance.services import store
+
+    clock = iter([5_000, 3_000, 3_000, 9_000])
+    monkeypatch.setattr(store, "_last_received_ns", 0)
+    monkeypatch.setattr(store.time, "time_ns", lambda: next(clock))
+    assert [store.receive_time_ns() for _ in range(4)] == [5_000, 5_001, 5_002, 9_000]
