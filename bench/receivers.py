@@ -287,6 +287,11 @@ class ApplianceReceiver(Receiver):
             "metrics_port = 0",
             f"workers = {self.workers}",
             'log_level = "warning"',
+            # Every sender of a benchmark is one host (127.0.0.1), and a scenario's modalities may share calling
+            # AEs: the per-host and per-AE limits (32 by default, against one peer taking every slot) would refuse
+            # morning-rush at N=8 (48 associations). The total limit still applies. (A base checkout from before
+            # these keys would refuse them.)
+            *([] if self.source is not None else ["max_associations_per_host = 64", "max_associations_per_ae = 64"]),
             "[storage]",
             f"index_path = {json.dumps(str(self.workdir / 'index'))}",
             f"fsync = {'true' if self.fsync_on else 'false'}",
