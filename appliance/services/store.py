@@ -69,6 +69,7 @@ class StoreOperation:
         self.backend: SegmentBackend | None = None
         self.result: StoreResult | None = None  # set early when the instance is refused
         self.dataset_bytes = 0
+        self.max_bytes = ctx.config.storage.max_instance_bytes  # looked up once, not per PDV
         self.peer = peer
         sop_class = command.affected_sop_class_uid
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
@@ -90,7 +91,7 @@ class StoreOperation:
         self.dataset_bytes += len(data)
         if self.result is not None or self.spool is None:
             return  # refused: read and drop the rest of the dataset
-        if self.dataset_bytes > self.ctx.config.storage.max_instance_bytes:
+        if self.dataset_bytes > self.max_bytes:
             # Refused as soon as it is known, not after the disk filled: the rest of the dataset is read and dropped.
             self._refuse(errors.OUT_OF_RESOURCES, "instance larger than storage.max_instance_bytes")
             return
