@@ -63,7 +63,7 @@ MUTANTS = [
            "(control: a no-op edit; must SURVIVE, shows the runner does not kill everything)"),
     Mutant("segments-recover-no-truncate", SEG, "                fh.truncate(pos)", "                pass",
            "recover keeps a torn tail beyond the last whole record"),
-    Mutant("segments-recover-no-hash-check", SEG, "            if hasher.hexdigest() != meta.digest:",
+    Mutant("segments-recover-no-hash-check", SEG, "            if self.sha256(location) != meta.digest:",
            "            if False:", "recover re-indexes a record whose bytes never reached the disk whole"),
     Mutant("segments-recover-drops-durable-tail", SEG, "            tail.append(StoredBlob(location, meta))\n",
            "            return pos, False\n", "recover cuts durable records an index transaction named but lost"),
@@ -78,9 +78,9 @@ MUTANTS = [
            "            if self.on_create is not None:\n                self.on_create(name, created_ns(name))",
            "            pass", "a segment is written without being registered in the index first"),
     # ---- commit.py: order and answers
-    Mutant("commit-answer-before-apply", COMMIT, "            applied = self.index.apply(entries, self.policy, ends, sealed)",
+    Mutant("commit-answer-before-apply", COMMIT, "            applied = self.index.apply(entries, self.policy,",
            "            self._resolve([(item, CommitResult(errors.SUCCESS, None)) for item in batch])\n"
-           "            applied = self.index.apply(entries, self.policy, ends, sealed)",
+           "            applied = self.index.apply(entries, self.policy,",
            "Success is sent before the index commit"),
     Mutant("commit-no-backend-sync", COMMIT, "            backend.sync()  # raises StorageFault", "            pass  # raises StorageFault",
            "the group is committed without its bytes being synced"),
@@ -99,14 +99,14 @@ MUTANTS = [
            "            except Exception:\n                log.exception(\"appending a group to its segments\")\n                self._resolve(",
            "            except Exception:\n                log.exception(\"appending a group to its segments\")\n                (",
            "an unexpected error while appending leaves the group unanswered"),
-    Mutant("commit-fault-ignored-by-writer", COMMIT, "            if self.fault is not None:\n                sub.spool.discard()",
-           "            if False:\n                sub.spool.discard()",
+    Mutant("commit-fault-ignored-by-writer", COMMIT, "            if self.fault is not None:\n                refused.append",
+           "            if False:\n                refused.append",
            "after a storage fault, queued instances are still appended and acknowledged"),
     Mutant("commit-fault-ignored-by-indexer", COMMIT, "        if self.fault is not None:\n            self._resolve([(item, CommitResult(errors.OUT_OF_RESOURCES",
            "        if False:\n            self._resolve([(item, CommitResult(errors.OUT_OF_RESOURCES",
            "after a storage fault, durable groups are still committed and acknowledged"),
-    Mutant("commit-ends-not-recorded", COMMIT, "            ends[key] = max(ends.get(key, 0), record_end(item.entry.copy.location))",
-           "            pass", "the index never learns how far a segment is committed: recovery cuts acknowledged data"),
+    Mutant("commit-ends-not-recorded", COMMIT, "committed_ends(e.copy for e in entries), sealed,",
+           "{}, sealed,", "the index never learns how far a segment is committed: recovery re-verifies every record"),
     # ---- online.py: startup recovery
     Mutant("online-recover-skips-backend", ONLINE, "        result = backend.recover(committed_end)",
            "        continue",
@@ -126,7 +126,7 @@ MUTANTS = [
            "            self.env.sync(True)  # the transaction that stopped naming them", "            pass  # (",
            "a segment is deleted while the transaction that stopped naming it can still be undone"),
     # ---- compact.py
-    Mutant("compact-no-sync", COMPACT, "    backend.sync()\n    ends:", "    ends:",
+    Mutant("compact-no-sync", COMPACT, "    backend.sync()\n    backend.publish", "    backend.publish",
            "compaction repoints the index to copies that were never synced"),
     Mutant("compact-no-ends-commit", COMPACT, "        index.apply([], \"keep-first\", ends, sealed)  # committed ends first",
            "        pass  # committed ends first", "the copies lie beyond their segment's committed end: recovery cuts them"),
@@ -204,16 +204,19 @@ def main() -> int:
     if baseline[1] != "SURVIVED":
         print("the unmutated tree fails its tests: fix that first", file=sys.stderr)
         return 2
-    survivors = []
+    survivors, broken = [], []
     with ThreadPoolExecutor(args.jobs) as pool:
         for (name, verdict, elapsed), m in zip(pool.map(lambda m: run_mutant(m, python, args.timeout, args.working_tree), mutants),
                                                mutants, strict=True):
             print(f"{name:40} {verdict:70} {elapsed:5.1f}s", flush=True)
             if verdict == "SURVIVED":
                 survivors.append(m)
-    killed = len(mutants) - len(survivors)
-    print(f"\n{killed}/{len(mutants)} killed; survivors: {', '.join(m.name for m in survivors) or 'none'}")
-    return 0
+            elif verdict.startswith("BROKEN"):
+                broken.append(m)  # the code moved under the pattern: it tests nothing until the pattern follows
+    killed = len(mutants) - len(survivors) - len(broken)
+    print(f"\n{killed}/{len(mutants)} killed; survivors: {', '.join(m.name for m in survivors) or 'none'}; "
+          f"broken patterns: {', '.join(m.name for m in broken) or 'none'}")
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ class ContainerIndex(IndexEnv):
         else:
             txn.delete(key, db=self.dbs["contents"])
 
+    def _replace_copy(self, txn: lmdb.Transaction, digest: str, blob: BlobRecord, i: int, new: Copy) -> None:
+        """Name ``new`` instead of the blob's i-th copy (compaction's switch, the earliest record named), and store
+        the blob record; both containers' accounting follows."""
+        self._count_copy(txn, digest, blob.copies[i], -1)
+        blob.copies[i] = new
+        self._count_copy(txn, digest, new, +1)
+        self._put_blob(txn, digest, blob)
+
     # ---- containers ---------------------------------------------------------------------------------
 
     def register_container(self, backend: str, name: str, created_ns: int) -> None:
@@ -91,10 +99,7 @@ class ContainerIndex(IndexEnv):
                     continue  # freed since the copy was made: the new bytes stay dead
                 for i, old in enumerate(blob.copies):
                     if old.backend == backend and old.container == old_container:
-                        self._count_copy(txn, digest, old, -1)
-                        blob.copies[i] = new
-                        self._count_copy(txn, digest, new, +1)
-                        self._put_blob(txn, digest, blob)
+                        self._replace_copy(txn, digest, blob, i, new)
                         moved += 1
                         break
             rec = self._container(txn, backend, old_container)
@@ -135,9 +140,9 @@ class ContainerIndex(IndexEnv):
             self.env.sync(True)  # the transaction that stopped naming them must be durable before the files go
         for backend, name in containers:
             with self.env.begin() as txn:
-                if self._container(txn, backend, name) is not None:
-                    continue  # named again (cannot happen today; never delete what the index knows)
-            remove(backend, name)
+                named = self._container(txn, backend, name) is not None
+            if not named:  # (named again cannot happen today; never delete what the index knows, drop the row)
+                remove(backend, name)
+                done += 1
             self._write(functools.partial(self._forget_gc, container_key(backend, name)))
-            done += 1
         return done

@@ -221,10 +221,7 @@ class StudyIndex(ContainerIndex):
         for i, cur in enumerate(blob.copies):
             if (cur.backend == new.backend or len(blob.copies) == 1) and (new.received_ns, new.location) < (
                     cur.received_ns, cur.location):
-                self._count_copy(txn, entry.digest, cur, -1)
-                blob.copies[i] = new
-                self._count_copy(txn, entry.digest, new, +1)
-                self._put_blob(txn, entry.digest, blob)
+                self._replace_copy(txn, entry.digest, blob, i, new)
                 return True
         return False
 
@@ -361,12 +358,6 @@ class StudyIndex(ContainerIndex):
         flat dicts the CLI shows."""
         with self.env.begin() as txn:
             return [(k, self._decode_level(level, v)) for k, v in self._scan(txn, level, prefix)]
-
-    def instance_records(self, prefix: str = "") -> Iterator[tuple[str, InstanceRecord]]:
-        """Typed instance records under a key prefix, read in one transaction."""
-        with self.env.begin() as txn:
-            for key, raw in self._scan(txn, "instances", prefix):
-                yield key, schema.decode(InstanceRecord, raw)
 
     def studies_by(self, index: str, value: str) -> list[str]:
         """Study keys from a secondary index (``idx_patientid``, ``idx_accession``, ``idx_studydate``)."""

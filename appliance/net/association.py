@@ -305,7 +305,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.receiving = self.receiving_request = None
         self.running.clear()
         for handler in handlers:
-            handler.abandon()  # whatever the state: a store's tmp file must go
+            handler.abandon()  # whatever the state: a store's spooled bytes must go
 
     def abort(self, reason: int, message: str, metric: str = "protocol") -> None:
         log.warning("%s (%s): aborting association: %s", self.peer, self.calling_ae or "-", message)

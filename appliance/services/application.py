@@ -33,7 +33,7 @@ class StoreHandler:
         pass  # PS3.7 9.3.1: C-STORE has no cancel; the instance is stored or refused whole
 
     def abandon(self) -> None:
-        if not self.finishing:  # once finishing, the committer owns the tmp file and answers for it
+        if not self.finishing:  # once finishing, the group commit owns the spool and answers for it
             self.op.abandon()
 
 
@@ -47,7 +47,7 @@ class StorageApplication:
             return EchoHandler(request)
         if field == dimse.C_STORE_RQ:
             if not request.command.has_dataset:
-                # Refused before a StoreOperation (and its tmp file and descriptor) exists.
+                # Refused before a StoreOperation (and its spool) exists.
                 return AnswerOnce(Response(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset"))
             return StoreHandler(self.ctx, request)
         return None

@@ -1,9 +1,10 @@
 """Storage Service Class SCP (PS3.4 Annex B): one ``StoreOperation`` per C-STORE request.
 
 The dataset streams from the PDVs into an InstanceSpool (memory up to ``storage.spool_memory_bytes``, a spill
-file beyond; SHA-256 as it arrives); the first ``HEAD_LIMIT`` bytes are also kept apart, to read the header
-attributes the index needs. The complete instance goes to the group commit, which appends it to a segment. Every
-exit returns a DIMSE status; a refused instance leaves nothing behind (memory, spill file or index entry).
+file beyond; SHA-256 as it arrives); once it is complete, its first ``HEAD_LIMIT`` bytes are read back from the
+spool for the header attributes the index needs. The complete instance goes to the group commit, which appends
+it to a segment. Every exit returns a DIMSE status; a refused instance leaves nothing behind (memory, spill file
+or index entry).
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ class StoreOperation:
         self.transfer_syntax = transfer_syntax
         self.calling_ae = calling_ae
         self.started = time.perf_counter()
-        self.head = bytearray()
         self.spool: InstanceSpool | None = None
         self.backend: SegmentBackend | None = None
         self.result: StoreResult | None = None  # set early when the instance is refused
@@ -95,8 +95,6 @@ class StoreOperation:
             # Refused as soon as it is known, not after the disk filled: the rest of the dataset is read and dropped.
             self._refuse(errors.OUT_OF_RESOURCES, "instance larger than storage.max_instance_bytes")
             return
-        if len(self.head) < HEAD_LIMIT:
-            self.head += data[: HEAD_LIMIT - len(self.head)]
         try:
             self.spool.write(data)
         except ApplianceError as exc:
@@ -134,7 +132,8 @@ class StoreOperation:
         self.ctx.committer.receiving -= 1
         cmd = self.command
         try:
-            header = read_header(self.head, self.transfer_syntax, complete=self.dataset_bytes <= HEAD_LIMIT)
+            header = read_header(spool.dataset_head(HEAD_LIMIT), self.transfer_syntax,
+                                 complete=self.dataset_bytes <= HEAD_LIMIT)
             if header is None:
                 with spool.reader() as stream:
                     header = read_header_beyond_head(stream)

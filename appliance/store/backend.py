@@ -24,6 +24,7 @@ The conformance suite in tests/conformance/ runs against every backend.
 from __future__ import annotations
 
 import enum
+import hashlib
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -143,6 +144,13 @@ class BlobBackend(ABC):
                 raise BlobMissing(f"{self.name}:{location}: ends at {offset} of {size} bytes")
             offset += len(chunk)
             yield chunk
+
+    def sha256(self, location: Location) -> str:
+        """The SHA-256 of the blob's bytes as the backend holds them (verify, recovery, rebuild --rehash)."""
+        hasher = hashlib.sha256()
+        for chunk in self.iter_read(location):
+            hasher.update(chunk)
+        return hasher.hexdigest()
 
     def open(self, location: Location, size: int) -> BinaryIO:
         """A read-only, seekable file object over the blob (ranged reads underneath)."""

@@ -38,7 +38,7 @@ from appliance.index.db import IndexEntry, Outcome, StudyIndex
 from appliance.index.records import Header
 from appliance.index.schema import Copy
 from appliance.store.backend import BlobMeta
-from appliance.store.segments import SegmentBackend, parse_location, record_end
+from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
 from appliance.store.spool import InstanceSpool
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class GroupCommitter:
         self.fault: str | None = None
         self._cond = threading.Condition()
         self._incoming: deque[_Pending] = deque()
-        self._durable: deque[tuple[list[_Pending], dict[tuple[str, str], int], list[tuple[str, str]]]] = deque()
+        self._durable: deque[tuple[list[_Pending], list[tuple[str, str]]]] = deque()  # (group, segments sealed)
         self._writing = 0  # instances taken by the writer and not yet handed to the index thread
         self._indexing = 0  # instances handed to the index thread and not yet answered
         self._closed = False
@@ -173,19 +173,19 @@ class GroupCommitter:
                 batch = [self._incoming.popleft() for _ in range(min(self.max_batch, len(self._incoming)))]
                 self._writing += len(batch)
             try:
-                durable, ends, sealed = self._append_and_sync(batch, lane)
+                durable, sealed = self._append_and_sync(batch, lane)
             except StorageFault as exc:
                 self._fail_stop(str(exc), batch)
-                durable, ends, sealed = [], {}, []
+                durable, sealed = [], []
             except Exception:
                 log.exception("appending a group to its segments")
                 self._resolve([(p, CommitResult(errors.PROCESSING_FAILURE, None, "write failure")) for p in batch
                                if not p.answered])
-                durable, ends, sealed = [], {}, []
+                durable, sealed = [], []
             with self._cond:
                 self._writing -= len(batch)
                 if durable:
-                    self._durable.append((durable, ends, sealed))
+                    self._durable.append((durable, sealed))
                     self._indexing += len(durable)
                 self._cond.notify_all()
 
@@ -198,8 +198,9 @@ class GroupCommitter:
                 backend.volume, backend.segment_bytes_max, backend.fsync, backend.on_create)
         return own
 
-    def _append_and_sync(self, batch: list[_Pending], lane: int = 0
-                         ) -> tuple[list[_Pending], dict[tuple[str, str], int], list[tuple[str, str]]]:
+    def _append_and_sync(self, batch: list[_Pending], lane: int = 0) -> tuple[list[_Pending], list[tuple[str, str]]]:
+        """Append the group, then make it durable and visible (sync, publish: the backend's contract); returns the
+        instances now durable and the segments whose seal is."""
         refused: list[tuple[_Pending, CommitResult]] = []
         written: list[_Pending] = []
         backends: dict[str, SegmentBackend] = {}
@@ -215,22 +216,19 @@ class GroupCommitter:
         sealed: list[tuple[str, str]] = []
         for backend in backends.values():
             backend.sync()  # raises StorageFault: nothing of the group is acknowledged
+            backend.publish([item.entry.copy.location for item in written
+                             if item.entry is not None and item.entry.copy.backend == backend.name])
             sealed += [(backend.name, name) for name in backend.take_sealed()]
-        ends: dict[tuple[str, str], int] = {}
         now = time.perf_counter()
         for item in written:
-            assert item.entry is not None
-            key = (item.entry.copy.backend, item.entry.copy.container)
-            ends[key] = max(ends.get(key, 0), record_end(item.entry.copy.location))
             item.durable_at = now
-        return written, ends, sealed
+        return written, sealed
 
     def _append(self, batch: list[_Pending], refused: list[tuple[_Pending, CommitResult]], written: list[_Pending],
                 backends: dict[str, SegmentBackend], lane: int = 0) -> None:
         for item in batch:
             sub = item.sub
             if self.fault is not None:
-                sub.spool.discard()
                 refused.append((item, CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault")))
                 continue
             digest = sub.spool.digest()
@@ -244,11 +242,9 @@ class GroupCommitter:
                 refused.append((item, CommitResult(exc.status, None, str(exc))))
                 continue
             finally:
-                sub.spool.discard()  # appended or refused: its memory or spill file goes now
-            segment, record, _data, _size = parse_location(location)
-            copy = Copy(backend.name, segment, location, record_end(location) - record, sub.received_ns)
+                sub.spool.discard()  # appended or refused: its memory or spill file goes now, not at the group's end
             item.entry = IndexEntry(sub.header, digest, meta.size, sub.transfer_syntax, sub.received_ns,
-                                    sub.calling_ae, copy, sub.policy)
+                                    sub.calling_ae, segment_copy(backend.name, location, sub.received_ns), sub.policy)
             backends[backend.name] = backend
             written.append(item)
 
@@ -267,15 +263,10 @@ class GroupCommitter:
                 while self._durable and taken + len(self._durable[0][0]) <= self.max_batch:
                     taken += len(self._durable[0][0])
                     groups.append(self._durable.popleft())
-            batch = [item for items, _e, _s in groups for item in items]
-            ends: dict[tuple[str, str], int] = {}
-            sealed: list[tuple[str, str]] = []
-            for _items, group_ends, group_sealed in groups:
-                for key, end in group_ends.items():
-                    ends[key] = max(ends.get(key, 0), end)
-                sealed += group_sealed
+            batch = [item for items, _sealed in groups for item in items]
+            sealed = [name for _items, group_sealed in groups for name in group_sealed]
             try:
-                self._commit(batch, ends, sealed)
+                self._commit(batch, sealed)
             except StorageFault as exc:
                 self._fail_stop(str(exc), batch)
             except Exception:
@@ -289,14 +280,16 @@ class GroupCommitter:
             with self._cond:
                 self._indexing -= len(batch)
 
-    def _commit(self, batch: list[_Pending], ends: dict[tuple[str, str], int], sealed: list[tuple[str, str]]) -> None:
+    def _commit(self, batch: list[_Pending], sealed: list[tuple[str, str]]) -> None:
         if self.fault is not None:
             self._resolve([(item, CommitResult(errors.OUT_OF_RESOURCES, None, "storage fault")) for item in batch])
             return
         entries = [item.entry for item in batch if item.entry is not None]
         t1 = time.perf_counter()
         try:
-            applied = self.index.apply(entries, self.policy, ends, sealed, self.copy_exists)
+            # The segments' committed ends go in the same transaction as the entries that name them.
+            applied = self.index.apply(entries, self.policy, committed_ends(e.copy for e in entries), sealed,
+                                       self.copy_exists)
         except _LMDB_FATAL as exc:
             raise StorageFault(f"index commit failed: {exc}") from None
         except Exception:

@@ -33,7 +33,7 @@ from appliance.index.db import StudyIndex
 from appliance.index.schema import ContainerRecord, Copy
 from appliance.store.backend import BlobBackend, BlobSource
 from appliance.store.online import BlobStore
-from appliance.store.segments import SegmentBackend, parse_location, record_end
+from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
 
 log = logging.getLogger(__name__)
 COMPACT_LOCK = "compact.lock"
@@ -147,24 +147,25 @@ def _compact_one(index: StudyIndex, backend: SegmentBackend, rec: ContainerRecor
         try:
             meta = backend.stat(old.location)
         except BlobMissing:
-            log.error("compaction: %s in %s/%s cannot be read; left where it is", digest, backend.name, rec.name)
-            return  # never drop what the index names: leave this segment for `verify` and an operator
-        assert meta.digest == digest and meta.size == blob.size, (meta, digest)
+            meta = None
+        if meta is None or meta.digest != digest or meta.size != blob.size:
+            # A header read from disk that does not say what the index says is damage, not a bug: never drop what
+            # the index names; leave the segment for `verify` and an operator.
+            log.error("compaction: %s in %s/%s cannot be read as indexed; left where it is", digest, backend.name,
+                      rec.name)
+            return
         source = _CopySource(backend, old.location, meta.size)
         location = backend.put(meta, source)
         if source.hasher.hexdigest() != digest:
             log.error("compaction: %s in %s/%s does not hash to its name; left where it is (run `appliance verify`)",
                       digest, backend.name, rec.name)
             return  # the copy just appended stays dead; the segment keeps what the index names
-        segment, record, _data, _size = parse_location(location)
-        moves[digest] = Copy(backend.name, segment, location, record_end(location) - record, meta.received_ns)
+        moves[digest] = segment_copy(backend.name, location, meta.received_ns)
         report.bytes_copied += meta.size
         limit.spend(meta.size)
     backend.sync()
-    ends: dict[tuple[str, str], int] = {}
-    for copy in moves.values():
-        key = (copy.backend, copy.container)
-        ends[key] = max(ends.get(key, 0), record_end(copy.location))
+    backend.publish([copy.location for copy in moves.values()])
+    ends = committed_ends(moves.values())
     sealed = [(backend.name, s) for s in backend.take_sealed()]
     if ends or sealed:
         index.apply([], "keep-first", ends, sealed)  # committed ends first: recovery must not cut the copies

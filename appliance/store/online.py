@@ -7,7 +7,6 @@ index record and returns its bytes from the first copy that can be read, whateve
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from appliance.index.db import IndexEntry, StudyIndex
 from appliance.index.records import read_header_blob
 from appliance.index.schema import BlobRecord, Copy
 from appliance.store.backend import BlobBackend, StoredBlob
-from appliance.store.segments import SegmentBackend, parse_location, record_end
+from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
 from appliance.store.spool import clear_tmp
 from appliance.store.volumes import VolumeSet
 
@@ -78,15 +77,13 @@ class BlobStore:
 
     def check(self, digest: str, copy: Copy) -> str:
         """'ok', 'missing' or 'corrupt' for one copy (re-hashes every byte)."""
-        hasher = hashlib.sha256()
+        backend = self.backends.get(copy.backend)
         try:
-            for chunk in self.read_copy(copy):
-                hasher.update(chunk)
-        except BlobMissing:
+            if backend is None:
+                return "missing"
+            return "ok" if backend.sha256(copy.location) == digest else "corrupt"
+        except (BlobMissing, OSError):
             return "missing"
-        except OSError:
-            return "missing"
-        return "ok" if hasher.hexdigest() == digest else "corrupt"
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -104,9 +101,14 @@ def entry_for(backend: BlobBackend, stored: StoredBlob) -> IndexEntry:
     parse as the live path, the provenance from the record, the copy where it lies."""
     meta, location = stored.meta, stored.location
     header, ts = read_header_blob(functools.partial(backend.open, location, meta.size), meta.size)
-    segment, record, _data, _size = parse_location(location)
-    copy = Copy(backend.name, segment, location, record_end(location) - record, meta.received_ns)
-    return IndexEntry(header, meta.digest, meta.size, ts, meta.received_ns, meta.calling_ae, copy, meta.policy)
+    return IndexEntry(header, meta.digest, meta.size, ts, meta.received_ns, meta.calling_ae,
+                      segment_copy(backend.name, location, meta.received_ns), meta.policy)
+
+
+def replay_order(entry: IndexEntry) -> tuple[int, str, str, str]:
+    """The order records are re-applied in (recovery's tail, `index rebuild`): receive order, ties broken so that
+    the same records always give the same index."""
+    return entry.received_ns, entry.digest, entry.copy.container, entry.copy.location
 
 
 def recover(store: BlobStore, index: StudyIndex, policy: str = "keep-first") -> dict[str, int]:
@@ -138,11 +140,8 @@ def recover(store: BlobStore, index: StudyIndex, policy: str = "keep-first") -> 
                 log.warning("recovery: a record of %s cannot be indexed: %s", name, exc)
     if tail:
         # In receive order, as live (and as `index rebuild`); each record with the policy it was sent under.
-        tail.sort(key=lambda e: (e.received_ns, e.digest, e.copy.container, e.copy.location))
-        ends: dict[tuple[str, str], int] = {}
-        for entry in tail:
-            key = (entry.copy.backend, entry.copy.container)
-            ends[key] = max(ends.get(key, 0), record_end(entry.copy.location))
+        tail.sort(key=replay_order)
+        ends = committed_ends(entry.copy for entry in tail)
         for start in range(0, len(tail), 512):
             # The ends go with the last chunk: a crash in between leaves them where they were, so the next start
             # redoes every chunk (one already indexed comes back IDENTICAL, a no-op).

@@ -10,7 +10,6 @@ way it lost live.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import time
@@ -22,8 +21,8 @@ from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, Copy
 from appliance.store.compact import compaction_lock
-from appliance.store.online import BlobStore, entry_for
-from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, created_ns, parse_location, record_end
+from appliance.store.online import BlobStore, entry_for, replay_order
+from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, committed_ends, created_ns, parse_location
 from appliance.store.volumes import fsync_dir
 
 BATCH = 512
@@ -43,7 +42,6 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False) -> Rebuild
     store = BlobStore.open(config)
     stats = RebuildStats()
     entries: list[IndexEntry] = []
-    ends: dict[tuple[str, str], int] = {}
     sealed: list[tuple[str, str]] = []
     segments: list[tuple[str, str]] = []
     try:
@@ -56,19 +54,19 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False) -> Rebuild
                     stats.blobs += 1
                     meta, location = blob.meta, blob.location
                     try:
-                        if rehash and _hash(backend, location, meta.size) != meta.digest:
+                        if rehash and backend.sha256(location) != meta.digest:
                             raise ApplianceError("content does not match its name")
                         entry = entry_for(backend, blob)
                     except ApplianceError as exc:
                         stats.unreadable.append(f"{name}/{segment}@{parse_location(location)[1]}: {exc}")
                         continue
-                    ends[(name, segment)] = max(ends.get((name, segment), 0), record_end(location))
                     entries.append(entry)
                 if size >= len(END_OF_ARCHIVE) and _is_sealed(backend, segment, size):
                     sealed.append((name, segment))
     finally:
         store.close()
-    entries.sort(key=lambda e: (e.received_ns, e.digest, e.copy.container, e.copy.location))
+    entries.sort(key=replay_order)
+    ends = committed_ends(entry.copy for entry in entries)
     index = StudyIndex(target, config.storage.index_map_size, sync=True)
     try:
         for backend_name, segment in segments:
@@ -86,13 +84,6 @@ def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
     with open(os.path.join(backend.dir, segment), "rb") as fh:
         fh.seek(size - len(END_OF_ARCHIVE))
         return fh.read() == END_OF_ARCHIVE
-
-
-def _hash(backend: SegmentBackend, location: str, size: int) -> str:
-    hasher = hashlib.sha256()
-    for chunk in backend.iter_read(location):
-        hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def replace_index(config: Config, rehash: bool = False) -> RebuildStats:

@@ -21,7 +21,7 @@ Invariants (kept with store/commit.py and index/db.py):
 from __future__ import annotations
 
 import errno
-import hashlib
+import io
 import itertools
 import json
 import logging
@@ -31,10 +31,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from typing import BinaryIO
 
 from appliance.errors import BlobMissing, OutOfSpace, StorageFault
+from appliance.index.schema import Copy
 from appliance.store.backend import (
     BlobBackend,
     BlobMeta,
@@ -80,6 +81,22 @@ def record_end(location: Location) -> int:
     """Offset just past the record (data padded to a tar block)."""
     _seg, _record, data, size = parse_location(location)
     return data + size + (-size) % BLOCK
+
+
+def segment_copy(backend: str, location: Location, received_ns: int) -> Copy:
+    """The index's copy for a record: its segment, and the bytes it occupies there (headers and padding included)."""
+    segment, record, _data, _size = parse_location(location)
+    return Copy(backend, segment, location, record_end(location) - record, received_ns)
+
+
+def committed_ends(copies: Iterable[Copy]) -> dict[tuple[str, str], int]:
+    """Per (backend, segment), the end of the last of ``copies`` there: what an index commit naming them records as
+    committed (recovery keeps what lies before it as it is)."""
+    ends: dict[tuple[str, str], int] = {}
+    for copy in copies:
+        key = (copy.backend, copy.container)
+        ends[key] = max(ends.get(key, 0), record_end(copy.location))
+    return ends
 
 
 def record_header(meta: BlobMeta) -> bytes:
@@ -267,10 +284,6 @@ class SegmentBackend(BlobBackend):
                 os.close(fd)
             self._readers.clear()
 
-    @property
-    def active_end(self) -> int:
-        return self._end
-
     # ---- read path (any thread) ---------------------------------------------------------------------
 
     def _reader_locked(self, segment: str) -> int:
@@ -346,6 +359,7 @@ class SegmentBackend(BlobBackend):
         path = os.path.join(self.dir, segment)
         try:
             with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as archive:
+                size = os.fstat(fh.fileno()).st_size
                 while True:
                     try:
                         info = archive.next()
@@ -354,7 +368,7 @@ class SegmentBackend(BlobBackend):
                     if info is None:
                         return
                     meta = meta_of(info)
-                    if meta is None or info.offset_data + info.size > os.fstat(fh.fileno()).st_size:
+                    if meta is None or info.offset_data + info.size > size:
                         continue
                     yield StoredBlob(make_location(segment, info.offset, info.offset_data, info.size), meta)
         except tarfile.ReadError:
@@ -425,10 +439,7 @@ class SegmentBackend(BlobBackend):
             if info is None or meta is None or info.offset_data + info.size > size:
                 return pos, False
             location = make_location(segment, pos, info.offset_data, info.size)
-            hasher = hashlib.sha256()
-            for chunk in self.iter_read(location):
-                hasher.update(chunk)
-            if hasher.hexdigest() != meta.digest:
+            if self.sha256(location) != meta.digest:
                 return pos, False  # written but not made durable before the crash: never acknowledged
             tail.append(StoredBlob(location, meta))
             pos = record_end(location)
@@ -453,15 +464,8 @@ def _write_error(volume: str, exc: OSError) -> Exception:
 
 
 def _first_member(header: bytes) -> tarfile.TarInfo | None:
-    import io
-
     try:
         with tarfile.open(fileobj=io.BytesIO(header + b"\x00" * BLOCK), mode="r:") as archive:
             return archive.next()
     except tarfile.TarError:
         return None
-
-
-def sealed_end(size: int) -> int:
-    """The end of the records of a sealed segment of ``size`` bytes."""
-    return size - len(END_OF_ARCHIVE)

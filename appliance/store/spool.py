@@ -50,13 +50,14 @@ class SpoolBudget:
 class InstanceSpool(BlobSource):
     """One instance being received: its bytes (File Meta + dataset as received) and their SHA-256."""
 
-    __slots__ = ("budget", "tmp_dir", "hasher", "size", "_buf", "_fd", "_path", "_counted")
+    __slots__ = ("budget", "tmp_dir", "hasher", "size", "prefix_bytes", "_buf", "_fd", "_path", "_counted")
 
     def __init__(self, budget: SpoolBudget, tmp_dir: str, prefix: bytes) -> None:
         self.budget = budget
         self.tmp_dir = tmp_dir
         self.hasher = hashlib.sha256(prefix)
         self.size = len(prefix)
+        self.prefix_bytes = len(prefix)
         self._buf: bytearray | None = bytearray(prefix)
         self._fd = -1
         self._path = ""
@@ -113,11 +114,13 @@ class InstanceSpool(BlobSource):
     def digest(self) -> str:
         return self.hasher.hexdigest()
 
-    def head(self, nbytes: int) -> bytes:
-        """The first ``nbytes`` (for reading the header beyond what was kept)."""
+    def dataset_head(self, nbytes: int) -> bytes:
+        """The first ``nbytes`` of the dataset (after the File Meta prefix), copied once when the instance is
+        complete: the header walk reads them from here, instead of a second copy kept while the PDVs arrive."""
+        start = self.prefix_bytes
         if self._buf is not None:
-            return bytes(self._buf[:nbytes])
-        return os.pread(self._fd, nbytes, 0)
+            return bytes(self._buf[start : start + nbytes])
+        return os.pread(self._fd, nbytes, start)
 
     def reader(self) -> BinaryIO:
         """A file object over the bytes so far, from offset 0 (for pydicom, on the rare slow path)."""

@@ -41,10 +41,6 @@ class Volume:
         self.tmp = os.path.join(self.root, "tmp")
 
     @property
-    def segments_dir(self) -> Path:
-        return self.root / "segments"
-
-    @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
