@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-slow fuzz lint bench dcmtk clean
+.PHONY: run test test-slow fuzz lint bench dcmtk peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,22 +13,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# DCMTK (storescu, echoscu, storescp, ...) is the real DICOM peer of the tests and the benchmarks.
-dcmtk:
-	@command -v storescu >/dev/null 2>&1 || { \
+# The real DICOM peers of the tests and the benchmarks: DCMTK (storescu, findscu, movescu, getscu, storescp, ...) and
+# Orthanc (queried, pulled from and moved to through its REST API). Debian packages; installed only when missing.
+peers:
+	@{ command -v storescu >/dev/null 2>&1 && command -v Orthanc >/dev/null 2>&1; } || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk orthanc >/dev/null; }
+dcmtk: peers
 
 run: $(STAMP)
 	$(BIN)/appliance serve
 
-test: $(STAMP) dcmtk
+test: $(STAMP) peers
 	$(BIN)/ruff check appliance tiering bench tests
 	$(BIN)/mypy appliance bench
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
-test-slow: $(STAMP) dcmtk
+test-slow: $(STAMP) peers
 	$(BIN)/pytest -q -m slow
 
 # The network fuzzer (tests/fuzz/fuzzer.py, docs/testing.md) against a fresh server, bounded in time and cases.

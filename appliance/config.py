@@ -15,6 +15,7 @@ from typing import Any
 
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
+from appliance.dicom.uids import QUERY_RETRIEVE_MODELS, STORAGE_COMMITMENT_PUSH, VERIFICATION
 from appliance.errors import ConfigError
 
 # Transfer syntaxes accepted by default. When a requestor proposes several in one presentation context, its
@@ -52,13 +53,20 @@ DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.108",  # HEVC/H.265 Main 10
 )
 
-VERIFICATION = "1.2.840.10008.1.1"
 DUPLICATE_POLICIES = ("overwrite", "reject", "keep-first")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The rights a peer can be given (PeerConfig.allow_*, server.unknown_peer_rights).
+RIGHTS = ("echo", "store", "find", "move", "get", "storage_commitment")
 
 
 def all_storage_sop_classes() -> tuple[str, ...]:
     return tuple(sorted({str(uid) for uid in _STORAGE_CLASSES.values()}))
+
+
+def service_sop_classes() -> tuple[str, ...]:
+    """The non-storage SOP classes served: Verification, Query/Retrieve (FIND, MOVE, GET in the Patient Root and
+    Study Root models) and Storage Commitment Push Model."""
+    return (VERIFICATION, *QUERY_RETRIEVE_MODELS, STORAGE_COMMITMENT_PUSH)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,9 @@ class PeerConfig:
     allow_move: bool = True
     allow_get: bool = True
     allow_storage_commitment: bool = True
+    # May we send instances to this peer (a C-MOVE destination, the target of a Storage Commitment report on a new
+    # association)? Only configured peers can be: a C-MOVE to an AE title not under [peers] is refused (0xA801).
+    allow_receive: bool = True
     # May this peer replace an instance already stored with other bytes (same SOP Instance UID)? Only when the
     # peer is named here and this is true does ``storage.duplicate_policy = "overwrite"`` apply to it; everyone
     # else gets keep-first, so an unknown host on the network can never replace (and so delete) stored images.
@@ -126,6 +137,12 @@ class ServerConfig:
     # An established association with no traffic for this long is aborted.
     idle_timeout: float = 300.0
     refuse_unknown_calling_ae: bool = False
+    # Rights of a calling AE title not under [peers] (like Orthanc's DicomAlwaysAllow*): echo and store by default,
+    # so modalities can send without configuration while nobody unknown can query or pull patient data.
+    unknown_peer_rights: tuple[str, ...] = ("echo", "store")
+    # True: a configured peer's associations must come from its configured host (name or address), so that a
+    # known AE title cannot be borrowed from another machine (Orthanc's DicomCheckModalityHost).
+    check_peer_host: bool = False
     metrics_enabled: bool = True
     metrics_host: str = "127.0.0.1"
     # 0 picks a free port (written to the --port-file), like port = 0 for DICOM.
@@ -172,7 +189,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class DicomConfig:
-    sop_classes: tuple[str, ...] = field(default_factory=lambda: (VERIFICATION, *all_storage_sop_classes()))
+    sop_classes: tuple[str, ...] = field(default_factory=lambda: (*service_sop_classes(), *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
 
 
@@ -190,6 +207,13 @@ class Config:
             if peer.ae_title == ae_title:
                 return peer
         return None
+
+    def allows(self, peer: PeerConfig | None, right: str) -> bool:
+        """May ``peer`` (None: a calling AE title not under [peers]) use the service ``right`` (one of RIGHTS)?"""
+        assert right in RIGHTS, right
+        if peer is None:
+            return right in self.server.unknown_peer_rights
+        return bool(getattr(peer, f"allow_{right}"))
 
     def duplicate_policy_for(self, peer: PeerConfig | None) -> str:
         """The duplicate policy that applies to instances sent by ``peer`` (None: a calling AE not in [peers]).
@@ -312,6 +336,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     dicom_raw = dict(raw.get("dicom", {}))
     if dicom_raw.get("sop_classes") == ["storage"]:
         dicom_raw["sop_classes"] = [VERIFICATION, *all_storage_sop_classes()]
+    elif dicom_raw.get("sop_classes") == ["all"]:
+        dicom_raw["sop_classes"] = [*service_sop_classes(), *all_storage_sop_classes()]
     dicom = _build(DicomConfig, "dicom", dicom_raw, base)
 
     volumes_raw = raw.get("volumes")
@@ -362,6 +388,9 @@ def validate(config: Config) -> None:
         raise ConfigError("server.message_timeout and server.write_timeout must be positive")
     if s.write_buffer_high < 65536:
         raise ConfigError("server.write_buffer_high: at least 65536 bytes")
+    for right in s.unknown_peer_rights:
+        if right not in RIGHTS:
+            raise ConfigError(f"server.unknown_peer_rights: {right!r} is not one of {', '.join(RIGHTS)}")
     if s.log_level not in LOG_LEVELS:
         raise ConfigError(f"server.log_level: one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
     st = config.storage
@@ -434,6 +463,9 @@ workers = 0                     # processes sharing the port (SO_REUSEPORT); 0 =
 acse_timeout = 30.0             # seconds a new connection has to request an association (ARTIM)
 idle_timeout = 300.0            # seconds of silence after which an association is aborted
 refuse_unknown_calling_ae = false  # true: only AE titles listed under [peers] may associate
+unknown_peer_rights = ["echo", "store"]  # what an AE title not under [peers] may do (echo store find move get
+                                # storage_commitment)
+check_peer_host = false         # true: a [peers] AE title is only accepted from that peer's host
 metrics_enabled = true          # Prometheus /metrics endpoint, aggregated over the workers
 metrics_host = "127.0.0.1"
 metrics_port = 9110
@@ -458,7 +490,8 @@ compaction_interval_s = 3600.0  # how often the server compacts (0 = only `appli
 compaction_bytes_per_s = 67108864  # compaction's copy rate limit
 
 [dicom]
-# sop_classes = ["storage"]     # "storage" = Verification + every storage SOP class; or a list of UIDs
+# sop_classes = ["all"]         # "all" = Verification, Query/Retrieve, Storage Commitment and every storage
+                                # SOP class; "storage" = Verification + storage only; or a list of UIDs
 # transfer_syntaxes = [...]     # default: uncompressed + every common compressed syntax, stored as received
 
 # Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
@@ -469,7 +502,7 @@ name = "vol0"
 path = "var/volumes/vol0"
 high_watermark = 0.95
 
-# Known peers (like Orthanc's DicomModalities). Used for refuse_unknown_calling_ae and, later, C-MOVE.
+# Known peers (like Orthanc's DicomModalities): their rights, and where C-MOVE and Storage Commitment reports go.
 # [peers.ct1]
 # ae_title = "CT1"
 # host = "10.0.0.21"
@@ -480,5 +513,6 @@ high_watermark = 0.95
 # allow_move = true
 # allow_get = true
 # allow_storage_commitment = true
+# allow_receive = true          # may be a C-MOVE destination / get Storage Commitment reports on a new association
 # allow_overwrite = false       # true: this peer may replace stored instances (duplicate_policy = "overwrite")
 """

@@ -15,6 +15,26 @@ status  meaning                                             raised when
 0xC001  Error: Cannot understand (missing UIDs)             dataset lacks Study/Series/SOP UIDs
 0xC211  Processing failure (index)                          index transaction failed
 ======  ==================================================  ========================================
+
+Query/Retrieve (PS3.4 C.4) and Storage Commitment (PS3.4 J.3, PS3.7 C):
+
+======  ==================================================  ========================================
+0xFF00  Pending                                             a C-FIND match / C-MOVE, C-GET progress
+0xFF01  Pending, optional keys not supported                a C-FIND match without some return keys
+0xFE00  Cancel                                              C-CANCEL honoured
+0xA700  Refused: Out of resources                           C-FIND result limit, no memory/slots
+0xA701  Refused: Out of resources (number of matches)       C-MOVE/C-GET cannot count its matches
+0xA702  Refused: Out of resources (sub-operations)          C-MOVE/C-GET cannot start sub-operations
+0xA801  Refused: Move Destination unknown                   not under [peers], or no right to receive
+0xA900  Identifier does not match SOP Class                 C-FIND/C-MOVE/C-GET identifier invalid
+0xB000  Warning: sub-operations complete, some failed       C-MOVE/C-GET with failures
+0xC000  Unable to process                                   identifier cannot be parsed
+0x0110  Processing failure                                  Storage Commitment: bytes do not re-hash
+0x0112  No such object instance                             Storage Commitment: instance not indexed
+0x0119  Class-instance conflict                             Storage Commitment: other SOP class stored
+0x0123  No such action                                      N-ACTION with an unknown Action Type ID
+0x0211  Unrecognized operation                              a command this SOP class does not have
+======  ==================================================  ========================================
 """
 
 from __future__ import annotations
@@ -28,6 +48,21 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 CANNOT_UNDERSTAND_MISSING_UIDS = 0xC001
 PROCESSING_FAILURE = 0xC211
+
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01
+CANCEL = 0xFE00
+OUT_OF_RESOURCES_MATCHES = 0xA701
+OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+SUB_OPERATIONS_WITH_FAILURES = 0xB000
+UNABLE_TO_PROCESS = 0xC000
+N_PROCESSING_FAILURE = 0x0110
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+CLASS_INSTANCE_CONFLICT = 0x0119
+NO_SUCH_ACTION = 0x0123
+UNRECOGNIZED_OPERATION = 0x0211
 
 # CLI exit codes (sysexits-like, so scripts can branch on them).
 EXIT_OK = 0

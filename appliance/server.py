@@ -105,7 +105,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                                metrics, on_fault=on_fault, queue_max=st.commit_queue_max,
                                copy_exists=blobstore.copy_exists, lanes=st.writer_lanes)
     ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics,
-                              blobstore=blobstore,
+                              blobstore=blobstore, index=index,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))
     endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
     sock = _listen_socket(config.server.host, port, listen=True)

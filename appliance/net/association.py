@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,7 +30,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
-from appliance.net.service import AnswerOnce, Application, Handler, Request, Response
+from appliance.net.service import AnswerOnce, Application, ChannelClosed, Handler, Request, Response
 from appliance.net.slots import SlotTable
 
 if TYPE_CHECKING:
@@ -62,11 +63,35 @@ class Endpoint:
     connections: set[AssociationProtocol] = field(default_factory=set)  # open, associated or not
     accepted: int = 0  # associations accepted so far (the benchmark's discard receiver reports it)
 
+    peer_addresses: dict[str, frozenset[str]] = field(default_factory=dict)  # peer name -> its host's addresses
+
     def __post_init__(self) -> None:
+        if self.config.server.check_peer_host and not self.peer_addresses:
+            self.peer_addresses = resolve_peer_hosts(self.config)
         if self.slots is None:
             self.slots = SlotTable(self.config.server.max_associations)
         if self.negotiator is None:
             self.negotiator = Negotiator(self.config)
+
+
+def _normal_address(address: str) -> str:
+    return address[7:] if address.startswith("::ffff:") else address  # an IPv4 peer on a dual-stack socket
+
+
+def resolve_peer_hosts(config: Config) -> dict[str, frozenset[str]]:
+    """The addresses of every configured peer's host, resolved once when the worker starts (never on the event
+    loop per association: a slow DNS server would stall every association). A name that does not resolve keeps
+    only itself, so such a peer is refused until the name resolves and the worker restarts; that is logged."""
+    out: dict[str, frozenset[str]] = {}
+    for peer in config.peers:
+        addresses = {peer.host}
+        try:
+            addresses |= {_normal_address(str(info[4][0])) for info in socket.getaddrinfo(peer.host, None)}
+        except OSError as exc:
+            log.warning("peer %r: host %r does not resolve (%s): its associations will be refused", peer.name,
+                        peer.host, exc)
+        out[peer.name] = frozenset(addresses)
+    return out
 
 
 AWAIT_RQ, ESTABLISHED, REJECTED, CLOSED = "await-rq", "established", "rejected", "closed"
@@ -82,7 +107,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.calling_ae = ""
         self.peer_max_pdu = 0
-        self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
+        self.accepted: dict[int, tuple[str, str]] = {}  # context id -> (abstract syntax, transfer syntax)
         self.command_buf = bytearray()
         self.command_context = 0  # the presentation context of the command being reassembled
         self.known_peer: PeerConfig | None = None  # the calling AE's [peers] entry, looked up once
@@ -100,6 +125,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.hard_abort: asyncio.TimerHandle | None = None
         self.peer = ""
         self.host = ""
+        # The PeerChannel side (requests we send to the peer: C-GET sub-operations, N-EVENT-REPORT).
+        self.peer_scp: frozenset[int] = frozenset()  # contexts on which the peer may act as SCP
+        self.awaiting: dict[int, asyncio.Future[dimse.Command]] = {}  # our message id -> its response
+        self.our_message_id = 0
+        self.send_lock = asyncio.Lock()  # one message (command + dataset) on the wire at a time
+        self.writable: asyncio.Future[None] | None = None  # set while the transport's buffer is above its limit
+        self.dropping_context = 0  # a response dataset from the peer is being read and dropped on this context
 
     # ---- transport callbacks ----------------------------------------------------------------------
 
@@ -172,6 +204,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         # The peer does not read its responses as fast as it sends requests: stop reading its requests until it
         # does, so the output buffer stays bounded; if it never does, the timer resets the connection.
         self.write_paused_at = time.monotonic()
+        if self.writable is None or self.writable.done():
+            self.writable = asyncio.get_running_loop().create_future()
         if self.transport is not None and self.state != CLOSED:
             try:
                 self.transport.pause_reading()
@@ -181,6 +215,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused_at = None
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
         if self.transport is not None and self.state not in (CLOSED,) and not self.transport.is_closing():
             try:
                 self.transport.resume_reading()
@@ -299,6 +335,12 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def _end_handlers(self) -> None:
+        for future in self.awaiting.values():
+            if not future.done():
+                future.set_exception(ChannelClosed("association ended"))
+        self.awaiting.clear()
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_exception(ChannelClosed("association ended"))
         handlers = list(self.running.values())  # the one receiving its dataset is among them
         if self.receiving is not None and all(h is not self.receiving for h in handlers):
             handlers.append(self.receiving)
@@ -346,6 +388,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.known_peer = cfg.peer_by_ae(self.calling_ae)
         if server.refuse_unknown_calling_ae and self.known_peer is None:
             return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
+        if (server.check_peer_host and self.known_peer is not None
+                and _normal_address(self.host) not in self.ep.peer_addresses.get(self.known_peer.name, ())):
+            return self._reject(RJ_CALLING_AE, f"calling AE title of peer {self.known_peer.name!r} from a host that is "
+                                               "not its configured one (server.check_peer_host)")
         if head.presentation_contexts > server.max_presentation_contexts:
             return self._reject(RJ_NO_REASON, f"{head.presentation_contexts} presentation contexts "
                                               f"(server.max_presentation_contexts = {server.max_presentation_contexts})")
@@ -365,21 +411,22 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return self._reject(RJ_LOCAL_LIMIT, f"server.{taken} reached")
         self.slot = taken
         self.peer_max_pdu = neg.peer_max_pdu
-        self.contexts = neg.contexts  # shared with the cache entry: read-only here
+        self.accepted = neg.contexts  # shared with the cache entry: read-only here
+        self.peer_scp = neg.peer_scp
         self.framer.grow(server.max_pdu, max(65536, server.max_pdu))
         self._send(neg.ac_pdu)
         self.state = ESTABLISHED
         self.ep.accepted += 1
         self.ep.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
         self.ep.metrics.associations_active.labels(self.calling_ae).inc()
-        log.debug("%s: association with %s accepted, %d contexts", self.peer, self.calling_ae, len(self.contexts))
+        log.debug("%s: association with %s accepted, %d contexts", self.peer, self.calling_ae, len(self.accepted))
         self._arm_timer(server.idle_timeout)
         return None
 
     # ---- DIMSE ------------------------------------------------------------------------------------
 
     def _on_pdv(self, pdv: pdu.PDV) -> None:
-        context = self.contexts.get(pdv.context_id)
+        context = self.accepted.get(pdv.context_id)
         if context is None:
             raise pdu.PDUError(f"PDV on presentation context {pdv.context_id}, which was not accepted")
         if pdv.is_command:
@@ -396,6 +443,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 self.command_buf.clear()
                 self._on_command(command, pdv.context_id, context)
             return
+        if self.dropping_context:
+            if pdv.context_id != self.dropping_context:
+                raise pdu.PDUError("response dataset fragments on two presentation contexts",
+                                   pdu.ABORT_UNEXPECTED_PARAMETER)
+            if pdv.is_last:
+                self.dropping_context = 0
+            return
         handler, request = self.receiving, self.receiving_request
         if handler is None or request is None or pdv.context_id != request.context_id:
             raise pdu.PDUError("dataset fragment without a pending command", pdu.ABORT_UNEXPECTED_PARAMETER)
@@ -410,8 +464,12 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             if running is not None:
                 running.cancel()
             return
-        request = Request(command, context_id, context[0], context[1], self.calling_ae, self.known_peer, self.host)
-        handler = self.ep.app.handler(request) if not command.command_field & 0x8000 else None
+        if command.is_response:
+            self._on_response(command, context_id)
+            return
+        request = Request(command, context_id, context[0], context[1], self.calling_ae, self.known_peer, self.host,
+                          self)
+        handler = self.ep.app.handler(request)
         if handler is None:
             handler = AnswerOnce(Response(UNRECOGNIZED_OPERATION))
         self.running[command.message_id] = handler
@@ -420,13 +478,77 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         else:
             self._spawn(self._respond(handler, request))
 
+    def _on_response(self, command: dimse.Command, context_id: int) -> None:
+        """A response to one of our requests (PeerChannel.request). One nobody waits for (timed out, or never
+        asked) is dropped: answering a response would be a protocol error of ours."""
+        future = self.awaiting.pop(command.message_id_responded_to or 0, None)
+        if future is None:
+            log.info("%s (%s): response 0x%04X to message %s nobody waits for, dropped", self.peer, self.calling_ae,
+                     command.command_field, command.message_id_responded_to)
+        elif not future.done():
+            future.set_result(command)
+        if command.has_dataset:
+            self.dropping_context = context_id
+
+    # ---- PeerChannel: requests we send on this association ----------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == ESTABLISHED and self.transport is not None and not self.transport.is_closing()
+
+    def contexts(self, abstract_syntax: str, peer_scp: bool = False) -> dict[str, int]:
+        return {ts: cid for cid, (abstract, ts) in self.accepted.items()
+                if abstract == abstract_syntax and (not peer_scp or cid in self.peer_scp)}
+
+    async def _wait_writable(self) -> None:
+        while self.writable is not None and not self.writable.done():
+            await asyncio.shield(self.writable)
+        if not self.is_open:
+            raise ChannelClosed("association ended")
+
+    async def request(self, context_id: int, command: Callable[[int], bytes],
+                      dataset: AsyncIterator[bytes] | None, timeout: float) -> dimse.Command:
+        if not self.is_open:
+            raise ChannelClosed("association is not open")
+        self.our_message_id = self.our_message_id % 0xFFFF + 1
+        message_id = self.our_message_id
+        future: asyncio.Future[dimse.Command] = asyncio.get_running_loop().create_future()
+        self.awaiting[message_id] = future
+        try:
+            async with self.send_lock:
+                await self._wait_writable()
+                self._send(b"".join(pdu.p_data_pdus(context_id, command(message_id), True, self.peer_max_pdu)))
+                if dataset is not None:
+                    await self._send_dataset(context_id, dataset)
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self.awaiting.pop(message_id, None)
+
+    async def _send_dataset(self, context_id: int, dataset: AsyncIterator[bytes]) -> None:
+        """Stream ``dataset``: each chunk is sent once the next is known (the last fragment must be marked last),
+        waiting for the transport to drain below write_buffer_high in between, so memory stays bounded."""
+        held: bytes | None = None
+        async for chunk in dataset:
+            if not chunk:
+                continue
+            if held is not None:
+                await self._wait_writable()
+                self._send(b"".join(pdu.p_data_pdus(context_id, held, False, self.peer_max_pdu, final=False)))
+            held = chunk
+        await self._wait_writable()
+        self._send(b"".join(pdu.p_data_pdus(context_id, held or b"", False, self.peer_max_pdu)))
+
     async def _respond(self, handler: Handler, request: Request) -> None:
         command = request.command
         try:
             async for response in handler.responses():
                 if self.state == CLOSED:
                     return
-                self._send_response(request, response)
+                async with self.send_lock:  # never between the fragments of a request we are sending
+                    if self.state == CLOSED:
+                        return
+                    self._send_response(request, response)
                 if not response.is_pending:
                     return
         finally:
@@ -436,10 +558,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _send_response(self, request: Request, response: Response) -> None:
         command = request.command
         instance = response.affected_sop_instance_uid
-        encoded = dimse.response(command.command_field | 0x8000, command.message_id, response.status,
-                                 command.affected_sop_class_uid,
-                                 command.affected_sop_instance_uid if instance is None else instance,
-                                 response.comment, has_dataset=response.dataset is not None)
+        encoded = dimse.response(command.command_field | dimse.RESPONSE_BIT, command.message_id, response.status,
+                                 command.sop_class_uid, command.sop_instance_uid if instance is None else instance,
+                                 response.comment, has_dataset=response.dataset is not None, extra=response.extra)
         out = list(pdu.p_data_pdus(request.context_id, encoded, True, self.peer_max_pdu))
         if response.dataset is not None:
             out.extend(pdu.p_data_pdus(request.context_id, response.dataset, False, self.peer_max_pdu))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -19,6 +20,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
 
@@ -58,6 +60,8 @@ class ClientAssociation(asyncio.BufferedProtocol):
         self._command = bytearray()
         self._message_id = 0
         self.closed = asyncio.get_running_loop().create_future()
+        self._writable: asyncio.Future[None] | None = None  # set while the transport's buffer is above its limit
+        self.send_lock = asyncio.Lock()
 
     # ---- asyncio callbacks ----
 
@@ -79,7 +83,20 @@ class ClientAssociation(asyncio.BufferedProtocol):
             self._fail(AssociationAborted(f"bad PDU from the peer: {exc}"))
             self.abort()
 
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def _drain(self) -> None:
+        while self._writable is not None and not self._writable.done():
+            await asyncio.shield(self._writable)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.resume_writing()
         self._fail(AssociationAborted("connection closed by the peer"))
         if not self.closed.done():
             self.closed.set_result(None)
@@ -136,13 +153,21 @@ class ClientAssociation(asyncio.BufferedProtocol):
     async def open(
         cls, host: str, port: int, called_ae: str, calling_ae: str,
         contexts: list[tuple[str, list[str]]], max_pdu: int = 1 << 20,
+        roles: tuple[tuple[str, bool, bool], ...] = (),
     ) -> ClientAssociation:
+        """Request an association. ``roles``: SCP/SCU role selection items (SOP class, SCU role, SCP role), e.g. to
+        report Storage Commitment results as its SCP on an association we request."""
         loop = asyncio.get_running_loop()
         _transport, assoc = await loop.create_connection(lambda: cls(max_pdu), host, port)
-        await assoc._request(called_ae, calling_ae, contexts)
+        try:
+            await assoc._request(called_ae, calling_ae, contexts, list(roles))
+        except BaseException:
+            assoc.abort()
+            raise
         return assoc
 
-    async def _request(self, called_ae: str, calling_ae: str, contexts: list[tuple[str, list[str]]]) -> None:
+    async def _request(self, called_ae: str, calling_ae: str, contexts: list[tuple[str, list[str]]],
+                       roles: list[tuple[str, bool, bool]]) -> None:
         rq = A_ASSOCIATE()
         rq.application_context_name = APPLICATION_CONTEXT
         rq.calling_ae_title = calling_ae
@@ -161,7 +186,13 @@ class ClientAssociation(asyncio.BufferedProtocol):
         impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         impl_name = ImplementationVersionNameNotification()
         impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        rq.user_information = [max_len, impl_uid, impl_name]
+        role_items = []
+        for sop_class, scu_role, scp_role in roles:
+            role = SCP_SCU_RoleSelectionNegotiation()
+            role.sop_class_uid = sop_class
+            role.scu_role, role.scp_role = scu_role, scp_role
+            role_items.append(role)
+        rq.user_information = [max_len, impl_uid, impl_name, *role_items]
         out = RQ_PDU()
         out.from_primitive(rq)
         self._send(out.encode())
@@ -187,6 +218,34 @@ class ClientAssociation(asyncio.BufferedProtocol):
         response = await self._expect()
         assert isinstance(response, dimse.Command)
         return int(response.status if response.status is not None else -1)
+
+    async def request(self, context_id: int, command: bytes, dataset: AsyncIterator[bytes] | bytes | None,
+                      timeout: float) -> dimse.Command:
+        """Send one request and its dataset (bytes, or streamed chunk by chunk with flow control so memory stays
+        bounded for any size), then wait up to ``timeout`` seconds for the response command. Build ``command``
+        with ``next_message_id()``."""
+        async with self.send_lock:
+            self._send(b"".join(pdu.p_data_pdus(context_id, command, True, self.peer_max_pdu)))
+            if isinstance(dataset, bytes | bytearray | memoryview):
+                self._send(b"".join(pdu.p_data_pdus(context_id, dataset, False, self.peer_max_pdu)))
+            elif dataset is not None:
+                held: bytes | None = None
+                async for chunk in dataset:
+                    if not chunk:
+                        continue
+                    if held is not None:
+                        await self._drain()
+                        self._send(b"".join(pdu.p_data_pdus(context_id, held, False, self.peer_max_pdu, final=False)))
+                    held = chunk
+                await self._drain()
+                self._send(b"".join(pdu.p_data_pdus(context_id, held or b"", False, self.peer_max_pdu)))
+            async with asyncio.timeout(timeout):
+                response = await self._expect()
+        assert isinstance(response, dimse.Command)
+        return response
+
+    def next_message_id(self) -> int:
+        return self._next_id()
 
     def _next_id(self) -> int:
         self._message_id = self._message_id % 65535 + 1

@@ -30,7 +30,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from appliance.config import Config
+from appliance.config import Config, all_storage_sop_classes
 from appliance.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from appliance.net import pdu
 
@@ -122,6 +122,7 @@ class Negotiated:
     peer_max_pdu: int  # 0 = unlimited
     contexts: dict[int, tuple[str, str]]  # accepted context id -> (abstract syntax, transfer syntax)
     ac_pdu: bytes
+    peer_scp: frozenset[int] = frozenset()  # accepted context ids on which the requestor may act as SCP (C-GET)
 
 
 class Negotiator:
@@ -129,6 +130,9 @@ class Negotiator:
         self.config = config
         self.sop_classes = frozenset(config.dicom.sop_classes)
         self.transfer_syntaxes = frozenset(config.dicom.transfer_syntaxes)
+        # Storage SOP classes accept SCP/SCU role selection, so that a C-GET requestor can be the Storage SCP of its
+        # sub-operations; without a role selection item the default roles stay (the requestor is the SCU).
+        self.role_classes = frozenset(all_storage_sop_classes())
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, Negotiated] = OrderedDict()
 
@@ -166,6 +170,8 @@ class Negotiator:
                 for cx in results if cx.result == 0x00 and cx.context_id is not None
             }
             ac_pdu = self._accept_pdu(primitive, results, role_items)
+            scp_classes = {str(item.sop_class_uid) for item in role_items if item.scp_role}
+            peer_scp = frozenset(cid for cid, (abstract, _ts) in contexts.items() if abstract in scp_classes)
         except Exception as exc:  # pynetdicom met a combination of items it does not expect: still the peer's
             raise pdu.PDUError(f"A-ASSOCIATE-RQ cannot be negotiated: {_reason(exc)}") from None
         return Negotiated(
@@ -176,6 +182,7 @@ class Negotiator:
             peer_max_pdu=peer_max_pdu,
             contexts=contexts,
             ac_pdu=ac_pdu,
+            peer_scp=peer_scp,
         )
 
     def _contexts(
@@ -202,6 +209,8 @@ class Negotiator:
             if rq_cx.abstract_syntax in self.sop_classes:
                 ours = [ts for ts in rq_cx.transfer_syntax if ts in self.transfer_syntaxes]
                 offer[0].transfer_syntax = [UID(ts) for ts in ours or self.config.dicom.transfer_syntaxes[:1]]
+                if rq_cx.abstract_syntax in self.role_classes:
+                    offer[0].scu_role = offer[0].scp_role = True
             else:
                 offer = []
             result, items = negotiate_as_acceptor([rq_cx], offer, roles or None)

@@ -81,8 +81,10 @@ def iter_pdvs(body: memoryview) -> Iterator[PDV]:
         offset += 4 + length
 
 
-def p_data_pdus(context_id: int, payload: bytes | memoryview, is_command: bool, max_pdu: int) -> Iterator[bytes]:
-    """Fragment ``payload`` into P-DATA-TF PDUs whose length field is at most ``max_pdu`` (0 = unlimited)."""
+def p_data_pdus(context_id: int, payload: bytes | memoryview, is_command: bool, max_pdu: int,
+                final: bool = True) -> Iterator[bytes]:
+    """Fragment ``payload`` into P-DATA-TF PDUs whose length field is at most ``max_pdu`` (0 = unlimited). With
+    ``final`` false the last fragment is not marked last: more of the same message follows (a streamed dataset)."""
     limit = (max_pdu or 1 << 30) - 6  # PDV header (length field excluded from the 4) is 4 + 2 bytes
     if limit < 1:
         # A limit this small would never make progress (or, negative, slice backwards); peers announcing it are
@@ -95,7 +97,7 @@ def p_data_pdus(context_id: int, payload: bytes | memoryview, is_command: bool, 
         chunk = view[offset : offset + limit]
         offset += len(chunk)
         last = offset >= total
-        control = (1 if is_command else 0) | (2 if last else 0)
+        control = (1 if is_command else 0) | (2 if last and final else 0)
         pdv_len = len(chunk) + 2
         yield HEADER.pack(P_DATA_TF, pdv_len + 4) + PDV_HEADER.pack(pdv_len, context_id, control) + chunk
         if last:

@@ -13,12 +13,41 @@ never the other way round (checked by the import-linter contracts in pyproject.t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.config import PeerConfig
 from appliance.net.dimse import Command
+
+
+class ChannelClosed(Exception):
+    """The association ended (or is ending) before the peer answered a request we sent on it."""
+
+
+class PeerChannel(Protocol):
+    """The association a request came on, as its handler may use it to send requests of its own to the peer and
+    await their responses: C-GET's C-STORE sub-operations, Storage Commitment's N-EVENT-REPORT. One message is sent
+    at a time (fragments of two messages never interleave); responses to the peer's own requests wait their turn."""
+
+    @property
+    def is_open(self) -> bool:
+        """True while requests can still be sent (associated, not aborted or closed)."""
+        ...
+
+    def contexts(self, abstract_syntax: str, peer_scp: bool = False) -> dict[str, int]:
+        """Transfer syntax -> presentation context id of the accepted contexts for ``abstract_syntax``. With
+        ``peer_scp``, only those on which SCP/SCU role selection lets the peer act as SCP (PS3.7 D.3.3.4): the
+        contexts a C-GET may send C-STORE-RQs on."""
+        ...
+
+    async def request(self, context_id: int, command: Callable[[int], bytes],
+                      dataset: AsyncIterator[bytes] | None, timeout: float) -> Command:
+        """Send a request (``command(message_id)`` -> encoded command set) and its dataset, streamed chunk by chunk
+        with the association's flow control, then wait up to ``timeout`` seconds for the peer's response command
+        (any response dataset is read and dropped). Raises ChannelClosed if the association ends first and
+        TimeoutError if the peer does not answer in time (the association stays up: the caller decides)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -32,6 +61,7 @@ class Request:
     calling_ae: str
     peer: PeerConfig | None  # the calling AE's [peers] entry, if any
     address: str  # source host of the connection (no port)
+    channel: PeerChannel | None = None  # the association itself, for requests to the peer (None in unit tests)
 
 
 @dataclass
@@ -42,6 +72,7 @@ class Response:
     comment: str = ""
     dataset: bytes | None = None  # an identifier (C-FIND) or other response dataset, in the context's syntax
     affected_sop_instance_uid: str | None = None  # None: the request's
+    extra: tuple[tuple[int, bytes], ...] = ()  # more command elements: sub-operation counts, Action Type ID
 
     @property
     def is_pending(self) -> bool:

@@ -1,15 +1,16 @@
 """The storage appliance's Application (net/service.py): dispatch of DIMSE requests to the service handlers by
-command field, as pynetdicom dispatches by SOP class. Query/Retrieve and Storage Commitment add entries here."""
+command field and SOP class, as pynetdicom dispatches by SOP class."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from appliance import errors
 from appliance.net import dimse
 from appliance.net.service import AnswerOnce, Handler, Request, Response
 from appliance.services.context import WorkerContext
 from appliance.services.echo import EchoHandler
+from appliance.services.rights import refusal
 from appliance.services.store import StoreOperation
 
 
@@ -37,17 +38,42 @@ class StoreHandler:
             self.op.abandon()
 
 
+HandlerFactory = Callable[[WorkerContext, Request], Handler]
+
+# (command field, SOP class) -> (right needed, handler factory), for the services other than C-ECHO and C-STORE.
+# The right is checked here, once, before any handler exists (services/rights.py).
+SERVICES: dict[tuple[int, str], tuple[str, HandlerFactory]] = {}
+
+
+def register(command_field: int, sop_classes: tuple[str, ...], right: str, factory: HandlerFactory) -> None:
+    for sop_class in sop_classes:
+        SERVICES[(command_field, sop_class)] = (right, factory)
+
+
 class StorageApplication:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
 
     def handler(self, request: Request) -> Handler | None:
-        field = request.command.command_field
+        command = request.command
+        field = command.command_field
         if field == dimse.C_ECHO_RQ:
-            return EchoHandler(request)
+            return EchoHandler(self.ctx.config, request)
         if field == dimse.C_STORE_RQ:
-            if not request.command.has_dataset:
+            if not command.has_dataset:
                 # Refused before a StoreOperation (and its spool) exists.
                 return AnswerOnce(Response(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset"))
             return StoreHandler(self.ctx, request)
-        return None
+        service = SERVICES.get((field, request.abstract_syntax))
+        if service is None:
+            if any(f == field for f, _ in SERVICES):
+                # A known operation on a context of another SOP class (a C-FIND on a storage context).
+                return AnswerOnce(Response(errors.SOP_CLASS_NOT_SUPPORTED, "operation not served for this SOP class"))
+            return None
+        if command.sop_class_uid and command.sop_class_uid != request.abstract_syntax:
+            return AnswerOnce(Response(errors.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the context's"))
+        right, factory = service
+        refused = refusal(self.ctx.config, request, right)
+        if refused is not None:
+            return AnswerOnce(refused)
+        return factory(self.ctx, request)

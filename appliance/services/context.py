@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.config import Config
 
 if TYPE_CHECKING:
+    from appliance.index.db import StudyIndex
     from appliance.metrics import Metrics
     from appliance.store.commit import GroupCommitter
     from appliance.store.online import BlobStore
@@ -25,6 +26,7 @@ class WorkerContext:
     metrics: Metrics
     blobstore: BlobStore
     spool_budget: SpoolBudget
+    index: StudyIndex  # the worker's own environment: queries and retrieves read it (short read transactions)
     accepted_sop_classes: frozenset[str] = frozenset()
 
     @classmethod

@@ -5,21 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from appliance import errors
+from appliance.config import Config
 from appliance.net.service import Request, Response
+from appliance.services.rights import refusal
 
 
 class EchoHandler:
-    """Success, or Not Authorized for a known peer with ``allow_echo = false``."""
+    """Success, or Not Authorized for a peer without the echo right."""
 
-    def __init__(self, request: Request) -> None:
-        peer = request.peer
-        self.status = errors.NOT_AUTHORIZED if peer is not None and not peer.allow_echo else errors.SUCCESS
+    def __init__(self, config: Config, request: Request) -> None:
+        self.response = refusal(config, request, "echo") or Response(errors.SUCCESS)
 
     def feed(self, data: memoryview) -> None:
         pass  # a C-ECHO-RQ has no dataset; one that says otherwise gets its bytes dropped
 
     async def responses(self) -> AsyncIterator[Response]:
-        yield Response(self.status)
+        yield self.response
 
     def cancel(self) -> None:
         pass

@@ -75,7 +75,7 @@ class StoreOperation:
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
             self.result = StoreResult(errors.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
             return
-        if peer is not None and not peer.allow_store:
+        if not ctx.config.allows(peer, "store"):
             self.result = StoreResult(errors.NOT_AUTHORIZED, "peer is not allowed to store")
             return
         volume = ctx.volumes.pick(SIZE_HINT)

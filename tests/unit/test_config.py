@@ -16,6 +16,7 @@ from appliance.config import (
     PeerConfig,
     all_storage_sop_classes,
     load_config,
+    service_sop_classes,
 )
 from appliance.errors import EXIT_CONFIG, ConfigError
 from tests.conftest import APPLIANCE
@@ -54,7 +55,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.source is None
     assert cfg.dicom.transfer_syntaxes == DEFAULT_TRANSFER_SYNTAXES
     assert cfg.dicom.sop_classes[0] == "1.2.840.10008.1.1"  # Verification first
-    assert set(cfg.dicom.sop_classes[1:]) == set(all_storage_sop_classes())
+    assert set(cfg.dicom.sop_classes[1:]) == set(service_sop_classes()[1:]) | set(all_storage_sop_classes())
     assert "1.2.840.10008.5.1.4.1.1.2" in cfg.dicom.sop_classes  # CT Image Storage
 
 
