@@ -17,6 +17,7 @@ from appliance.net.service import ChannelClosed, Request, Response
 from tests.protocol.fakes import CT, EXPLICIT, VERIFICATION, connect, echo_pdu, endpoint, receive, statuses
 from tests.protocol.test_states import in_loop
 
+
 def associate_rq(role: tuple[bool, bool] | None) -> bytes:
     """Verification, the Study Root GET model and CT Image Storage, with an optional role selection for CT."""
     primitive = A_ASSOCIATE()
