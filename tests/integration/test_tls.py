@@ -159,6 +159,12 @@ def test_refused_handshakes_leak_nothing_and_the_server_keeps_serving(make_serve
                                f"127.0.0.1:{server.tls_port}"], input="", capture_output=True, text=True, timeout=30)
     assert "Cipher is (NONE)" in s_client.stdout or s_client.returncode != 0, s_client.stdout
     refused("UNSUPPORTED_PROTOCOL")
+    # TLS 1.2 with a suite outside BCP 195 only (CBC, RSA key transport, SHA-1 MAC), a valid client certificate.
+    s_client = subprocess.run(["openssl", "s_client", "-tls1_2", "-cipher", "AES128-SHA", "-cert", str(pki.client_cert),
+                               "-key", str(pki.client_key), "-CAfile", str(pki.ca), "-connect",
+                               f"127.0.0.1:{server.tls_port}"], input="", capture_output=True, text=True, timeout=30)
+    assert "Cipher is (NONE)" in s_client.stdout or s_client.returncode != 0, s_client.stdout
+    refused("NO_SHARED_CIPHER")
     # Plaintext DICOM to the TLS port: DCMTK without +tls, then a raw A-ASSOCIATE-RQ. Whatever comes back is a TLS
     # alert at most (record type 0x15), never a DICOM PDU.
     assert dcmtk("echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(server.tls_port)).returncode != 0
