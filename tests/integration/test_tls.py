@@ -108,7 +108,10 @@ def test_dcmtk_echo_and_store_over_tls_beside_the_plain_port(make_server: MakeSe
     plain = dcmtk("echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(server.port))
     assert plain.returncode == 0, plain.stderr
     assert dcmtk("echoscu", *dcmtk_tls(pki), "-aec", "APPLIANCE", "127.0.0.1", str(server.port)).returncode != 0
-    assert handshakes(server, "ok") == 2
+    # The association-level checks hold over TLS too: the A-ASSOCIATE-RJ travels inside the TLS connection.
+    wrong = dcmtk("echoscu", *dcmtk_tls(pki), "-aec", "NOTME", "127.0.0.1", str(server.tls_port))
+    assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+    assert handshakes(server, "ok") == 3
 
 
 @pytest.mark.parametrize("maximum,protocol", [(None, "TLSv1.3"), (ssl.TLSVersion.TLSv1_2, "TLSv1.2")])
