@@ -80,6 +80,10 @@ def log_lines(server: ServerHandle, text: str) -> list[str]:
     return [line for line in server.log().splitlines() if text in line]
 
 
+def open_descriptors(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
 def assert_refused_and_logged(server: ServerHandle, reason: str, before: int) -> None:
     """One more 'TLS handshake failed' line, naming ``reason``; the worker logs it as the handshake fails, which may
     be just after the client gave up."""
@@ -143,10 +147,17 @@ def test_refused_handshakes_leak_nothing_and_the_server_keeps_serving(make_serve
         assert_refused_and_logged(server, reason, failed)
         failed += 1
 
+    # One good association and one refusal first, so that every file the worker opens lazily (the metrics files)
+    # is open: from then on its descriptors must come back to the same count after each refusal.
+    assoc = tls_associate(server, client_context(pki))
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    (worker,) = server.worker_pids()
     # No client certificate although one is required: DCMTK's anonymous TLS, then pynetdicom.
     result = dcmtk("echoscu", "+tla", "+cf", str(pki.ca), "-aec", "APPLIANCE", "127.0.0.1", str(server.tls_port))
     assert result.returncode != 0
     refused("PEER_DID_NOT_RETURN_A_CERTIFICATE")
+    descriptors = open_descriptors(worker)
     assoc = tls_associate(server, client_context(pki, cert=False))
     assert not assoc.is_established
     refused("PEER_DID_NOT_RETURN_A_CERTIFICATE")
@@ -180,6 +191,7 @@ def test_refused_handshakes_leak_nothing_and_the_server_keeps_serving(make_serve
     assert answer[:1] in (b"", b"\x15"), answer[:16]
     refused("WRONG_VERSION_NUMBER")
     assert handshakes(server, "failed") == failed
+    wait_for(lambda: open_descriptors(worker) == descriptors, 10, what="the worker's descriptors back to their count")
     # Nothing held: the one association slot is free on both ports.
     assoc = tls_associate(server, client_context(pki))
     assert assoc.is_established, server.log()[-2000:]
