@@ -120,17 +120,24 @@ def test_dcmtk_echo_and_store_over_tls_beside_the_plain_port(make_server: MakeSe
 
 @pytest.mark.parametrize("maximum,protocol", [(None, "TLSv1.3"), (ssl.TLSVersion.TLSv1_2, "TLSv1.2")])
 def test_pynetdicom_over_tls(make_server: MakeServer, pki: Pki, maximum: ssl.TLSVersion | None,
-                             protocol: str) -> None:
-    server = make_server(tls=tls_section(pki))
+                             protocol: str, tmp_path: Path) -> None:
+    # Small PDUs on our side: the 6 MiB instance crosses many P-DATA PDUs and TLS records, both ways of flow control.
+    server = make_server(server={"max_pdu": 65536, "write_buffer_high": 65536}, tls=tls_section(pki))
     assoc = tls_associate(server, client_context(pki, maximum=maximum))
     assert assoc.is_established, server.log()
+    big = new_ct()
+    big.Rows, big.Columns = 1536, 2048
+    big.PixelData = bytes(range(256)) * (1536 * 2048 * 2 // 256)
     try:
         assert assoc.send_c_echo().Status == 0
         ds = new_ct()
         assert assoc.send_c_store(ds).Status == 0
+        assert assoc.send_c_store(big).Status == 0
     finally:
         assoc.release()
     assert server.cli_json("show", str(ds.SOPInstanceUID))["calling_ae"] == "PYNTLS"
+    server.cli("export", str(big.SOPInstanceUID), str(tmp_path))
+    assert pydicom.dcmread(tmp_path / f"{big.SOPInstanceUID}.dcm").PixelData == big.PixelData
     line = log_lines(server, "accepted over TLS")[-1]
     assert protocol in line
     if protocol == "TLSv1.2":  # a suite of the BCP 195 list
