@@ -193,7 +193,7 @@ class DicomConfig:
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
 
 
-# TLS 1.2 cipher suites allowed by default: BCP 195 (RFC 9325 4.2): ephemeral ECDH key exchange (forward secrecy,
+# TLS 1.2 cipher suites allowed by default, as BCP 195 (RFC 9325) recommends: ephemeral ECDH key exchange (forward secrecy,
 # no static RSA) and AEAD encryption (AES-GCM, ChaCha20-Poly1305; no CBC, no SHA-1 MAC). TLS 1.3 suites are not set
 # by this string: every TLS 1.3 suite meets the same bar.
 BCP195_CIPHERS = ":".join((
@@ -206,7 +206,7 @@ TLS_VERSIONS = ("1.2", "1.3")
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """DICOM over TLS (PS3.15 B.9, BCP 195) on a second port beside the plain one; net/tls.py builds the context."""
+    """DICOM over TLS (PS3.15 Annex B, BCP 195) on a second port beside the plain one; net/tls.py builds the context."""
 
     enabled: bool = False
     # DICOM's registered TLS port. 0 picks a free port (written to serve's --port-file as tls_port), as server.port.

@@ -1,4 +1,4 @@
-"""DICOM over TLS (PS3.15 B.9 / BCP 195): the server's SSLContext, checked when the server starts, and the handshake
+"""DICOM over TLS (PS3.15 Annex B, BCP 195): the server's SSLContext, checked when the server starts, and the handshake
 in front of each association on the TLS port.
 
 The handshake is run here (``loop.start_tls``) rather than by ``create_server(ssl=...)`` because asyncio and uvloop
@@ -73,7 +73,7 @@ def _check_key_mode(path: Path, warn: Callable[[str], None]) -> None:
 
 
 def non_bcp195_ciphers(context: ssl.SSLContext) -> list[str]:
-    """The TLS 1.2 suites ``context`` would negotiate that BCP 195 (RFC 9325 4.2) does not recommend: anything but
+    """The TLS 1.2 suites ``context`` would negotiate that BCP 195 (RFC 9325) does not recommend: anything but
     an ephemeral ECDH key exchange with an AEAD cipher. TLS 1.3 suites all qualify."""
     return [c["name"] for c in context.get_ciphers()
             if c["protocol"] != "TLSv1.3" and not (c["kea"] == "kx-ecdhe" and c["aead"])]
