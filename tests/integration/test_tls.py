@@ -93,7 +93,8 @@ def assert_refused_and_logged(server: ServerHandle, reason: str, before: int) ->
 
 def test_dcmtk_echo_and_store_over_tls_beside_the_plain_port(make_server: MakeServer, pki: Pki,
                                                            tmp_path: Path) -> None:
-    server = make_server(tls=tls_section(pki))
+    # Two workers: both listen on the TLS port too (SO_REUSEPORT, as the plain one).
+    server = make_server(server={"workers": 2}, tls=tls_section(pki))
     assert server.tls_port and server.tls_port != server.port
     echo = dcmtk("echoscu", *dcmtk_tls(pki), "-aec", "APPLIANCE", "127.0.0.1", str(server.tls_port))
     assert echo.returncode == 0, echo.stderr + server.log()
