@@ -74,7 +74,7 @@ def _open_index(cfg: Config) -> Iterator[StudyIndex]:
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    port_file: Annotated[Path | None, typer.Option(help="Write {port, metrics_port, pid} here once ready")] = None,
+    port_file: Annotated[Path | None, typer.Option(help="Write {port, tls_port, metrics_port, pid} here once ready")] = None,
 ) -> None:
     """Run the DICOM storage SCP (and /metrics) until SIGTERM/SIGINT."""
     from appliance.server import serve as run

@@ -193,6 +193,37 @@ class DicomConfig:
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
 
 
+# TLS 1.2 cipher suites allowed by default, as BCP 195 (RFC 9325) recommends: ephemeral ECDH key exchange (forward secrecy,
+# no static RSA) and AEAD encryption (AES-GCM, ChaCha20-Poly1305; no CBC, no SHA-1 MAC). TLS 1.3 suites are not set
+# by this string: every TLS 1.3 suite meets the same bar.
+BCP195_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM over TLS (PS3.15 Annex B, BCP 195) on a second port beside the plain one; net/tls.py builds the context."""
+
+    enabled: bool = False
+    # DICOM's registered TLS port. 0 picks a free port (written to serve's --port-file as tls_port), as server.port.
+    port: int = 2762
+    certificate: Path | None = None  # PEM: our certificate, then any intermediate CA certificates
+    private_key: Path | None = None  # PEM, not encrypted, readable by the service account only
+    ca_certificates: Path | None = None  # PEM bundle of the CAs whose client certificates are trusted
+    # True: a client must present a certificate signed by one of ca_certificates, else the handshake fails.
+    require_client_certificate: bool = True
+    min_version: str = "1.2"
+    ciphers: str = BCP195_CIPHERS  # OpenSSL cipher list for TLS 1.2
+    handshake_timeout_s: float = 10.0
+    # Handshakes in progress per worker; one more connection to the TLS port is reset at once. A connection in
+    # its handshake holds no association slot, so this is what bounds them.
+    handshakes_pending_max: int = 64
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -201,6 +232,7 @@ class Config:
     volumes: tuple[VolumeConfig, ...] = (VolumeConfig("vol0", Path("var/volumes/vol0")),)
     peers: tuple[PeerConfig, ...] = ()
     source: Path | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -292,8 +324,9 @@ ENV_PREFIX = "APPLIANCE_"
 
 
 def _env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
-    """``APPLIANCE_SERVER_PORT=11113`` overrides ``[server] port``; values are parsed as TOML scalars."""
-    sections = {"server": ServerConfig, "storage": StorageConfig}
+    """``APPLIANCE_SERVER_PORT=11113`` overrides ``[server] port`` (also ``[storage]`` and ``[tls]`` keys); values are
+    parsed as TOML scalars."""
+    sections = {"server": ServerConfig, "storage": StorageConfig, "tls": TlsConfig}
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -322,7 +355,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers"}
+    known = {"server", "storage", "dicom", "volumes", "peers", "tls"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -355,7 +388,14 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     peers = tuple(
         _build(PeerConfig, f"peers.{name}", {"name": name, **table}, base) for name, table in peers_raw.items()
     )
-    config = Config(server, storage, dicom, volumes, peers, path)
+    tls = _build(TlsConfig, "tls", raw.get("tls", {}), base)
+    # The file keys default to None, so _coerce left them strings: resolve them against the config's folder.
+    tls = dataclasses.replace(tls, **{
+        key: (base / Path(value).expanduser()) if isinstance(value, str) else value
+        for key in ("certificate", "private_key", "ca_certificates")
+        if (value := getattr(tls, key)) is not None
+    })
+    config = Config(server, storage, dicom, volumes, peers, path, tls)
     validate(config)
     return config
 
@@ -430,6 +470,7 @@ def validate(config: Config) -> None:
         for uid in uids:
             if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
                 raise ConfigError(f"{key}: {uid!r} is not a UID")
+    _validate_tls(config)
     for peer in config.peers:
         _check_ae(f"peers.{peer.name}.ae_title", peer.ae_title)
         if not 1 <= peer.port <= 65535:
@@ -437,6 +478,30 @@ def validate(config: Config) -> None:
         if peer.allow_overwrite and st.duplicate_policy != "overwrite":
             # Said so rather than ignored: whoever wrote it expects this peer's re-sends to replace.
             raise ConfigError(f"peers.{peer.name}.allow_overwrite: needs storage.duplicate_policy = \"overwrite\"")
+
+
+def _validate_tls(config: Config) -> None:
+    """The static checks; the files themselves (present, readable, private, key matching certificate) are checked
+    when the server starts (net/tls.py server_context), since a config may be written before its certificates."""
+    t = config.tls
+    if not 0 <= t.port <= 65535:
+        raise ConfigError(f"tls.port: {t.port} is not a TCP port (0..65535)")
+    if t.enabled and t.port and t.port == config.server.port:
+        raise ConfigError(f"tls.port: {t.port} is server.port too; TLS needs a port of its own")
+    if t.min_version not in TLS_VERSIONS:
+        raise ConfigError(f"tls.min_version: \"1.2\" or \"1.3\", got {t.min_version!r} (BCP 195 forbids TLS 1.0 and 1.1)")
+    if not t.ciphers.strip():
+        raise ConfigError("tls.ciphers: empty (the default is the BCP 195 list)")
+    if t.handshake_timeout_s <= 0 or t.handshakes_pending_max < 1:
+        raise ConfigError("tls.handshake_timeout_s must be positive and tls.handshakes_pending_max at least 1")
+    if not t.enabled:
+        return
+    for key in ("certificate", "private_key"):
+        if getattr(t, key) is None:
+            raise ConfigError(f"tls.{key}: required when tls.enabled = true")
+    if t.require_client_certificate and t.ca_certificates is None:
+        raise ConfigError("tls.ca_certificates: required with require_client_certificate = true (the CAs whose "
+                          "client certificates are trusted); or set require_client_certificate = false")
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -493,6 +558,21 @@ compaction_bytes_per_s = 67108864  # compaction's copy rate limit
 # sop_classes = ["all"]         # "all" = Verification, Query/Retrieve, Storage Commitment and every storage
                                 # SOP class; "storage" = Verification + storage only; or a list of UIDs
 # transfer_syntaxes = [...]     # default: uncompressed + every common compressed syntax, stored as received
+
+# DICOM over TLS on a second port (docs/security.md); the plain port stays open beside it.
+# Environment variables override these keys too: APPLIANCE_TLS_ENABLED=true.
+[tls]
+enabled = false                 # true: also listen on port, with the certificate and key below
+port = 2762                     # DICOM's registered TLS port; 0 = a free port (written to serve's --port-file)
+# certificate = "tls/server.crt"  # PEM: our certificate, then any intermediate CA certificates
+# private_key = "tls/server.key"  # PEM, not encrypted; mode 0600 (0640 warns, readable by others refuses)
+# ca_certificates = "tls/ca.crt"  # PEM bundle: the CAs whose client certificates are trusted
+require_client_certificate = true  # the handshake fails without a client certificate signed by those CAs
+min_version = "1.2"             # "1.2" or "1.3"
+# ciphers = "..."               # TLS 1.2 suites, OpenSSL syntax; default: BCP 195 (ECDHE with AES-GCM or
+                                # ChaCha20-Poly1305 only; docs/security.md); every TLS 1.3 suite is allowed
+handshake_timeout_s = 10.0      # a handshake not done by then is dropped
+handshakes_pending_max = 64     # handshakes in progress per worker; more connections are reset at once
 
 # Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
 # below its high watermark. A volume folder that exists without its marker file (a mount point whose

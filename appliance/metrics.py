@@ -105,6 +105,10 @@ class Metrics:
             "appliance_duplicates", "Re-sent SOP Instance UIDs, by outcome", ["outcome"], **kw
         )
         self.aborts = Counter("appliance_aborts", "Associations aborted, by reason", ["reason"], **kw)
+        self.tls_handshakes = Counter(
+            "appliance_tls_handshakes", "Handshakes on the TLS port, by outcome (ok, failed, timeout, limit)",
+            ["result"], **kw,
+        )
 
         # Children of labelled metrics, cached: .labels() takes a lock and builds a key on every call.
         stages = {stage: self.store_seconds.labels(stage) for stage in ("receive", "fsync", "queue", "index", "total")}

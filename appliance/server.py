@@ -61,7 +61,7 @@ def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
 # ---- worker -----------------------------------------------------------------------------------------
 
 
-def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0) -> None:
+def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
     # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
     # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
@@ -77,10 +77,10 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop works too
         pass
-    asyncio.run(_worker(config, port, ready, slots, worker))
+    asyncio.run(_worker(config, port, ready, slots, worker, tls_port))
 
 
-async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0) -> None:
+async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, Endpoint
     from appliance.services.application import StorageApplication
@@ -110,6 +110,15 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
     sock = _listen_socket(config.server.host, port, listen=True)
     server = await loop.create_server(lambda: AssociationProtocol(endpoint), sock=sock)
+    tls_server, tls_gate = None, None
+    if tls_port:
+        from appliance.net.tls import TlsGate, server_context
+
+        # The same Endpoint and Application as the plain port: only the handshake in front differs.
+        tls_gate = TlsGate(config.tls, server_context(config.tls), lambda: AssociationProtocol(endpoint), metrics,
+                           early_bytes_max=config.server.max_associate_rq_bytes)
+        tls_server = await loop.create_server(tls_gate.protocol,
+                                              sock=_listen_socket(config.server.host, tls_port, listen=True))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     ready.put(os.getpid())
 
@@ -125,6 +134,9 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     await stop.wait()
 
     server.close()  # stop accepting; associations in progress go on (not after a storage fault: stop now)
+    if tls_server is not None and tls_gate is not None:
+        tls_server.close()
+        tls_gate.close()
     deadline = time.monotonic() + (0.0 if faults else DRAIN_SECONDS)
     while endpoint.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -177,6 +189,7 @@ class Supervisor:
         self.slots = SlotTable(config.server.max_associations, self.mp)
         self.workers: list[ForkProcess] = []
         self.port = config.server.port
+        self.tls_port = 0  # the TLS port once bound (0: TLS is off)
         self.metrics_port = 0
         self.stopping = False
         self.exit_code = 0
@@ -207,7 +220,8 @@ class Supervisor:
         return stats
 
     def _spawn(self, worker: int) -> ForkProcess:
-        proc = self.mp.Process(target=_worker_main, args=(self.config, self.port, self.ready, self.slots, worker),
+        proc = self.mp.Process(target=_worker_main,
+                               args=(self.config, self.port, self.ready, self.slots, worker, self.tls_port),
                                name="appliance-worker", daemon=False)
         proc.start()
         return proc
@@ -216,12 +230,15 @@ class Supervisor:
         cfg = self.config
         if not cfg.storage.fsync:
             log.warning("storage.fsync is false: acknowledged instances are NOT durable (benchmarking only)")
+        self._check_tls()
         self._lock_index()
         self.prepare()
         self.metrics_dir = tempfile.mkdtemp(prefix="appliance-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         reserve = _listen_socket(cfg.server.host, cfg.server.port, listen=False)
         self.port = reserve.getsockname()[1]
+        reserve_tls = _listen_socket(cfg.server.host, cfg.tls.port, listen=False) if cfg.tls.enabled else None
+        self.tls_port = reserve_tls.getsockname()[1] if reserve_tls is not None else 0
         count = cfg.effective_workers()
         # Handlers first: a SIGTERM during start-up must still stop the workers, never orphan them.
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -236,8 +253,8 @@ class Supervisor:
                     raise ApplianceError(f"server.metrics_port {cfg.server.metrics_port} on "
                                          f"{cfg.server.metrics_host}: {exc.strerror}") from None
             self._write_port_file()
-            log.info("AE %s listening on %s:%d with %d worker(s); metrics on %s", cfg.server.ae_title,
-                     cfg.server.host, self.port, count,
+            log.info("AE %s listening on %s:%d%s with %d worker(s); metrics on %s", cfg.server.ae_title,
+                     cfg.server.host, self.port, f" and TLS port {self.tls_port}" if self.tls_port else "", count,
                      f"http://{cfg.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
             while not self.stopping:
                 for i, proc in enumerate(self.workers):
@@ -258,6 +275,8 @@ class Supervisor:
         finally:
             self._shutdown()
             reserve.close()
+            if reserve_tls is not None:
+                reserve_tls.close()
         return self.exit_code
 
     def _maybe_compact(self) -> None:
@@ -306,18 +325,29 @@ class Supervisor:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise IndexInUse(f"another appliance is serving the index {cfg.storage.index_path}") from None
-        if cfg.server.port:
+        for port in (cfg.server.port, cfg.tls.port if cfg.tls.enabled else 0):
+            if not port:
+                continue
             probe = socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET)
             # SO_REUSEADDR as the real listeners have it: without it the probe fails while the previous run's
             # connections sit in TIME_WAIT (up to a minute after a burst or a kill -9), which is no conflict.
             # A live listener still makes it fail: the workers' sockets set SO_REUSEPORT, the probe does not.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((cfg.server.host, cfg.server.port))
+                probe.bind((cfg.server.host, port))
             except OSError as exc:
-                raise ApplianceError(f"port {cfg.server.port} on {cfg.server.host}: {exc.strerror}") from None
+                raise ApplianceError(f"port {port} on {cfg.server.host}: {exc.strerror}") from None
             finally:
                 probe.close()
+
+    def _check_tls(self) -> None:
+        """The TLS files, checked before anything starts, so that a wrong path or key stops `serve` with one clear
+        message (ConfigError) instead of every worker dying on it. Each worker builds its own context again."""
+        if not self.config.tls.enabled:
+            return
+        from appliance.net.tls import server_context
+
+        server_context(self.config.tls, warn=log.warning)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -356,7 +386,8 @@ class Supervisor:
         if self.port_file is None:
             return
         tmp = self.port_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"port": self.port, "tls_port": self.tls_port, "metrics_port": self.metrics_port,
+                                   "pid": os.getpid()}))
         os.rename(tmp, self.port_file)
 
 

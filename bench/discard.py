@@ -76,13 +76,14 @@ class DiscardHandler:
 class DiscardApplication:
     """The Application of the discard receiver: C-ECHO as the appliance, C-STORE counted and dropped."""
 
-    def __init__(self, counters: Counters) -> None:
+    def __init__(self, config: Config, counters: Counters) -> None:
+        self.config = config
         self.counters = counters
 
     def handler(self, request: Request) -> Handler | None:
         field = request.command.command_field
         if field == dimse.C_ECHO_RQ:
-            return EchoHandler(request)
+            return EchoHandler(self.config, request)
         if field == dimse.C_STORE_RQ:
             return DiscardHandler(request, self.counters)
         return None
@@ -106,7 +107,7 @@ class DiscardEndpoint(Endpoint):
                                             max_associations_per_ae=max_associations,
                                             max_associations_per_host=max_associations))
         counters = Counters()
-        ep = cls(config, DiscardApplication(counters), Metrics(CollectorRegistry()))
+        ep = cls(config, DiscardApplication(config, counters), Metrics(CollectorRegistry()))
         ep.counters = counters
         return ep
 

@@ -39,6 +39,7 @@ class ServerHandle:
     config_path: Path
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    tls_port: int = 0  # 0 unless [tls] port is set
     metrics_port: int = 0
     log_path: Path = field(default_factory=Path)
 
@@ -74,6 +75,7 @@ class ServerHandle:
         wait_for(ready, timeout, what="server port file")
         info = json.loads(port_file.read_text())
         self.port, self.metrics_port = info["port"], info["metrics_port"]
+        self.tls_port = info.get("tls_port", 0)
         return self
 
     def log(self) -> str:
@@ -113,7 +115,7 @@ class ServerHandle:
 
 def write_config(root: Path, server: dict[str, Any] | None = None, storage: dict[str, Any] | None = None,
                  dicom: dict[str, Any] | None = None, volumes: list[dict[str, Any]] | None = None,
-                 peers: dict[str, dict[str, Any]] | None = None) -> Path:
+                 peers: dict[str, dict[str, Any]] | None = None, tls: dict[str, Any] | None = None) -> Path:
     server = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "workers": 1, "log_level": "info",
               **(server or {})}
     lines = ["[server]"] + [f"{k} = {toml_value(v)}" for k, v in server.items()]
@@ -121,6 +123,8 @@ def write_config(root: Path, server: dict[str, Any] | None = None, storage: dict
         lines += ["[storage]"] + [f"{k} = {toml_value(v)}" for k, v in storage.items()]
     if dicom:
         lines += ["[dicom]"] + [f"{k} = {toml_value(v)}" for k, v in dicom.items()]
+    if tls:
+        lines += ["[tls]"] + [f"{k} = {toml_value(v)}" for k, v in tls.items()]
     for vol in volumes or []:
         lines += ["[[volumes]]"] + [f"{k} = {toml_value(v)}" for k, v in vol.items()]
     for name, table in (peers or {}).items():

@@ -32,6 +32,7 @@ from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
 from appliance.net.service import AnswerOnce, Application, ChannelClosed, Handler, Request, Response
 from appliance.net.slots import SlotTable
+from appliance.net.tls import certificate_subject
 
 if TYPE_CHECKING:
     from appliance.metrics import Metrics
@@ -125,6 +126,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.hard_abort: asyncio.TimerHandle | None = None
         self.peer = ""
         self.host = ""
+        # Whether the connection came over the TLS port (net/tls.py), its protocol and cipher suite, and the subject
+        # of the client certificate it verified (None without one): logged on association, kept for audit.
+        self.tls = False
+        self.tls_cipher = ""
+        self.tls_subject: str | None = None
         # The PeerChannel side (requests we send to the peer: C-GET sub-operations, N-EVENT-REPORT).
         self.peer_scp: frozenset[int] = frozenset()  # contexts on which the peer may act as SCP
         self.awaiting: dict[int, asyncio.Future[dimse.Command]] = {}  # our message id -> its response
@@ -148,6 +154,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self.state = CLOSED
             transport.abort()  # type: ignore[attr-defined]
             return
+        cipher = transport.get_extra_info("cipher")  # (name, protocol, bits) on a TLS transport only
+        if cipher:
+            self.tls = True
+            self.tls_cipher = f"{cipher[1]} {cipher[0]}"
+            self.tls_subject = certificate_subject(transport.get_extra_info("peercert"))
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -419,6 +430,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.ep.accepted += 1
         self.ep.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
         self.ep.metrics.associations_active.labels(self.calling_ae).inc()
+        if self.tls:
+            log.info("%s: association with %s accepted over TLS (%s), client certificate %s", self.peer,
+                     self.calling_ae, self.tls_cipher, self.tls_subject or "none")
         log.debug("%s: association with %s accepted, %d contexts", self.peer, self.calling_ae, len(self.accepted))
         self._arm_timer(server.idle_timeout)
         return None

@@ -63,6 +63,11 @@ class StorageApplication:
             if not command.has_dataset:
                 # Refused before a StoreOperation (and its spool) exists.
                 return AnswerOnce(Response(errors.CANNOT_UNDERSTAND, "C-STORE without a dataset"))
+            # Checked here like every other right, so that the refusal is logged (StoreOperation only answers it)
+            # and costs no spool; AnswerOnce drops the dataset as it arrives.
+            refused = refusal(self.ctx.config, request, "store")
+            if refused is not None:
+                return AnswerOnce(refused)
             return StoreHandler(self.ctx, request)
         service = SERVICES.get((field, request.abstract_syntax))
         if service is None:
