@@ -188,6 +188,32 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class RetrieveConfig:
+    """C-MOVE and C-GET (services/move.py, services/get.py): what one retrieve may hold and how long it waits."""
+
+    # Associations one C-MOVE opens to its destination at once, each sending its share of the instances ...
+    move_associations: int = 2
+    # ... but one more only per this many instances (a 10-instance move uses one association).
+    move_instances_per_association_min: int = 50
+    # Seconds to open the TCP connection to a move destination, and then to get its A-ASSOCIATE-AC.
+    connect_timeout_s: float = 10.0
+    association_timeout_s: float = 30.0
+    # Seconds one C-STORE sub-operation may take, from its first byte sent to the destination's response.
+    sub_operation_timeout_s: float = 300.0
+    # At most one Pending response per this interval (a 1,000-instance move sends a handful, not 1,000).
+    pending_interval_ms: float = 500.0
+    # Instances one C-MOVE/C-GET may select; more are refused (0xA701) before anything is sent.
+    matches_max: int = 100_000
+    # Largest C-MOVE/C-GET identifier accepted (a list of UIDs at the retrieve level); larger: 0xC000.
+    identifier_bytes_max: int = 1 << 20
+    # Largest instance converted in memory when the destination did not accept its stored transfer syntax; a
+    # larger one is a failed sub-operation. Decompression holds the file and its pixels: up to ~4x this size.
+    transcode_bytes_max: int = 256 << 20
+    # Threads per worker reading blobs (and converting) for retrieves, shared by all of them.
+    read_threads: int = 4
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     sop_classes: tuple[str, ...] = field(default_factory=lambda: (*service_sop_classes(), *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -201,6 +227,7 @@ class Config:
     volumes: tuple[VolumeConfig, ...] = (VolumeConfig("vol0", Path("var/volumes/vol0")),)
     peers: tuple[PeerConfig, ...] = ()
     source: Path | None = None
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -322,7 +349,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers"}
+    known = {"server", "storage", "dicom", "retrieve", "volumes", "peers"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -339,6 +366,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     elif dicom_raw.get("sop_classes") == ["all"]:
         dicom_raw["sop_classes"] = [*service_sop_classes(), *all_storage_sop_classes()]
     dicom = _build(DicomConfig, "dicom", dicom_raw, base)
+    retrieve = _build(RetrieveConfig, "retrieve", raw.get("retrieve", {}), base)
 
     volumes_raw = raw.get("volumes")
     if volumes_raw is None:
@@ -355,7 +383,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     peers = tuple(
         _build(PeerConfig, f"peers.{name}", {"name": name, **table}, base) for name, table in peers_raw.items()
     )
-    config = Config(server, storage, dicom, volumes, peers, path)
+    config = Config(server, storage, dicom, volumes, peers, path, retrieve=retrieve)
     validate(config)
     return config
 
@@ -414,6 +442,7 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.compaction_dead_ratio: a fraction in (0, 1]")
     if st.compaction_interval_s < 0 or st.compaction_bytes_per_s < 1 << 20:
         raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
+    _validate_retrieve(config.retrieve)
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -437,6 +466,26 @@ def validate(config: Config) -> None:
         if peer.allow_overwrite and st.duplicate_policy != "overwrite":
             # Said so rather than ignored: whoever wrote it expects this peer's re-sends to replace.
             raise ConfigError(f"peers.{peer.name}.allow_overwrite: needs storage.duplicate_policy = \"overwrite\"")
+
+
+def _validate_retrieve(r: RetrieveConfig) -> None:
+    if not 1 <= r.move_associations <= 16:
+        raise ConfigError("retrieve.move_associations: 1 to 16")
+    if r.move_instances_per_association_min < 1:
+        raise ConfigError("retrieve.move_instances_per_association_min: at least 1")
+    for key in ("connect_timeout_s", "association_timeout_s", "sub_operation_timeout_s"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"retrieve.{key}: must be positive")
+    if r.pending_interval_ms < 0:
+        raise ConfigError("retrieve.pending_interval_ms: at least 0")
+    if not 1 <= r.matches_max <= 10_000_000:
+        raise ConfigError("retrieve.matches_max: 1 to 10000000")
+    if not 1024 <= r.identifier_bytes_max <= 64 << 20:
+        raise ConfigError("retrieve.identifier_bytes_max: 1 KiB to 64 MiB")
+    if r.transcode_bytes_max < 0:
+        raise ConfigError("retrieve.transcode_bytes_max: at least 0 (0: never convert)")
+    if not 1 <= r.read_threads <= 64:
+        raise ConfigError("retrieve.read_threads: 1 to 64")
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -493,6 +542,18 @@ compaction_bytes_per_s = 67108864  # compaction's copy rate limit
 # sop_classes = ["all"]         # "all" = Verification, Query/Retrieve, Storage Commitment and every storage
                                 # SOP class; "storage" = Verification + storage only; or a list of UIDs
 # transfer_syntaxes = [...]     # default: uncompressed + every common compressed syntax, stored as received
+
+[retrieve]
+move_associations = 2           # associations one C-MOVE opens to its destination at once ...
+move_instances_per_association_min = 50  # ... one more only per this many instances
+connect_timeout_s = 10.0        # C-MOVE: seconds to connect to the destination ...
+association_timeout_s = 30.0    # ... and then to get its A-ASSOCIATE-AC
+sub_operation_timeout_s = 300.0 # seconds one C-STORE sub-operation may take (sending + response)
+pending_interval_ms = 500.0     # at most one Pending C-MOVE/C-GET response per interval
+matches_max = 100000            # instances one C-MOVE/C-GET may select; more: 0xA701
+identifier_bytes_max = 1048576  # largest C-MOVE/C-GET identifier; larger: 0xC000
+transcode_bytes_max = 268435456 # largest instance converted (decompressed) in memory for a destination
+read_threads = 4                # threads per worker reading (and converting) instances for retrieves
 
 # Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
 # below its high watermark. A volume folder that exists without its marker file (a mount point whose
