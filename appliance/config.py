@@ -476,8 +476,8 @@ def _validate_retrieve(r: RetrieveConfig) -> None:
     for key in ("connect_timeout_s", "association_timeout_s", "sub_operation_timeout_s"):
         if getattr(r, key) <= 0:
             raise ConfigError(f"retrieve.{key}: must be positive")
-    if r.pending_interval_ms < 0:
-        raise ConfigError("retrieve.pending_interval_ms: at least 0")
+    if r.pending_interval_ms < 10:
+        raise ConfigError("retrieve.pending_interval_ms: at least 10")
     if not 1 <= r.matches_max <= 10_000_000:
         raise ConfigError("retrieve.matches_max: 1 to 10000000")
     if not 1024 <= r.identifier_bytes_max <= 64 << 20:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -66,6 +67,14 @@ def parse_identifier(data: bytes, transfer_syntax: str) -> Dataset:
         raise RetrieveRefused(errors.UNABLE_TO_PROCESS, "deflated identifiers are not supported")
     try:
         ds = read_dataset(io.BytesIO(data), transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE)
+        # pydicom reads leniently: a value cut short by the end of the data comes back shorter, and bytes that are
+        # no element at all come back as an empty dataset. Both are a malformed identifier here.
+        if data and not len(ds):
+            raise ValueError("no element")
+        for tag in ds.keys():
+            raw = ds.get_item(tag)
+            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > len(data):
+                raise ValueError("an element's value runs past the end")
         for _elem in ds.iterall():  # pydicom parses lazily: make every element's value be read now
             pass
         return ds
