@@ -396,3 +396,97 @@ def test_association_aborted_mid_get_leaks_nothing(archive: Archive) -> None:
     wait_for(lambda: _fds(worker) <= fds and _threads(worker) <= threads, 10, what="the worker to let go")
     assert dcmtk("echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(archive.server.port)).returncode == 0
     assert "Traceback" not in archive.server.log()
+
+
+class Orthanc:
+    """Orthanc on free ports with a generated config (as bench/receivers.py starts it), driven by its REST API."""
+
+    def __init__(self, workdir: Path, appliance_port: int) -> None:
+        import json
+
+        from bench.receivers import orthanc_binary
+
+        binary = orthanc_binary()
+        if binary is None:
+            pytest.fail("Orthanc is not installed (make peers installs it)")
+        self.port, self.http_port = free_port(), free_port()
+        config = {
+            "Name": "retrieve-test", "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"), "DicomAet": "ORTHANC", "DicomPort": self.port,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [], "SaveJobs": False, "DicomCheckCalledAet": False,
+            "DicomModalities": {"appliance": ["APPLIANCE", "127.0.0.1", appliance_port]},
+        }
+        path = workdir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = open(workdir / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([binary, str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"Orthanc exited {self.proc.returncode}")
+            try:
+                self.rest("GET", "/system")
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, 60, interval=0.1, what="Orthanc's REST API")
+
+    def rest(self, method: str, path: str, body: Any = None) -> Any:
+        import json
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+        return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
+
+    def instances(self) -> dict[str, bytes]:
+        """SOP Instance UID -> the dataset part of the file Orthanc stored."""
+        out = {}
+        for oid in self.rest("GET", "/instances"):
+            raw = self.rest("GET", f"/instances/{oid}/file")
+            uid = self.rest("GET", f"/instances/{oid}/simplified-tags")["SOPInstanceUID"]
+            out[uid] = raw[part10_dataset_offset(raw[:65536])[0]:]
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.mark.slow
+def test_orthanc_pulls_from_us_and_we_move_to_orthanc(make_server: Callable[..., ServerHandle], data: Stored,
+                                                      tmp_path: Path) -> None:
+    appliance_port = free_port()
+    orthanc_dir = tmp_path / "orthanc"
+    orthanc_dir.mkdir()
+    orthanc = Orthanc(orthanc_dir, appliance_port)
+    try:
+        handle = make_server(start=False, server={"port": appliance_port}, peers={
+            "orthanc": {"ae_title": "ORTHANC", "port": orthanc.port}})
+        handle.start()
+        archive = Archive(handle, 0, data)
+        for name in ("explicit", "rle"):
+            extra = ["-xr"] if name == "rle" else []
+            result = dcmtk("storescu", *extra, "-aec", "APPLIANCE", "127.0.0.1", str(handle.port),
+                           *map(str, data.files[name]))
+            assert result.returncode == 0, result.stderr
+        stored = archive.stored()
+        # Orthanc pulls: its C-MOVE SCU asks us to send the study to itself.
+        orthanc.rest("POST", "/modalities/appliance/move", {
+            "Level": "Study", "Resources": [{"StudyInstanceUID": data.studies["explicit"]}], "TargetAet": "ORTHANC"})
+        theirs = orthanc.instances()
+        assert len(theirs) == 3 and all(theirs[uid] == stored[uid] for uid in theirs)
+        # We move to Orthanc, driven by DCMTK movescu (the RLE study goes as stored: Orthanc accepts RLE).
+        result = dcmtk("movescu", "-v", "-aet", "ORTHANC", "-aem", "ORTHANC", "-aec", "APPLIANCE", "-S",
+                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={data.studies['rle']}",
+                       "127.0.0.1", str(handle.port))
+        assert result.returncode == 0 and "(Success)" in result.stderr, result.stderr
+        theirs = orthanc.instances()
+        assert len(theirs) == 6 and all(theirs[uid] == stored[uid] for uid in theirs)
+    finally:
+        orthanc.stop()
