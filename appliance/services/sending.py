@@ -110,16 +110,18 @@ def _name(uid: str) -> str:
     return name if name and name != uid else uid
 
 
-def _read_blob(ctx: WorkerContext, match: Match) -> Iterator[bytes]:
+def _read_blob(ctx: WorkerContext, match: Match) -> tuple[int, Iterator[bytes]]:
+    """(the blob's size, its chunks)."""
     blob = ctx.index.blob(match.digest)
     if blob is None:
         raise SubOperationFailed("the index names no bytes for this instance")
-    return ctx.blobstore.open_blob(match.digest, blob)
+    return blob.size, ctx.blobstore.open_blob(match.digest, blob)
 
 
-def _open_dataset(ctx: WorkerContext, match: Match) -> tuple[bytes, Iterator[bytes]]:
-    """(the first dataset bytes, the iterator of the rest), the File Meta skipped. Runs on a reader thread."""
-    chunks = _read_blob(ctx, match)
+def _open_dataset(ctx: WorkerContext, match: Match) -> tuple[bytes, Iterator[bytes] | None]:
+    """(the first dataset bytes, the iterator of the rest or None when the first read got it all), the File Meta
+    skipped. Runs on a reader thread."""
+    size, chunks = _read_blob(ctx, match)
     try:
         prefix = b""
         for chunk in chunks:
@@ -130,6 +132,10 @@ def _open_dataset(ctx: WorkerContext, match: Match) -> tuple[bytes, Iterator[byt
     except BaseException:
         _close(chunks)
         raise
+    if len(prefix) >= size:
+        # Most instances fit in one backend read (1 MiB): no second trip to a reader thread to learn that.
+        _close(chunks)
+        return prefix[offset:], None
     return prefix[offset:], chunks
 
 
@@ -139,8 +145,12 @@ def _close(chunks: Iterator[bytes]) -> None:
         close()
 
 
-async def _stream(first: bytes, rest: Iterator[bytes], readers: ThreadPoolExecutor) -> AsyncGenerator[bytes, None]:
+async def _stream(first: bytes, rest: Iterator[bytes] | None,
+                  readers: ThreadPoolExecutor) -> AsyncGenerator[bytes, None]:
     """``first`` then the rest of the blob, each next chunk read on a reader thread while this one is sent."""
+    if rest is None:
+        yield first
+        return
     loop = asyncio.get_running_loop()
     pending: asyncio.Future[bytes | None] | None = None
     try:
@@ -174,7 +184,7 @@ async def _pieces(data: bytes) -> AsyncGenerator[bytes, None]:
 def _convert(ctx: WorkerContext, match: Match, ts: str) -> bytes:
     """The instance's dataset in ``ts`` (Explicit or Implicit VR Little Endian), decompressed if need be."""
     try:
-        blob = b"".join(_read_blob(ctx, match))
+        blob = b"".join(_read_blob(ctx, match)[1])
     except (ApplianceError, OSError) as exc:
         raise SubOperationFailed(f"stored instance not readable: {exc}") from None
     try:
