@@ -350,6 +350,39 @@ def test_appliance_moves_to_another_appliance(make_server: Callable[..., ServerH
     assert len(theirs) == 3 and all(theirs[uid] == ours[uid] for uid in theirs)
 
 
+def test_unreadable_instances_fail_with_their_uids_listed(make_server: Callable[..., ServerHandle],
+                                                          data: Stored, tmp_path: Path) -> None:
+    archive = start_archive(make_server, data)
+    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in data.files["explicit"]}
+    for segment in (archive.server.volume / "segments").glob("*.tar"):
+        os.truncate(segment, 0)  # every copy gone (as a lost disk would leave them): nothing readable
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", archive.server.port, ae_title="APPLIANCE")
+    try:
+        final, identifier = list(assoc.send_c_move(study(data.studies["explicit"]), "NORECV",
+                                                   StudyRootQueryRetrieveInformationModelMove))[-1]
+        assert final.Status == 0xA801  # the destination is checked before anything is read
+        final, identifier = list(assoc.send_c_move(study(data.studies["explicit"]), "NOBODY",
+                                                   StudyRootQueryRetrieveInformationModelMove))[-1]
+        assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 3
+    finally:
+        assoc.release()
+    # C-GET: the association is there, the bytes are not: every sub-operation fails, named in the identifier.
+    ae = get_ae()
+    assoc = ae.associate("127.0.0.1", archive.server.port, ae_title="APPLIANCE", ext_neg=roles(),
+                         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        final, identifier = list(assoc.send_c_get(study(data.studies["explicit"]),
+                                                  StudyRootQueryRetrieveInformationModelGet))[-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0xB000 and final.NumberOfFailedSuboperations == 3
+    assert "not readable" in final.ErrorComment
+    assert set(identifier.FailedSOPInstanceUIDList) == expected
+    assert dcmtk("echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(archive.server.port)).returncode == 0
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
