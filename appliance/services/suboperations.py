@@ -171,6 +171,10 @@ class RetrieveHandler:
         log.info("%s from %s: status 0x%04X, %d completed, %d failed, %d warning, %d not sent%s", self.operation,
                  self.request.calling_ae, status, counts.completed, counts.failed, counts.warning, counts.remaining,
                  f" ({comment})" if comment else "")
+        for result, n in (("completed", counts.completed), ("failed", counts.failed), ("warning", counts.warning),
+                          ("not_sent", counts.remaining)):
+            if n:
+                self.ctx.metrics.retrieve_suboperations.labels(self.operation, result).inc(n)
         dataset = failed_identifier(counts.failed_uids, self.request.transfer_syntax) if counts.failed_uids else None
         return Response(status, comment, dataset=dataset,
                         extra=dimse.sub_operation_counts(remaining, counts.completed, counts.failed, counts.warning))

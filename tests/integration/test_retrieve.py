@@ -348,6 +348,8 @@ def test_appliance_moves_to_another_appliance(make_server: Callable[..., ServerH
     theirs = Archive(other, 0, data).stored()
     ours = archive.stored()
     assert len(theirs) == 3 and all(theirs[uid] == ours[uid] for uid in theirs)
+    line = 'appliance_retrieve_suboperations_total{operation="C-MOVE",result="completed"} 3.0'
+    wait_for(lambda: line in archive.server.metrics(), 10, interval=0.1, what="the retrieve metric")
 
 
 def test_unreadable_instances_fail_with_their_uids_listed(make_server: Callable[..., ServerHandle],

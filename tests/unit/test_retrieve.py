@@ -147,3 +147,24 @@ def test_context_plan_and_syntax_choice() -> None:
     assert choose_syntax(RLE, {IMPLICIT: 5, EXPLICIT_LE: 3}) == (EXPLICIT_LE, 3)
     assert choose_syntax(RLE, {IMPLICIT: 5}) == (IMPLICIT, 5)
     assert choose_syntax(EXPLICIT_LE, {RLE: 1}) is None
+
+
+@pytest.mark.parametrize("table, key", [
+    ("move_associations = 0", "retrieve.move_associations"),
+    ("pending_interval_ms = 0", "retrieve.pending_interval_ms"),
+    ("sub_operation_timeout_s = -1", "retrieve.sub_operation_timeout_s"),
+    ("matches_max = 0", "retrieve.matches_max"),
+    ("read_threads = 0", "retrieve.read_threads"),
+    ("no_such_key = 1", "retrieve.no_such_key"),
+])
+def test_retrieve_config_is_validated(tmp_path: Path, table: str, key: str) -> None:
+    from appliance.config import load_config
+    from appliance.errors import ConfigError
+
+    path = tmp_path / "appliance.toml"
+    path.write_text(f"[retrieve]\n{table}\n")
+    with pytest.raises(ConfigError, match=key):
+        load_config(path, environ={})
+    path.write_text("[retrieve]\nmove_associations = 4\ntranscode_bytes_max = 0\n")
+    config = load_config(path, environ={})
+    assert config.retrieve.move_associations == 4 and config.retrieve.transcode_bytes_max == 0
