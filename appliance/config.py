@@ -204,6 +204,9 @@ class RetrieveConfig:
     pending_interval_ms: float = 500.0
     # Instances one C-MOVE/C-GET may select; more are refused (0xA701) before anything is sent.
     matches_max: int = 100_000
+    # C-MOVE/C-GET requests one worker serves at once (each holds its selection and, for a move, its
+    # associations); more are refused with 0xA702 until one ends.
+    concurrent_max: int = 8
     # Largest C-MOVE/C-GET identifier accepted (a list of UIDs at the retrieve level); larger: 0xC000.
     identifier_bytes_max: int = 1 << 20
     # Largest instance converted in memory when the destination did not accept its stored transfer syntax; a
@@ -478,6 +481,8 @@ def _validate_retrieve(r: RetrieveConfig) -> None:
             raise ConfigError(f"retrieve.{key}: must be positive")
     if r.pending_interval_ms < 10:
         raise ConfigError("retrieve.pending_interval_ms: at least 10")
+    if not 1 <= r.concurrent_max <= 1024:
+        raise ConfigError("retrieve.concurrent_max: 1 to 1024")
     if not 1 <= r.matches_max <= 10_000_000:
         raise ConfigError("retrieve.matches_max: 1 to 10000000")
     if not 1024 <= r.identifier_bytes_max <= 64 << 20:
@@ -551,6 +556,7 @@ association_timeout_s = 30.0    # ... and then to get its A-ASSOCIATE-AC
 sub_operation_timeout_s = 300.0 # seconds one C-STORE sub-operation may take (sending + response)
 pending_interval_ms = 500.0     # at most one Pending C-MOVE/C-GET response per interval
 matches_max = 100000            # instances one C-MOVE/C-GET may select; more: 0xA701
+concurrent_max = 8              # C-MOVE/C-GET served at once per worker; more: 0xA702
 identifier_bytes_max = 1048576  # largest C-MOVE/C-GET identifier; larger: 0xC000
 transcode_bytes_max = 268435456 # largest instance converted (decompressed) in memory for a destination
 read_threads = 4                # threads per worker reading (and converting) instances for retrieves

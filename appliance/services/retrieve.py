@@ -49,7 +49,7 @@ class RetrieveRefused(Exception):
         self.status, self.comment = status, comment
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Match:
     """One instance to send: what the sub-operation needs, from its index record."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from appliance import errors
@@ -59,6 +60,7 @@ class RetrieveHandler:
     decided from the command alone) and ``run`` (the sub-operations)."""
 
     operation = "retrieve"
+    running = 0  # retrieves of this worker in progress (retrieve.concurrent_max)
 
     def __init__(self, ctx: WorkerContext, request: Request) -> None:
         self.ctx = ctx
@@ -88,6 +90,21 @@ class RetrieveHandler:
             self.task.cancel()
 
     async def responses(self) -> AsyncIterator[Response]:
+        limit = self.cfg.concurrent_max
+        if RetrieveHandler.running >= limit:
+            log.warning("%s from %s refused: %d retrieves running (retrieve.concurrent_max)", self.operation,
+                        self.request.calling_ae, limit)
+            yield Response(errors.OUT_OF_RESOURCES_SUB_OPERATIONS, f"{limit} retrieves running, try later")
+            return
+        RetrieveHandler.running += 1
+        try:
+            async with aclosing(self._responses()) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            RetrieveHandler.running -= 1
+
+    async def _responses(self) -> AsyncGenerator[Response, None]:
         try:
             matches = await self._matches()
         except RetrieveRefused as exc:

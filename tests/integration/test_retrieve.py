@@ -266,7 +266,7 @@ def test_pynetdicom_move_with_cancel_to_a_slow_destination(make_server: Callable
     port = free_port()
     scp = dest.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        archive = start_archive(make_server, data, dest_port=port)
+        archive = start_archive(make_server, data, dest_port=port, retrieve={"concurrent_max": 1})
         ae = AE(ae_title="SCU")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         assoc = ae.associate("127.0.0.1", archive.server.port, ae_title="APPLIANCE")
@@ -275,6 +275,8 @@ def test_pynetdicom_move_with_cancel_to_a_slow_destination(make_server: Callable
                                                 StudyRootQueryRetrieveInformationModelMove, msg_id=9):
             statuses.append(status)
             if status.Status == 0xFF00 and len(statuses) == 1:
+                # One retrieve at a time (retrieve.concurrent_max = 1): a second one meanwhile is refused.
+                assert move_status(archive, study(data.studies["explicit"])).Status == 0xA702
                 assoc.send_c_cancel(9, query_model=StudyRootQueryRetrieveInformationModelMove)
         assoc.release()
         final = statuses[-1]
