@@ -71,12 +71,16 @@ class MoveHandler(RetrieveHandler):
         contexts = plan_contexts(matches)
         opened: list[bool] = []
         refusals: list[str] = []
-        await asyncio.gather(*(self._worker(queue, contexts, counts, opened, refusals) for _ in range(associations)))
+        async with asyncio.TaskGroup() as workers:  # one failing unexpectedly cancels the others
+            for _ in range(associations):
+                workers.create_task(self._worker(queue, contexts, counts, opened, refusals))
+        if self.cancelled:
+            return  # what is left in the queue is reported as Remaining
         if not opened:
             for match in queue:
                 counts.fail(match)
             raise RetrieveRefused(errors.OUT_OF_RESOURCES_SUB_OPERATIONS, refusals[0] if refusals else "no association")
-        if queue and not self.cancelled:  # every association stopped early (the destination went away)
+        if queue:  # every association stopped early (the destination went away)
             for match in queue:
                 counts.fail(match)
             queue.clear()
@@ -86,6 +90,8 @@ class MoveHandler(RetrieveHandler):
         dest = self.destination
         assert dest is not None
         cfg = self.cfg
+        if self.cancelled:
+            return
         try:
             assoc = await ClientAssociation.open(
                 dest.host, dest.port, dest.ae_title, self.ctx.config.server.ae_title, contexts,

@@ -117,6 +117,9 @@ class RetrieveHandler:
             yield Response(errors.SUCCESS, extra=dimse.sub_operation_counts(None, 0, 0, 0))
             return
         refused: RetrieveRefused | None = None
+        if self.cancelled:  # C-CANCEL, or the association ended, while the selection ran
+            yield self._final(counts, None)
+            return
         self.task = asyncio.get_running_loop().create_task(self.run(matches, counts))
         try:
             last = counts.snapshot()
@@ -128,7 +131,8 @@ class RetrieveHandler:
                     last = now
                     yield Response(errors.PENDING, extra=dimse.sub_operation_counts(*now))
             try:
-                self.task.result()
+                if not self.task.cancelled():  # cancelled by abandon(): what was not sent counts as not sent
+                    self.task.result()
             except RetrieveRefused as exc:
                 refused = exc
         finally:
