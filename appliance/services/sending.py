@@ -84,8 +84,9 @@ async def prepare(ctx: WorkerContext, match: Match, accepted: dict[str, int], pe
     failed instance never leaves half a message on the association."""
     choice = choose_syntax(match.transfer_syntax, accepted)
     if choice is None:
-        raise SubOperationFailed(f"{peer} accepted no transfer syntax we can send this {_name(match.sop_class_uid)} in "
-                                 f"(stored as {_name(match.transfer_syntax)})")
+        # The Error Comment holds 64 characters: what matters first, who and which class after.
+        raise SubOperationFailed(f"no accepted syntax for one stored as {_name(match.transfer_syntax)} "
+                                 f"({_name(match.sop_class_uid)}, {peer})")
     ts, context_id = choice
     loop = asyncio.get_running_loop()
     readers = pool(ctx.config)
@@ -97,8 +98,8 @@ async def prepare(ctx: WorkerContext, match: Match, accepted: dict[str, int], pe
         return Outgoing(context_id, ts, _stream(first, rest, readers))
     limit = ctx.config.retrieve.transcode_bytes_max
     if match.size > limit:
-        raise SubOperationFailed(f"{peer} needs {_name(ts)}, and converting an instance of {match.size} bytes is "
-                                 f"above retrieve.transcode_bytes_max ({limit})")
+        raise SubOperationFailed(f"too large to convert ({match.size} bytes > retrieve.transcode_bytes_max) to "
+                                 f"{_name(ts)} for {peer}")
     log.info("converting a %s instance from %s to %s for %s", _name(match.sop_class_uid),
              _name(match.transfer_syntax), _name(ts), peer)
     data = await loop.run_in_executor(readers, _convert, ctx, match, ts)

@@ -387,6 +387,48 @@ def test_unreadable_instances_fail_with_their_uids_listed(make_server: Callable[
     assert dcmtk("echoscu", "-aec", "APPLIANCE", "127.0.0.1", str(archive.server.port)).returncode == 0
 
 
+def test_large_instances_stream_and_the_conversion_limit_holds(make_server: Callable[..., ServerHandle],
+                                                               data: Stored, tmp_path: Path) -> None:
+    big = write_folder("ct", 2, 11, "none", tmp_path / "big", size=1100)  # ~2.4 MB each: three backend reads
+    archive = start_archive(make_server, data, retrieve={"transcode_bytes_max": 4096})
+    result = dcmtk("storescu", "-aec", "APPLIANCE", "127.0.0.1", str(archive.server.port), *map(str, big))
+    assert result.returncode == 0, result.stderr
+    stored = archive.stored()
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in big}
+    assert all(len(stored[uid]) > 2 << 20 for uid in uids)
+    out = tmp_path / "dest"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "+B", "-od", str(out), "-aet", "DEST", str(archive.dest_port)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: dcmtk("echoscu", "-aec", "DEST", "127.0.0.1", str(archive.dest_port)).returncode == 0, 30,
+                 interval=0.05, what="storescp")
+        big_study = str(pydicom.dcmread(big[0], stop_before_pixels=True).StudyInstanceUID)
+        assert move_status(archive, study(big_study)).Status == 0x0000
+        got = received(out)
+        assert set(got) == uids and all(dataset_bytes(got[uid]) == stored[uid] for uid in uids)
+        fetched: dict[str, bytes] = {}
+
+        def on_store(event: Any) -> int:
+            fetched[str(event.request.AffectedSOPInstanceUID)] = bytes(event.request.DataSet.getvalue())
+            return 0x0000
+
+        assoc = get_ae().associate("127.0.0.1", archive.server.port, ae_title="APPLIANCE", ext_neg=roles(),
+                                   evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            final = list(assoc.send_c_get(study(big_study), StudyRootQueryRetrieveInformationModelGet))[-1][0]
+        finally:
+            assoc.release()
+        assert final.Status == 0x0000 and fetched == {uid: stored[uid] for uid in uids}
+        # The RLE study would need converting for this storescp, and it is above transcode_bytes_max: it fails.
+        status = move_status(archive, study(data.studies["rle"]))
+        assert status.Status == 0xB000 and status.NumberOfFailedSuboperations == 3
+        assert "transcode_bytes_max" in status.ErrorComment
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
