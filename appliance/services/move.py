@@ -151,6 +151,8 @@ class MoveHandler(RetrieveHandler):
             self.comment = f"{dest_ae} did not answer a C-STORE within {timeout}s"
         except (AssociationAborted, OSError) as exc:
             self.comment = f"{dest_ae} ended the association: {exc}"
+        except SubOperationFailed as exc:  # the read failed half-way: this association is aborted
+            self.comment = str(exc)
         else:
             status = response.status if response.status is not None else errors.PROCESSING_FAILURE
             if status != errors.SUCCESS and status & 0xF000 != 0xB000:

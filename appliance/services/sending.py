@@ -161,7 +161,11 @@ async def _stream(first: bytes, rest: Iterator[bytes] | None,
         while True:
             if pending is None:
                 pending = loop.run_in_executor(readers, next, rest, None)
-            chunk = await pending
+            try:
+                chunk = await pending
+            except (ApplianceError, OSError) as exc:
+                # Half the dataset is on the wire: the caller must end that association (no way to finish it).
+                raise SubOperationFailed(f"read error in the middle of an instance: {exc}") from None
             pending = None
             if chunk is None:
                 return
@@ -169,11 +173,16 @@ async def _stream(first: bytes, rest: Iterator[bytes] | None,
             yield chunk
     finally:
         # The iterator may still be running on a reader thread (the send stopped half-way): close it there, once
-        # that read is over, never from this thread while it runs.
-        if pending is not None and not pending.done():
-            pending.add_done_callback(lambda _f: readers.submit(_close, rest))
-        else:
+        # that read is over, never from this thread while it runs. A read error after the send stopped is moot.
+        def release(done: asyncio.Future[bytes | None] | None) -> None:
+            if done is not None and not done.cancelled():
+                done.exception()  # retrieved, so asyncio does not log it as never retrieved
             readers.submit(_close, rest)
+
+        if pending is not None and not pending.done():
+            pending.add_done_callback(release)
+        else:
+            release(pending)
 
 
 async def _pieces(data: bytes) -> AsyncGenerator[bytes, None]:
