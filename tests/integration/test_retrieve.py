@@ -289,6 +289,19 @@ def test_pynetdicom_move_with_cancel_to_a_slow_destination(make_server: Callable
         scp.shutdown()
 
 
+def test_get_without_the_scp_role_fails_each_sub_operation(archive: Archive) -> None:
+    assoc = get_ae().associate("127.0.0.1", archive.server.port, ae_title="APPLIANCE")  # no role selection
+    try:
+        final, identifier = list(assoc.send_c_get(study(archive.data.studies["explicit"]),
+                                                  StudyRootQueryRetrieveInformationModelGet))[-1]
+        assert final.Status == 0xB000 and final.NumberOfFailedSuboperations == 3
+        assert final.ErrorComment.startswith("no accepted syntax")
+        assert len(identifier.FailedSOPInstanceUIDList) == 3
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
 def move_status(archive: Archive, identifier: Dataset | bytes, dest: str = "DEST", calling: str = "SCU",
                 model: str = StudyRootQueryRetrieveInformationModelMove) -> Dataset:
     ae = AE(ae_title=calling)
