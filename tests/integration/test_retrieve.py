@@ -357,7 +357,12 @@ def test_malformed_identifier_is_unable_to_process(archive: Archive) -> None:
 
 def test_appliance_moves_to_another_appliance(make_server: Callable[..., ServerHandle], data: Stored) -> None:
     other = make_server(server={"ae_title": "OTHER"})
-    archive = start_archive(make_server, data, other={"ae_title": "OTHER", "port": other.port})
+    archive = start_archive(make_server, data, other={"ae_title": "OTHER", "port": other.port},
+                            misnamed={"ae_title": "MISNAMED", "port": other.port})
+    # A destination that answers A-ASSOCIATE-RJ (the other appliance is not called MISNAMED): 0xA702, and why.
+    refused = move_status(archive, study(data.studies["rle"]), dest="MISNAMED")
+    assert refused.Status == 0xA702 and refused.NumberOfFailedSuboperations == 3
+    assert refused.ErrorComment.startswith("MISNAMED rejected the association (1, 1, 7)")
     status = move_status(archive, study(data.studies["rle"]), dest="OTHER")
     assert status.Status == 0x0000 and status.NumberOfCompletedSuboperations == 3
     theirs = Archive(other, 0, data).stored()
