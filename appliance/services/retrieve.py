@@ -122,6 +122,7 @@ def select(index: StudyIndex, sop_class: str, ds: Dataset, matches_max: int) -> 
     patient_id = _text(ds, "PatientID")
     if patient_id is not None and "\\" in patient_id:
         raise RetrieveRefused(errors.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID must be a single value")
+    issuer = _text(ds, "IssuerOfPatientID") if patient_id is not None else None
     keys: dict[str, list[str] | None] = {}
     for lvl in LEVELS[1 : depth + 1]:
         keys[lvl] = _uid_list(ds, UNIQUE_KEYS[lvl], lvl, lvl == level)
@@ -135,7 +136,7 @@ def select(index: StudyIndex, sop_class: str, ds: Dataset, matches_max: int) -> 
 
     def add(records: list[tuple[str, InstanceRecord]]) -> None:
         for key, rec in records:
-            if not _agrees(key, patient_id, keys):
+            if not _agrees(key, patient_id, issuer, keys):
                 continue
             found.append(_match(key, rec))
             if len(found) > matches_max:
@@ -162,12 +163,16 @@ def select(index: StudyIndex, sop_class: str, ds: Dataset, matches_max: int) -> 
 _DB_OF = {"STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
 
 
-def _agrees(key: str, patient_id: str | None, keys: dict[str, list[str] | None]) -> bool:
+def _agrees(key: str, patient_id: str | None, issuer: str | None, keys: dict[str, list[str] | None]) -> bool:
     """Does the instance at index ``key`` (pk NUL study NUL series NUL sop) agree with the unique keys given for
-    the levels above the retrieve level?"""
+    the levels above the retrieve level? The patient key is the PatientID, with ``^^issuer`` when the instance
+    had an Issuer of Patient ID (index/db.py patient_key): an identifier's issuer narrows, its absence does not."""
     pk, study, series, _sop = key.split(SEP)
-    if patient_id is not None and pk != patient_id and not pk.startswith(patient_id + "^^"):
-        return False
+    if patient_id is not None:
+        if issuer is not None and pk != f"{patient_id}^^{issuer}":
+            return False
+        if pk != patient_id and not pk.startswith(patient_id + "^^"):
+            return False
     for lvl, value in (("STUDY", study), ("SERIES", series)):
         wanted = keys.get(lvl)
         if wanted is not None and value not in wanted:

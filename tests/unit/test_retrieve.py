@@ -71,6 +71,9 @@ def test_levels_of_both_models(index: StudyIndex) -> None:
     assert sops(index, patient_root, QueryRetrieveLevel="PATIENT", PatientID="P1") == [
         "1.1.1.1", "1.1.1.2", "1.1.1.3", "1.1.2.1", "1.2.1.1"]
     assert sops(index, patient_root, QueryRetrieveLevel="PATIENT", PatientID="P2") == ["2.1.1.1"]
+    assert sops(index, patient_root, QueryRetrieveLevel="PATIENT", PatientID="P2", IssuerOfPatientID="HOSP") == [
+        "2.1.1.1"]
+    assert sops(index, patient_root, QueryRetrieveLevel="PATIENT", PatientID="P2", IssuerOfPatientID="OTHER") == []
     assert sops(index, patient_root, QueryRetrieveLevel="STUDY", PatientID="P1", StudyInstanceUID="1.2") == ["1.2.1.1"]
 
 
