@@ -357,7 +357,9 @@ def test_malformed_identifier_is_unable_to_process(archive: Archive) -> None:
 
 def test_appliance_moves_to_another_appliance(make_server: Callable[..., ServerHandle], data: Stored) -> None:
     other = make_server(server={"ae_title": "OTHER"})
-    archive = start_archive(make_server, data, other={"ae_title": "OTHER", "port": other.port},
+    # One association per 2 instances (up to move_associations = 2): the 3 instances go over two at once.
+    archive = start_archive(make_server, data, retrieve={"move_instances_per_association_min": 2},
+                            other={"ae_title": "OTHER", "port": other.port},
                             misnamed={"ae_title": "MISNAMED", "port": other.port})
     # A destination that answers A-ASSOCIATE-RJ (the other appliance is not called MISNAMED): 0xA702, and why.
     refused = move_status(archive, study(data.studies["rle"]), dest="MISNAMED")
@@ -370,6 +372,7 @@ def test_appliance_moves_to_another_appliance(make_server: Callable[..., ServerH
     assert len(theirs) == 3 and all(theirs[uid] == ours[uid] for uid in theirs)
     line = 'appliance_retrieve_suboperations_total{operation="C-MOVE",result="completed"} 3.0'
     wait_for(lambda: line in archive.server.metrics(), 10, interval=0.1, what="the retrieve metric")
+    assert 'appliance_associations_total{calling_ae="APPLIANCE",result="accepted"} 2.0' in other.metrics()
 
 
 def test_unreadable_instances_fail_with_their_uids_listed(make_server: Callable[..., ServerHandle],
