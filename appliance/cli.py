@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, hardware, datasheet.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, datasheet, ...")
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
 app.add_typer(bench_app, name="bench")
@@ -410,6 +410,7 @@ for _name, _module, _summary in (
     ("compare", "compare", "The appliance, DCMTK storescp and Orthanc side by side (see --help)."),
     ("hardware", "hardware", "Probe the machine: fsync'd file rate, sequential write, loopback (see --help)."),
     ("datasheet", "datasheet", "All of it in one run: hardware, side by side, sustained latency, targets (see --help)."),
+    ("retrieve", "retrieve", "C-MOVE and C-GET of one series, the appliance next to Orthanc (see --help)."),
 ):
     _bench_command(_name, _module, _summary)
 

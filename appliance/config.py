@@ -188,6 +188,35 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class RetrieveConfig:
+    """C-MOVE and C-GET (services/move.py, services/get.py): what one retrieve may hold and how long it waits."""
+
+    # Associations one C-MOVE opens to its destination at once, each sending its share of the instances ...
+    move_associations: int = 2
+    # ... but one more only per this many instances (a 10-instance move uses one association).
+    move_instances_per_association_min: int = 50
+    # Seconds to open the TCP connection to a move destination, and then to get its A-ASSOCIATE-AC.
+    connect_timeout_s: float = 10.0
+    association_timeout_s: float = 30.0
+    # Seconds one C-STORE sub-operation may take, from its first byte sent to the destination's response.
+    sub_operation_timeout_s: float = 300.0
+    # At most one Pending response per this interval (a 1,000-instance move sends a handful, not 1,000).
+    pending_interval_ms: float = 500.0
+    # Instances one C-MOVE/C-GET may select; more are refused (0xA701) before anything is sent.
+    matches_max: int = 100_000
+    # C-MOVE/C-GET requests one worker serves at once (each holds its selection and, for a move, its
+    # associations); more are refused with 0xA702 until one ends.
+    concurrent_max: int = 8
+    # Largest C-MOVE/C-GET identifier accepted (a list of UIDs at the retrieve level); larger: 0xC000.
+    identifier_bytes_max: int = 1 << 20
+    # Largest instance converted in memory when the destination did not accept its stored transfer syntax; a
+    # larger one is a failed sub-operation. Decompression holds the file and its pixels: up to ~4x this size.
+    transcode_bytes_max: int = 256 << 20
+    # Threads per worker reading blobs (and converting) for retrieves, shared by all of them.
+    read_threads: int = 4
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     sop_classes: tuple[str, ...] = field(default_factory=lambda: (*service_sop_classes(), *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -233,6 +262,7 @@ class Config:
     peers: tuple[PeerConfig, ...] = ()
     source: Path | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -355,7 +385,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers", "tls"}
+    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -372,6 +402,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     elif dicom_raw.get("sop_classes") == ["all"]:
         dicom_raw["sop_classes"] = [*service_sop_classes(), *all_storage_sop_classes()]
     dicom = _build(DicomConfig, "dicom", dicom_raw, base)
+    retrieve = _build(RetrieveConfig, "retrieve", raw.get("retrieve", {}), base)
 
     volumes_raw = raw.get("volumes")
     if volumes_raw is None:
@@ -395,7 +426,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         for key in ("certificate", "private_key", "ca_certificates")
         if (value := getattr(tls, key)) is not None
     })
-    config = Config(server, storage, dicom, volumes, peers, path, tls)
+    config = Config(server=server, storage=storage, dicom=dicom, retrieve=retrieve, tls=tls,
+                    volumes=volumes, peers=peers, source=path)
     validate(config)
     return config
 
@@ -454,6 +486,7 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.compaction_dead_ratio: a fraction in (0, 1]")
     if st.compaction_interval_s < 0 or st.compaction_bytes_per_s < 1 << 20:
         raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
+    _validate_retrieve(config.retrieve)
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -502,6 +535,26 @@ def _validate_tls(config: Config) -> None:
     if t.require_client_certificate and t.ca_certificates is None:
         raise ConfigError("tls.ca_certificates: required with require_client_certificate = true (the CAs whose "
                           "client certificates are trusted); or set require_client_certificate = false")
+def _validate_retrieve(r: RetrieveConfig) -> None:
+    if not 1 <= r.move_associations <= 16:
+        raise ConfigError("retrieve.move_associations: 1 to 16")
+    if r.move_instances_per_association_min < 1:
+        raise ConfigError("retrieve.move_instances_per_association_min: at least 1")
+    for key in ("connect_timeout_s", "association_timeout_s", "sub_operation_timeout_s"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"retrieve.{key}: must be positive")
+    if r.pending_interval_ms < 10:
+        raise ConfigError("retrieve.pending_interval_ms: at least 10")
+    if not 1 <= r.concurrent_max <= 1024:
+        raise ConfigError("retrieve.concurrent_max: 1 to 1024")
+    if not 1 <= r.matches_max <= 10_000_000:
+        raise ConfigError("retrieve.matches_max: 1 to 10000000")
+    if not 1024 <= r.identifier_bytes_max <= 64 << 20:
+        raise ConfigError("retrieve.identifier_bytes_max: 1 KiB to 64 MiB")
+    if r.transcode_bytes_max < 0:
+        raise ConfigError("retrieve.transcode_bytes_max: at least 0 (0: never convert)")
+    if not 1 <= r.read_threads <= 64:
+        raise ConfigError("retrieve.read_threads: 1 to 64")
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -573,6 +626,18 @@ min_version = "1.2"             # "1.2" or "1.3"
                                 # ChaCha20-Poly1305 only; docs/security.md); every TLS 1.3 suite is allowed
 handshake_timeout_s = 10.0      # a handshake not done by then is dropped
 handshakes_pending_max = 64     # handshakes in progress per worker; more connections are reset at once
+[retrieve]
+move_associations = 2           # associations one C-MOVE opens to its destination at once ...
+move_instances_per_association_min = 50  # ... one more only per this many instances
+connect_timeout_s = 10.0        # C-MOVE: seconds to connect to the destination ...
+association_timeout_s = 30.0    # ... and then to get its A-ASSOCIATE-AC
+sub_operation_timeout_s = 300.0 # seconds one C-STORE sub-operation may take (sending + response)
+pending_interval_ms = 500.0     # at most one Pending C-MOVE/C-GET response per interval
+matches_max = 100000            # instances one C-MOVE/C-GET may select; more: 0xA701
+concurrent_max = 8              # C-MOVE/C-GET served at once per worker; more: 0xA702
+identifier_bytes_max = 1048576  # largest C-MOVE/C-GET identifier; larger: 0xC000
+transcode_bytes_max = 268435456 # largest instance converted (decompressed) in memory for a destination
+read_threads = 4                # threads per worker reading (and converting) instances for retrieves
 
 # Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
 # below its high watermark. A volume folder that exists without its marker file (a mount point whose

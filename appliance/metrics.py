@@ -109,6 +109,11 @@ class Metrics:
             "appliance_tls_handshakes", "Handshakes on the TLS port, by outcome (ok, failed, timeout, limit)",
             ["result"], **kw,
         )
+        self.retrieve_suboperations = Counter(
+            "appliance_retrieve_suboperations",
+            "C-STORE sub-operations of C-MOVE and C-GET (counted once per retrieve, at its end), by result: "
+            "completed, failed, warning, not_sent (cancelled or stopped)", ["operation", "result"], **kw,
+        )
 
         # Children of labelled metrics, cached: .labels() takes a lock and builds a key on every call.
         stages = {stage: self.store_seconds.labels(stage) for stage in ("receive", "fsync", "queue", "index", "total")}

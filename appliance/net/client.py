@@ -154,13 +154,17 @@ class ClientAssociation(asyncio.BufferedProtocol):
         cls, host: str, port: int, called_ae: str, calling_ae: str,
         contexts: list[tuple[str, list[str]]], max_pdu: int = 1 << 20,
         roles: tuple[tuple[str, bool, bool], ...] = (),
+        connect_timeout: float | None = None, associate_timeout: float | None = None,
     ) -> ClientAssociation:
         """Request an association. ``roles``: SCP/SCU role selection items (SOP class, SCU role, SCP role), e.g. to
-        report Storage Commitment results as its SCP on an association we request."""
+        report Storage Commitment results as its SCP on an association we request. The timeouts (seconds, None:
+        none) bound the TCP connect and then the wait for A-ASSOCIATE-AC/RJ; TimeoutError when exceeded."""
         loop = asyncio.get_running_loop()
-        _transport, assoc = await loop.create_connection(lambda: cls(max_pdu), host, port)
+        async with asyncio.timeout(connect_timeout):
+            _transport, assoc = await loop.create_connection(lambda: cls(max_pdu), host, port)
         try:
-            await assoc._request(called_ae, calling_ae, contexts, list(roles))
+            async with asyncio.timeout(associate_timeout):
+                await assoc._request(called_ae, calling_ae, contexts, list(roles))
         except BaseException:
             assoc.abort()
             raise

@@ -82,3 +82,7 @@ class StorageApplication:
         if refused is not None:
             return AnswerOnce(refused)
         return factory(self.ctx, request)
+
+
+# The retrieve services register themselves in SERVICES when imported (after ``register`` exists).
+from appliance.services import get, move  # noqa: E402, F401
