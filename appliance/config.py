@@ -188,6 +188,28 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class CommitmentConfig:
+    """Storage Commitment Push Model SCP (PS3.4 Annex J, services/commitment.py): what one request may ask and
+    how hard we try to deliver its report."""
+
+    # SOP instances one N-ACTION may reference; a longer Referenced SOP Sequence is refused (0x0213).
+    references_per_request_max: int = 10000
+    # Largest N-ACTION dataset held in memory while it arrives; a larger one is refused (0x0213).
+    request_bytes_max: int = 16 << 20
+    # Commitment requests being verified or waiting to report, per worker; more are refused (0x0213).
+    pending_per_worker_max: int = 64
+    # Instances re-hashed at once per worker (each in a thread: their reads compete with C-GET/C-MOVE).
+    verify_concurrency_max: int = 2
+    # Seconds to wait for the N-EVENT-REPORT-RSP, on the same association or a new one.
+    report_timeout_s: float = 30.0
+    # Seconds to connect and associate when the report goes on a new association.
+    connect_timeout_s: float = 10.0
+    # New associations tried to deliver one report, and the wait between two tries.
+    report_attempts_max: int = 3
+    report_retry_wait_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     sop_classes: tuple[str, ...] = field(default_factory=lambda: (*service_sop_classes(), *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -201,6 +223,7 @@ class Config:
     volumes: tuple[VolumeConfig, ...] = (VolumeConfig("vol0", Path("var/volumes/vol0")),)
     peers: tuple[PeerConfig, ...] = ()
     source: Path | None = None
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -322,7 +345,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers"}
+    known = {"server", "storage", "dicom", "volumes", "peers", "commitment"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -355,7 +378,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     peers = tuple(
         _build(PeerConfig, f"peers.{name}", {"name": name, **table}, base) for name, table in peers_raw.items()
     )
-    config = Config(server, storage, dicom, volumes, peers, path)
+    commitment = _build(CommitmentConfig, "commitment", raw.get("commitment", {}), base)
+    config = Config(server, storage, dicom, volumes, peers, path, commitment=commitment)
     validate(config)
     return config
 
@@ -414,6 +438,7 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.compaction_dead_ratio: a fraction in (0, 1]")
     if st.compaction_interval_s < 0 or st.compaction_bytes_per_s < 1 << 20:
         raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
+    _validate_commitment(config.commitment)
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -437,6 +462,22 @@ def validate(config: Config) -> None:
         if peer.allow_overwrite and st.duplicate_policy != "overwrite":
             # Said so rather than ignored: whoever wrote it expects this peer's re-sends to replace.
             raise ConfigError(f"peers.{peer.name}.allow_overwrite: needs storage.duplicate_policy = \"overwrite\"")
+
+
+def _validate_commitment(c: CommitmentConfig) -> None:
+    if not 1 <= c.references_per_request_max <= 1_000_000:
+        raise ConfigError("commitment.references_per_request_max: 1 to 1000000")
+    if not 64 << 10 <= c.request_bytes_max <= 1 << 30:
+        raise ConfigError("commitment.request_bytes_max: 64 KiB to 1 GiB")
+    if not 1 <= c.pending_per_worker_max <= 10_000:
+        raise ConfigError("commitment.pending_per_worker_max: 1 to 10000")
+    if not 1 <= c.verify_concurrency_max <= 64:
+        raise ConfigError("commitment.verify_concurrency_max: 1 to 64")
+    if c.report_timeout_s <= 0 or c.connect_timeout_s <= 0 or c.report_retry_wait_s < 0:
+        raise ConfigError("commitment.report_timeout_s and connect_timeout_s must be positive, "
+                          "report_retry_wait_s >= 0")
+    if not 1 <= c.report_attempts_max <= 100:
+        raise ConfigError("commitment.report_attempts_max: 1 to 100")
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -515,4 +556,16 @@ high_watermark = 0.95
 # allow_storage_commitment = true
 # allow_receive = true          # may be a C-MOVE destination / get Storage Commitment reports on a new association
 # allow_overwrite = false       # true: this peer may replace stored instances (duplicate_policy = "overwrite")
+
+[commitment]
+# Storage Commitment Push Model SCP (docs/storage-commitment.md). Pending requests live in memory only: a
+# worker that restarts before it reports loses them, and the requester must ask again.
+references_per_request_max = 10000  # SOP instances per N-ACTION; more are refused (0x0213)
+request_bytes_max = 16777216    # largest N-ACTION dataset; a larger one is refused (0x0213)
+pending_per_worker_max = 64     # requests verifying or reporting at once per worker; more get 0x0213
+verify_concurrency_max = 2      # instances re-hashed at once per worker
+report_timeout_s = 30.0         # wait for the N-EVENT-REPORT-RSP
+connect_timeout_s = 10.0        # connect + associate, when the report goes on a new association
+report_attempts_max = 3         # new associations tried per report
+report_retry_wait_s = 10.0      # wait between two of them
 """

@@ -77,3 +77,7 @@ class StorageApplication:
         if refused is not None:
             return AnswerOnce(refused)
         return factory(self.ctx, request)
+
+
+# The service modules register their handlers when imported (after ``register`` exists: they import it from here).
+from appliance.services import commitment  # noqa: E402, F401
