@@ -32,6 +32,8 @@ def ct_instances(folder: Path, count: int, patient_id: str = "PID1", patient_nam
     paths = []
     for i in range(count):
         ds = pydicom.dcmread(CT)
+        del ds[0xFFFCFFFC]  # Data Set Trailing Padding: DCMTK-based peers drop it when they send, so without it
+        # what a peer sends back is byte for byte what was uploaded
         ds.PatientID, ds.PatientName = patient_id, patient_name
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
