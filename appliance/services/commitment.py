@@ -21,12 +21,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.dsutils import decode, encode
 
 from appliance import errors
 from appliance.config import CommitmentConfig, PeerConfig
 from appliance.dicom.uids import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE
-from appliance.index.schema import COPY_OK
+from appliance.index.schema import COPY_OK, Copy
 from appliance.net import dimse
 from appliance.net.client import AssociationAborted, AssociationRejected, ClientAssociation
 from appliance.net.service import ChannelClosed, Request, Response
@@ -89,8 +90,8 @@ def parse_action(data: bytes, transfer_syntax: str, max_references: int) -> tupl
         items = ds.get("ReferencedSOPSequence")
         if not transaction:
             raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "no Transaction UID")
-        if len(transaction) > 64:
-            raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "Transaction UID longer than 64 characters")
+        if not UID(transaction).is_valid:
+            raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "Transaction UID is not a valid UID")
         if not items:
             raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "no Referenced SOP Sequence items")
         if len(items) > max_references:
@@ -102,6 +103,10 @@ def parse_action(data: bytes, transfer_syntax: str, max_references: int) -> tupl
             sop_instance = str(item.get("ReferencedSOPInstanceUID", "") or "").strip()
             if not sop_class or not sop_instance:
                 raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "a reference without its SOP class or instance UID")
+            # Checked here, whole request at once: an invalid UID would otherwise reach the report we encode, after
+            # the N-ACTION-RSP said Success (and pydicom would log it, value and all).
+            if not (UID(sop_class).is_valid and UID(sop_instance).is_valid):
+                raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "a referenced UID is not a valid UID")
             references.append(Reference(sop_class, sop_instance))
     except BadRequest:
         raise
@@ -142,22 +147,29 @@ def _item(ref: Reference) -> Dataset:
 
 def verify_reference(ctx: WorkerContext, ref: Reference) -> int | None:
     """None when we hold ``ref`` intact, else its Failure Reason. Blocking (reads and hashes the blob): run it in a
-    thread. One intact copy is enough; a copy marked suspect by `verify` is still re-hashed (it may have been
-    repaired) but a missing one never counts."""
-    found = [rec for _key, rec in ctx.index.instances_under(ref.sop_instance_uid)
-             if rec.attrs.get("SOPInstanceUID") == ref.sop_instance_uid]
-    if not found:
+    thread. One intact copy is enough; a copy marked suspect by `verify` is re-hashed too (it may have been
+    repaired), after the others."""
+    found = ctx.index.lookup(ref.sop_instance_uid)
+    if found is None or found[0] != "instances":  # a study or series UID names no instance
         return errors.NO_SUCH_OBJECT_INSTANCE
-    record = found[0]
+    records = ctx.index.instances_under(ref.sop_instance_uid)
+    if not records:  # deleted since the lookup
+        return errors.NO_SUCH_OBJECT_INSTANCE
+    record = records[0][1]
     if record.attrs.get("SOPClassUID") != ref.sop_class_uid:
         return errors.CLASS_INSTANCE_CONFLICT
-    blob = ctx.index.blob(record.digest)
-    if blob is None:
-        return errors.N_PROCESSING_FAILURE
-    copies = sorted(blob.copies, key=lambda copy: copy.state != COPY_OK)  # the ones believed good first
-    for copy in copies:
-        if ctx.blobstore.check(record.digest, copy) == "ok":
-            return None
+    checked: set[Copy] = set()
+    for _attempt in range(2):  # compaction may have moved the blob to a new copy while we hashed the old one
+        blob = ctx.index.blob(record.digest)
+        if blob is None:
+            return errors.N_PROCESSING_FAILURE
+        copies = [copy for copy in sorted(blob.copies, key=lambda c: c.state != COPY_OK) if copy not in checked]
+        if not copies:
+            break
+        for copy in copies:
+            if ctx.blobstore.check(record.digest, copy) == "ok":
+                return None
+            checked.add(copy)
     return errors.N_PROCESSING_FAILURE
 
 
@@ -231,8 +243,10 @@ class Commitments:
 
             try:
                 rsp = await channel.request(request.context_id, command, _once(data), self.config.report_timeout_s)
-                log.info("storage commitment report to %s on its association: status 0x%04X", request.calling_ae,
-                         rsp.status or 0)
+                # A failure status is the SCU's problem with the report, not a delivery failure: not re-sent.
+                log.log(logging.INFO if rsp.status == 0 else logging.WARNING,
+                        "storage commitment report to %s on its association: status 0x%04X", request.calling_ae,
+                        rsp.status or 0)
                 return
             except ChannelClosed:
                 log.info("storage commitment: the association of %s ended before the report, opening a new one",
@@ -249,8 +263,8 @@ class Commitments:
         for attempt in range(1, self.config.report_attempts_max + 1):
             try:
                 status = await self.report_on_new_association(peer, transaction_uid, outcome)
-                log.info("storage commitment report to peer %r on a new association: status 0x%04X", peer.name,
-                         status)
+                log.log(logging.INFO if status == 0 else logging.WARNING,
+                        "storage commitment report to peer %r on a new association: status 0x%04X", peer.name, status)
                 return
             except (OSError, TimeoutError, AssociationRejected, AssociationAborted, ReportRefused) as exc:
                 log.warning("storage commitment report to peer %r, attempt %d of %d: %s", peer.name, attempt,
