@@ -105,6 +105,11 @@ class Metrics:
             "appliance_duplicates", "Re-sent SOP Instance UIDs, by outcome", ["outcome"], **kw
         )
         self.aborts = Counter("appliance_aborts", "Associations aborted, by reason", ["reason"], **kw)
+        self.commitments = Counter(
+            "appliance_storage_commitment",
+            "Storage Commitment: referenced instances (committed, failed) and reports (same_association, "
+            "new_association, undelivered)", ["outcome"], **kw,
+        )
 
         # Children of labelled metrics, cached: .labels() takes a lock and builds a key on every call.
         stages = {stage: self.store_seconds.labels(stage) for stage in ("receive", "fsync", "queue", "index", "total")}

@@ -197,6 +197,9 @@ class Commitments:
 
     async def _run(self, request: Request, transaction_uid: str, references: list[Reference]) -> None:
         outcome = await self.verify(references)
+        metrics = self.ctx.metrics.commitments
+        metrics.labels("committed").inc(len(outcome.committed))
+        metrics.labels("failed").inc(len(outcome.failed))
         log.info("storage commitment for %s: %d committed, %d failed", request.calling_ae, len(outcome.committed),
                  len(outcome.failed))
         log.debug("storage commitment transaction %s: failed %s", transaction_uid,
@@ -247,6 +250,7 @@ class Commitments:
                 log.log(logging.INFO if rsp.status == 0 else logging.WARNING,
                         "storage commitment report to %s on its association: status 0x%04X", request.calling_ae,
                         rsp.status or 0)
+                self.ctx.metrics.commitments.labels("same_association").inc()
                 return
             except ChannelClosed:
                 log.info("storage commitment: the association of %s ended before the report, opening a new one",
@@ -259,12 +263,14 @@ class Commitments:
             why = "not under [peers]" if peer is None else "allow_receive is false"
             log.warning("storage commitment report for %s dropped: its association ended and it is %s",
                         request.calling_ae, why)
+            self.ctx.metrics.commitments.labels("undelivered").inc()
             return
         for attempt in range(1, self.config.report_attempts_max + 1):
             try:
                 status = await self.report_on_new_association(peer, transaction_uid, outcome)
                 log.log(logging.INFO if status == 0 else logging.WARNING,
                         "storage commitment report to peer %r on a new association: status 0x%04X", peer.name, status)
+                self.ctx.metrics.commitments.labels("new_association").inc()
                 return
             except (OSError, TimeoutError, AssociationRejected, AssociationAborted, ReportRefused) as exc:
                 log.warning("storage commitment report to peer %r, attempt %d of %d: %s", peer.name, attempt,
@@ -273,6 +279,7 @@ class Commitments:
                 await asyncio.sleep(self.config.report_retry_wait_s)
         log.error("storage commitment report to peer %r not delivered after %d attempts", peer.name,
                   self.config.report_attempts_max)
+        self.ctx.metrics.commitments.labels("undelivered").inc()
 
     async def report_on_new_association(self, peer: PeerConfig, transaction_uid: str, outcome: Outcome) -> int:
         cfg = self.config

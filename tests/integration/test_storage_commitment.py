@@ -158,6 +158,10 @@ def test_report_on_the_same_association(server_with_peer: ServerHandle, stored: 
     assert info.RetrieveAETitle == "APPLIANCE"
     assert referenced(info) == {uid for _, uid in references}
     assert failed(info) == {unknown[1]: 0x0112, wrong_class[1]: 0x0119}
+    expected = ['appliance_storage_commitment_total{outcome="committed"} 3.0',
+                'appliance_storage_commitment_total{outcome="failed"} 2.0',
+                'appliance_storage_commitment_total{outcome="same_association"} 1.0']
+    wait_for(lambda: all(line in server_with_peer.metrics() for line in expected), 10, what="the metrics")
 
 
 def test_all_committed_is_event_type_1(server_with_peer: ServerHandle, stored: list[Path]) -> None:
@@ -189,6 +193,8 @@ def test_report_on_a_new_association_after_release(server_with_peer: ServerHandl
     event_type, info, calling_ae = scu_as_scp.wait()
     assert (event_type, str(info.TransactionUID), calling_ae) == (1, transaction, "APPLIANCE")
     assert referenced(info) == {uid for _, uid in references}
+    wait_for(lambda: 'appliance_storage_commitment_total{outcome="new_association"} 1.0' in server_with_peer.metrics(),
+             10, what="the metrics")
 
 
 def test_pynetdicom_scu_releasing_at_once_gets_its_report(server_with_peer: ServerHandle, stored: list[Path],
