@@ -227,7 +227,7 @@ class Commitments:
     def _verify_safely(self, ref: Reference) -> int | None:
         try:
             return verify_reference(self.ctx, ref)
-        except (errors.ApplianceError, OSError) as exc:
+        except Exception as exc:  # an unreadable segment, an LMDB error: that reference fails, the report still goes
             log.warning("storage commitment: an instance could not be verified: %s", type(exc).__name__)
             return errors.N_PROCESSING_FAILURE
 

@@ -85,6 +85,7 @@ def test_echo_and_find(orthanc_with_studies: tuple[Orthanc, Studies], config_for
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split()[:2] == ["PatientID", "StudyDate"] and lines[-1] == "(2 matches)"
+    assert len(cli_json(config, "find", "orthanc", "--limit", "1")) == 1  # C-CANCEL after the first match
     # A peer given on the command line instead of by name.
     assert cli(config, "echo", "--host", "127.0.0.1", "--port", str(orthanc.port), "--aet", "ORTHANC").returncode == 0
 
