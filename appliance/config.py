@@ -207,6 +207,8 @@ class CommitmentConfig:
     # New associations tried to deliver one report, and the wait between two tries.
     report_attempts_max: int = 3
     report_retry_wait_s: float = 10.0
+    # Requests answered and not yet reported, one small file each, taken up again when a worker restarts.
+    journal_path: Path = Path("var/commitments")
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         _build(PeerConfig, f"peers.{name}", {"name": name, **table}, base) for name, table in peers_raw.items()
     )
     commitment = _build(CommitmentConfig, "commitment", raw.get("commitment", {}), base)
+    if not commitment.journal_path.is_absolute():
+        commitment = dataclasses.replace(commitment, journal_path=base / commitment.journal_path)
     config = Config(server, storage, dicom, volumes, peers, path, commitment=commitment)
     validate(config)
     return config
@@ -558,8 +562,7 @@ high_watermark = 0.95
 # allow_overwrite = false       # true: this peer may replace stored instances (duplicate_policy = "overwrite")
 
 [commitment]
-# Storage Commitment Push Model SCP (docs/storage-commitment.md). Pending requests live in memory only: a
-# worker that restarts before it reports loses them, and the requester must ask again.
+# Storage Commitment Push Model SCP (docs/storage-commitment.md).
 references_per_request_max = 10000  # SOP instances per N-ACTION; more are refused (0x0213)
 request_bytes_max = 16777216    # largest N-ACTION dataset; a larger one is refused (0x0213)
 pending_per_worker_max = 64     # requests verifying or reporting at once per worker; more get 0x0213
@@ -568,4 +571,5 @@ report_timeout_s = 30.0         # wait for the N-EVENT-REPORT-RSP
 connect_timeout_s = 10.0        # connect + associate, when the report goes on a new association
 report_attempts_max = 3         # new associations tried per report
 report_retry_wait_s = 10.0      # wait between two of them
+journal_path = "var/commitments"  # requests answered and not yet reported, taken up again after a restart
 """

@@ -8,8 +8,9 @@ back as N-EVENT-REPORT-RQ (Event Type 1: all committed, 2: some failed): on the 
 it is open, else on a new association we request to the peer's configured host and port, as SCP of the SOP class
 through SCP/SCU role selection (PS3.4 J.3.3).
 
-Pending requests live in this worker's memory only: a worker that stops before it has reported loses them, and
-the requester, which times out waiting for the report, must ask again (docs/storage-commitment.md).
+A request answered with Success is written to a small journal first (commitment_journal.py), so that a worker
+that stops before it has reported takes it up when it starts again: verified again and reported on a new
+association (docs/storage-commitment.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from appliance.net import dimse
 from appliance.net.client import AssociationAborted, AssociationRejected, ClientAssociation
 from appliance.net.service import ChannelClosed, Request, Response
 from appliance.services.application import register
+from appliance.services.commitment_journal import Journal, JournalEntry
 from appliance.services.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,17 @@ class Outcome:
     @property
     def event_type(self) -> int:
         return EVENT_SOME_FAILED if self.failed else EVENT_ALL_COMMITTED
+
+
+@dataclass
+class Pending:
+    """A request answered with Success, to verify and report."""
+
+    transaction_uid: str
+    calling_ae: str
+    references: list[Reference]
+    journal_name: str = ""
+    request: Request | None = None  # the request as it came, while this worker runs; None when taken up at start
 
 
 class BadRequest(Exception):
@@ -176,16 +189,17 @@ def verify_reference(ctx: WorkerContext, ref: Reference) -> int | None:
 class Commitments:
     """One worker's storage commitment work: the bound on pending requests, the hashing threads, the tasks."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, worker: int = 0) -> None:
         self.ctx = ctx
         self.config: CommitmentConfig = ctx.config.commitment
-        self.pending = 0
+        self.journal = Journal(self.config.journal_path, worker, ctx.config.storage.fsync)
+        self.pending = 0  # requests answered (or being answered) with Success and not yet reported
         self.hashing = asyncio.Semaphore(self.config.verify_concurrency_max)
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, request: Request, transaction_uid: str, references: list[Reference]) -> None:
-        self.pending += 1
-        task = asyncio.get_running_loop().create_task(self._run(request, transaction_uid, references))
+    def start(self, pending: Pending) -> None:
+        """Verify and report ``pending`` (its ``self.pending`` slot already taken)."""
+        task = asyncio.get_running_loop().create_task(self._run(pending))
         self.tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -195,16 +209,20 @@ class Commitments:
         if not task.cancelled() and task.exception() is not None:
             log.error("storage commitment failed", exc_info=task.exception())
 
-    async def _run(self, request: Request, transaction_uid: str, references: list[Reference]) -> None:
-        outcome = await self.verify(references)
+    async def _run(self, pending: Pending) -> None:
+        outcome = await self.verify(pending.references)
         metrics = self.ctx.metrics.commitments
         metrics.labels("committed").inc(len(outcome.committed))
         metrics.labels("failed").inc(len(outcome.failed))
-        log.info("storage commitment for %s: %d committed, %d failed", request.calling_ae, len(outcome.committed),
+        log.info("storage commitment for %s: %d committed, %d failed", pending.calling_ae, len(outcome.committed),
                  len(outcome.failed))
-        log.debug("storage commitment transaction %s: failed %s", transaction_uid,
+        log.debug("storage commitment transaction %s: failed %s", pending.transaction_uid,
                   [(ref.sop_instance_uid, hex(reason)) for ref, reason in outcome.failed])
-        await self.report(request, transaction_uid, outcome)
+        await self.report(pending, outcome)
+        # Only once the report is settled (delivered, dropped or given up): a worker stopped before that (its task
+        # cancelled, or the process gone) finds the entry again when it starts.
+        if pending.journal_name:
+            await asyncio.to_thread(self.journal.remove, pending.journal_name)
 
     async def verify(self, references: list[Reference]) -> Outcome:
         reasons: list[int | None] = [None] * len(references)
@@ -233,10 +251,11 @@ class Commitments:
 
     # ---- the report ----------------------------------------------------------------------------------------------
 
-    async def report(self, request: Request, transaction_uid: str, outcome: Outcome) -> None:
+    async def report(self, pending: Pending, outcome: Outcome) -> None:
         """Deliver the N-EVENT-REPORT: the association of the request first, then new associations."""
-        channel = request.channel
-        if channel is not None and channel.is_open:
+        request = pending.request
+        transaction_uid = pending.transaction_uid
+        if request is not None and request.channel is not None and request.channel.is_open:
             data = event_information(transaction_uid, outcome, self.ctx.config.server.ae_title,
                                      request.transfer_syntax)
 
@@ -245,24 +264,26 @@ class Commitments:
                                                   STORAGE_COMMITMENT_PUSH_INSTANCE, outcome.event_type)
 
             try:
-                rsp = await channel.request(request.context_id, command, _once(data), self.config.report_timeout_s)
+                rsp = await request.channel.request(request.context_id, command, _once(data),
+                                                    self.config.report_timeout_s)
                 # A failure status is the SCU's problem with the report, not a delivery failure: not re-sent.
                 log.log(logging.INFO if rsp.status == 0 else logging.WARNING,
-                        "storage commitment report to %s on its association: status 0x%04X", request.calling_ae,
+                        "storage commitment report to %s on its association: status 0x%04X", pending.calling_ae,
                         rsp.status or 0)
                 self.ctx.metrics.commitments.labels("same_association").inc()
                 return
             except ChannelClosed:
                 log.info("storage commitment: the association of %s ended before the report, opening a new one",
-                         request.calling_ae)
+                         pending.calling_ae)
             except TimeoutError:
                 log.warning("storage commitment: %s did not answer the report within %ss on its association, "
-                            "trying a new one", request.calling_ae, self.config.report_timeout_s)
-        peer = request.peer
+                            "trying a new one", pending.calling_ae, self.config.report_timeout_s)
+        # The peer as configured now: a request taken up after a restart is reported under the current config.
+        peer = self.ctx.config.peer_by_ae(pending.calling_ae)
         if peer is None or not self.ctx.config.allows(peer, "storage_commitment") or not peer.allow_receive:
-            why = "not under [peers]" if peer is None else "allow_receive is false"
+            why = "not under [peers]" if peer is None else "not allowed to receive it"
             log.warning("storage commitment report for %s dropped: its association ended and it is %s",
-                        request.calling_ae, why)
+                        pending.calling_ae, why)
             self.ctx.metrics.commitments.labels("undelivered").inc()
             return
         for attempt in range(1, self.config.report_attempts_max + 1):
@@ -318,11 +339,25 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 _WORKERS: dict[int, Commitments] = {}  # id(WorkerContext) -> its Commitments: one context per worker process
 
 
-def commitments_for(ctx: WorkerContext) -> Commitments:
+def commitments_for(ctx: WorkerContext, worker: int = 0) -> Commitments:
     found = _WORKERS.get(id(ctx))
     if found is None or found.ctx is not ctx:
-        found = _WORKERS[id(ctx)] = Commitments(ctx)
+        found = _WORKERS[id(ctx)] = Commitments(ctx, worker)
     return found
+
+
+def resume_commitments(ctx: WorkerContext, worker: int, workers: int) -> int:
+    """At worker start (on its event loop): take up the requests a previous run of this worker answered and did
+    not report (commitment_journal.py), verify them again and report them on new associations. Returns how many."""
+    commitments = commitments_for(ctx, worker)
+    entries = commitments.journal.take_up(workers)
+    for entry in entries:
+        commitments.pending += 1
+        references = [Reference(sop_class, sop_instance) for sop_class, sop_instance in entry.references]
+        commitments.start(Pending(entry.transaction_uid, entry.calling_ae, references, entry.name))
+    if entries:
+        log.info("storage commitment: %d requests of a previous run taken up, reporting them", len(entries))
+    return len(entries)
 
 
 class CommitmentHandler:
@@ -356,9 +391,21 @@ class CommitmentHandler:
             return
         log.debug("storage commitment transaction %s from %s: %d references", transaction, self.request.calling_ae,
                   len(references))
+        commitments = commitments_for(self.ctx)
+        commitments.pending += 1  # taken before the journal write's await: concurrent requests see it
+        entry = JournalEntry(transaction, self.request.calling_ae,
+                             [(ref.sop_class_uid, ref.sop_instance_uid) for ref in references])
+        try:
+            await asyncio.to_thread(commitments.journal.add, entry)
+        except OSError as exc:
+            commitments.pending -= 1
+            log.error("storage commitment journal cannot be written (%s): request from %s refused",
+                      type(exc).__name__, self.request.calling_ae)
+            yield Response(errors.N_PROCESSING_FAILURE, "cannot record the request", extra=action)
+            return
         # Started before the answer is yielded, yet it cannot overtake it: the answer is written as soon as this
         # generator yields, while the task needs its first hash from a thread before it can send anything.
-        commitments_for(self.ctx).start(self.request, transaction, references)
+        commitments.start(Pending(transaction, self.request.calling_ae, references, entry.name, self.request))
         yield Response(errors.SUCCESS, extra=action)
 
     def _check(self) -> tuple[str, list[Reference]]:

@@ -310,3 +310,33 @@ def test_orthanc_as_storage_commitment_scu(make_server: Callable[..., ServerHand
 
 def _orthanc_ids(orthanc: Orthanc) -> list[str]:
     return list(orthanc.rest("GET", "/instances"))
+
+
+def test_a_report_pending_at_kill_9_is_sent_after_the_restart(make_server: Callable[..., ServerHandle], tmp_path: Path,
+                                                               scu_scp_port: int) -> None:
+    """The requester's listener is down when the report is due: the report waits between attempts when the server
+    is killed. Once restarted (and the listener up), the request is taken up from the journal and reported."""
+    server = make_server(peers={"scu": {"ae_title": SCU_AE, "port": scu_scp_port}},
+                         commitment={**FAST_REPORTS, "report_attempts_max": 5, "report_retry_wait_s": 60.0})
+    files = ct_instances(tmp_path / "ct", 2)
+    assert store(server.port, files) == [0, 0]
+    transaction = generate_uid()
+    assert asyncio.run(raw_n_action(server.port, encoded(action_information([sop_uids(f) for f in files],
+                                                                            transaction)))) == 0
+    wait_for(lambda: "attempt 1 of 5" in server.log(), 30, what="the first failed report attempt")
+    journal = server.root / "var/commitments"
+    assert len(list(journal.glob("worker-*/*.json"))) == 1
+    server.kill()
+    reports = Reports()
+    ae = AE(ae_title=SCU_AE)
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    listener = ae.start_server(("127.0.0.1", scu_scp_port), block=False,
+                               evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    try:
+        server.start()
+        event_type, info, _ = reports.wait()
+        assert (event_type, str(info.TransactionUID)) == (1, transaction)
+        assert referenced(info) == {sop_uids(f)[1] for f in files}
+        wait_for(lambda: not list(journal.glob("worker-*/*.json")), 10, what="the journal entry to go")
+    finally:
+        listener.shutdown()

@@ -31,6 +31,7 @@ from appliance.services.commitment import (
     event_information,
     parse_action,
 )
+from appliance.services.commitment_journal import Journal, JournalEntry
 
 SYNTAXES = {"1.2.840.10008.1.2": (True, True, False), "1.2.840.10008.1.2.1": (False, True, False),
             "1.2.840.10008.1.2.2": (False, False, False), "1.2.840.10008.1.2.1.99": (False, True, True)}
@@ -174,7 +175,7 @@ def test_handler_refuses_beyond_pending_per_worker_max() -> None:
 def test_commitment_section_is_loaded_and_validated(tmp_path: Path) -> None:
     config_path = tmp_path / "a.toml"
     config_path.write_text(DEFAULT_CONFIG_TOML)
-    assert load_config(config_path).commitment == CommitmentConfig()
+    assert load_config(config_path).commitment == CommitmentConfig(journal_path=tmp_path / "var/commitments")
     config_path.write_text("[commitment]\nreport_attempts_max = 5\nreport_timeout_s = 2\n")
     loaded = load_config(config_path).commitment
     assert (loaded.report_attempts_max, loaded.report_timeout_s) == (5, 2.0)
@@ -183,3 +184,22 @@ def test_commitment_section_is_loaded_and_validated(tmp_path: Path) -> None:
         config_path.write_text(f"[commitment]\n{bad}\n")
         with pytest.raises(ConfigError, match="commitment"):
             load_config(config_path)
+
+
+def test_journal_takes_up_its_own_and_orphaned_workers_entries(tmp_path: Path) -> None:
+    root = tmp_path / "journal"
+    for worker in (0, 1, 3):
+        Journal(root, worker).add(JournalEntry(f"1.2.{worker}", f"AE{worker}", [(CT, f"1.2.3.{worker}")]))
+    (root / "worker-0" / ".half.json.tmp").write_text("{")  # written, never renamed: never answered
+    (root / "worker-0" / "broken.json").write_text("{")
+    # Two workers now: worker 1 takes up its own; worker 0 its own and worker 3's (which no longer runs).
+    assert [e.transaction_uid for e in Journal(root, 1).take_up(2)] == ["1.2.1"]
+    taken = Journal(root, 0).take_up(2)
+    assert sorted((e.transaction_uid, e.calling_ae, e.references[0][1]) for e in taken) == [
+        ("1.2.0", "AE0", "1.2.3.0"), ("1.2.3", "AE3", "1.2.3.3")]
+    assert not list((root / "worker-3").glob("*.json"))
+    assert (root / "worker-0" / "broken.bad").exists() and not (root / "worker-0" / ".half.json.tmp").exists()
+    journal = Journal(root, 0)
+    for entry in taken:
+        journal.remove(entry.name)
+    assert not list((root / "worker-0").glob("*.json"))
