@@ -6,6 +6,7 @@ Query/Retrieve SCP once it is merged."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from appliance import errors
-from tests.conftest import APPLIANCE, ServerHandle, dataset_bytes, free_port, write_config
+from tests.conftest import APPLIANCE, ServerHandle, dataset_bytes, dcmtk, free_port, write_config
 from tests.peers import Orthanc, ct_instances, sop_uids
 
 
@@ -150,3 +151,16 @@ def test_status_lists_the_peers_and_their_rights(config_for: Callable[..., Path]
     human = cli(config, "status").stdout
     assert "CT1@10.0.0.21:104  may: echo store storage_commitment" in human
     assert "other AE titles may: echo store" in human
+
+
+def test_find_keys_mean_what_they_mean_to_dcmtk_findscu(orthanc_with_studies: tuple[Orthanc, Studies],
+                                                        config_for: Callable[..., Path]) -> None:
+    """The same -k keys through DCMTK's findscu and through `appliance find` select the same studies."""
+    orthanc, _studies = orthanc_with_studies
+    config = config_for(orthanc=orthanc_peer(orthanc))
+    keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=*O*", "-k", "0010,0020=PID*", "-k", "StudyInstanceUID"]
+    ours = {row["StudyInstanceUID"] for row in cli_json(config, "find", "orthanc", *keys)}
+    result = dcmtk("findscu", "-S", "-aec", orthanc.ae, *keys, "127.0.0.1", str(orthanc.port))
+    assert result.returncode == 0, result.stderr
+    theirs = set(re.findall(r"\(0020,000d\) UI \[([0-9.]+)\]", result.stdout + result.stderr))
+    assert ours == theirs and len(ours) == 2
