@@ -244,8 +244,8 @@ def find(target: Target, calling_ae: str, query: Dataset, model: str, timeout: f
             if code in PENDING:
                 if ident is not None:
                     matches.append(flatten(ident))
-                if limit and len(matches) >= limit:
-                    assoc.send_c_cancel(1, query_model=sop_class)  # pynetdicom's first message ID is 1
+                if limit and len(matches) == limit:  # once: the matches already under way are dropped below
+                    assoc.send_c_cancel(1, query_model=sop_class)  # the C-FIND's message ID (pynetdicom's default)
                 continue
             final = code
         if final not in (0x0000, 0xFE00):
@@ -266,12 +266,13 @@ def move(target: Target, calling_ae: str, query: Dataset, model: str, dest: str,
         for status, _ident in assoc.send_c_move(query, dest, sop_class):
             if _status(status) not in PENDING:
                 final = status
-    assert final is not None
+    if final is None:
+        raise ScuError(f"{target.label}: no final response")
     code = _status(final)
     result = {"peer": target.label, "destination": dest, "status": code, **_counts(final)}
     if code not in (0x0000, 0xB000) or result["failed"]:
         raise ScuError(f"{target.label}: C-MOVE to {dest} answered {_describe(code)} "
-                       f"({result['completed']} completed, {result['failed']} failed)", ) from None
+                       f"({result['completed']} completed, {result['failed']} failed)")
     return result
 
 
@@ -303,7 +304,8 @@ def get(target: Target, calling_ae: str, query: Dataset, model: str, out: Path, 
         for status, _ident in assoc.send_c_get(query, sop_class):
             if _status(status) not in PENDING:
                 final = status
-    assert final is not None
+    if final is None:
+        raise ScuError(f"{target.label}: no final response")
     code = _status(final)
     result = {"peer": target.label, "status": code, **_counts(final), "files": written}
     if code not in (0x0000, 0xB000) or result["failed"]:
