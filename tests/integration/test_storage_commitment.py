@@ -107,6 +107,9 @@ async def raw_n_action(port: int, dataset: bytes, calling_ae: str = SCU_AE, rele
     rsp = await asyncio.wait_for(assoc._expect(), 30)  # the N-ACTION-RSP, then the A-RELEASE-RP
     await asyncio.wait_for(assoc.closed, 30)
     assert isinstance(rsp, dimse.Command)
+    # PS3.7 10.1.4.1: the N-ACTION-RSP names the Requested SOP Class and Instance as Affected, with the Action Type.
+    assert (rsp.command_field, rsp.affected_sop_class_uid, rsp.affected_sop_instance_uid, rsp.action_type_id) == (
+        dimse.N_ACTION_RSP, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE, 1)
     return int(rsp.status or 0)
 
 
