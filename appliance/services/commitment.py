@@ -350,7 +350,11 @@ def resume_commitments(ctx: WorkerContext, worker: int, workers: int) -> int:
     """At worker start (on its event loop): take up the requests a previous run of this worker answered and did
     not report (commitment_journal.py), verify them again and report them on new associations. Returns how many."""
     commitments = commitments_for(ctx, worker)
-    entries = commitments.journal.take_up(workers)
+    try:
+        entries = commitments.journal.take_up(workers)
+    except OSError as exc:  # the worker serves anyway; requests are refused (0x0110) while the journal is unusable
+        log.error("storage commitment journal %s cannot be read: %s", commitments.journal.folder, exc)
+        return 0
     for entry in entries:
         commitments.pending += 1
         references = [Reference(sop_class, sop_instance) for sop_class, sop_instance in entry.references]

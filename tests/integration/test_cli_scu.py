@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 from appliance import errors
@@ -37,7 +38,7 @@ def orthanc_with_studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     for i, (pid, name, count) in enumerate([("PID1", "DOE^JOHN", 2), ("PID2", "ROE^JANE", 3)]):
         paths = ct_instances(root / f"study{i}", count, patient_id=pid, patient_name=name)
         orthanc.upload(paths)
-        study = str(__import__("pydicom").dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         files[study], patients[study] = paths, (pid, name)
     try:
         yield orthanc, Studies(files, patients)
