@@ -164,4 +164,4 @@ def test_find_keys_mean_what_they_mean_to_dcmtk_findscu(orthanc_with_studies: tu
     result = dcmtk("findscu", "-S", "-aec", orthanc.ae, *keys, "127.0.0.1", str(orthanc.port))
     assert result.returncode == 0, result.stderr
     theirs = set(re.findall(r"\(0020,000d\) UI \[([0-9.]+)\]", result.stdout + result.stderr))
-    assert ours == theirs and len(ours) == 2
+    assert ours == theirs and len(ours) == 2, (ours, result.stdout, result.stderr)
