@@ -1,4 +1,5 @@
-"""The one console command: ``appliance serve|init|status|ls|show|export|verify|compact|index|volume``.
+"""The one console command: ``appliance serve|init|status|ls|show|export|verify|compact|index|volume``, and the SCU
+commands ``echo|find|move|get`` (cli_scu.py).
 
 Human output by default, ``--json`` for scripts. Exit codes (appliance/errors.py): 0 ok, 1 failure (or
 verify found problems), 2 usage, 3 not found, 69 unavailable (volume detached...), 78 configuration error.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from appliance import errors
+from appliance import cli_scu, errors
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def volume_init(
 
 @app.command()
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Volumes (attached, free, fill), instance counts, index size."""
+    """Volumes (attached, free, fill), instance counts, index size, the peers and their rights."""
     from appliance.store.volumes import MARKER
 
     try:
@@ -149,7 +150,9 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             with _open_index(cfg) as index:
                 counts = index.counts()
         data = {"ae_title": cfg.server.ae_title, "port": cfg.server.port, "volumes": vols, "counts": counts,
-                "index_path": str(cfg.storage.index_path)}
+                "index_path": str(cfg.storage.index_path), "peers": cli_scu.peer_rows(cfg),
+                "unknown_peer_rights": list(cfg.server.unknown_peer_rights),
+                "refuse_unknown_calling_ae": cfg.server.refuse_unknown_calling_ae}
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     lines = [f"AE {cfg.server.ae_title} on port {cfg.server.port}; index {cfg.storage.index_path}"]
@@ -158,6 +161,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         fill = f"{v['fill'] * 100:.1f}% used, {v['free_bytes'] / 1e9:.1f} GB free" if "fill" in v else "missing"
         lines.append(f"  volume {v['name']:<10} {v['path']}  {fill}  [{state}]")
     lines.append("  " + ", ".join(f"{n} {k}" for k, n in counts.items()) if counts else "  index empty")
+    lines += cli_scu.describe_peers(cfg, data["peers"])
     _emit(data, as_json, "\n".join(lines))
     if any(not v["attached"] for v in vols):
         raise typer.Exit(errors.EXIT_UNAVAILABLE)
@@ -413,6 +417,9 @@ for _name, _module, _summary in (
     ("retrieve", "retrieve", "C-MOVE and C-GET of one series, the appliance next to Orthanc (see --help)."),
 ):
     _bench_command(_name, _module, _summary)
+
+
+cli_scu.register(app)  # echo, find, move, get: SCU commands towards other AEs
 
 
 def main() -> None:

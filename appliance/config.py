@@ -214,6 +214,27 @@ class RetrieveConfig:
     transcode_bytes_max: int = 256 << 20
     # Threads per worker reading blobs (and converting) for retrieves, shared by all of them.
     read_threads: int = 4
+class CommitmentConfig:
+    """Storage Commitment Push Model SCP (PS3.4 Annex J, services/commitment.py): what one request may ask and
+    how hard we try to deliver its report."""
+
+    # SOP instances one N-ACTION may reference; a longer Referenced SOP Sequence is refused (0x0213).
+    references_per_request_max: int = 10000
+    # Largest N-ACTION dataset held in memory while it arrives; a larger one is refused (0x0213).
+    request_bytes_max: int = 16 << 20
+    # Commitment requests being verified or waiting to report, per worker; more are refused (0x0213).
+    pending_per_worker_max: int = 64
+    # Instances re-hashed at once per worker (each in a thread: their reads compete with C-GET/C-MOVE).
+    verify_concurrency_max: int = 2
+    # Seconds to wait for the N-EVENT-REPORT-RSP, on the same association or a new one.
+    report_timeout_s: float = 30.0
+    # Seconds to connect and associate when the report goes on a new association.
+    connect_timeout_s: float = 10.0
+    # New associations tried to deliver one report, and the wait between two tries.
+    report_attempts_max: int = 3
+    report_retry_wait_s: float = 10.0
+    # Requests answered and not yet reported, one small file each, taken up again when a worker restarts.
+    journal_path: Path = Path("var/commitments")
 
 
 @dataclass(frozen=True)
@@ -263,6 +284,7 @@ class Config:
     source: Path | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -385,7 +407,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve"}
+    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -426,8 +448,11 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         for key in ("certificate", "private_key", "ca_certificates")
         if (value := getattr(tls, key)) is not None
     })
-    config = Config(server=server, storage=storage, dicom=dicom, retrieve=retrieve, tls=tls,
-                    volumes=volumes, peers=peers, source=path)
+    commitment = _build(CommitmentConfig, "commitment", raw.get("commitment", {}), base)
+    if not commitment.journal_path.is_absolute():
+        commitment = dataclasses.replace(commitment, journal_path=base / commitment.journal_path)
+    config = Config(server=server, storage=storage, dicom=dicom, volumes=volumes, peers=peers,
+                    source=path, retrieve=retrieve, commitment=commitment, tls=tls)
     validate(config)
     return config
 
@@ -487,6 +512,7 @@ def validate(config: Config) -> None:
     if st.compaction_interval_s < 0 or st.compaction_bytes_per_s < 1 << 20:
         raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
     _validate_retrieve(config.retrieve)
+    _validate_commitment(config.commitment)
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -555,6 +581,20 @@ def _validate_retrieve(r: RetrieveConfig) -> None:
         raise ConfigError("retrieve.transcode_bytes_max: at least 0 (0: never convert)")
     if not 1 <= r.read_threads <= 64:
         raise ConfigError("retrieve.read_threads: 1 to 64")
+def _validate_commitment(c: CommitmentConfig) -> None:
+    if not 1 <= c.references_per_request_max <= 1_000_000:
+        raise ConfigError("commitment.references_per_request_max: 1 to 1000000")
+    if not 64 << 10 <= c.request_bytes_max <= 1 << 30:
+        raise ConfigError("commitment.request_bytes_max: 64 KiB to 1 GiB")
+    if not 1 <= c.pending_per_worker_max <= 10_000:
+        raise ConfigError("commitment.pending_per_worker_max: 1 to 10000")
+    if not 1 <= c.verify_concurrency_max <= 64:
+        raise ConfigError("commitment.verify_concurrency_max: 1 to 64")
+    if c.report_timeout_s <= 0 or c.connect_timeout_s <= 0 or c.report_retry_wait_s < 0:
+        raise ConfigError("commitment.report_timeout_s and connect_timeout_s must be positive, "
+                          "report_retry_wait_s >= 0")
+    if not 1 <= c.report_attempts_max <= 100:
+        raise ConfigError("commitment.report_attempts_max: 1 to 100")
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -660,4 +700,16 @@ high_watermark = 0.95
 # allow_storage_commitment = true
 # allow_receive = true          # may be a C-MOVE destination / get Storage Commitment reports on a new association
 # allow_overwrite = false       # true: this peer may replace stored instances (duplicate_policy = "overwrite")
+
+[commitment]
+# Storage Commitment Push Model SCP (docs/storage-commitment.md).
+references_per_request_max = 10000  # SOP instances per N-ACTION; more are refused (0x0213)
+request_bytes_max = 16777216    # largest N-ACTION dataset; a larger one is refused (0x0213)
+pending_per_worker_max = 64     # requests verifying or reporting at once per worker; more get 0x0213
+verify_concurrency_max = 2      # instances re-hashed at once per worker
+report_timeout_s = 30.0         # wait for the N-EVENT-REPORT-RSP
+connect_timeout_s = 10.0        # connect + associate, when the report goes on a new association
+report_attempts_max = 3         # new associations tried per report
+report_retry_wait_s = 10.0      # wait between two of them
+journal_path = "var/commitments"  # requests answered and not yet reported, taken up again after a restart
 """

@@ -32,7 +32,11 @@ Query/Retrieve (PS3.4 C.4) and Storage Commitment (PS3.4 J.3, PS3.7 C):
 0x0110  Processing failure                                  Storage Commitment: bytes do not re-hash
 0x0112  No such object instance                             Storage Commitment: instance not indexed
 0x0119  Class-instance conflict                             Storage Commitment: other SOP class stored
+0x0112  No such object instance (N-ACTION)                  N-ACTION not on the well-known instance
+0x0115  Invalid argument value                              N-ACTION dataset unreadable, or without its
+                                                            Transaction UID or references
 0x0123  No such action                                      N-ACTION with an unknown Action Type ID
+0x0213  Resource limitation                                 N-ACTION beyond [commitment] bounds
 0x0211  Unrecognized operation                              a command this SOP class does not have
 ======  ==================================================  ========================================
 """
@@ -62,6 +66,8 @@ N_PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 CLASS_INSTANCE_CONFLICT = 0x0119
 NO_SUCH_ACTION = 0x0123
+INVALID_ARGUMENT_VALUE = 0x0115
+RESOURCE_LIMITATION = 0x0213
 UNRECOGNIZED_OPERATION = 0x0211
 
 # CLI exit codes (sysexits-like, so scripts can branch on them).
@@ -147,4 +153,11 @@ STATUS_NAMES = {
     CANNOT_UNDERSTAND: "Cannot understand",
     CANNOT_UNDERSTAND_MISSING_UIDS: "Cannot understand (missing UIDs)",
     PROCESSING_FAILURE: "Processing failure",
+    N_PROCESSING_FAILURE: "Processing failure",
+    NO_SUCH_OBJECT_INSTANCE: "No such object instance",
+    CLASS_INSTANCE_CONFLICT: "Class-instance conflict",
+    INVALID_ARGUMENT_VALUE: "Invalid argument value",
+    NO_SUCH_ACTION: "No such action",
+    RESOURCE_LIMITATION: "Resource limitation",
+    UNRECOGNIZED_OPERATION: "Unrecognized operation",
 }

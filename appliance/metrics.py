@@ -114,6 +114,11 @@ class Metrics:
             "C-STORE sub-operations of C-MOVE and C-GET (counted once per retrieve, at its end), by result: "
             "completed, failed, warning, not_sent (cancelled or stopped)", ["operation", "result"], **kw,
         )
+        self.commitments = Counter(
+            "appliance_storage_commitment",
+            "Storage Commitment: referenced instances (committed, failed) and reports (same_association, "
+            "new_association, undelivered)", ["outcome"], **kw,
+        )
 
         # Children of labelled metrics, cached: .labels() takes a lock and builds a key on every call.
         stages = {stage: self.store_seconds.labels(stage) for stage in ("receive", "fsync", "queue", "index", "total")}

@@ -84,6 +84,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, Endpoint
     from appliance.services.application import StorageApplication
+    from appliance.services.commitment import resume_commitments
     from appliance.services.context import WorkerContext
     from appliance.store.commit import GroupCommitter
     from appliance.store.spool import SpoolBudget
@@ -108,6 +109,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                               blobstore=blobstore, index=index,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))
     endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
+    resume_commitments(ctx, worker, config.effective_workers())  # reports a previous run answered but never sent
     sock = _listen_socket(config.server.host, port, listen=True)
     server = await loop.create_server(lambda: AssociationProtocol(endpoint), sock=sock)
     tls_server, tls_gate = None, None
