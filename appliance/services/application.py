@@ -85,6 +85,9 @@ class StorageApplication:
 
 
 # The retrieve services register themselves in SERVICES when imported (after ``register`` exists).
-from appliance.services import get, move  # noqa: E402, F401
 # The service modules register their handlers when imported (after ``register`` exists: they import it from here).
-from appliance.services import commitment  # noqa: E402, F401
+from appliance.services import (  # noqa: E402, F401
+    commitment,  # noqa: E402, F401
+    get,
+    move,
+)
