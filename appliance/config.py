@@ -214,6 +214,9 @@ class RetrieveConfig:
     transcode_bytes_max: int = 256 << 20
     # Threads per worker reading blobs (and converting) for retrieves, shared by all of them.
     read_threads: int = 4
+
+
+@dataclass(frozen=True)
 class CommitmentConfig:
     """Storage Commitment Push Model SCP (PS3.4 Annex J, services/commitment.py): what one request may ask and
     how hard we try to deliver its report."""
