@@ -188,6 +188,27 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    """C-FIND SCP (docs/query.md)."""
+
+    # Matches one C-FIND may return; beyond it the query ends with 0xA700 and an Error Comment saying so (the
+    # matches already sent stand): a peer asking for every study of the archive gets a bounded answer.
+    results_max: int = 10_000
+    # Largest identifier accepted (bytes); a larger one is answered 0xC000 without being parsed.
+    identifier_bytes_max: int = 65_536
+    # Index rows examined per read transaction (one batch, in a worker thread): bounds how long one reader pins
+    # LMDB pages and how long the event loop waits for nothing.
+    batch_rows_max: int = 512
+    # Longest one C-FIND may search before it ends with 0xA700 (seconds).
+    search_s_max: float = 60.0
+    # Person names: false matches DOE*, doe* and Doe* alike (Orthanc's CaseSensitivePN = false).
+    case_sensitive_person_names: bool = False
+    # True: StudyDate and StudyTime ranges given together match as one date-time range (PS3.4 C.2.2.2.5.1, which
+    # asks for it when the SCU negotiated combined matching); false: each is matched on its own.
+    combined_date_time_matching: bool = False
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     sop_classes: tuple[str, ...] = field(default_factory=lambda: (*service_sop_classes(), *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -198,6 +219,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
     volumes: tuple[VolumeConfig, ...] = (VolumeConfig("vol0", Path("var/volumes/vol0")),)
     peers: tuple[PeerConfig, ...] = ()
     source: Path | None = None
@@ -322,7 +344,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers"}
+    known = {"server", "storage", "dicom", "query", "volumes", "peers"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -355,7 +377,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     peers = tuple(
         _build(PeerConfig, f"peers.{name}", {"name": name, **table}, base) for name, table in peers_raw.items()
     )
-    config = Config(server, storage, dicom, volumes, peers, path)
+    query = _build(QueryConfig, "query", raw.get("query", {}), base)
+    config = Config(server=server, storage=storage, dicom=dicom, query=query, volumes=volumes, peers=peers, source=path)
     validate(config)
     return config
 
@@ -414,6 +437,15 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.compaction_dead_ratio: a fraction in (0, 1]")
     if st.compaction_interval_s < 0 or st.compaction_bytes_per_s < 1 << 20:
         raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
+    q = config.query
+    if not 1 <= q.results_max <= 1_000_000:
+        raise ConfigError("query.results_max: 1 to 1000000")
+    if not 1024 <= q.identifier_bytes_max <= 16 << 20:
+        raise ConfigError("query.identifier_bytes_max: 1024 to 16777216")
+    if not 16 <= q.batch_rows_max <= 100_000:
+        raise ConfigError("query.batch_rows_max: 16 to 100000")
+    if q.search_s_max <= 0:
+        raise ConfigError("query.search_s_max: must be positive")
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -493,6 +525,14 @@ compaction_bytes_per_s = 67108864  # compaction's copy rate limit
 # sop_classes = ["all"]         # "all" = Verification, Query/Retrieve, Storage Commitment and every storage
                                 # SOP class; "storage" = Verification + storage only; or a list of UIDs
 # transfer_syntaxes = [...]     # default: uncompressed + every common compressed syntax, stored as received
+
+[query]
+results_max = 10000             # C-FIND matches per query; beyond, the query ends with 0xA700 (narrow it)
+identifier_bytes_max = 65536    # largest C-FIND identifier accepted; larger ones get 0xC000
+batch_rows_max = 512            # index rows a C-FIND examines per read transaction (in a worker thread)
+search_s_max = 60.0             # longest a C-FIND may search; then it ends with 0xA700
+case_sensitive_person_names = false  # false: DOE*, doe* and Doe* match alike
+combined_date_time_matching = false  # true: StudyDate + StudyTime ranges match as one date-time range
 
 # Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
 # below its high watermark. A volume folder that exists without its marker file (a mount point whose

@@ -77,3 +77,7 @@ class StorageApplication:
         if refused is not None:
             return AnswerOnce(refused)
         return factory(self.ctx, request)
+
+
+# Service modules register their handlers when imported (after `register` exists).
+from appliance.services import find  # noqa: E402, F401
