@@ -113,7 +113,8 @@ class ServerHandle:
 
 def write_config(root: Path, server: dict[str, Any] | None = None, storage: dict[str, Any] | None = None,
                  dicom: dict[str, Any] | None = None, volumes: list[dict[str, Any]] | None = None,
-                 peers: dict[str, dict[str, Any]] | None = None) -> Path:
+                 peers: dict[str, dict[str, Any]] | None = None, **tables: dict[str, Any]) -> Path:
+    """``tables``: any other [section] (query = {...}) as key -> value."""
     server = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "workers": 1, "log_level": "info",
               **(server or {})}
     lines = ["[server]"] + [f"{k} = {toml_value(v)}" for k, v in server.items()]
@@ -121,6 +122,8 @@ def write_config(root: Path, server: dict[str, Any] | None = None, storage: dict
         lines += ["[storage]"] + [f"{k} = {toml_value(v)}" for k, v in storage.items()]
     if dicom:
         lines += ["[dicom]"] + [f"{k} = {toml_value(v)}" for k, v in dicom.items()]
+    for section, table in tables.items():
+        lines += [f"[{section}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
     for vol in volumes or []:
         lines += ["[[volumes]]"] + [f"{k} = {toml_value(v)}" for k, v in vol.items()]
     for name, table in (peers or {}).items():

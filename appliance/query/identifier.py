@@ -10,6 +10,7 @@ parse.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -100,11 +101,63 @@ def _text(value: object) -> str:
     return str(value).strip(" \x00")
 
 
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"})
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+NESTING_MAX = 8
+
+
+def check_structure(data: bytes, implicit: bool, little_endian: bool) -> None:
+    """Every element's length fits in the identifier (pydicom reads a truncated value without a word, so a cut or
+    lying identifier would be matched as if it said something), sequences nest at most NESTING_MAX deep."""
+    order = "<" if little_endian else ">"
+    tag_format, u16, u32 = struct.Struct(order + "HH"), struct.Struct(order + "H"), struct.Struct(order + "L")
+
+    def walk(pos: int, end: int, depth: int, in_item: bool) -> int:
+        while pos < end:
+            if pos + 8 > end:
+                raise ValueError("truncated element header")
+            group, element = tag_format.unpack_from(data, pos)
+            tag = group << 16 | element
+            if group == 0xFFFE:
+                length, value = u32.unpack_from(data, pos + 4)[0], pos + 8
+                if tag in (_ITEM_END, _SEQUENCE_END):
+                    return value
+            elif implicit:
+                length, value = u32.unpack_from(data, pos + 4)[0], pos + 8
+            else:
+                vr = data[pos + 4 : pos + 6]
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise ValueError("truncated element header")
+                    length, value = u32.unpack_from(data, pos + 8)[0], pos + 12
+                else:
+                    length, value = u16.unpack_from(data, pos + 6)[0], pos + 8
+            if length == 0xFFFFFFFF:
+                if depth >= NESTING_MAX:
+                    raise ValueError("sequences nested too deep")
+                pos = walk(value, end, depth + 1, tag == _ITEM)
+                continue
+            if value + length > end:
+                raise ValueError("an element overruns the identifier")
+            if tag == _ITEM or (not implicit and data[pos + 4 : pos + 6] == b"SQ"):
+                if depth >= NESTING_MAX:
+                    raise ValueError("sequences nested too deep")
+                walk(value, value + length, depth + 1, tag == _ITEM)
+            pos = value + length
+        if in_item and end == len(data):
+            raise ValueError("an item without its end")
+        return pos
+
+    walk(0, len(data), 0, False)
+
+
 def parse(data: bytes, transfer_syntax_implicit: bool, little_endian: bool, deflated: bool, model: str) -> Query:
     """Decode and check an identifier (QueryError on failure)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about odd values it then reads anyway
+            if not deflated:
+                check_structure(data, transfer_syntax_implicit, little_endian)
             ds = decode(io.BytesIO(data), transfer_syntax_implicit, little_endian, deflated)
             charsets = [c for c in _text(ds.get("SpecificCharacterSet", "")).split("\\") if c]
             keys: list[QueryKey] = []
