@@ -134,7 +134,8 @@ def run_queries(port: int, queries: dict[str, list[dict[str, str]]], ae_title: s
                 called: str = "APPLIANCE") -> dict[str, dict[str, Any]]:
     from pydicom.dataset import Dataset
     from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT
+
+    from appliance.dicom.uids import STUDY_ROOT_FIND as STUDY_ROOT
 
     ae = AE(ae_title=ae_title)
     ae.add_requested_context(STUDY_ROOT)
