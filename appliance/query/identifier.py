@@ -167,7 +167,10 @@ def parse(data: bytes, transfer_syntax_implicit: bool, little_endian: bool, defl
                 keyword = "" if elem.tag.is_private else (keyword_for_tag(elem.tag) or "")
                 vr = elem.VR if elem.VR != "UN" or not keyword else dictionary_VR(elem.tag)
                 if elem.VR == "SQ" or isinstance(elem.value, Sequence):
-                    keys.append(QueryKey(keyword, int(elem.tag), "SQ", "", sequence=True))
+                    # Sequence items are never matched (the index holds no sequence); whether they asked for any
+                    # value decides between 0xFF00 and 0xFF01.
+                    asks = any(_text(e.value) for item in elem.value or [] for e in item if e.VR != "SQ")
+                    keys.append(QueryKey(keyword, int(elem.tag), "SQ", "items" if asks else "", sequence=True))
                 else:
                     keys.append(QueryKey(keyword, int(elem.tag), vr, _text(elem.value)))
             level = _text(ds.get("QueryRetrieveLevel", ""))

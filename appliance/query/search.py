@@ -104,7 +104,10 @@ class Search:
         predicates: list[tuple[str, Predicate]] = []
         unsupported = False
         for key in query.keys:
-            if key.sequence or key.keyword in skip:
+            if key.sequence:
+                unsupported = unsupported or bool(key.value)
+                continue
+            if key.keyword in skip:
                 continue
             predicate = compile_key(key.vr, key.value, options)
             if predicate is None:

@@ -20,6 +20,7 @@ from tests.integration.find_data import JAPANESE, STUDIES, write_archive
 
 PEERS = {"findscu": {"ae_title": "FINDSCU", "port": 104},
          "pynet": {"ae_title": "PYNETSCU", "port": 104},
+         "orthanc": {"ae_title": "ORTHANC", "port": 104},
          "limited": {"ae_title": "LIMITED", "port": 104, "allow_find": False}}
 
 
@@ -312,3 +313,102 @@ def test_peer_without_the_find_right_is_refused(archive: ServerHandle) -> None:
     finally:
         assoc.release()  # type: ignore[attr-defined]
     assert "PID" not in archive.log() and "DOE" not in archive.log()  # no patient data in the log
+
+
+# ---- Orthanc as the querying peer --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def orthanc(archive: ServerHandle, tmp_path: Path) -> Iterator[str]:
+    """Orthanc on free ports with the appliance in its DicomModalities; yields its REST base URL."""
+    import json
+    import subprocess
+
+    from bench.receivers import free_port, orthanc_binary, wait_for
+
+    binary = orthanc_binary()
+    if binary is None:
+        pytest.fail("Orthanc is not installed (make installs it beside DCMTK)")
+    http_port = free_port()
+    config = {"Name": "find-test", "StorageDirectory": str(tmp_path / "storage"),
+              "IndexDirectory": str(tmp_path / "index"), "DicomAet": "ORTHANC", "DicomPort": free_port(),
+              "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+              "DicomModalities": {"appliance": ["APPLIANCE", "127.0.0.1", archive.port]}}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    log = open(tmp_path / "orthanc.log", "wb")
+    proc = subprocess.Popen([binary, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_for(lambda: _get(base + "/system") is not None, 60, what="Orthanc's REST API")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _get(url: str) -> object | None:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+    except OSError:
+        return None
+
+
+def _post(url: str, body: object) -> object:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def orthanc_query(base: str, level: str, keys: dict[str, str]) -> list[dict[str, object]]:
+    created = _post(f"{base}/modalities/appliance/query", {"Level": level, "Query": keys})
+    assert isinstance(created, dict)
+    answers = _get(f"{base}/queries/{created['ID']}/answers?expand&simplify")
+    assert isinstance(answers, list)
+    return answers
+
+
+def test_orthanc_queries_us_through_its_rest_api(orthanc: str) -> None:
+    studies = orthanc_query(orthanc, "Study", {"PatientName": "DOE*", "StudyDate": "20200101-20201231",
+                                               "ModalitiesInStudy": "", "StudyInstanceUID": ""})
+    assert {a["StudyInstanceUID"] for a in studies} == {study_uid(1), study_uid(6)}
+    german = orthanc_query(orthanc, "Study", {"PatientName": "MÜLLER*", "StudyInstanceUID": ""})
+    assert [a["StudyInstanceUID"] for a in german] == [study_uid(3)]
+    assert german[0]["PatientName"] == "Müller^Jürgen"
+    series = orthanc_query(orthanc, "Series", {"StudyInstanceUID": study_uid(1), "Modality": "",
+                                               "SeriesInstanceUID": ""})
+    assert sorted(str(a["Modality"]) for a in series) == ["CT", "MR"]
+    patients = orthanc_query(orthanc, "Patient", {"PatientID": "PID004", "PatientName": ""})
+    assert [a["PatientID"] for a in patients] == ["PID004"]
+
+
+def test_unmatched_keys_give_pending_warning(archive: ServerHandle) -> None:
+    """A value for a key the index does not hold (PatientAge), or a sequence item with a value: the matches come
+    with 0xFF01, the keys come back empty."""
+    assoc = associate(archive)
+    try:
+        with_age = study_identifier(PatientID="PID002", PatientAge="050Y")
+        results = query(assoc, with_age)
+        assert [s for s, _ in results] == [0xFF01, 0x0000]
+        found = results[0][1]
+        assert found is not None and found.PatientAge in ("", None)
+        item = Dataset()
+        item.CodeValue = "X"
+        with_sequence = study_identifier(PatientID="PID002")
+        with_sequence.ProcedureCodeSequence = [item]
+        results = query(assoc, with_sequence)
+        assert [s for s, _ in results] == [0xFF01, 0x0000]
+        empty_sequence = study_identifier(PatientID="PID002")
+        empty_sequence.ProcedureCodeSequence = []
+        results = query(assoc, empty_sequence)
+        assert [s for s, _ in results] == [0xFF00, 0x0000]
+        assert results[0][1] is not None and len(results[0][1].ProcedureCodeSequence) == 0
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
