@@ -18,6 +18,11 @@ name_wildcard  PatientName=<SURNAME>*                                        ~50
 modality       ModalitiesInStudy=<one of 8>                                  ~1,250 at 10,000 studies
 =============  ============================================================  ===============================
 
+With ``--orthanc-instances M`` the same kinds of queries also go to Orthanc holding the first M of those
+instances (Part-10 files written with pydicom and stored with storescu: Orthanc has no bulk index import, so M
+stays small: 20,000 takes minutes). Orthanc's numbers are for M instances; run ``--instances M`` for the
+appliance at the same size.
+
 Output: a markdown table on stdout, JSON and markdown in --out (results.json, results.md). Not run by the
 tests at full scale: the integrator schedules benchmarks one at a time.
 """
@@ -184,13 +189,79 @@ def run_queries(port: int, queries: dict[str, list[dict[str, str]]], ae_title: s
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"C-FIND latency, {report['instances']:,} instances / {report['studies']:,} studies "
-             f"(index built in {report['build_s']:.1f} s, {report['index_bytes'] / 1e6:.0f} MB)", "",
-             "| query | n | p50 ms | p99 ms | max ms | matches (mean) | final |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for name, r in report["results"].items():
-        lines.append(f"| {name} | {r['queries']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | "
-                     f"{r['matches_mean']} | {', '.join(r['final_statuses'])} |")
+             f"(index built in {report['build_s']:.1f} s, {report['index_bytes'] / 1e6:.0f} MB)", ""]
+    runs = [("appliance", report["results"])]
+    if "orthanc" in report:
+        runs.append((f"orthanc ({report['orthanc']['instances']:,} instances)", report["orthanc"]["results"]))
+    lines += ["| receiver | query | n | p50 ms | p99 ms | max ms | matches (mean) | final |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for label, results in runs:
+        for name, r in results.items():
+            lines.append(f"| {label} | {name} | {r['queries']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+                         f"{r['matches_mean']} | {', '.join(r['final_statuses'])} |")
     return "\n".join(lines) + "\n"
+
+
+def write_part10(folder: Path, instances: int, per_study: int) -> int:
+    """The first ``instances`` synthetic instances as small Part-10 files (2x2 pixels); returns the studies."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    studies = max(1, instances // per_study)
+    for number in range(studies):
+        shape = study_shape(number)
+        sop_class = SOP_CLASSES.get(shape["Modality"], OTHER_SOP_CLASS)
+        for i in range(per_study):
+            ds = Dataset()
+            for keyword, value in shape.items():
+                setattr(ds, keyword, value)
+            s = i % SERIES_PER_STUDY
+            ds.SeriesInstanceUID = f"{shape['StudyInstanceUID']}.{s + 1}"
+            ds.SeriesNumber, ds.InstanceNumber = s + 1, i + 1
+            ds.SOPClassUID, ds.SOPInstanceUID = sop_class, f"{ds.SeriesInstanceUID}.{i + 1}"
+            ds.Rows = ds.Columns = 2
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated = ds.BitsStored = 8
+            ds.HighBit, ds.PixelRepresentation, ds.PixelData = 7, 0, b"\x00\x01\x02\x03"
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(folder / f"{number}-{i}.dcm", enforce_file_format=True)
+    return studies
+
+
+def run_orthanc(workdir: Path, instances: int, per_study: int, count: int) -> dict[str, Any]:
+    """Orthanc holding ``instances`` synthetic instances, queried as the appliance is."""
+    import subprocess
+
+    from bench.receivers import DCMTK_ENV, OrthancReceiver
+
+    class _Orthanc(OrthancReceiver):
+        def command(self) -> list[str]:
+            cmd = super().command()
+            path = self.workdir / "orthanc.json"
+            config = json.loads(path.read_text())
+            config["DicomModalities"] = {"bench": ["BENCHFIND", "127.0.0.1", 104]}  # may query (AllowFind)
+            config["LimitFindResults"] = 0  # no limit, as the appliance's results_max here
+            path.write_text(json.dumps(config, indent=2))
+            return cmd
+
+    files = workdir / "orthanc-files"
+    studies = write_part10(files, instances, per_study)
+    receiver = _Orthanc(workdir / "orthanc")
+    receiver.workdir.mkdir(parents=True, exist_ok=True)
+    receiver.start()
+    try:
+        stored = subprocess.run(["storescu", "+sd", "+r", "-aec", receiver.ae, "127.0.0.1", str(receiver.port),
+                                 str(files)], env=DCMTK_ENV, capture_output=True, text=True)
+        if stored.returncode != 0:
+            raise RuntimeError(f"storescu to Orthanc failed: {stored.stderr[-2000:]}")
+        results = run_queries(receiver.port, _queries(studies, count), called=receiver.ae)
+    finally:
+        receiver.stop()
+    return {"instances": studies * per_study, "studies": studies, "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write results.json and results.md here")
     parser.add_argument("--workdir", type=Path, help="build the index here (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--orthanc-instances", type=int, default=0,
+                        help="also query Orthanc holding this many of the instances (default 0: not run)")
     args = parser.parse_args(argv)
     if args.instances < 1 or args.per_study < SERIES_PER_STUDY or args.queries < 1:
         print("error: --instances >= 1, --per-study >= 4, --queries >= 1", file=sys.stderr)
@@ -220,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         receiver.stop()
     report = {"instances": studies * args.per_study, "studies": studies, "build_s": round(build_s, 1),
               "index_bytes": sum(p.stat().st_size for p in (workdir / "index").iterdir()), "results": results}
+    if args.orthanc_instances > 0:
+        print(f"storing {args.orthanc_instances:,} instances into Orthanc ...", file=sys.stderr, flush=True)
+        report["orthanc"] = run_orthanc(workdir, args.orthanc_instances, args.per_study, args.queries)
     print(markdown(report))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
