@@ -29,14 +29,17 @@ import lmdb
 
 from appliance.index import schema
 from appliance.index.db import NAME_KEY_BYTES_MAX, StudyIndex, name_key
+from appliance.index.records import PATIENT_ATTRS, SERIES_ATTRS, STUDY_ATTRS
 from appliance.index.schema import ONLINE, InstanceRecord, LevelRecord
-from appliance.query.identifier import Query
+from appliance.query.identifier import LEVELS, Query
 from appliance.query.matching import Options, Predicate, combined_date_time, compile_key, literal_prefix, normalize_date
 
 SEP = "\x00"
 _AVAILABILITY_ORDER = {"ONLINE": 0, "NEARLINE": 1, "OFFLINE": 2}
 _LEVEL_DB = {"PATIENT": "patients", "STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
 _UID_LETTER = {"STUDY": b"S", "SERIES": b"R", "IMAGE": b"I"}
+_INHERITED = (("PATIENT", frozenset(PATIENT_ATTRS) | {"PatientName", "PatientID"}), ("STUDY", frozenset(STUDY_ATTRS)),
+              ("SERIES", frozenset(SERIES_ATTRS)))
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,12 @@ class Search:
 
     def _compile(self) -> tuple[list[tuple[str, Predicate]], bool, Callable[[str, str], bool] | None]:
         query, options = self.query, Options(self.options.case_sensitive_person_names)
-        held = query.level_keys(self.level) | {"PatientID", "StudyInstanceUID", "SeriesInstanceUID"}
-        if self.level in ("STUDY", "SERIES", "IMAGE"):
-            held |= {"PatientName"}  # studies carry it; matched at any level below PATIENT too
+        # What a record of this level carries: its own keys and the stored attributes of the levels above (a
+        # SERIES record holds its study's and patient's), so any of them can be matched.
+        held = set(query.level_keys(self.level))
+        for upper, attributes in _INHERITED:
+            if LEVELS.index(upper) < LEVELS.index(self.level):
+                held |= attributes
         combined = None
         skip: set[str] = set()
         if self.options.combined_date_time and self.level == "STUDY":

@@ -67,7 +67,7 @@ class FindHandler:
         options = SearchOptions(self.ctx.config.server.ae_title, cfg.batch_rows_max,
                                 cfg.case_sensitive_person_names, cfg.combined_date_time_matching)
         try:
-            query = parse(bytes(self.identifier), *encoding, model=self.request.abstract_syntax)
+            query = await asyncio.to_thread(parse, bytes(self.identifier), *encoding, self.request.abstract_syntax)
             search = await asyncio.to_thread(Search, self.ctx.index, query, options)
         except QueryError as exc:
             log.info("C-FIND from %s refused: %s", self.request.calling_ae, exc.comment)
