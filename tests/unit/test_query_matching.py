@@ -152,6 +152,20 @@ def test_combined_date_time() -> None:
     assert open_start is not None and open_start("19990101", "235959") and not open_start("20200101", "130000")
 
 
+def test_wildcards_cannot_stall_a_worker() -> None:
+    """A regex took 109 s on this (exponential backtracking); the glob walk is quadratic at worst."""
+    import time
+
+    predicate = compile_key("LO", "*a" * 12 + "*b")
+    assert predicate is not None
+    started = time.perf_counter()
+    assert not predicate("a" * 64)
+    assert predicate("a" * 63 + "b")
+    long_query = compile_key("PN", "*a" * 5000)
+    assert long_query is not None and not long_query("b" * 64)
+    assert time.perf_counter() - started < 1.0
+
+
 def test_literal_prefix() -> None:
     assert literal_prefix("DOE*") == "DOE"
     assert literal_prefix("D?E*") == "D"
