@@ -201,6 +201,8 @@ class QueryConfig:
     batch_rows_max: int = 512
     # Longest one C-FIND may search before it ends with 0xA700 (seconds).
     search_s_max: float = 60.0
+    # Threads per worker running C-FIND searches; more concurrent queries wait their turn batch by batch.
+    threads_max: int = 2
     # Person names: false matches DOE*, doe* and Doe* alike (Orthanc's CaseSensitivePN = false).
     case_sensitive_person_names: bool = False
     # True: StudyDate and StudyTime ranges given together match as one date-time range (PS3.4 C.2.2.2.5.1, which
@@ -446,6 +448,8 @@ def validate(config: Config) -> None:
         raise ConfigError("query.batch_rows_max: 16 to 100000")
     if q.search_s_max <= 0:
         raise ConfigError("query.search_s_max: must be positive")
+    if not 1 <= q.threads_max <= 32:
+        raise ConfigError("query.threads_max: 1 to 32")
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -531,6 +535,7 @@ results_max = 10000             # C-FIND matches per query; beyond, the query en
 identifier_bytes_max = 65536    # largest C-FIND identifier accepted; larger ones get 0xC000
 batch_rows_max = 512            # index rows a C-FIND examines per read transaction (in a worker thread)
 search_s_max = 60.0             # longest a C-FIND may search; then it ends with 0xA700
+threads_max = 2                 # threads per worker running C-FIND searches (queries queue for them)
 case_sensitive_person_names = false  # false: DOE*, doe* and Doe* match alike
 combined_date_time_matching = false  # true: StudyDate + StudyTime ranges match as one date-time range
 

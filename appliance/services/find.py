@@ -1,18 +1,21 @@
 """The C-FIND SCP (PS3.4 C.4.1) for the Patient Root and Study Root models, answered from the index alone.
 
 The identifier is collected (up to query.identifier_bytes_max), parsed and checked (appliance/query), then the
-search runs in a worker thread one bounded batch at a time; each batch's matches are encoded there too and sent
-as Pending responses as soon as the batch is done. A C-CANCEL is honoured between two responses (0xFE00);
-query.results_max and query.search_s_max end a query with 0xA700 and an Error Comment saying which. Logs carry
-the plan and the counts, never an attribute value (patient data).
+search runs in one of the worker's query threads (query.threads_max) one bounded batch at a time; each batch's
+matches are encoded there too and sent as Pending responses as soon as the batch is done. A C-CANCEL is honoured
+between two responses (0xFE00); query.results_max and query.search_s_max end a query with 0xA700 and an Error
+Comment saying which. Logs carry the plan and the counts, never an attribute value (patient data).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from appliance import errors
 from appliance.dicom.uids import FIND_MODELS
@@ -24,6 +27,18 @@ from appliance.services.application import register
 from appliance.services.context import WorkerContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The worker's C-FIND threads (query.threads_max), made on first use (after the worker process is forked): searches
+# of many associations queue here instead of taking the default executor other services may need.
+_pool: ThreadPoolExecutor | None = None
+
+
+async def in_query_thread(threads: int, fn: Callable[..., T], *args: Any) -> T:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="find")
+    return await asyncio.get_running_loop().run_in_executor(_pool, functools.partial(fn, *args))
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
@@ -67,8 +82,9 @@ class FindHandler:
         options = SearchOptions(self.ctx.config.server.ae_title, cfg.batch_rows_max,
                                 cfg.case_sensitive_person_names, cfg.combined_date_time_matching)
         try:
-            query = await asyncio.to_thread(parse, bytes(self.identifier), *encoding, self.request.abstract_syntax)
-            search = await asyncio.to_thread(Search, self.ctx.index, query, options)
+            query = await in_query_thread(cfg.threads_max, parse, bytes(self.identifier), *encoding,
+                                          self.request.abstract_syntax)
+            search = await in_query_thread(cfg.threads_max, Search, self.ctx.index, query, options)
         except QueryError as exc:
             log.info("C-FIND from %s refused: %s", self.request.calling_ae, exc.comment)
             yield Response(exc.status, exc.comment)
@@ -87,7 +103,7 @@ class FindHandler:
                 final = Response(errors.OUT_OF_RESOURCES, f"search longer than {cfg.search_s_max:g} s: narrow it")
                 break
             try:
-                encoded, done = await asyncio.to_thread(self._batch, search, query, encoding)
+                encoded, done = await in_query_thread(cfg.threads_max, self._batch, search, query, encoding)
             except QueryError as exc:
                 final = Response(exc.status, exc.comment)
                 break
