@@ -156,7 +156,9 @@ def run_queries(port: int, queries: dict[str, list[dict[str, str]]], ae_title: s
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, identifiers in queries.items():
-            latencies, matches, statuses = [], [], set()
+            latencies: list[float] = []
+            matches: list[int] = []
+            statuses: set[int] = set()
             for keys in identifiers:
                 ds = Dataset()
                 ds.QueryRetrieveLevel = "STUDY"
