@@ -414,6 +414,7 @@ for _name, _module, _summary in (
     ("compare", "compare", "The appliance, DCMTK storescp and Orthanc side by side (see --help)."),
     ("hardware", "hardware", "Probe the machine: fsync'd file rate, sequential write, loopback (see --help)."),
     ("datasheet", "datasheet", "All of it in one run: hardware, side by side, sustained latency, targets (see --help)."),
+    ("find", "find", "C-FIND latency on a synthetic index of N instances (see --help)."),
     ("retrieve", "retrieve", "C-MOVE and C-GET of one series, the appliance next to Orthanc (see --help)."),
 ):
     _bench_command(_name, _module, _summary)

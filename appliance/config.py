@@ -241,6 +241,29 @@ class CommitmentConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    """C-FIND SCP (docs/query.md)."""
+
+    # Matches one C-FIND may return; beyond it the query ends with 0xA700 and an Error Comment saying so (the
+    # matches already sent stand): a peer asking for every study of the archive gets a bounded answer.
+    results_max: int = 10_000
+    # Largest identifier accepted (bytes); a larger one is answered 0xC000 without being parsed.
+    identifier_bytes_max: int = 65_536
+    # Index rows examined per read transaction (one batch, in a worker thread): bounds how long one reader pins
+    # LMDB pages and how long the event loop waits for nothing.
+    batch_rows_max: int = 512
+    # Longest one C-FIND may search before it ends with 0xA700 (seconds).
+    search_s_max: float = 60.0
+    # Threads per worker running C-FIND searches; more concurrent queries wait their turn batch by batch.
+    threads_max: int = 2
+    # Person names: false matches DOE*, doe* and Doe* alike (Orthanc's CaseSensitivePN = false).
+    case_sensitive_person_names: bool = False
+    # True: StudyDate and StudyTime ranges given together match as one date-time range (PS3.4 C.2.2.2.5.1, which
+    # asks for it when the SCU negotiated combined matching); false: each is matched on its own.
+    combined_date_time_matching: bool = False
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     sop_classes: tuple[str, ...] = field(default_factory=lambda: (*service_sop_classes(), *all_storage_sop_classes()))
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -288,6 +311,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -410,7 +434,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment"}
+    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment", "query"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -454,8 +478,9 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     commitment = _build(CommitmentConfig, "commitment", raw.get("commitment", {}), base)
     if not commitment.journal_path.is_absolute():
         commitment = dataclasses.replace(commitment, journal_path=base / commitment.journal_path)
+    query = _build(QueryConfig, "query", raw.get("query", {}), base)
     config = Config(server=server, storage=storage, dicom=dicom, volumes=volumes, peers=peers,
-                    source=path, retrieve=retrieve, commitment=commitment, tls=tls)
+                    source=path, query=query, retrieve=retrieve, commitment=commitment, tls=tls)
     validate(config)
     return config
 
@@ -516,6 +541,17 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.compaction_interval_s >= 0 and storage.compaction_bytes_per_s >= 1 MiB/s")
     _validate_retrieve(config.retrieve)
     _validate_commitment(config.commitment)
+    q = config.query
+    if not 1 <= q.results_max <= 1_000_000:
+        raise ConfigError("query.results_max: 1 to 1000000")
+    if not 1024 <= q.identifier_bytes_max <= 16 << 20:
+        raise ConfigError("query.identifier_bytes_max: 1024 to 16777216")
+    if not 16 <= q.batch_rows_max <= 100_000:
+        raise ConfigError("query.batch_rows_max: 16 to 100000")
+    if q.search_s_max <= 0:
+        raise ConfigError("query.search_s_max: must be positive")
+    if not 1 <= q.threads_max <= 32:
+        raise ConfigError("query.threads_max: 1 to 32")
     names = set()
     for i, vol in enumerate(config.volumes):
         if vol.name in names:
@@ -681,6 +717,14 @@ concurrent_max = 8              # C-MOVE/C-GET served at once per worker; more: 
 identifier_bytes_max = 1048576  # largest C-MOVE/C-GET identifier; larger: 0xC000
 transcode_bytes_max = 268435456 # largest instance converted (decompressed) in memory for a destination
 read_threads = 4                # threads per worker reading (and converting) instances for retrieves
+[query]
+results_max = 10000             # C-FIND matches per query; beyond, the query ends with 0xA700 (narrow it)
+identifier_bytes_max = 65536    # largest C-FIND identifier accepted; larger ones get 0xC000
+batch_rows_max = 512            # index rows a C-FIND examines per read transaction (in a worker thread)
+search_s_max = 60.0             # longest a C-FIND may search; then it ends with 0xA700
+threads_max = 2                 # threads per worker running C-FIND searches (queries queue for them)
+case_sensitive_person_names = false  # false: DOE*, doe* and Doe* match alike
+combined_date_time_matching = false  # true: StudyDate + StudyTime ranges match as one date-time range
 
 # Volumes: RAID arrays / iSCSI LUNs mounted somewhere. New instances go to the volume with most free space
 # below its high watermark. A volume folder that exists without its marker file (a mount point whose

@@ -124,6 +124,8 @@ def write_config(root: Path, server: dict[str, Any] | None = None, storage: dict
         lines += ["[storage]"] + [f"{k} = {toml_value(v)}" for k, v in storage.items()]
     if dicom:
         lines += ["[dicom]"] + [f"{k} = {toml_value(v)}" for k, v in dicom.items()]
+    for section, table in tables.items():
+        lines += [f"[{section}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
     for vol in volumes or []:
         lines += ["[[volumes]]"] + [f"{k} = {toml_value(v)}" for k, v in vol.items()]
     for name, table in (peers or {}).items():

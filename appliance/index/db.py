@@ -13,12 +13,17 @@ uids           any Study/Series/SOP Instance UID          level letter + full ke
 idx_patientid  PatientID NUL study_uid                    study key
 idx_accession  AccessionNumber NUL study_uid              study key
 idx_studydate  StudyDate NUL study_uid                    study key
+idx_patientname  name_key(group) NUL study_uid            study key (one row per PN component group)
+idx_modality   Modality NUL study_uid                     study key (one row per modality in the study)
 blobs          sha256 hex                                 BlobRecord: size, refs, copies (backend, container, ..)
 containers     backend NUL container                      ContainerRecord: committed end, live bytes, sealed
 contents       backend NUL container NUL sha256 hex       empty: the blobs a container holds live (compaction)
 gc             backend NUL container                      empty: container to delete once nothing names it
-meta           "schema"                                   schema version (2)
+meta           "schema"                                   schema version (3; 2 is upgraded on open)
 =============  =========================================  ==================================================
+
+``name_key`` folds case and keeps a bounded prefix, so ``DOE*`` or ``doe*`` is a range scan; the query layer
+re-checks every candidate against the full value.
 
 ``pk`` is the PatientID (with ``^^issuer`` appended when an Issuer of Patient ID is present). A study stays
 under the patient of the first instance that created it. Level attributes are those of the instance with the
@@ -46,6 +51,7 @@ from appliance.index.containers import ContainerIndex
 from appliance.index.env import DB_NAMES, SEP
 from appliance.index.records import Header
 from appliance.index.schema import COPY_OK, BlobRecord, ContainerRecord, Copy, InstanceRecord, LevelRecord
+from appliance.index.upgrade import upgrade_from_2
 
 LEVELS = ("patients", "studies", "series", "instances")
 # Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
@@ -58,6 +64,27 @@ def patient_key(patient: dict[str, str]) -> str:
     # PatientID is Type 2 (may be empty), but LMDB refuses empty keys (MDB_BAD_VALSIZE): an instance without one
     # failed its whole commit batch with 0xC211. Such instances share the key "^^" (no ID, no issuer).
     return f"{pid}^^{issuer}" if issuer or not pid else pid
+
+
+# Bytes of a folded name kept in an idx_patientname key (LMDB keys are at most 511 bytes with the study UID).
+NAME_KEY_BYTES_MAX = 192
+
+
+def name_key(text: str) -> str:
+    """The idx_patientname form of one PN component group (or of a query's literal prefix): case folded, trailing
+    empty components dropped, NUL (our key separator) removed, cut to NAME_KEY_BYTES_MAX bytes on a character
+    boundary."""
+    folded = text.casefold().rstrip("^ ").replace(SEP, "")
+    raw = folded.encode()
+    if len(raw) <= NAME_KEY_BYTES_MAX:
+        return folded
+    return raw[:NAME_KEY_BYTES_MAX].decode("utf-8", "ignore")
+
+
+def name_keys(person_name: str) -> list[str]:
+    """The idx_patientname keys of a PN value: one per non-empty component group (alphabetic, ideographic,
+    phonetic), so a query in any of the three finds it."""
+    return sorted({key for group in person_name.split("=") if (key := name_key(group))})
 
 
 class Outcome(Enum):
@@ -270,13 +297,16 @@ class StudyIndex(ContainerIndex):
             series = LevelRecord({})
             study.children += 1
             txn.put(series_uid.encode(), b"R" + series_key.encode(), db=uids)
-        study.count_in(entry.size, {**h.study, "PatientID": h.patient.get("PatientID", "")}, t)
+        study.count_in(entry.size, {**h.study, "PatientID": h.patient.get("PatientID", ""),
+                                    "PatientName": h.patient.get("PatientName", "")}, t)
         modality = h.series.get("Modality", "")
         if modality and modality not in study.modalities:
             study.modalities = sorted([*study.modalities, modality])
+        sop_class = h.sop_class_uid
+        study.sop_classes[sop_class] = study.sop_classes.get(sop_class, 0) + 1
         self._put_level(txn, "studies", study_key, study)
-        # Secondary keys change only when the study's PatientID, AccessionNumber or StudyDate does: rewriting
-        # them for every instance cost six LMDB operations per instance for nothing.
+        # Secondary keys change only when the study's PatientID, AccessionNumber, StudyDate, PatientName or
+        # modalities do: rewriting them for every instance cost LMDB operations per instance for nothing.
         new_secondary = self._secondary(study_key, study)
         if new_secondary != old_secondary:
             for db, key in old_secondary:
@@ -293,18 +323,20 @@ class StudyIndex(ContainerIndex):
         txn.put(inst_key.encode(), schema.encode(record), db=self.dbs["instances"])
         txn.put(h.sop_instance_uid.encode(), b"I" + inst_key.encode(), db=uids)
 
-    def _secondary(self, study_key: str, study: LevelRecord) -> list[tuple[str, str]]:
+    @staticmethod
+    def _secondary(study_key: str, study: LevelRecord) -> list[tuple[str, str]]:
         study_uid = study_key.split(SEP, 1)[1]
         attrs = study.attrs
         return [
             ("idx_patientid", f"{attrs.get('PatientID', '')}{SEP}{study_uid}"),
             ("idx_accession", f"{attrs.get('AccessionNumber', '')}{SEP}{study_uid}"),
             ("idx_studydate", f"{attrs.get('StudyDate', '')}{SEP}{study_uid}"),
+            *(("idx_patientname", f"{key}{SEP}{study_uid}") for key in name_keys(attrs.get("PatientName", ""))),
+            *(("idx_modality", f"{modality}{SEP}{study_uid}") for modality in study.modalities),
         ]
 
-    def _unindex_study(self, txn: lmdb.Transaction, study_key: str, study: LevelRecord) -> None:
-        for db, key in self._secondary(study_key, study):
-            txn.delete(key.encode(), db=self.dbs[db])
+    def _upgrade(self, version: bytes) -> None:
+        self._write(lambda txn: upgrade_from_2(self, txn))
 
     def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord) -> None:
         """Take an instance out of the tree and the aggregates, and drop its blob reference."""
@@ -323,6 +355,12 @@ class StudyIndex(ContainerIndex):
             record.instances -= 1
             record.size -= size
             assert record.instances >= 0 and record.size >= 0, (inst_key, record)
+        old_secondary = self._secondary(study_key, study)
+        sop_class = old.attrs.get("SOPClassUID", "")
+        if study.sop_classes.get(sop_class, 0) > 1:
+            study.sop_classes[sop_class] -= 1
+        else:
+            study.sop_classes.pop(sop_class, None)
         if series.instances <= 0:
             txn.delete(series_key.encode(), db=self.dbs["series"])
             txn.delete(series_uid.encode(), db=uids)
@@ -334,12 +372,19 @@ class StudyIndex(ContainerIndex):
         else:
             self._put_level(txn, "series", series_key, series)
         if study.instances <= 0:
-            self._unindex_study(txn, study_key, study)
+            for db, key in old_secondary:
+                txn.delete(key.encode(), db=self.dbs[db])
             txn.delete(study_key.encode(), db=self.dbs["studies"])
             txn.delete(study_uid.encode(), db=uids)
             patient.children -= 1
         else:
             self._put_level(txn, "studies", study_key, study)
+            new_secondary = self._secondary(study_key, study)
+            if new_secondary != old_secondary:  # a modality left the study
+                for db, key in old_secondary:
+                    txn.delete(key.encode(), db=self.dbs[db])
+                for db, key in new_secondary:
+                    txn.put(key.encode(), study_key.encode(), db=self.dbs[db])
         if patient.instances <= 0:
             txn.delete(pk.encode(), db=self.dbs["patients"])
         else:

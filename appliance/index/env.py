@@ -15,9 +15,11 @@ from appliance.index import schema
 from appliance.index.schema import BlobRecord, ContainerRecord, InstanceRecord, LevelRecord
 
 DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid", "idx_accession",
-            "idx_studydate", "blobs", "containers", "contents", "gc", "meta")
+            "idx_studydate", "idx_patientname", "idx_modality", "blobs", "containers", "contents", "gc", "meta")
 SEP = "\x00"
 SCHEMA_VERSION = schema.SCHEMA_VERSION
+# Versions an index is upgraded from in place when opened for writing (StudyIndex._upgrade).
+UPGRADABLE = (b"2",)
 
 
 def container_key(backend: str, container: str) -> bytes:
@@ -47,16 +49,23 @@ class IndexEnv:
         with self.env.begin() as txn:
             meta = self.env.open_db(b"meta", txn=txn, create=False) if self._has_db(txn, b"meta") else None
             version = txn.get(b"schema", db=meta) if meta is not None else None
-        if version is not None and bytes(version) != SCHEMA_VERSION:
+        upgrade = version is not None and bytes(version) in UPGRADABLE and not readonly
+        if version is not None and bytes(version) != SCHEMA_VERSION and not upgrade:
             self.env.close()
             raise SchemaMismatch(
                 f"the index at {path} has schema version {bytes(version).decode()}, this appliance needs "
-                f"{SCHEMA_VERSION.decode()}: the one-file-per-instance layout (schema 1) has no migration; "
-                "start from an empty index and volumes")
+                f"{SCHEMA_VERSION.decode()}: schema 2 is upgraded when opened for writing (appliance serve does); "
+                "the one-file-per-instance layout (schema 1) has no migration: start from an empty index and volumes")
         self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+        if upgrade:
+            self._upgrade(bytes(version or b""))
         if not readonly:
             with self.env.begin(write=True) as txn:
                 txn.put(b"schema", SCHEMA_VERSION, db=self.dbs["meta"], overwrite=False)
+
+    def _upgrade(self, version: bytes) -> None:
+        """Bring an index of an older ``version`` (one of UPGRADABLE) to SCHEMA_VERSION, in one transaction."""
+        raise SchemaMismatch(f"no upgrade from schema {version.decode()}")
 
     def _has_db(self, txn: lmdb.Transaction, name: bytes) -> bool:
         return txn.get(name) is not None  # named databases are keys of the main database

@@ -10,7 +10,9 @@ from typing import Any
 
 import msgspec
 
-SCHEMA_VERSION = b"2"
+# 3: studies carry PatientName and their SOP classes; idx_patientname and idx_modality (C-FIND). A version 2 index
+# is upgraded in place when opened for writing (index/upgrade.py).
+SCHEMA_VERSION = b"3"
 
 # Instance Availability (PS3.4 C.4.1.1.3.2): what C-FIND reports and what decides whether a retrieve must recall.
 ONLINE, NEARLINE, OFFLINE = "ONLINE", "NEARLINE", "OFFLINE"
@@ -67,6 +69,9 @@ class LevelRecord(msgspec.Struct):
     size: int = 0
     children: int = 0  # studies of a patient, series of a study (0 for a series)
     modalities: list[str] = msgspec.field(default_factory=list)  # a study's ModalitiesInStudy, sorted
+    # A study's SOP classes with how many of its instances have each: SOPClassesInStudy, kept exact when an
+    # instance is replaced without scanning the study.
+    sop_classes: dict[str, int] = msgspec.field(default_factory=dict)
     latest_ns: int = 0  # receive time of the instance the attributes come from
 
     def count_in(self, size: int, attrs: dict[str, str], received_ns: int) -> None:
@@ -84,6 +89,7 @@ class LevelRecord(msgspec.Struct):
         elif level == "studies":
             out["NumberOfSeries"] = self.children
             out["ModalitiesInStudy"] = list(self.modalities)
+            out["SOPClassesInStudy"] = sorted(self.sop_classes)
         return out
 
 

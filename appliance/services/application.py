@@ -86,8 +86,10 @@ class StorageApplication:
 
 # The retrieve services register themselves in SERVICES when imported (after ``register`` exists).
 # The service modules register their handlers when imported (after ``register`` exists: they import it from here).
+# Service modules register their handlers when imported (after `register` exists).
 from appliance.services import (  # noqa: E402, F401
     commitment,  # noqa: E402, F401
+    find,  # noqa: E402, F401
     get,
     move,
 )

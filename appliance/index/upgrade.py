@@ -1,0 +1,49 @@
+"""In-place upgrade of a schema 2 index to schema 3 (C-FIND's needs): each study gets the PatientName of its
+patient and the count of its instances per SOP class, and the new secondary indexes (idx_patientname,
+idx_modality) are built. It runs once, in one write transaction, when the index is first opened for writing
+by this version (`appliance serve` opens it so before any worker starts); a crash in the middle leaves the
+version 2 index as it was, and the next start upgrades again.
+
+Cost: one pass over the studies and one over the instances (the SOP classes), so about as long as reading the
+index once: seconds for 100,000 instances, a minute or two at 1,000,000 on a disk-backed index.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import lmdb
+
+from appliance.index import schema
+from appliance.index.schema import InstanceRecord, LevelRecord
+
+if TYPE_CHECKING:
+    from appliance.index.db import StudyIndex
+
+SEP = "\x00"
+
+
+def upgrade_from_2(index: StudyIndex, txn: lmdb.Transaction) -> int:
+    """Upgrade every study in ``txn``; returns how many studies were upgraded. Idempotent: a study already holding
+    its SOP classes is rewritten to the same record."""
+    dbs = index.dbs
+    sop_classes: dict[str, dict[str, int]] = {}
+    for raw_key, value in txn.cursor(db=dbs["instances"]):
+        pk, study_uid, _series, _sop = bytes(raw_key).decode().split(SEP)
+        counts = sop_classes.setdefault(f"{pk}{SEP}{study_uid}", {})
+        sop_class = schema.decode(InstanceRecord, value).attrs.get("SOPClassUID", "")
+        counts[sop_class] = counts.get(sop_class, 0) + 1
+    studies = [(bytes(k).decode(), schema.decode(LevelRecord, v)) for k, v in txn.cursor(db=dbs["studies"])]
+    names: dict[str, str] = {}
+    for study_key, study in studies:
+        pk = study_key.split(SEP, 1)[0]
+        if pk not in names:
+            raw = txn.get(pk.encode(), db=dbs["patients"])
+            names[pk] = schema.decode(LevelRecord, raw).attrs.get("PatientName", "") if raw is not None else ""
+        study.attrs.setdefault("PatientName", names[pk])
+        study.sop_classes = sop_classes.get(study_key, {})
+        txn.put(study_key.encode(), schema.encode(study), db=dbs["studies"])
+        for db, key in index._secondary(study_key, study):
+            txn.put(key.encode(), study_key.encode(), db=dbs[db])
+    txn.put(b"schema", schema.SCHEMA_VERSION, db=dbs["meta"])
+    return len(studies)
