@@ -130,8 +130,6 @@ def write_config(root: Path, server: dict[str, Any] | None = None, storage: dict
         lines += ["[[volumes]]"] + [f"{k} = {toml_value(v)}" for k, v in vol.items()]
     for name, table in (peers or {}).items():
         lines += [f"[peers.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    for section, table in tables.items():
-        lines += [f"[{section}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path = root / "appliance.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
