@@ -554,17 +554,31 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._send(b"".join(pdu.p_data_pdus(context_id, held or b"", False, self.peer_max_pdu)))
 
     async def _respond(self, handler: Handler, request: Request) -> None:
+        """Send every response the handler yields: Pending ones only while the peer reads what we send (a C-FIND
+        streaming thousands of matches waits for the transport to drain below write_buffer_high, so the output
+        stays bounded), then exactly one final response; a handler that ends without one is a bug of ours, and
+        the peer still gets its answer (0xC211) instead of waiting for ever."""
         command = request.command
         try:
             async for response in handler.responses():
                 if self.state == CLOSED:
                     return
                 async with self.send_lock:  # never between the fragments of a request we are sending
+                    if response.is_pending:
+                        try:
+                            await self._wait_writable()
+                        except ChannelClosed:
+                            return
                     if self.state == CLOSED:
                         return
                     self._send_response(request, response)
                 if not response.is_pending:
                     return
+            log.error("%s (%s): the handler of a 0x%04X request ended without a final response", self.peer,
+                      self.calling_ae, command.command_field)
+            if self.state == ESTABLISHED:
+                async with self.send_lock:
+                    self._send_response(request, Response(0xC211, "no final response (internal error)"))
         finally:
             if self.running.get(command.message_id) is handler:
                 del self.running[command.message_id]

@@ -241,3 +241,43 @@ async def test_no_response_is_written_between_the_fragments_of_a_request() -> No
     store_end = max(i for i, (is_command, context) in enumerate(kinds) if context == 5)
     echo_at = next(i for i, (is_command, context) in enumerate(kinds) if is_command and context == 1)
     assert echo_at > store_end  # the C-ECHO-RSP came after the last fragment of the C-STORE-RQ
+
+
+class _Silent(_Answer):
+    """A handler that yields Pending responses and then ends without a final one (a bug the association covers)."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(Response(0xFF00))
+        self.pending = pending
+
+    async def responses(self) -> AsyncIterator[Response]:
+        for _ in range(self.pending):
+            yield Response(0xFF00, dataset=b"\x08\x00\x52\x00\x06\x00STUDY ")
+
+
+class Streams:
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+
+    def handler(self, request: Request) -> Any:
+        return _Silent(self.pending)
+
+
+@in_loop
+async def test_a_handler_without_a_final_response_still_answers_the_peer() -> None:
+    proto, transport = accepted(None, Streams(2))
+    receive(proto, get_rq(message_id=3))
+    await settle()
+    assert statuses(transport.pdus()) == [0xFF00, 0xFF00, 0xC211]
+
+
+@in_loop
+async def test_pending_responses_wait_for_a_peer_that_does_not_read() -> None:
+    proto, transport = accepted(None, Streams(50))
+    proto.pause_writing()
+    receive(proto, get_rq(message_id=3))
+    await settle()
+    assert statuses(transport.pdus()) == []  # nothing piles up in the output while the peer does not read
+    proto.resume_writing()
+    await settle()
+    assert statuses(transport.pdus()) == [0xFF00] * 50 + [0xC211]
