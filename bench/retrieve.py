@@ -87,6 +87,12 @@ class Run:
     seconds: float
     ok: bool
     error: str = ""
+    source_cpu_s: float = 0.0  # CPU (user + system) of the server retrieved from, all its processes, during the run
+    dest_cpu_s: float = 0.0  # of the move destination (storescp --fork and its children), during the run
+
+    @property
+    def source_cpu_ms_per_instance(self) -> float:
+        return 1000 * self.source_cpu_s / self.received if self.received else 0.0
 
     @property
     def per_second(self) -> float:
@@ -109,7 +115,7 @@ def keys(burst: synth.Burst) -> list[str]:
 
 
 def one_run(target: str, receiver: Receiver, operation: str, repeat: int, burst: synth.Burst, dest_out: Path,
-            work: Path, timeout: float) -> Run:
+            work: Path, timeout: float, dest: Receiver | None = None) -> Run:
     n = len(burst.files)
     if operation == "move":
         out = dest_out
@@ -120,6 +126,7 @@ def one_run(target: str, receiver: Receiver, operation: str, repeat: int, burst:
         cmd = ["getscu", "-aet", REQUESTER_AE, "-aec", receiver.ae, "-S", "-od", str(out), *keys(burst)]
     shutil.rmtree(dest_out, ignore_errors=True)
     dest_out.mkdir(parents=True, exist_ok=True)
+    cpu0, dest_cpu0 = receiver.cpu_seconds(), dest.cpu_seconds() if dest is not None else 0.0
     t0 = time.perf_counter()
     try:
         result = subprocess.run([*cmd, "127.0.0.1", str(receiver.port)], env=DCMTK_ENV, capture_output=True,
@@ -128,11 +135,14 @@ def one_run(target: str, receiver: Receiver, operation: str, repeat: int, burst:
     except subprocess.TimeoutExpired:
         error = f"timed out after {timeout}s"
     seconds = time.perf_counter() - t0
+    cpu = receiver.cpu_seconds() - cpu0
+    dest_cpu = (dest.cpu_seconds() - dest_cpu0) if dest is not None and operation == "move" else 0.0
     got = count_files(out)
     if operation == "get":
         shutil.rmtree(out, ignore_errors=True)
     ok = not error and got == n
-    return Run(target, operation, repeat, n, got, seconds, ok, error or ("" if ok else f"{got} of {n} arrived"))
+    return Run(target, operation, repeat, n, got, seconds, ok, error or ("" if ok else f"{got} of {n} arrived"),
+               round(cpu, 3), round(dest_cpu, 3))
 
 
 def summarize(runs: list[Run], total_bytes: int, count: int) -> list[dict[str, Any]]:
@@ -147,6 +157,8 @@ def summarize(runs: list[Run], total_bytes: int, count: int) -> list[dict[str, A
             rows.append({"target": target, "operation": operation, "runs": len(cell), "ok": len(good),
                          "median_instances_per_s": round(rate, 1),
                          "median_mb_per_s": round(rate * total_bytes / max(count, 1) / 1e6, 1),
+                         "median_source_cpu_ms_per_instance": round(statistics.median(
+                             r.source_cpu_ms_per_instance for r in good), 2) if good else None,
                          "median_seconds": round(statistics.median(r.seconds for r in good), 3) if good else None})
     return rows
 
@@ -154,10 +166,12 @@ def summarize(runs: list[Run], total_bytes: int, count: int) -> list[dict[str, A
 def markdown(rows: list[dict[str, Any]], spec: synth.BurstSpec, repeats: int) -> str:
     lines = [f"C-MOVE / C-GET of one series ({spec.key}), DCMTK movescu/getscu as requester, storescp --fork as move "
              f"destination; medians of {repeats}.", "",
-             "| target | operation | ok/runs | instances/s | MB/s | seconds |", "|---|---|---|---|---|---|"]
+             "| target | operation | ok/runs | instances/s | MB/s | seconds | server CPU ms/instance |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['target']} | C-{r['operation'].upper()} | {r['ok']}/{r['runs']} | "
-                     f"{r['median_instances_per_s']} | {r['median_mb_per_s']} | {r['median_seconds']} |")
+                     f"{r['median_instances_per_s']} | {r['median_mb_per_s']} | {r['median_seconds']} | "
+                     f"{r['median_source_cpu_ms_per_instance']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             for operation in operations:
                 for target in targets:
                     run = one_run(target, receivers[target], operation, repeat, burst, dest.storage(), work,
-                                  args.timeout)
+                                  args.timeout, dest)
                     runs.append(run)
                     print(f"  {target:9} C-{operation.upper():4} run {repeat + 1}: {run.received}/{run.instances} in "
-                          f"{run.seconds:.2f}s = {run.per_second:.1f}/s{'' if run.ok else '  FAILED: ' + run.error}",
+                          f"{run.seconds:.2f}s = {run.per_second:.1f}/s, "
+                          f"server CPU {run.source_cpu_ms_per_instance:.2f} ms/inst"
+                          f"{'' if run.ok else '  FAILED: ' + run.error}",
                           file=sys.stderr)
     finally:
         for receiver in receivers.values():
