@@ -44,6 +44,20 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper()), stream=sys.stderr,
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
+    quiet_pydicom()
+
+
+def quiet_pydicom() -> None:
+    """pydicom's value validation logs (and warns) with the offending value in the message, e.g. a stored
+    PatientBirthDate in a non-DICOM format while C-FIND builds a response: patient data in the log. The server
+    reads values as they are and never needs those messages, so validation is off and pydicom's logger shows
+    errors only. Set once in the supervisor, before the workers fork: a warnings filter changed later from the
+    worker threads would be process-wide and racy (warnings.catch_warnings is not thread-safe)."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:

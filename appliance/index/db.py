@@ -54,6 +54,7 @@ from appliance.index.schema import COPY_OK, BlobRecord, ContainerRecord, Copy, I
 from appliance.index.upgrade import upgrade_from_2
 
 LEVELS = ("patients", "studies", "series", "instances")
+MAX_KEY_BYTES = 511  # LMDB's default maximum key size
 # Held (flock) by the serving supervisor: one server per index, and no index swap under a running one.
 SERVE_LOCK = "serve.lock"
 
@@ -327,13 +328,17 @@ class StudyIndex(ContainerIndex):
     def _secondary(study_key: str, study: LevelRecord) -> list[tuple[str, str]]:
         study_uid = study_key.split(SEP, 1)[1]
         attrs = study.attrs
-        return [
+        rows = [
             ("idx_patientid", f"{attrs.get('PatientID', '')}{SEP}{study_uid}"),
             ("idx_accession", f"{attrs.get('AccessionNumber', '')}{SEP}{study_uid}"),
             ("idx_studydate", f"{attrs.get('StudyDate', '')}{SEP}{study_uid}"),
             *(("idx_patientname", f"{key}{SEP}{study_uid}") for key in name_keys(attrs.get("PatientName", ""))),
             *(("idx_modality", f"{modality}{SEP}{study_uid}") for modality in study.modalities),
         ]
+        # LMDB refuses keys over 511 bytes, and one such key would fail the whole transaction (a group commit, a
+        # recovery replay, a rebuild, the schema upgrade). Ingest refuses such values (records._check_key_sizes);
+        # an instance indexed before a check existed is left out of that one secondary index instead.
+        return [(db, key) for db, key in rows if len(key.encode()) <= MAX_KEY_BYTES]
 
     def _upgrade(self, version: bytes) -> None:
         self._write(lambda txn: upgrade_from_2(self, txn))

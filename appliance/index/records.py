@@ -118,7 +118,7 @@ _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 # Control characters in the attributes that become index keys (ESC stays: ISO 2022 character sets use it).
 _CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
 _KEY_ATTRIBUTES = (("patient", "PatientID"), ("patient", "IssuerOfPatientID"), ("study", "AccessionNumber"),
-                   ("study", "StudyDate"))
+                   ("study", "StudyDate"), ("series", "Modality"))
 
 
 def valid_uid(uid: str) -> bool:
@@ -153,9 +153,10 @@ def _check_key_sizes(header: Header) -> None:
     issuer = header.patient.get("IssuerOfPatientID", "").encode()
     patient_key = len(pid) + (2 + len(issuer) if issuer or not pid else 0)  # as index.db.patient_key builds it
     instance_key = patient_key + sum(len(uid.encode()) + 1 for uid in uids)
-    secondary = max([len(pid)] + [len(header.study.get(k, "").encode()) for k in ("AccessionNumber", "StudyDate")])
+    secondary = max([len(pid), len(header.series.get("Modality", "").encode())]
+                    + [len(header.study.get(k, "").encode()) for k in ("AccessionNumber", "StudyDate")])
     if instance_key > _MAX_KEY or secondary + 1 + len(uids[0].encode()) > _MAX_KEY:
-        raise CannotUnderstand("PatientID, Issuer, Accession Number or Study Date too long to index")
+        raise CannotUnderstand("PatientID, Issuer, Accession Number, Study Date or Modality too long to index")
 
 
 class _Stop:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass, field
 
+from pydicom.charset import _encode_string_impl, _encode_string_parts, convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -154,26 +154,24 @@ def check_structure(data: bytes, implicit: bool, little_endian: bool) -> None:
 def parse(data: bytes, transfer_syntax_implicit: bool, little_endian: bool, deflated: bool, model: str) -> Query:
     """Decode and check an identifier (QueryError on failure)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns about odd values it then reads anyway
-            if not deflated:
-                check_structure(data, transfer_syntax_implicit, little_endian)
-            ds = decode(io.BytesIO(data), transfer_syntax_implicit, little_endian, deflated)
-            charsets = [c for c in _text(ds.get("SpecificCharacterSet", "")).split("\\") if c]
-            keys: list[QueryKey] = []
-            for elem in ds:  # iterating converts every element: decoding errors surface here
-                if elem.tag in (SPECIFIC_CHARACTER_SET, QUERY_RETRIEVE_LEVEL) or elem.tag.group in (0x0000, 0x0002):
-                    continue
-                keyword = "" if elem.tag.is_private else (keyword_for_tag(elem.tag) or "")
-                vr = elem.VR if elem.VR != "UN" or not keyword else dictionary_VR(elem.tag)
-                if elem.VR == "SQ" or isinstance(elem.value, Sequence):
-                    # Sequence items are never matched (the index holds no sequence); whether they asked for any
-                    # value decides between 0xFF00 and 0xFF01.
-                    asks = any(_text(e.value) for item in elem.value or [] for e in item if e.VR != "SQ")
-                    keys.append(QueryKey(keyword, int(elem.tag), "SQ", "items" if asks else "", sequence=True))
-                else:
-                    keys.append(QueryKey(keyword, int(elem.tag), vr, _text(elem.value)))
-            level = _text(ds.get("QueryRetrieveLevel", ""))
+        if not deflated:
+            check_structure(data, transfer_syntax_implicit, little_endian)
+        ds = decode(io.BytesIO(data), transfer_syntax_implicit, little_endian, deflated)
+        charsets = [c for c in _text(ds.get("SpecificCharacterSet", "")).split("\\") if c]
+        keys: list[QueryKey] = []
+        for elem in ds:  # iterating converts every element: decoding errors surface here
+            if elem.tag in (SPECIFIC_CHARACTER_SET, QUERY_RETRIEVE_LEVEL) or elem.tag.group in (0x0000, 0x0002):
+                continue
+            keyword = "" if elem.tag.is_private else (keyword_for_tag(elem.tag) or "")
+            vr = elem.VR if elem.VR != "UN" or not keyword else dictionary_VR(elem.tag)
+            if elem.VR == "SQ" or isinstance(elem.value, Sequence):
+                # Sequence items are never matched (the index holds no sequence); whether they asked for any
+                # value decides between 0xFF00 and 0xFF01.
+                asks = any(_text(e.value) for item in elem.value or [] for e in item if e.VR != "SQ")
+                keys.append(QueryKey(keyword, int(elem.tag), "SQ", "items" if asks else "", sequence=True))
+            else:
+                keys.append(QueryKey(keyword, int(elem.tag), vr, _text(elem.value)))
+        level = _text(ds.get("QueryRetrieveLevel", ""))
     except QueryError:
         raise
     except Exception as exc:
@@ -238,7 +236,12 @@ def response_dataset(query: Query, record: dict[str, str]) -> Dataset:
             value = None
         elif "\\" in text:
             value = text.split("\\")
-        ds.add_new(key.tag, vr, value if text else None)
+        try:
+            ds.add_new(key.tag, vr, value if text else None)
+        except (ValueError, TypeError, OverflowError):
+            # A value the modality sent that its VR cannot hold (SeriesNumber "abc" in an IS): that key comes back
+            # empty for this match instead of the whole query failing.
+            ds.add_new(key.tag, vr, None)
     return ds
 
 
@@ -252,20 +255,53 @@ def _tag_of(keyword: str) -> int:
 
 def encode_response(ds: Dataset, query: Query, implicit: bool, little_endian: bool, deflated: bool) -> bytes:
     """Encode in the requester's character set when every value is representable in it, else in UTF-8 (ISO_IR
-    192) with (0008,0005) saying so. The default repertoire stays without (0008,0005) when all is ASCII."""
+    192) with (0008,0005) saying so. The default repertoire stays without (0008,0005) when all is ASCII.
+    Representability is checked here, value by value, rather than by turning pydicom's "replacement characters"
+    warning into an error: warning filters are process-wide and this runs in the worker's query threads."""
     charsets = query.charsets or [DEFAULT_CHARSET]
     if query.charsets:
         ds.SpecificCharacterSet = charsets if len(charsets) > 1 else charsets[0]
-    with warnings.catch_warnings():
-        # pydicom warns and writes '?' for a character the charset lacks; as an error, pynetdicom's encode gives
-        # None and we change to UTF-8 instead of sending a wrong name.
-        warnings.simplefilter("error")
-        encoded = encode(ds, implicit, little_endian, deflated)
-    if encoded is None:
+    if not _representable(ds, charsets):
         ds.SpecificCharacterSet = UTF8
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            encoded = encode(ds, implicit, little_endian, deflated)
+    encoded = encode(ds, implicit, little_endian, deflated)
     if encoded is None:
         raise QueryError(errors.UNABLE_TO_PROCESS, "a matched record cannot be encoded")
     return bytes(encoded)
+
+
+_CHARSET_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+
+
+def _representable(ds: Dataset, charsets: list[str]) -> bool:
+    encodings: list[str] | None = None
+    for elem in ds:
+        if elem.VR not in _CHARSET_VRS or elem.value is None:
+            continue
+        values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+        for value in values:
+            text = str(value)
+            if text.isascii():
+                continue
+            if encodings is None:
+                encodings = convert_encodings(charsets)
+            if not _fits(text, encodings):
+                return False
+    return True
+
+
+def _fits(text: str, encodings: list[str]) -> bool:
+    """Whether pydicom can encode ``text`` in ``encodings`` without replacement characters (its own rules: one
+    encoding for the whole value, else the ISO 2022 parts of a multi-charset value)."""
+    for encoding in encodings:
+        try:
+            _encode_string_impl(text, encoding)
+            return True
+        except (UnicodeError, LookupError, ValueError):
+            continue
+    if len(encodings) > 1:
+        try:
+            _encode_string_parts(text, encodings)
+            return True
+        except (UnicodeError, LookupError, ValueError):
+            return False
+    return False

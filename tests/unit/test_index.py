@@ -575,3 +575,14 @@ def test_gc_makes_the_index_durable_before_a_container_file_goes(tmp_path: Path,
     assert events[:2] == ["sync", "remove"]
     monkeypatch.undo()
     idx.close()
+
+
+def test_an_over_long_secondary_key_never_fails_the_group(index: StudyIndex) -> None:
+    """A Modality too long for an LMDB key (indexed before ingest refused such values) is left out of idx_modality;
+    the other instances of the same transaction are indexed (one such key used to fail the whole group)."""
+    long_modality = header("P", "S1", "R1", "I1")
+    long_modality.series["Modality"] = "X" * 600
+    results = index.apply([entry(long_modality), entry(header("P", "S2", "R2", "I2"))], "keep-first")
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.STORED]
+    assert index.counts()["instances"] == 2
+    assert index.studies_by("idx_modality", "CT") == [f"P{SEP}S2"]

@@ -234,6 +234,7 @@ def test_file_meta_of_blob_is_readable(tmp_path: Path) -> None:
         ("PatientID", "X" * 600),
         ("AccessionNumber", "A" * 600),
         ("IssuerOfPatientID", "I" * 500),
+        ("Modality", "M" * 600),  # a key of idx_modality since schema 3
     ],
 )
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
