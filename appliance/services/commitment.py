@@ -387,7 +387,7 @@ class CommitmentHandler:
         command = self.request.command
         action = ((dimse.ACTION_TYPE_ID, dimse.us(command.action_type_id)),) if command.action_type_id else ()
         try:
-            transaction, references = self._check()
+            transaction, references = await self._check()
         except BadRequest as exc:
             log.info("storage commitment request from %s refused: 0x%04X %s", self.request.calling_ae, exc.status,
                      exc)
@@ -412,7 +412,9 @@ class CommitmentHandler:
         commitments.start(Pending(transaction, self.request.calling_ae, references, entry.name, self.request))
         yield Response(errors.SUCCESS, extra=action)
 
-    def _check(self) -> tuple[str, list[Reference]]:
+    async def _check(self) -> tuple[str, list[Reference]]:
+        """The command's checks, then the Action Information parsed in a thread: up to request_bytes_max of
+        sequence items is seconds of pydicom work, which must not stall the worker's other associations."""
         command = self.request.command
         cfg = self.ctx.config.commitment
         if command.sop_instance_uid != STORAGE_COMMITMENT_PUSH_INSTANCE:
@@ -423,9 +425,12 @@ class CommitmentHandler:
             raise BadRequest(errors.INVALID_ARGUMENT_VALUE, "no Action Information")
         if self.too_large:
             raise BadRequest(errors.RESOURCE_LIMITATION, "Action Information larger than commitment.request_bytes_max")
-        parsed = parse_action(bytes(self.data), self.request.transfer_syntax, cfg.references_per_request_max)
-        self.data = bytearray()
-        if commitments_for(self.ctx).pending >= cfg.pending_per_worker_max:
+        if commitments_for(self.ctx).pending >= cfg.pending_per_worker_max:  # before any parsing work
+            raise BadRequest(errors.RESOURCE_LIMITATION, "too many storage commitments pending")
+        data, self.data = bytes(self.data), bytearray()
+        parsed = await asyncio.to_thread(parse_action, data, self.request.transfer_syntax,
+                                         cfg.references_per_request_max)
+        if commitments_for(self.ctx).pending >= cfg.pending_per_worker_max:  # others may have started meanwhile
             raise BadRequest(errors.RESOURCE_LIMITATION, "too many storage commitments pending")
         return parsed
 

@@ -171,11 +171,13 @@ class RetrieveHandler:
         if self.identifier_too_large:
             raise RetrieveRefused(errors.UNABLE_TO_PROCESS,
                                   f"identifier larger than {self.cfg.identifier_bytes_max} bytes")
-        ds = parse_identifier(bytes(self.identifier), self.request.transfer_syntax)
-        self.identifier.clear()
-        # Index reads are short LMDB read transactions, but a 100,000-instance study is 100,000 records: off the
-        # event loop, so that the other associations of this worker go on meanwhile.
+        # Parsing (up to identifier_bytes_max of UIDs) and the index reads (short LMDB read transactions, but a
+        # 100,000-instance study is 100,000 records) run off the event loop, so that the other associations of
+        # this worker go on meanwhile.
+        identifier, self.identifier = bytes(self.identifier), bytearray()
         loop = asyncio.get_running_loop()
+        ds = await loop.run_in_executor(pool(self.ctx.config), parse_identifier, identifier,
+                                        self.request.transfer_syntax)
         return await loop.run_in_executor(pool(self.ctx.config), select, self.ctx.index, self.request.abstract_syntax,
                                           ds, self.cfg.matches_max)
 
