@@ -70,6 +70,8 @@ class Query:
     keys: list[QueryKey]
     charsets: list[str]  # the requester's (0008,0005), [] for the default repertoire
     by_keyword: dict[str, QueryKey] = field(default_factory=dict)
+    # query/encoding.py's element plan for the responses, computed once per query: ("plan", list or None)
+    encoding_plan: tuple[str, object] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.by_keyword = {k.keyword: k for k in self.keys if k.keyword}
@@ -282,6 +284,8 @@ def _representable(ds: Dataset, charsets: list[str]) -> bool:
             text = str(value)
             if text.isascii():
                 continue
+            if charsets == [DEFAULT_CHARSET]:
+                return False  # the default repertoire is ASCII (pydicom would write Latin-1 without saying so)
             if encodings is None:
                 encodings = convert_encodings(charsets)
             if not _fits(text, encodings):

@@ -21,7 +21,8 @@ from appliance import errors
 from appliance.dicom.uids import FIND_MODELS
 from appliance.net import dimse
 from appliance.net.service import Request, Response
-from appliance.query.identifier import Query, QueryError, encode_response, parse, response_dataset
+from appliance.query.encoding import encode_match
+from appliance.query.identifier import Query, QueryError, parse
 from appliance.query.search import Search, SearchOptions, describe
 from appliance.services.application import register
 from appliance.services.context import WorkerContext
@@ -127,7 +128,7 @@ class FindHandler:
     def _batch(search: Search, query: Query, encoding: tuple[bool, bool, bool]) -> tuple[list[bytes], bool]:
         """One batch of the search and the encoding of its matches (in a worker thread)."""
         records, done = search.next_batch()
-        return [encode_response(response_dataset(query, record), query, *encoding) for record in records], done
+        return [encode_match(query, record, *encoding) for record in records], done
 
 
 def find_handler(ctx: WorkerContext, request: Request) -> FindHandler:
