@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from tests.conftest import ServerHandle, dcmtk, wait_for
+from tests.conftest import ServerHandle, dataset_bytes, dcmtk, wait_for
 from tests.integration.test_bad_input import associate_rq
 from tests.tls_pki import Pki, make_pki
 
@@ -117,6 +117,50 @@ def test_dcmtk_echo_and_store_over_tls_beside_the_plain_port(make_server: MakeSe
     wrong = dcmtk("echoscu", *dcmtk_tls(pki), "-aec", "NOTME", "127.0.0.1", str(server.tls_port))
     assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
     assert handshakes(server, "ok") == 3
+
+
+def test_dcmtk_query_and_retrieve_over_tls(make_server: MakeServer, pki: Pki, tmp_path: Path) -> None:
+    """findscu +tls and a C-GET over TLS: the Query/Retrieve handlers serve the TLS port as they serve the plain one."""
+    server = make_server(tls=tls_section(pki), peers={"ws": {"ae_title": "WS1", "port": 1}})
+    store = dcmtk("storescu", *dcmtk_tls(pki), "-aet", "CT01", "-aec", "APPLIANCE", "127.0.0.1",
+                  str(server.tls_port), str(CT))
+    assert store.returncode == 0, store.stderr + server.log()
+    ds = pydicom.dcmread(CT, stop_before_pixels=True)
+    find = dcmtk("findscu", *dcmtk_tls(pki), "-S", "-aet", "WS1", "-aec", "APPLIANCE", "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", f"PatientID={ds.PatientID}", "-k", "StudyInstanceUID", "127.0.0.1", str(server.tls_port))
+    assert find.returncode == 0, find.stderr
+    assert str(ds.StudyInstanceUID) in find.stdout + find.stderr
+    # C-GET over TLS with pynetdicom (DCMTK 3.6.7's getscu and movescu have no TLS options): byte for byte.
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    received: list[bytes] = []
+
+    def on_store(event: Any) -> int:
+        received.append(bytes(event.request.DataSet.getvalue()))
+        return 0
+
+    ae = AE(ae_title="WS1")
+    ae.acse_timeout = ae.network_timeout = 15
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [str(pydicom.dcmread(CT).file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", server.tls_port, ae_title="APPLIANCE", tls_args=(client_context(pki), "localhost"),
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        identifier = pydicom.Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ds.StudyInstanceUID
+        statuses = [int(st.Status) for st, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    server.cli("export", str(ds.SOPInstanceUID), str(tmp_path / "stored"))
+    assert statuses[-1] == 0 and received == [dataset_bytes(tmp_path / "stored" / f"{ds.SOPInstanceUID}.dcm")]
+    # Without the find right (an AE title not under [peers]) the refusal travels inside TLS too.
+    refused = dcmtk("findscu", *dcmtk_tls(pki), "-v", "-S", "-aet", "OTHER", "-aec", "APPLIANCE",
+                    "-k", "QueryRetrieveLevel=STUDY", "127.0.0.1", str(server.tls_port))
+    assert "Final Find Response (Unknown Status: 0x124)" in refused.stdout + refused.stderr  # DCMTK's wording
+    assert len(log_lines(server, "is not allowed to find")) == 1
 
 
 @pytest.mark.parametrize("maximum,protocol", [(None, "TLSv1.3"), (ssl.TLSVersion.TLSv1_2, "TLSv1.2")])
