@@ -55,7 +55,11 @@ ELEMENT = struct.Struct("<HHL")
 FUZZ_SERVER: dict[str, Any] = {
     "acse_timeout": 1.0, "message_timeout": 2.0, "write_timeout": 1.0, "idle_timeout": 2.0, "max_pdu": 16384,
     "workers": 1, "log_level": "info",
+    # The query/retrieve recording calls with an AE title not under [peers]: give those the rights it uses.
+    "unknown_peer_rights": ["echo", "store", "find", "get"],
 }
+# A C-GET whose C-STORE sub-operation the mutated stream never answers must end within the settle time.
+FUZZ_RETRIEVE: dict[str, Any] = {"sub_operation_timeout_s": 2.0, "pending_interval_ms": 10.0}
 FUZZ_STORAGE: dict[str, Any] = {"spool_memory_bytes": 65536}
 SETTLE_SECONDS = 8.0  # acse + message + write timeouts, with margin: how long a case may keep descriptors
 
@@ -181,6 +185,59 @@ def _pynetdicom_client(files: list[Path]) -> Callable[[int], None]:
     return run
 
 
+def _query_retrieve_client(study_uid: str) -> Callable[[int], None]:
+    """C-FIND in both models (wildcard, range, list, return keys) and a C-GET of one study with role selection:
+    the identifiers and the sub-operation responses the query/retrieve handlers parse."""
+    def run(port: int) -> None:
+        import pydicom
+        from pydicom.uid import ExplicitVRLittleEndian
+        from pynetdicom import AE, build_role, evt
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+        )
+
+        ae = AE(ae_title="FUZZQR")
+        ae.maximum_pdu_size = 16384
+        for model in (StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind,
+                      StudyRootQueryRetrieveInformationModelGet):
+            ae.add_requested_context(model, [ExplicitVRLittleEndian])
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title="APPLIANCE", ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+        if not assoc.is_established:
+            raise RuntimeError("recording: association refused")
+        try:
+            study = pydicom.Dataset()
+            study.QueryRetrieveLevel = "STUDY"
+            study.SpecificCharacterSet = "ISO_IR 100"
+            study.PatientName = "*"
+            study.StudyDate = "19000101-20991231"
+            study.StudyInstanceUID = f"{study_uid}\\1.2.3"
+            study.ModalitiesInStudy = study.PatientID = study.NumberOfStudyRelatedInstances = ""
+            patient = pydicom.Dataset()
+            patient.QueryRetrieveLevel = "PATIENT"
+            patient.PatientID = "*"
+            patient.PatientName = ""
+            for identifier, model in ((study, StudyRootQueryRetrieveInformationModelFind),
+                                      (patient, PatientRootQueryRetrieveInformationModelFind)):
+                statuses = [int(st.Status) for st, _ in assoc.send_c_find(identifier, model) if st]
+                if not statuses or statuses[-1] != 0:
+                    raise RuntimeError(f"recording: C-FIND answered {statuses}")
+            get = pydicom.Dataset()
+            get.QueryRetrieveLevel = "STUDY"
+            get.StudyInstanceUID = study_uid
+            statuses = [int(st.Status) for st, _ in assoc.send_c_get(get, StudyRootQueryRetrieveInformationModelGet)
+                        if st]
+            if not statuses or statuses[-1] != 0:
+                raise RuntimeError(f"recording: C-GET answered {statuses}")
+        finally:
+            assoc.release()
+    return run
+
+
 def _dcmtk_client(tool: str, *args: str) -> Callable[[int], None]:
     def run(port: int) -> None:
         env = {**os.environ, "TCP_NODELAY": "1"}
@@ -196,6 +253,10 @@ def record_streams(port: int, workdir: Path) -> dict[str, bytes]:
     big = fuzz_instance(workdir / "big.dcm", TEMPLATE_UIDS[0], big=True)
     small = fuzz_instance(workdir / "small.dcm", TEMPLATE_UIDS[1], big=False)
     streams = {"pynetdicom": Relay(port).record(_pynetdicom_client([big, small]))}
+    import pydicom
+
+    study_uid = str(pydicom.dcmread(small, stop_before_pixels=True).StudyInstanceUID)
+    streams["query-retrieve"] = Relay(port).record(_query_retrieve_client(study_uid))
     if shutil.which("storescu"):
         # storescu proposes its default contexts (dozens of storage classes, several transfer syntaxes each).
         streams["storescu"] = Relay(port).record(_dcmtk_client("storescu", "--max-pdu", "16384", str(big)))
@@ -990,7 +1051,8 @@ def start_server(root: Path, workers: int = 1) -> Any:
     from tests.conftest import ServerHandle, write_config
 
     root.mkdir(parents=True, exist_ok=True)
-    handle = ServerHandle(root, write_config(root, server={**FUZZ_SERVER, "workers": workers}, storage=FUZZ_STORAGE))
+    handle = ServerHandle(root, write_config(root, server={**FUZZ_SERVER, "workers": workers}, storage=FUZZ_STORAGE,
+                                             retrieve=FUZZ_RETRIEVE))
     return handle.start()
 
 
