@@ -7,7 +7,6 @@ verify found problems), 2 usage, 3 not found, 69 unavailable (volume detached...
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import cli_scu, errors
+from appliance.cli_common import emit, load_cli_config
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
 if TYPE_CHECKING:
@@ -38,14 +38,7 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 
-def _config(path: Path | None) -> Config:
-    if path is None:
-        env = os.environ.get("APPLIANCE_CONFIG")
-        if env:
-            path = Path(env)
-        elif Path("appliance.toml").is_file():
-            path = Path("appliance.toml")
-    return load_config(path)
+_config = load_cli_config
 
 
 def _fail(exc: errors.ApplianceError) -> typer.Exit:
@@ -53,8 +46,7 @@ def _fail(exc: errors.ApplianceError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-def _emit(data: Any, as_json: bool, human: str) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else human)
+_emit = emit
 
 
 @contextmanager

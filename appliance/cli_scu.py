@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from appliance import errors
+from appliance.cli_common import emit, load_cli_config
 from appliance.config import Config, PeerConfig
 
 ECHO = "1.2.840.10008.1.1"
@@ -349,15 +350,13 @@ SyntaxOpt = Annotated[list[str] | None, typer.Option("--transfer-syntax", "-x",
 
 def _run(config: Path | None, verbose: bool, body: Callable[[Config], tuple[Any, str]], as_json: bool) -> None:
     """Load the config as every command does (cli.py), run ``body``, print its result; errors as one line."""
-    from appliance.cli import _config, _emit
-
     _quiet_pynetdicom(verbose)
     try:
-        data, human = body(_config(config))
+        data, human = body(load_cli_config(config))
     except errors.ApplianceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
-    _emit(data, as_json, human)
+    emit(data, as_json, human)
 
 
 def _model(model: str) -> str:

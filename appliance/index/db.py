@@ -341,7 +341,7 @@ class StudyIndex(ContainerIndex):
         return [(db, key) for db, key in rows if len(key.encode()) <= MAX_KEY_BYTES]
 
     def _upgrade(self, version: bytes) -> None:
-        self._write(lambda txn: upgrade_from_2(self, txn))
+        self._write(lambda txn: upgrade_from_2(self.dbs, txn, self._secondary))
 
     def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord) -> None:
         """Take an instance out of the tree and the aggregates, and drop its blob reference."""

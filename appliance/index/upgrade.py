@@ -10,23 +10,22 @@ index once: seconds for 100,000 instances, a minute or two at 1,000,000 on a dis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import lmdb
 
 from appliance.index import schema
 from appliance.index.schema import InstanceRecord, LevelRecord
 
-if TYPE_CHECKING:
-    from appliance.index.db import StudyIndex
-
 SEP = "\x00"
 
 
-def upgrade_from_2(index: StudyIndex, txn: lmdb.Transaction) -> int:
+def upgrade_from_2(dbs: dict[str, Any], txn: lmdb.Transaction,
+                   secondary: Callable[[str, LevelRecord], list[tuple[str, str]]]) -> int:
     """Upgrade every study in ``txn``; returns how many studies were upgraded. Idempotent: a study already holding
-    its SOP classes is rewritten to the same record."""
-    dbs = index.dbs
+    its SOP classes is rewritten to the same record. ``secondary`` gives a study's secondary index rows (the index's
+    own rule, passed in so that this module does not import the index)."""
     sop_classes: dict[str, dict[str, int]] = {}
     for raw_key, value in txn.cursor(db=dbs["instances"]):
         pk, study_uid, _series, _sop = bytes(raw_key).decode().split(SEP)
@@ -43,7 +42,7 @@ def upgrade_from_2(index: StudyIndex, txn: lmdb.Transaction) -> int:
         study.attrs.setdefault("PatientName", names[pk])
         study.sop_classes = sop_classes.get(study_key, {})
         txn.put(study_key.encode(), schema.encode(study), db=dbs["studies"])
-        for db, key in index._secondary(study_key, study):
+        for db, key in secondary(study_key, study):
             txn.put(key.encode(), study_key.encode(), db=dbs[db])
     txn.put(b"schema", schema.SCHEMA_VERSION, db=dbs["meta"])
     return len(studies)

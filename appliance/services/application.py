@@ -3,13 +3,15 @@ command field and SOP class, as pynetdicom dispatches by SOP class."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from appliance import errors
 from appliance.net import dimse
 from appliance.net.service import AnswerOnce, Handler, Request, Response
+from appliance.services import commitment, find, get, move  # noqa: F401  (they register in SERVICES on import)
 from appliance.services.context import WorkerContext
 from appliance.services.echo import EchoHandler
+from appliance.services.registry import SERVICES
 from appliance.services.rights import refusal
 from appliance.services.store import StoreOperation
 
@@ -36,18 +38,6 @@ class StoreHandler:
     def abandon(self) -> None:
         if not self.finishing:  # once finishing, the group commit owns the spool and answers for it
             self.op.abandon()
-
-
-HandlerFactory = Callable[[WorkerContext, Request], Handler]
-
-# (command field, SOP class) -> (right needed, handler factory), for the services other than C-ECHO and C-STORE.
-# The right is checked here, once, before any handler exists (services/rights.py).
-SERVICES: dict[tuple[int, str], tuple[str, HandlerFactory]] = {}
-
-
-def register(command_field: int, sop_classes: tuple[str, ...], right: str, factory: HandlerFactory) -> None:
-    for sop_class in sop_classes:
-        SERVICES[(command_field, sop_class)] = (right, factory)
 
 
 class StorageApplication:
@@ -82,14 +72,3 @@ class StorageApplication:
         if refused is not None:
             return AnswerOnce(refused)
         return factory(self.ctx, request)
-
-
-# The retrieve services register themselves in SERVICES when imported (after ``register`` exists).
-# The service modules register their handlers when imported (after ``register`` exists: they import it from here).
-# Service modules register their handlers when imported (after `register` exists).
-from appliance.services import (  # noqa: E402, F401
-    commitment,  # noqa: E402, F401
-    find,  # noqa: E402, F401
-    get,
-    move,
-)

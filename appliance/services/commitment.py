@@ -32,9 +32,9 @@ from appliance.index.schema import COPY_OK, Copy
 from appliance.net import dimse
 from appliance.net.client import AssociationAborted, AssociationRejected, ClientAssociation
 from appliance.net.service import ChannelClosed, Request, Response
-from appliance.services.application import register
 from appliance.services.commitment_journal import Journal, JournalEntry
 from appliance.services.context import WorkerContext
+from appliance.services.registry import register
 
 log = logging.getLogger(__name__)
 

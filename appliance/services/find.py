@@ -24,8 +24,8 @@ from appliance.net.service import Request, Response
 from appliance.query.encoding import encode_match
 from appliance.query.identifier import Query, QueryError, parse
 from appliance.query.search import Search, SearchOptions, describe
-from appliance.services.application import register
 from appliance.services.context import WorkerContext
+from appliance.services.registry import register
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,8 +10,8 @@ from appliance import errors
 from appliance.dicom.uids import GET_MODELS
 from appliance.net import dimse
 from appliance.net.service import ChannelClosed, Request
-from appliance.services.application import register
 from appliance.services.context import WorkerContext
+from appliance.services.registry import register
 from appliance.services.retrieve import Match
 from appliance.services.sending import SubOperationFailed, prepare
 from appliance.services.suboperations import Counts, RetrieveHandler

@@ -21,8 +21,8 @@ from appliance.dicom.uids import MOVE_MODELS
 from appliance.net import dimse
 from appliance.net.client import AssociationAborted, AssociationRejected, ClientAssociation
 from appliance.net.service import Request
-from appliance.services.application import register
 from appliance.services.context import WorkerContext
+from appliance.services.registry import register
 from appliance.services.retrieve import Match, RetrieveRefused
 from appliance.services.sending import UNCOMPRESSED, SubOperationFailed, prepare
 from appliance.services.suboperations import Counts, RetrieveHandler

@@ -1,0 +1,28 @@
+"""What every CLI command shares (cli.py, cli_scu.py): finding the config file and printing a result, human or
+JSON. Kept apart so that the command modules do not import each other."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from appliance.config import Config, load_config
+
+
+def load_cli_config(path: Path | None) -> Config:
+    """``-c FILE``, else $APPLIANCE_CONFIG, else ./appliance.toml, else the built-in defaults."""
+    if path is None:
+        env = os.environ.get("APPLIANCE_CONFIG")
+        if env:
+            path = Path(env)
+        elif Path("appliance.toml").is_file():
+            path = Path("appliance.toml")
+    return load_config(path)
+
+
+def emit(data: Any, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else human)
