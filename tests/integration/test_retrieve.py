@@ -257,7 +257,7 @@ def test_pynetdicom_move_with_cancel_to_a_slow_destination(make_server: Callable
     stored: list[tuple[str, str, int]] = []
 
     def on_store(event: Any) -> int:
-        time.sleep(0.05)
+        time.sleep(0.05)  # a slow destination (50 ms per store, not a wait for anything): the cancel lands mid-move
         rq = event.request
         stored.append((str(rq.AffectedSOPInstanceUID), str(rq.MoveOriginatorApplicationEntityTitle).strip(),
                        int(rq.MoveOriginatorMessageID)))
@@ -461,14 +461,14 @@ def _threads(pid: int) -> int:
 def test_association_aborted_mid_get_leaks_nothing(archive: Archive) -> None:
     (worker,) = archive.server.worker_pids()
     seen = threading.Event()
-
     slow = threading.Event()
+    aborted = threading.Event()
 
     def on_store(event: Any) -> int:
         seen.set()
         if slow.is_set():
             slow.clear()
-            time.sleep(0.3)  # keep the C-GET in the middle while the requester aborts
+            aborted.wait(10)  # keep the C-GET in the middle until the requester has aborted
         return 0x0000
 
     def get_then(abort: bool) -> None:
@@ -482,6 +482,7 @@ def test_association_aborted_mid_get_leaks_nothing(archive: Archive) -> None:
         assert seen.wait(10)
         if abort:
             assoc.abort()
+            aborted.set()
         runner.join(10)
         if not abort:
             assoc.release()
