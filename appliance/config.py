@@ -87,6 +87,9 @@ class PeerConfig:
     # May we send instances to this peer (a C-MOVE destination, the target of a Storage Commitment report on a new
     # association)? Only configured peers can be: a C-MOVE to an AE title not under [peers] is refused (0xA801).
     allow_receive: bool = True
+    # True: the associations we open to this peer (C-MOVE sub-operations, a Storage Commitment report on a new
+    # association) use DICOM TLS with [tls]'s certificates, and ``port`` is the peer's TLS port.
+    tls: bool = False
     # May this peer replace an instance already stored with other bytes (same SOP Instance UID)? Only when the
     # peer is named here and this is true does ``storage.duplicate_policy = "overwrite"`` apply to it; everyone
     # else gets keep-first, so an unknown host on the network can never replace (and so delete) stored images.
@@ -291,6 +294,11 @@ class TlsConfig:
     certificate: Path | None = None  # PEM: our certificate, then any intermediate CA certificates
     private_key: Path | None = None  # PEM, not encrypted, readable by the service account only
     ca_certificates: Path | None = None  # PEM bundle of the CAs whose client certificates are trusted
+    # What we present when we open a TLS association ourselves (to a [peers] entry with tls = true): default the
+    # certificate and key above, which then need the clientAuth purpose too. The peer's server certificate is
+    # verified against ca_certificates and its host name or address.
+    client_certificate: Path | None = None
+    client_private_key: Path | None = None
     # True: a client must present a certificate signed by one of ca_certificates, else the handshake fails.
     require_client_certificate: bool = True
     min_version: str = "1.2"
@@ -473,7 +481,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     # The file keys default to None, so _coerce left them strings: resolve them against the config's folder.
     tls = dataclasses.replace(tls, **{
         key: (base / Path(value).expanduser()) if isinstance(value, str) else value
-        for key in ("certificate", "private_key", "ca_certificates")
+        for key in ("certificate", "private_key", "ca_certificates", "client_certificate", "client_private_key")
         if (value := getattr(tls, key)) is not None
     })
     commitment = _build(CommitmentConfig, "commitment", raw.get("commitment", {}), base)
@@ -574,6 +582,12 @@ def validate(config: Config) -> None:
         _check_ae(f"peers.{peer.name}.ae_title", peer.ae_title)
         if not 1 <= peer.port <= 65535:
             raise ConfigError(f"peers.{peer.name}.port: {peer.port} is not a TCP port")
+        if peer.tls and (config.tls.ca_certificates is None
+                         or (config.tls.client_certificate or config.tls.certificate) is None
+                         or (config.tls.client_private_key or config.tls.private_key) is None):
+            raise ConfigError(f"peers.{peer.name}.tls: needs tls.ca_certificates (to verify the peer) and a "
+                              "certificate and key to present (tls.client_certificate/client_private_key, or "
+                              "tls.certificate/private_key)")
         if peer.allow_overwrite and st.duplicate_policy != "overwrite":
             # Said so rather than ignored: whoever wrote it expects this peer's re-sends to replace.
             raise ConfigError(f"peers.{peer.name}.allow_overwrite: needs storage.duplicate_policy = \"overwrite\"")

@@ -64,6 +64,8 @@ port = 2762                     # DICOM's registered TLS port; 0 = a free port (
 # certificate = "tls/server.crt"  # PEM: our certificate, then any intermediate CA certificates
 # private_key = "tls/server.key"  # PEM, not encrypted; mode 0600 (0640 warns, readable by others refuses)
 # ca_certificates = "tls/ca.crt"  # PEM bundle: the CAs whose client certificates are trusted
+# client_certificate = "tls/client.crt"  # presented to [peers] with tls = true (default: certificate)
+# client_private_key = "tls/client.key"  # its key (default: private_key)
 require_client_certificate = true  # the handshake fails without a client certificate signed by those CAs
 min_version = "1.2"             # "1.2" or "1.3"
 # ciphers = "..."               # TLS 1.2 suites, OpenSSL syntax; default: BCP 195 (ECDHE with AES-GCM or
@@ -111,6 +113,8 @@ high_watermark = 0.95
 # allow_get = true
 # allow_storage_commitment = true
 # allow_receive = true          # may be a C-MOVE destination / get Storage Commitment reports on a new association
+# tls = false                   # true: our associations to this peer use DICOM TLS ([tls] certificates; port = its
+                                # TLS port)
 # allow_overwrite = false       # true: this peer may replace stored instances (duplicate_policy = "overwrite")
 
 [commitment]

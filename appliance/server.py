@@ -97,6 +97,7 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int 
 async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, Endpoint
+    from appliance.net.tls import client_context
     from appliance.services.application import StorageApplication
     from appliance.services.commitment import resume_commitments
     from appliance.services.context import WorkerContext
@@ -121,7 +122,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                                copy_exists=blobstore.copy_exists, lanes=st.writer_lanes)
     ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics,
                               blobstore=blobstore, index=index,
-                              spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes))
+                              spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes),
+                              client_tls=client_context(config.tls) if any(p.tls for p in config.peers) else None)
     endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
     resume_commitments(ctx, worker, config.effective_workers())  # reports a previous run answered but never sent
     sock = _listen_socket(config.server.host, port, listen=True)
@@ -359,11 +361,12 @@ class Supervisor:
     def _check_tls(self) -> None:
         """The TLS files, checked before anything starts, so that a wrong path or key stops `serve` with one clear
         message (ConfigError) instead of every worker dying on it. Each worker builds its own context again."""
-        if not self.config.tls.enabled:
-            return
-        from appliance.net.tls import server_context
+        from appliance.net.tls import client_context, server_context
 
-        server_context(self.config.tls, warn=log.warning)
+        if any(peer.tls for peer in self.config.peers):
+            client_context(self.config.tls)  # the files our outgoing TLS associations present and trust
+        if self.config.tls.enabled:
+            server_context(self.config.tls, warn=log.warning)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True

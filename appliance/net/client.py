@@ -11,6 +11,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from ssl import SSLContext
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
@@ -155,13 +156,16 @@ class ClientAssociation(asyncio.BufferedProtocol):
         contexts: list[tuple[str, list[str]]], max_pdu: int = 1 << 20,
         roles: tuple[tuple[str, bool, bool], ...] = (),
         connect_timeout: float | None = None, associate_timeout: float | None = None,
+        ssl: SSLContext | None = None,
     ) -> ClientAssociation:
         """Request an association. ``roles``: SCP/SCU role selection items (SOP class, SCU role, SCP role), e.g. to
         report Storage Commitment results as its SCP on an association we request. The timeouts (seconds, None:
-        none) bound the TCP connect and then the wait for A-ASSOCIATE-AC/RJ; TimeoutError when exceeded."""
+        none) bound the TCP connect (with the TLS handshake when ``ssl`` is given: DICOM over TLS, the peer's
+        certificate checked against ``host``) and then the wait for A-ASSOCIATE-AC/RJ; TimeoutError when exceeded."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_timeout):
-            _transport, assoc = await loop.create_connection(lambda: cls(max_pdu), host, port)
+            _transport, assoc = await loop.create_connection(lambda: cls(max_pdu), host, port, ssl=ssl,
+                                                             server_hostname=host if ssl is not None else None)
         try:
             async with asyncio.timeout(associate_timeout):
                 await assoc._request(called_ae, calling_ae, contexts, list(roles))

@@ -122,6 +122,28 @@ def server_context(tls: TlsConfig, warn: Callable[[str], None] | None = None) ->
     return context
 
 
+def client_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The TLS context of the associations we open to [peers] with ``tls = true``: the same versions and cipher
+    policy as the TLS port; the peer's certificate verified against tls.ca_certificates only (not the system's
+    public CAs) and against its host name or address; our client certificate presented."""
+    ca = _readable("ca_certificates", tls.ca_certificates)
+    certificate = _readable("client_certificate", tls.client_certificate or tls.certificate)
+    private_key = _readable("client_private_key", tls.client_private_key or tls.private_key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+    context.minimum_version = _VERSIONS[tls.min_version]
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    try:
+        context.set_ciphers(tls.ciphers)
+        context.load_verify_locations(cafile=str(ca))
+        context.load_cert_chain(certificate, private_key, password=_no_password)
+    except _EncryptedKey:
+        raise ConfigError(f"tls: {private_key} is encrypted; the appliance cannot ask for a passphrase") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls: the client certificate {certificate}, its key {private_key} or the CAs {ca} cannot "
+                          f"be used ({exc.reason or exc})") from None
+    return context
+
+
 def certificate_subject(peercert: Any) -> str | None:
     """A verified client certificate's subject as ``CN=...,O=...`` (None without one): for the association log and
     later for audit. ``peercert`` is ssl.SSLObject.getpeercert()'s dict (empty when nothing was verified)."""

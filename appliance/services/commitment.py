@@ -308,7 +308,8 @@ class Commitments:
             assoc = await ClientAssociation.open(
                 peer.host, peer.port, peer.ae_title, self.ctx.config.server.ae_title,
                 [(STORAGE_COMMITMENT_PUSH, REPORT_TRANSFER_SYNTAXES)],
-                roles=((STORAGE_COMMITMENT_PUSH, False, True),))  # we are the SCP, the requester of this association
+                roles=((STORAGE_COMMITMENT_PUSH, False, True),),  # we are the SCP, the requester of this association
+                ssl=self.ctx.ssl_for(peer))
         try:
             accepted = [(ts, cid) for (abstract, ts), cid in assoc.accepted.items() if abstract == STORAGE_COMMITMENT_PUSH]
             if not accepted:

@@ -4,10 +4,11 @@ Application)."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from appliance.config import Config
+from appliance.config import Config, PeerConfig
 
 if TYPE_CHECKING:
     from appliance.index.db import StudyIndex
@@ -28,6 +29,16 @@ class WorkerContext:
     spool_budget: SpoolBudget
     index: StudyIndex  # the worker's own environment: queries and retrieves read it (short read transactions)
     accepted_sop_classes: frozenset[str] = frozenset()
+    # The TLS context of the associations we open to [peers] with tls = true (net/tls.py client_context); None
+    # when no peer asks for it.
+    client_tls: ssl.SSLContext | None = None
+
+    def ssl_for(self, peer: PeerConfig) -> ssl.SSLContext | None:
+        """What ClientAssociation.open takes for an association to ``peer``."""
+        if not peer.tls:
+            return None
+        assert self.client_tls is not None, "config validation requires [tls] certificates for a peer with tls"
+        return self.client_tls
 
     @classmethod
     def build(cls, config: Config, **kwargs: Any) -> WorkerContext:

@@ -96,7 +96,7 @@ class MoveHandler(RetrieveHandler):
             assoc = await ClientAssociation.open(
                 dest.host, dest.port, dest.ae_title, self.ctx.config.server.ae_title, contexts,
                 max_pdu=self.ctx.config.server.max_pdu, connect_timeout=cfg.connect_timeout_s,
-                associate_timeout=cfg.association_timeout_s)
+                associate_timeout=cfg.association_timeout_s, ssl=self.ctx.ssl_for(dest))
         except AssociationRejected as exc:
             refusals.append(f"{dest.ae_title} rejected the association ({exc.result}, {exc.source}, {exc.reason})")
         except TimeoutError:

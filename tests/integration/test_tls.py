@@ -315,3 +315,40 @@ def server_command(server: ServerHandle) -> list[str]:
     from tests.conftest import APPLIANCE
 
     return [*APPLIANCE, "serve", "-c", str(server.config_path)]
+
+
+def test_c_move_to_a_peer_over_tls(make_server: MakeServer, pki: Pki) -> None:
+    """A [peers] entry with tls = true: the C-MOVE sub-operations travel over DICOM TLS, with our client certificate,
+    to a destination that requires one; the same destination's TLS port refuses a plain association."""
+    destination = make_server(server={"ae_title": "DEST"}, tls=tls_section(pki))
+    client = {"client_certificate": str(pki.client_cert), "client_private_key": str(pki.client_key)}
+    archive = make_server(tls=tls_section(pki, enabled=False, **client), peers={
+        "ws": {"ae_title": "WS1", "port": 1},
+        "dest": {"ae_title": "DEST", "port": destination.tls_port, "tls": True},
+        "plain": {"ae_title": "PLAINDEST", "port": destination.tls_port},  # tls = false: plain DICOM to a TLS port
+    })
+    assert dcmtk("storescu", "-aet", "CT01", "-aec", "APPLIANCE", "127.0.0.1", str(archive.port), str(CT)).returncode == 0
+    ds = pydicom.dcmread(CT, stop_before_pixels=True)
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    ae = AE(ae_title="WS1")
+    ae.acse_timeout = ae.network_timeout = 15
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title="APPLIANCE")
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ds.StudyInstanceUID
+    try:
+        over_tls = [int(st.Status) for st, _ in assoc.send_c_move(identifier, "DEST",
+                                                                  StudyRootQueryRetrieveInformationModelMove)]
+        plain = [int(st.Status) for st, _ in assoc.send_c_move(identifier, "PLAINDEST",
+                                                               StudyRootQueryRetrieveInformationModelMove)]
+    finally:
+        assoc.release()
+    assert over_tls[-1] == 0, over_tls
+    assert destination.cli_json("show", str(ds.SOPInstanceUID))["calling_ae"] == "APPLIANCE"
+    accepted = log_lines(destination, "accepted over TLS")
+    assert accepted and "client certificate O=Test Hospital,CN=CT01" in accepted[-1]
+    assert plain[-1] == 0xA702, plain  # plain DICOM to a TLS port: the destination cannot be reached ...
+    wait_for(lambda: handshakes(destination, "failed") >= 1, 10, what="the destination's failed handshake")
