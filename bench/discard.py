@@ -31,7 +31,7 @@ from appliance.config import Config, ServerConfig
 from appliance.net import dimse
 from appliance.net.association import AssociationProtocol, Endpoint
 from appliance.net.service import Handler, Request, Response
-from appliance.services.echo import EchoHandler
+from appliance.services.echo import echo_handler
 
 DEFAULT_AE = "DISCARD"
 
@@ -83,7 +83,7 @@ class DiscardApplication:
     def handler(self, request: Request) -> Handler | None:
         field = request.command.command_field
         if field == dimse.C_ECHO_RQ:
-            return EchoHandler(self.config, request)
+            return echo_handler(self.config, request)
         if field == dimse.C_STORE_RQ:
             return DiscardHandler(request, self.counters)
         return None

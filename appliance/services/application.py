@@ -10,7 +10,7 @@ from appliance.net import dimse
 from appliance.net.service import AnswerOnce, Handler, Request, Response
 from appliance.services import commitment, find, get, move  # noqa: F401  (they register in SERVICES on import)
 from appliance.services.context import WorkerContext
-from appliance.services.echo import EchoHandler
+from appliance.services.echo import echo_handler
 from appliance.services.registry import SERVICES
 from appliance.services.rights import refusal
 from appliance.services.store import StoreOperation
@@ -48,7 +48,7 @@ class StorageApplication:
         command = request.command
         field = command.command_field
         if field == dimse.C_ECHO_RQ:
-            return EchoHandler(self.ctx.config, request)
+            return echo_handler(self.ctx.config, request)
         if field == dimse.C_STORE_RQ:
             if not command.has_dataset:
                 # Refused before a StoreOperation (and its spool) exists.

@@ -72,11 +72,9 @@ class StoreOperation:
         self.max_bytes = ctx.config.storage.max_instance_bytes  # looked up once, not per PDV
         self.peer = peer
         sop_class = command.affected_sop_class_uid
+        # The peer's store right is checked once, by the dispatch (services/application.py), before this exists.
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
             self.result = StoreResult(errors.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
-            return
-        if not ctx.config.allows(peer, "store"):
-            self.result = StoreResult(errors.NOT_AUTHORIZED, "peer is not allowed to store")
             return
         volume = ctx.volumes.pick(SIZE_HINT)
         if volume is None:

@@ -13,7 +13,7 @@ from pynetdicom.presentation import build_context
 
 from appliance.dicom.uids import STUDY_ROOT_GET
 from appliance.net import dimse, pdu
-from appliance.net.service import ChannelClosed, Request, Response
+from appliance.net.service import AnswerOnce, ChannelClosed, Request, Response
 from tests.protocol.fakes import CT, EXPLICIT, VERIFICATION, connect, echo_pdu, endpoint, receive, statuses
 from tests.protocol.test_states import in_loop
 
@@ -56,28 +56,11 @@ class SubOperations:
 
     def handler(self, request: Request) -> Any:
         if request.command.command_field == dimse.C_ECHO_RQ:
-            return _Answer(Response(0x0000))
+            return AnswerOnce(Response(0x0000))
         return _Get(self, request)
 
 
-class _Answer:
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-    def feed(self, data: memoryview) -> None:
-        pass
-
-    async def responses(self) -> AsyncIterator[Response]:
-        yield self.response
-
-    def cancel(self) -> None:
-        pass
-
-    def abandon(self) -> None:
-        pass
-
-
-class _Get(_Answer):
+class _Get(AnswerOnce):
     def __init__(self, app: SubOperations, request: Request) -> None:
         super().__init__(Response(0x0000))
         self.app, self.request = app, request
@@ -243,7 +226,7 @@ async def test_no_response_is_written_between_the_fragments_of_a_request() -> No
     assert echo_at > store_end  # the C-ECHO-RSP came after the last fragment of the C-STORE-RQ
 
 
-class _Silent(_Answer):
+class _Silent(AnswerOnce):
     """A handler that yields Pending responses and then ends without a final one (a bug the association covers)."""
 
     def __init__(self, pending: int) -> None:
