@@ -13,7 +13,6 @@ from appliance.net.service import ChannelClosed, Request
 from appliance.services.context import WorkerContext
 from appliance.services.registry import register
 from appliance.services.retrieve import Match
-from appliance.services.sending import SubOperationFailed, prepare
 from appliance.services.suboperations import Counts, RetrieveHandler
 
 log = logging.getLogger(__name__)
@@ -32,12 +31,8 @@ class GetHandler(RetrieveHandler):
             counts.fail(match)
             return False
         peer = f"C-GET requester {self.request.calling_ae}"
-        try:
-            outgoing = await prepare(self.ctx, match, channel.contexts(match.sop_class_uid, peer_scp=True), peer)
-        except SubOperationFailed as exc:
-            log.warning("%s: a sub-operation failed: %s", peer, exc)
-            self.comment = str(exc)
-            counts.fail(match)
+        outgoing = await self.prepare(match, channel.contexts(match.sop_class_uid, peer_scp=True), peer, counts)
+        if outgoing is None:
             return True
         originator = self.request.command
 

@@ -24,7 +24,7 @@ from appliance.net.service import Request
 from appliance.services.context import WorkerContext
 from appliance.services.registry import register
 from appliance.services.retrieve import Match, RetrieveRefused
-from appliance.services.sending import UNCOMPRESSED, SubOperationFailed, prepare
+from appliance.services.sending import UNCOMPRESSED, SubOperationFailed
 from appliance.services.suboperations import Counts, RetrieveHandler
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,8 @@ class MoveHandler(RetrieveHandler):
         assert self.destination is not None
         dest_ae = self.destination.ae_title
         accepted = {ts: cid for (abstract, ts), cid in assoc.accepted.items() if abstract == match.sop_class_uid}
-        try:
-            outgoing = await prepare(self.ctx, match, accepted, f"move destination {dest_ae}")
-        except SubOperationFailed as exc:
-            log.warning("C-MOVE to %s: a sub-operation failed: %s", dest_ae, exc)
-            self.comment = str(exc)
-            counts.fail(match)
+        outgoing = await self.prepare(match, accepted, f"move destination {dest_ae}", counts)
+        if outgoing is None:
             return True
         rq = self.request.command
         command = dimse.store_request(assoc.next_message_id(), match.sop_class_uid, match.sop_instance_uid,

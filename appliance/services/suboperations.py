@@ -20,7 +20,7 @@ from appliance.net import dimse
 from appliance.net.service import Request, Response
 from appliance.services.context import WorkerContext
 from appliance.services.retrieve import Match, RetrieveRefused, failed_identifier, parse_identifier, select
-from appliance.services.sending import pool
+from appliance.services.sending import Outgoing, SubOperationFailed, pool, prepare
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,17 @@ class RetrieveHandler:
         yield self._final(counts, refused)
 
     # ---- for the subclasses ----
+
+    async def prepare(self, match: Match, accepted: dict[str, int], peer: str, counts: Counts) -> Outgoing | None:
+        """The instance opened (or converted) for a destination that accepted ``accepted``; None when it cannot be
+        sent, counted as a failed sub-operation with its reason as the final Error Comment."""
+        try:
+            return await prepare(self.ctx, match, accepted, peer)
+        except SubOperationFailed as exc:
+            log.warning("%s to %s: a sub-operation failed: %s", self.operation, peer, exc)
+            self.comment = str(exc)
+            counts.fail(match)
+            return None
 
     def check(self) -> None:
         """Raise RetrieveRefused for what the command alone decides (the move destination)."""
