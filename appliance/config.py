@@ -16,6 +16,13 @@ from typing import Any
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from appliance.config_template import DEFAULT_CONFIG_TOML  # noqa: F401  (re-exported: init, tests)
+from appliance.config_tiering import (
+    PolicyConfig,
+    TierConfig,
+    TieringConfig,
+    parse_tiering,
+    validate_tiering,
+)
 from appliance.dicom.uids import QUERY_RETRIEVE_MODELS, STORAGE_COMMITMENT_PUSH, VERIFICATION
 from appliance.errors import ConfigError
 
@@ -321,6 +328,15 @@ class Config:
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    tiering: TieringConfig = field(default_factory=TieringConfig)
+    tiers: tuple[TierConfig, ...] = ()
+    policies: tuple[PolicyConfig, ...] = ()
+
+    def tier(self, name: str) -> TierConfig | None:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        return None
 
     def peer_by_ae(self, ae_title: str) -> PeerConfig | None:
         for peer in self.peers:
@@ -443,7 +459,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
-    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment", "query"}
+    known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment", "query", "tiering",
+             "tiers", "policies"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -488,9 +505,12 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     if not commitment.journal_path.is_absolute():
         commitment = dataclasses.replace(commitment, journal_path=base / commitment.journal_path)
     query = _build(QueryConfig, "query", raw.get("query", {}), base)
+    tiering = parse_tiering(raw, base, _build)
     config = Config(server=server, storage=storage, dicom=dicom, volumes=volumes, peers=peers,
-                    source=path, query=query, retrieve=retrieve, commitment=commitment, tls=tls)
+                    source=path, query=query, retrieve=retrieve, commitment=commitment, tls=tls,
+                    tiering=tiering.tiering, tiers=tiering.tiers, policies=tiering.policies)
     validate(config)
+    validate_tiering(tiering, tuple(v.name for v in volumes))
     return config
 
 

@@ -1,1 +1,2 @@
-"""Tiering (policies, movers, nearline and tape tiers): the subject of a later issue; nothing here yet."""
+"""Tiering: the tiers below the online volumes (nearline archives, tape), the policies that move studies down,
+the movers that do it without losing data, and recalls that bring studies back (docs/tiering.md)."""

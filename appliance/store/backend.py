@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 from appliance.errors import BlobMissing, StorageFault
 
 __all__ = ["BlobBackend", "BlobMeta", "BlobMissing", "BlobSource", "Capabilities", "LatencyClass", "Location",
-           "Recovery", "StorageFault", "StoredBlob"]
+           "Recovery", "StorageFault", "StoredBlob", "Usage"]
 
 Location = str
 
@@ -75,6 +75,21 @@ class BlobMeta:
 class StoredBlob:
     location: Location
     meta: BlobMeta
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Fill of one place a backend writes to (a volume, a cartridge): what `tier status` shows and what watermark
+    policies and placement read."""
+
+    name: str
+    used_bytes: int
+    capacity_bytes: int
+    accepting: bool  # takes new writes (mounted, under its watermark, not full, not read-only)
+
+    @property
+    def fill(self) -> float:
+        return self.used_bytes / self.capacity_bytes if self.capacity_bytes else 1.0
 
 
 @dataclass
@@ -180,6 +195,28 @@ class BlobBackend(ABC):
         made durable, and their index transaction may have been lost (the index syncs its last commit lazily),
         so the caller indexes them. What an interrupted put left (a torn or unsynced record, an unpublished
         upload) is removed. Idempotent once the caller has indexed the tail."""
+
+    # ---- containers (tiers write per-study archives; the index accounts space per container) ----------------
+
+    def begin_container(self, hint: str) -> str:
+        """The puts that follow, up to the next ``sync``, go into one new container (a tier's per-study archive;
+        ``hint`` names what it holds, e.g. a hash of the study UID) whose name is returned: the mover registers it
+        in its journal before the first put, so that a crash leaves nothing the index cannot name. Backends whose
+        containers are not chosen by the caller (online segments) return the name of the active one, or "".
+        Without a call, a put opens a container of the backend's choosing."""
+        return ""
+
+    def container_of(self, location: Location) -> str:
+        """The container a location lies in (its Copy.container)."""
+        raise NotImplementedError
+
+    def remove_container(self, name: str) -> None:  # noqa: B027 - append-only media cannot
+        """Delete a whole container that the index no longer names (its ``gc`` row is durable). Harmless if it is
+        already gone. Append-only media (tape) leave the bytes where they are and only forget them."""
+
+    def usage(self) -> tuple[Usage, ...]:
+        """Fill per volume / cartridge, for `tier status`, placement and watermark policies."""
+        return ()
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release descriptors. Anything not synced is not durable."""

@@ -45,6 +45,7 @@ from appliance.store.backend import (
     Location,
     Recovery,
     StoredBlob,
+    Usage,
 )
 from appliance.store.volumes import Volume, fsync_dir
 
@@ -443,6 +444,18 @@ class SegmentBackend(BlobBackend):
                 return pos, False  # written but not made durable before the crash: never acknowledged
             tail.append(StoredBlob(location, meta))
             pos = record_end(location)
+
+    def container_of(self, location: Location) -> str:
+        return parse_location(location)[0]
+
+    def remove_container(self, name: str) -> None:
+        self.remove_segment(name)
+
+    def usage(self) -> tuple[Usage, ...]:
+        st = os.statvfs(self.volume.root)
+        capacity = st.f_blocks * st.f_frsize
+        used = capacity - st.f_bavail * st.f_frsize
+        return (Usage(self.volume.name, used, capacity, bool(capacity) and used / capacity < self.volume.high_watermark),)
 
     def remove_segment(self, segment: str) -> None:
         """Delete a whole segment file (compaction, after the index stopped naming anything in it)."""
