@@ -26,7 +26,7 @@ run: $(STAMP)
 
 test: $(STAMP) peers
 	$(BIN)/ruff check appliance tiering bench tests
-	$(BIN)/mypy appliance bench
+	$(BIN)/mypy appliance bench tiering
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
@@ -44,7 +44,7 @@ fuzz: $(STAMP) dcmtk
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance tiering bench tests
-	$(BIN)/mypy appliance bench
+	$(BIN)/mypy appliance bench tiering
 	$(BIN)/lint-imports
 
 bench: $(STAMP) dcmtk
