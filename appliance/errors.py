@@ -150,7 +150,8 @@ class Offline(BlobMissing):
 
 
 class BlobCorrupt(BlobMissing):
-    """A copy's bytes do not hash to the blob's name: never served (another copy is tried, else the read fails)."""
+    """A blob's stored bytes fail their own check (a zstd frame checksum, a digest, an archive header that does
+    not parse): it is not served. A BlobMissing, so that a reader falls back to another copy as for a lost one."""
 
 
 class StorageFault(ApplianceError):
