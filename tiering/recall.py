@@ -34,9 +34,9 @@ from pathlib import Path
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing, OutOfSpace
-from appliance.index.db import StudyIndex
+from appliance.index.db import SERVE_LOCK, StudyIndex
 from appliance.index.schema import ONLINE, ONLINE_TIER, BlobRecord, Copy, InstanceRecord
-from appliance.store.backend import BlobMeta, BlobSource
+from appliance.store.backend import BlobBackend, BlobMeta, BlobSource
 from appliance.store.online import BlobStore
 from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
 
@@ -273,3 +273,135 @@ def recall_queued(config: Config, index: StudyIndex, store: BlobStore, retry_fai
         append_audit(config, {"event": "recall", "studies": report.studies, "instances": report.instances,
                             "bytes": report.bytes_copied, "outcome": "done"})
     return report
+
+
+def open_tiers(config: Config) -> dict[str, BlobBackend]:
+    """Every configured tier's backend, fastest first (what BlobStore reads after the online volumes). A tier that
+    cannot be opened (its NAS unmounted, the library gone) is left out with a warning: its copies read as missing,
+    and reads fall back to the other copies."""
+    from tiering.tiers import open_tier, tier_order
+
+    tiers: dict[str, BlobBackend] = {}
+    for name in tier_order(config)[1:]:
+        tier = config.tier(name)
+        assert tier is not None
+        try:
+            tiers[name] = open_tier(tier)
+        except (ApplianceError, OSError) as exc:
+            log.warning("tier %s cannot be opened, its copies are not readable: %s", name, exc)
+    return tiers
+
+
+def serving(config: Config) -> bool:
+    """Does a server hold this index (serve.lock taken)?"""
+    path = config.storage.index_path / SERVE_LOCK
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock if we got it
+    return False
+
+
+def run_recaller(config: Config, retry_failed: bool = False, standalone: bool = False) -> RecallReport:
+    """One recaller run in this process, with its own index environment, store and tiers. ``standalone`` (the
+    CLI with no server running): also holds the compaction lock, so that a server starting meanwhile waits for
+    the run instead of recovering the segment it writes."""
+    from appliance.store.compact import compaction_lock
+
+    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=True)
+    store = BlobStore.open(config, index=index, tiers=open_tiers(config))
+    try:
+        guard = (compaction_lock(config.storage.index_path, wait=True) if standalone
+                 else contextlib.nullcontext())
+        with guard:
+            report = recall_queued(config, index, store, retry_failed)
+    finally:
+        store.close()
+        index.close()
+    _observe(report)
+    return report
+
+
+def _observe(report: RecallReport) -> None:
+    from appliance.metrics import tiering_metrics
+
+    metrics = tiering_metrics()
+    for seconds in report.latencies_s:
+        metrics.recall_seconds.observe(seconds)
+    if report.bytes_copied:
+        metrics.migration_bytes.labels("tape", ONLINE_TIER).inc(report.bytes_copied)
+
+
+def refresh_gauges(config: Config, index: StudyIndex) -> None:
+    """Bytes and studies per tier, and the recall queue depth, into the tiering gauges. Bytes come from the
+    container records (one per segment or archive), studies from the placement table (one row per study that
+    ever moved or was read): both far smaller than the instances, read every GAUGES_S at most."""
+    from appliance.index.schema import StudyPlacement, decode
+    from appliance.metrics import tiering_metrics
+    from tiering.tiers import tier_of_backend, tier_order
+
+    metrics = tiering_metrics()
+    tier_bytes = dict.fromkeys(tier_order(config), 0)
+    for rec in index.containers():
+        tier = tier_of_backend(config, rec.backend)
+        tier_bytes[tier] = tier_bytes.get(tier, 0) + rec.live_bytes
+    studies = dict.fromkeys(tier_bytes, 0)
+    placed = 0
+    with index.env.begin() as txn:
+        for _key, raw in txn.cursor(db=index.dbs["placement"]):
+            tier = decode(StudyPlacement, raw).tier
+            studies[tier] = studies.get(tier, 0) + 1
+            placed += 1
+        total = txn.stat(index.dbs["studies"])["entries"]
+        queued = txn.stat(index.dbs["recalls"])["entries"]
+    studies[ONLINE_TIER] += max(0, total - placed)  # never moved nor read: online
+    for tier, nbytes in tier_bytes.items():
+        metrics.tier_bytes.labels(tier).set(nbytes)
+    for tier, count in studies.items():
+        metrics.tier_studies.labels(tier).set(count)
+    metrics.recall_queue.set(queued)
+
+
+POLL_S = 1.0  # how often the server's recaller looks at the queue (one short read transaction)
+GAUGES_S = 15.0
+
+
+def recaller_main(config: Config) -> None:
+    """The server's recaller process (forked by the supervisor, restarted if it dies, killed at shutdown: every
+    step is crash-safe). Polls the recall queue every POLL_S and recalls what is queued, one run at a time; keeps
+    the tiering gauges fresh."""
+    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=True)
+    store = BlobStore.open(config, index=index, tiers=open_tiers(config))
+    next_gauges = 0.0
+    try:
+        while True:
+            if time.monotonic() >= next_gauges:
+                next_gauges = time.monotonic() + GAUGES_S
+                try:
+                    refresh_gauges(config, index)
+                except Exception:  # metrics must never stop recalls
+                    log.exception("refreshing the tiering gauges")
+            if recall_pending(index):
+                report = recall_queued(config, index, store)
+                _observe(report)
+                if report.studies or report.failed:
+                    log.info("recaller: %d studies online, %d failed", report.studies, len(report.failed))
+                if not report.busy and not report.failed:
+                    continue
+            time.sleep(POLL_S)
+    except ApplianceError as exc:
+        log.error("recaller stopped: %s", exc)
+        raise SystemExit(exc.exit_code) from None
+    finally:
+        store.close()
+        index.close()
+
+
+def recall_pending(index: StudyIndex) -> bool:
+    """Is there a queued recall the server's recaller would take (cheap: one read transaction)?"""
+    return any(rec.attempts < RECALL_ATTEMPTS_MAX for _key, rec in index.recalls())
