@@ -307,13 +307,14 @@ def serving(config: Config) -> bool:
     return False
 
 
-def run_recaller(config: Config, retry_failed: bool = False, standalone: bool = False) -> RecallReport:
-    """One recaller run in this process, with its own index environment, store and tiers. ``standalone`` (the
-    CLI with no server running): also holds the compaction lock, so that a server starting meanwhile waits for
-    the run instead of recovering the segment it writes."""
+def run_recaller(config: Config, index: StudyIndex, retry_failed: bool = False,
+                 standalone: bool = False) -> RecallReport:
+    """One recaller run in this process, on ``index`` (this process's one environment: LMDB must not be opened
+    twice in a process), with its own store and tiers. ``standalone`` (the CLI with no server running): also holds
+    the compaction lock, so that a server starting meanwhile waits for the run instead of recovering the segment
+    it writes."""
     from appliance.store.compact import compaction_lock
 
-    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=True)
     store = BlobStore.open(config, index=index, tiers=open_tiers(config))
     try:
         guard = (compaction_lock(config.storage.index_path, wait=True) if standalone
@@ -322,7 +323,6 @@ def run_recaller(config: Config, retry_failed: bool = False, standalone: bool = 
             report = recall_queued(config, index, store, retry_failed)
     finally:
         store.close()
-        index.close()
     _observe(report)
     return report
 
