@@ -20,6 +20,7 @@ switch is one transaction and a redo of it is a no-op.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -137,6 +138,10 @@ class Mover:
     def resume(self) -> list[MoveResult]:
         """Finish what a crashed mover left: delete the containers its switches emptied, then redo every
         journaled move from the copy (its container removed first: nothing in it is named)."""
+        for name, backend in self.tiers.items():
+            # Before any put of this run, under tiering.lock (the only writer of the tiers): what an interrupted
+            # put left (a partial archive) goes.
+            backend.recover(functools.partial(self._committed_end, name))
         self.collect_garbage()
         results = []
         for study_key, rec in self.index.moves():
@@ -154,9 +159,23 @@ class Mover:
             results.append(result)
         return results
 
+    def _committed_end(self, backend: str, container: str) -> int | None:
+        rec = self.index.container(backend, container)
+        return None if rec is None else rec.end
+
     def collect_garbage(self) -> int:
         pending = [(b, n) for b, n in self.index.pending_gc() if self._backend(b) is not None]
         return self.index.collect_garbage(pending, self._remove)
+
+    def _collect_after_switch(self) -> None:
+        """The switch is durable: a container that cannot be deleted now (a volume gone) keeps its gc row, and the
+        next run deletes it; the move itself is done."""
+        try:
+            self.collect_garbage()
+        except (ApplianceError, OSError) as exc:
+            if isinstance(exc, StorageFault):
+                raise
+            log.warning("tier run: deleting emptied containers left for the next run: %s", exc)
 
     def _remove(self, backend: str, container: str) -> None:
         target = self._backend(backend)
@@ -172,6 +191,7 @@ class Mover:
         blobs = self.index.study_blobs(planned.study_key)
         result.instances = len(blobs)
         container = ""
+        switched = False
         try:
             if not blobs:
                 result.outcome = "vanished"
@@ -207,13 +227,15 @@ class Mover:
                 availability[sop] = availability_of(self.config, left + ([new.backend] if new else []))
             self.index.switch_study(planned.study_key, added, drop, availability, planned.target,
                                     self.clock_ns(), move_done=True)
+            switched = True
             self._phase("switched")
-            self.collect_garbage()
+            self._collect_after_switch()
         except StorageFault:
             raise  # fail-stop: the journal stays, the next run redoes the move
         except (ApplianceError, OSError) as exc:
             result.outcome, result.error = "failed", str(exc)
-            self._abandon(planned, target, container)
+            if not switched:
+                self._abandon(planned, target, container)
         finally:
             result.seconds = time.monotonic() - started
             self.audit.write("move", study=planned.study_uid, policy=planned.policy, source=planned.source,

@@ -13,13 +13,15 @@ import pytest
 from appliance.config import Config
 from appliance.index.db import SEP, StudyIndex
 from appliance.index.schema import NEARLINE, OFFLINE, ONLINE, MoveRecord
+from appliance.store.backend import BlobBackend, BlobMeta
 from appliance.store.online import BlobStore
 from appliance.store.segments import parse_location
-from tests.tier_rig import DirTier, ingest, make_config, read_instance
+from tests.tier_rig import DirTier, MemorySource, ingest, make_config, read_instance
 from tiering.audit import AuditLog, read_audit
 from tiering.mover import Mover, TokenBucket
 from tiering.policy import PlannedMove
 from tiering.run import TierBusy, tiering_lock
+from tiering.tiers import init_tier, open_tier
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Rig:
     config: Config
     index: StudyIndex
     store: BlobStore
-    nl: DirTier
+    nl: BlobBackend
     tape: DirTier
     audit: AuditLog
     mover: Mover
@@ -49,13 +51,23 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     index = StudyIndex(config.storage.index_path)
     data = ingest(config, index, {"1.1": 3, "1.2": 2})
     store = BlobStore.open(config)
-    nl, tape = DirTier("nl", tmp_path / "nl0"), DirTier("tape", tmp_path / "library")
+    nl_tier = config.tier("nl")
+    assert nl_tier is not None
+    init_tier(nl_tier)
+    nl, tape = open_tier(nl_tier), DirTier("tape", tmp_path / "library")
     audit = AuditLog(config.tiering.audit_log)
     mover = Mover(config, index, dict(store.backends), {"nl": nl, "tape": tape}, audit, TokenBucket(1 << 40))
     yield Rig(config, index, store, nl, tape, audit, mover, data)
     audit.close()
+    nl.close()
     store.close()
     index.close()
+
+
+def archives(rig: Rig) -> list[str]:
+    """Every archive file on the nearline volume, finished or partial."""
+    root = rig.config.tiers[0].volumes[0].path
+    return sorted(p.name for p in [*root.glob("archives/*/*"), *root.glob("tmp/*")] if p.is_file())
 
 
 def segments(rig: Rig) -> list[str]:
@@ -73,7 +85,9 @@ def test_move_online_to_nearline_then_tape(rig: Rig) -> None:
     for _s, _d, blob, _i in rig.index.study_blobs(f"P{SEP}1.1"):
         assert [c.backend for c in blob.copies] == ["nl"]
     assert rig.index.placement(f"P{SEP}1.1").tier == "nl" and rig.index.moves() == []
-    (nl_container,) = rig.nl.containers()
+    assert len(archives(rig)) == 1
+    ((nl_container, _c),) = {(c.container, 0) for _s, _d, b, _i in rig.index.study_blobs(f"P{SEP}1.1")
+                             for c in b.copies}
     rec = rig.index.container("nl", nl_container)
     assert rec is not None and rec.live_records == 3 and rec.sealed
     assert segments(rig) == online_segments  # the segment still holds study 1.2: dead bytes for compaction
@@ -81,7 +95,7 @@ def test_move_online_to_nearline_then_tape(rig: Rig) -> None:
 
     result = rig.mover.move(rig.planned("1.1", "nl", "tape"))
     assert result.outcome == "moved" and rig.availability("1.1") == {OFFLINE}
-    assert rig.nl.containers() == [] and rig.index.container("nl", nl_container) is None
+    assert archives(rig) == [] and rig.index.container("nl", nl_container) is None
     assert rig.index.pending_gc() == []
     assert rig.read("1.1.1.1") == rig.data["1.1.1.1"]
     lines = read_audit(rig.config.tiering.audit_log)
@@ -141,16 +155,17 @@ def test_corrupt_source_fails_the_move_and_leaves_the_study_online(rig: Rig) -> 
         fh.write(b"\xff\xfe")
     result = rig.mover.move(rig.planned("1.1"))
     assert result.outcome == "failed" and "does not hash to its digest" in result.error
-    assert rig.availability("1.1") == {ONLINE} and rig.nl.containers() == []
+    assert rig.availability("1.1") == {ONLINE} and archives(rig) == []
     assert rig.index.moves() == [] and rig.index.containers("nl") == []
     assert read_audit(rig.config.tiering.audit_log)[-1]["outcome"] == "failed"
 
 
 def test_target_that_corrupts_is_caught_by_the_verify(rig: Rig) -> None:
-    rig.nl.corrupt_puts = True
+    bad = rig.mover.tiers["nl"] = DirTier("nl", rig.config.tiers[0].volumes[0].path / "bad")
+    bad.corrupt_puts = True
     result = rig.mover.move(rig.planned("1.1"))
     assert result.outcome == "failed" and "after sync" in result.error
-    assert rig.availability("1.1") == {ONLINE} and rig.nl.containers() == []
+    assert rig.availability("1.1") == {ONLINE} and bad.containers() == []
     assert rig.read("1.1.1.0") == rig.data["1.1.1.0"]
 
 
@@ -174,13 +189,13 @@ def test_too_large_study_is_refused(tmp_path: Path) -> None:
 def test_resume_redoes_a_journaled_move_and_removes_its_container(rig: Rig) -> None:
     # What a mover killed mid-copy leaves: a journal, a registered container with bytes nobody names.
     container = rig.nl.begin_container("crashed")
-    (rig.nl.root / container).mkdir()
-    (rig.nl.root / container / "0").write_bytes(b"partial")
+    rig.nl.put(BlobMeta("0" * 64, 7, 1, "SCU"), MemorySource(b"partial"))
     rig.index.register_container("nl", container, 1)
+    assert archives(rig)
     rig.index.begin_move(f"P{SEP}1.1", MoveRecord("old-ct", "online", "nl", container, "copy", 1))
     (result,) = rig.mover.resume()
     assert result.outcome == "moved" and result.resumed and result.policy == "old-ct"
-    assert container not in rig.nl.containers() and rig.index.container("nl", container) is None
+    assert len(archives(rig)) == 1 and rig.index.container("nl", container) is None
     assert rig.availability("1.1") == {NEARLINE} and rig.index.moves() == []
     assert rig.read("1.1.1.2") == rig.data["1.1.1.2"]
     assert rig.mover.resume() == []
