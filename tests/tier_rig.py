@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -223,3 +224,81 @@ class DirTier(BlobBackend):
     def usage(self) -> tuple[Usage, ...]:
         used = sum(p.stat().st_size for p in self.root.glob("*/*"))
         return (Usage(f"{self.name}0", used, self.capacity, True),)
+
+
+NEARLINE_ONLY = """
+[[tiers]]
+name = "nl"
+kind = "nearline"
+volumes = [{{name = "nl0", path = "{root}/nl0"}}]
+"""
+OLD_TO_NEARLINE = """
+[[policies]]
+name = "old-to-nearline"
+from = "online"
+to = "nl"
+received_days_min = 30
+"""
+DAY_NS = 86_400 * 10**9
+
+
+def nearline_site(root: Path, policies: str = OLD_TO_NEARLINE, tiering: str = "") -> tuple[Path, dict[str, bytes]]:
+    """A config (vol0 + nearline "nl", initialised) with two studies received 60 days ago (1.1: 3 instances, 1.2:
+    2) and one received now (1.3: 2). Returns the config path and sop uid -> bytes."""
+    from tiering.tiers import init_tier
+
+    config = make_config(root, policies=policies, tiering=tiering, tiers=NEARLINE_ONLY.format(root=root))
+    nl = config.tier("nl")
+    assert nl is not None
+    init_tier(nl)
+    index = StudyIndex(config.storage.index_path)
+    try:
+        now = time.time_ns()
+        data = ingest(config, index, {"1.1": 3, "1.2": 2}, t0=now - 60 * DAY_NS)
+        data.update(ingest(config, index, {"1.3": 2}, t0=now))
+    finally:
+        index.close()
+    return root / "appliance.toml", data
+
+
+def read_everything(config_path: Path) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Every instance's bytes through BlobStore with the tiers opened (what export and retrieve read), and the
+    index's counts."""
+    from tiering.run import Tiers
+
+    config = load_config(config_path)
+    index = StudyIndex(config.storage.index_path)
+    tiers = Tiers.open(config)
+    store = BlobStore.open(config, tiers=tiers.backends)
+    try:
+        out = {}
+        for key, inst in index.items("instances"):
+            blob = index.blob(inst["digest"])
+            assert blob is not None, key
+            out[inst["SOPInstanceUID"]] = store.read_all(inst["digest"], blob)
+        return out, index.counts()
+    finally:
+        store.close()
+        tiers.close()
+        index.close()
+
+
+def orphans(config_path: Path) -> dict[str, list[str]]:
+    """Container files on disk that the index does not name, and index containers whose file is gone."""
+    config = load_config(config_path)
+    index = StudyIndex(config.storage.index_path)
+    try:
+        named = {(c.backend, c.name) for c in index.containers()}
+        gc = index.pending_gc()
+    finally:
+        index.close()
+    on_disk = {("vol0", p.name) for p in (root_of(config) / "vol0" / "segments").glob("*.tar")}
+    nl_root = root_of(config) / "nl0"
+    on_disk |= {("nl", f"nl0/{p.name}") for p in nl_root.glob("archives/*/*.tar")}
+    on_disk |= {("nl", f"nl0/{p.name.removesuffix('.partial')}") for p in nl_root.glob("tmp/*.partial")}
+    return {"unnamed_files": sorted(f"{b}/{n}" for b, n in on_disk - named),
+            "missing_files": sorted(f"{b}/{n}" for b, n in named - on_disk), "gc": [f"{b}/{n}" for b, n in gc]}
+
+
+def root_of(config: Config) -> Path:
+    return config.storage.index_path.parent

@@ -75,7 +75,7 @@ class Tiers:
         for tier in config.tiers:
             try:
                 backends[tier.name] = open_tier(tier)
-            except (ApplianceError, OSError) as exc:
+            except (ApplianceError, OSError, ImportError) as exc:  # a kind whose code is not installed
                 errors[tier.name] = str(exc)
                 log.warning("tier %s cannot be opened: %s", tier.name, exc)
         return cls(store, backends, errors)
