@@ -19,6 +19,7 @@ import typer
 
 from appliance import cli_recall, cli_scu, errors
 from appliance.cli_common import emit, load_cli_config
+from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): 
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
 app.add_typer(bench_app, name="bench")
+app.add_typer(tier_app, name="tier")
 
 ConfigOpt = Annotated[
     Path | None,

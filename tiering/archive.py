@@ -186,6 +186,10 @@ class ArchiveWriter:
         self._finished = False
 
     @property
+    def broken(self) -> bool:
+        return self._broken
+
+    @property
     def sink_position(self) -> int:
         return self.start_offset + self.bytes_written
 

@@ -142,6 +142,22 @@ class TierIndex(ContainerIndex):
         self._write(lambda txn: txn.delete(study_key.encode(), db=self.dbs["moves"]))
         self.sync()
 
+    def forget_container(self, backend: str, name: str) -> bool:
+        """Drop the record of a container that holds nothing live (a failed or redone move's, once its file is
+        removed). False, and nothing changes, when something in it is named."""
+
+        def body(txn: lmdb.Transaction) -> bool:
+            rec = self._container(txn, backend, name)
+            if rec is None:
+                return True
+            if rec.live_records:
+                return False
+            txn.delete(container_key(backend, name), db=self.dbs["containers"])
+            return True
+
+        forgotten: bool = self._write(body)
+        return forgotten
+
     # ---- the switch ------------------------------------------------------------------------------------
 
     def switch_study(self, study_key: str, added: dict[str, Copy], drop_backends: set[str],
