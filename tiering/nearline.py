@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from tiering.archive import (
     ArchiveTruncated,
     ArchiveWriter,
     Member,
+    MemberReader,
     iter_member,
     make_location,
     member_at,
@@ -407,6 +409,11 @@ class NearlineBackend(BlobBackend):
         for plain in iter_member(read_at, member, COPY_CHUNK, f"{self.name}:{location}"):
             hasher.update(plain)
         return hasher.hexdigest()
+
+    def open(self, location: Location, size: int) -> BinaryIO:
+        """A seekable file over the original bytes that decompresses each frame once, however it is read."""
+        member, read_at = self._member(location)
+        return io.BufferedReader(MemberReader(read_at, member, f"{self.name}:{location}"), buffer_size=1 << 16)
 
     def stat(self, location: Location) -> BlobMeta:
         return self._member(location)[0].meta
