@@ -455,10 +455,7 @@ for _name, _module, _summary in (
 
 cli_scu.register(app)  # echo, find, move, get: SCU commands towards other AEs
 
-# `appliance tier ...` (appliance/cli_tier.py owns the sub-app when it lands; recall registers itself on it).
-tier_app = typer.Typer(no_args_is_help=True, help="Storage tiers: status, plan, run, recall.")
-app.add_typer(tier_app, name="tier")
-cli_recall.register(tier_app)
+cli_recall.register(tier_app)  # `tier recall` (the rest of `tier` is appliance/cli_tier.py)
 
 
 def main() -> None:

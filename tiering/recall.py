@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -247,16 +246,13 @@ class Recaller:
 
 
 def append_audit(config: Config, record: dict[str, object]) -> None:
-    """One JSON line in the tiering audit log (tiering.audit_log; no patient data: study UIDs, tiers, counts).
-    The movers' log, same file and format; written with O_APPEND so concurrent writers do not interleave."""
-    path = config.tiering.audit_log
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"ts_ns": time.time_ns(), **record}, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    """One line in the tiering audit log (tiering/audit.py: fsynced, no patient data)."""
+    from tiering.audit import AuditLog
+
+    fields = dict(record)
+    event = str(fields.pop("event"))
+    with AuditLog(config.tiering.audit_log) as audit:
+        audit.write(event, **fields)
 
 
 def recall_queued(config: Config, index: StudyIndex, store: BlobStore, retry_failed: bool = False,

@@ -28,7 +28,7 @@ from appliance.index.db import StudyIndex
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, BlobRecord, Copy
 from appliance.store.online import BlobStore
 from appliance.store.rebuild import VerifyReport, segment_orphans
-from tiering.recall import append_audit, tape_position
+from tiering.recall import tape_position
 from tiering.tiers import tier_of_backend, tier_order
 
 # Copies gathered (and sorted into tape order) before they are read; bounds memory whatever the index holds.
@@ -158,13 +158,15 @@ def _against_listing(store: BlobStore, tier: str, named: set[str], rep: TierRepo
 
 def _record(config: Config, report: ScrubReport) -> None:
     from appliance.metrics import tiering_metrics
+    from tiering.audit import AuditLog
 
     metrics = tiering_metrics()
-    for tier, rep in report.tiers.items():
-        for kind, found in (("missing", rep.missing), ("corrupt", rep.corrupt), ("orphan", rep.orphans)):
-            if found:
-                metrics.scrub_errors.labels(tier, kind).inc(len(found))
-            for finding in found[:1000]:  # bounded: a lost volume must not write a million lines
-                append_audit(config, {"event": "scrub", "tier": tier, "finding": kind, "what": finding})
-        append_audit(config, {"event": "scrub", "tier": tier, "checked": rep.checked, "bytes": rep.bytes_read,
-                              "outcome": "ok" if rep.ok else "problems"})
+    with AuditLog(config.tiering.audit_log) as audit:
+        for tier, rep in report.tiers.items():
+            for kind, found in (("missing", rep.missing), ("corrupt", rep.corrupt), ("orphan", rep.orphans)):
+                if found:
+                    metrics.scrub_errors.labels(tier, kind).inc(len(found))
+                for finding in found[:1000]:  # bounded: a lost volume must not write a million lines
+                    audit.write("scrub", tier=tier, finding=kind, what=finding)
+            audit.write("scrub", tier=tier, checked=rep.checked, bytes=rep.bytes_read,
+                        outcome="ok" if rep.ok else "problems")
