@@ -58,6 +58,7 @@ class RecallReport:
     studies: int = 0  # switched online
     instances: int = 0
     bytes_copied: int = 0
+    bytes_from: dict[str, int] = field(default_factory=dict)  # source tier -> bytes (the metric's from_tier)
     failed: dict[str, str] = field(default_factory=dict)  # study UID -> error
     latencies_s: list[float] = field(default_factory=list)  # request -> online, per study
     busy: bool = False  # another recaller holds the lock
@@ -113,6 +114,7 @@ class Recaller:
         self.config, self.index, self.store, self.clock = config, index, store, clock
         self.retry_failed = retry_failed
         self.online = set(store.backends)
+        self.source: dict[str, str] = {}  # digest -> the tier it was recalled from
 
     def _position(self, blobs: StudyBlobs) -> tuple[str, int, int]:
         positions = [tape_position(c.location) for _s, _d, blob, _i in blobs for c in blob.copies
@@ -150,6 +152,7 @@ class Recaller:
         return report
 
     def _recall(self, batch: list[tuple[str, int, StudyBlobs]], report: RecallReport) -> None:
+        self.source = {}  # per batch: bounded by the batch
         added: dict[str, dict[str, Copy]] = {}
         used: dict[str, SegmentBackend] = {}
         hashed: dict[str, str] = {}  # digest -> sha256 of the bytes read
@@ -184,8 +187,11 @@ class Recaller:
             _crash_point("switched")
             report.studies += 1
             report.instances += len(blobs)
-            report.bytes_copied += sum(self.store.backends[c.backend].stat(c.location).size
-                                       for c in added[key].values())
+            for digest, copy in added[key].items():
+                size = self.store.backends[copy.backend].stat(copy.location).size
+                report.bytes_copied += size
+                source = self.source.get(digest, "")
+                report.bytes_from[source] = report.bytes_from.get(source, 0) + size
             report.latencies_s.append(max(0.0, (now - requested_ns) / 1e9))
             log.info("recalled a study online: %d instances", len(blobs))
             log.debug("recalled study %s", key.rsplit("\x00", 1)[-1])
@@ -209,6 +215,8 @@ class Recaller:
             if source.hasher.hexdigest() != digest:
                 raise BlobMissing("a tape copy does not hash to its name; not recalled (run `appliance verify`)")
             used[backend.name] = backend
+            self.source[digest] = next((c.backend for c in self.store.read_order(blob)
+                                        if c.backend in self.store.tiers), "")
             added[digest] = segment_copy(backend.name, location, meta.received_ns)
         return added
 
@@ -329,8 +337,8 @@ def _observe(report: RecallReport) -> None:
     metrics = tiering_metrics()
     for seconds in report.latencies_s:
         metrics.recall_seconds.observe(seconds)
-    if report.bytes_copied:
-        metrics.migration_bytes.labels("tape", ONLINE_TIER).inc(report.bytes_copied)
+    for source, nbytes in report.bytes_from.items():
+        metrics.migration_bytes.labels(source, ONLINE_TIER).inc(nbytes)
 
 
 def refresh_gauges(config: Config, index: StudyIndex) -> None:

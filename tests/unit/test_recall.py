@@ -167,3 +167,31 @@ def test_a_full_recall_queue_refuses(site: Site) -> None:
 async def _queue(site: Site, study: str) -> None:
     with pytest.raises(RetrieveRefused):
         await await_recalls(site.index, _matches(site, study), "c-move", 0.0, 1, lambda: False, _in_thread)
+
+
+def test_tier_gauges_from_the_index(site: Site) -> None:
+    from prometheus_client import REGISTRY
+
+    from tiering.recall import refresh_gauges
+
+    online, _ = site.ingest(2)
+    taped, _ = site.ingest(1)
+    site.to_tier(taped, "lto")
+    key = site.index.study_key(taped)
+    assert key is not None and site.index.request_recall(key, "cli")
+    refresh_gauges(site.config, site.index)
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    assert value("appliance_tier_studies", tier="online") == 1
+    assert value("appliance_tier_studies", tier="lto") == 1
+    assert value("appliance_tier_studies", tier="nas") == 0
+    assert value("appliance_recall_queue_depth") == 1
+    assert (value("appliance_tier_bytes", tier="online") or 0) > 0 and (value("appliance_tier_bytes", tier="lto") or 0) > 0
+    before = value("appliance_recall_seconds_count") or 0
+    from tiering.recall import _observe
+
+    _observe(recall_queued(site.config, site.index, site.store))
+    assert value("appliance_recall_seconds_count") == before + 1
+    assert (value("appliance_tier_migration_bytes_total", from_tier="lto", to_tier="online") or 0) > 0
