@@ -155,11 +155,10 @@ class Recaller:
         self.source = {}  # per batch: bounded by the batch
         added: dict[str, dict[str, Copy]] = {}
         used: dict[str, SegmentBackend] = {}
-        hashed: dict[str, str] = {}  # digest -> sha256 of the bytes read
         todo: list[tuple[str, int, StudyBlobs]] = []
         for key, requested_ns, blobs in batch:
             try:
-                added[key] = self._copy_study(blobs, used, hashed)
+                added[key] = self._copy_study(blobs, used)
                 todo.append((key, requested_ns, blobs))
             except OutOfSpace:
                 raise
@@ -196,8 +195,7 @@ class Recaller:
             log.info("recalled a study online: %d instances", len(blobs))
             log.debug("recalled study %s", key.rsplit("\x00", 1)[-1])
 
-    def _copy_study(self, blobs: StudyBlobs, used: dict[str, SegmentBackend],
-                    hashed: dict[str, str]) -> dict[str, Copy]:
+    def _copy_study(self, blobs: StudyBlobs, used: dict[str, SegmentBackend]) -> dict[str, Copy]:
         """Copy each blob of the study without an online copy; its new copies by digest. Blobs in tape order."""
         added: dict[str, Copy] = {}
         order = sorted(((d, b, i) for _s, d, b, i in blobs), key=lambda t: min(

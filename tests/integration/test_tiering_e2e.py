@@ -16,7 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import APPLIANCE, DCMTK_ENV, ServerHandle, dcmtk, free_port, wait_for
+from appliance.index.records import part10_dataset_offset
+from tests.conftest import APPLIANCE, DCMTK_ENV, ServerHandle, dataset_bytes, dcmtk, free_port, wait_for
 from tests.peers import ct_instances
 
 DAY_NS = 86_400 * 10**9
@@ -89,6 +90,13 @@ def availability(server: ServerHandle, study: str, series: str) -> set[str]:
     return {str(pydicom.dcmread(p).InstanceAvailability) for p in out.glob("rsp*.dcm")}
 
 
+def move(server: ServerHandle, study: str) -> subprocess.CompletedProcess[str]:
+    result = dcmtk("movescu", "-v", "-aet", "SCU", "-aem", "DEST", "-aec", "APPLIANCE", "-S", "-k",
+                   "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(server.port))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def export(server: ServerHandle, study: str, dest: Path) -> dict[str, bytes]:
     server.cli("export", study, str(dest))
     return {p.name: p.read_bytes() for p in dest.iterdir()}
@@ -134,6 +142,11 @@ def test_online_nearline_tape_recall_and_back(make_server: Callable[..., ServerH
     assert moved["moved"] == 1, moved
     assert availability(server, study, series) == {"NEARLINE"}
     assert export(server, study, tmp_path / "x-nearline") == reference
+    # C-MOVE from nearline: the datasets arrive as they were received (storescp +B writes them as they come).
+    assert "(Success)" in move(server, study).stderr
+    sent = [dataset_bytes(p) for p in received.iterdir()]
+    assert len(sent) == 4
+    assert sorted(sent) == sorted(raw[part10_dataset_offset(raw[:65536])[0]:] for raw in reference.values())
     tiers = verify_clean(server)
     assert tiers["nl"]["checked"] == 4 and tiers["online"]["checked"] == 0
 
@@ -146,8 +159,7 @@ def test_online_nearline_tape_recall_and_back(make_server: Callable[..., ServerH
 
     # A C-MOVE of the study on tape: the recall is queued, the server's recaller brings it online, the move goes on.
     started = time.monotonic()
-    result = dcmtk("movescu", "-v", "-aet", "SCU", "-aem", "DEST", "-aec", "APPLIANCE", "-S", "-k",
-                   "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(server.port))
+    result = move(server, study)
     recall_s = time.monotonic() - started
     assert result.returncode == 0 and "Final Move Response (Success)" in result.stderr, result.stderr
     assert len(list(received.iterdir())) == 4
