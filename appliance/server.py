@@ -315,6 +315,11 @@ class Supervisor:
         if not self.config.tiers or self.stopping or (self.recaller is not None and self.recaller.is_alive()):
             return
         if self.recaller is not None:
+            if self.recaller.exitcode == EXIT_STORAGE_FAULT:
+                log.critical("the recaller stopped on a storage fault: stopping the appliance")
+                self.stopping = True
+                self.exit_code = EXIT_STORAGE_FAULT
+                return
             if time.monotonic() - self.recaller_started < RECALLER_RESTART_S:
                 return  # one that keeps failing (a tier gone) is not restarted in a tight loop
             log.error("the recaller exited with %s; restarting it", self.recaller.exitcode)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, BlobMissing, OutOfSpace
+from appliance.errors import ApplianceError, BlobMissing, OutOfSpace, StorageFault
 from appliance.index.db import SERVE_LOCK, StudyIndex
 from appliance.index.schema import ONLINE, ONLINE_TIER, BlobRecord, Copy, InstanceRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource
@@ -42,6 +42,7 @@ from appliance.store.segments import SegmentBackend, committed_ends, segment_cop
 log = logging.getLogger(__name__)
 
 RECALL_LOCK = "recall.lock"
+EXIT_STORAGE_FAULT = 74  # as a worker's (appliance/server.py): the supervisor stops the appliance
 # A study whose recall failed this many times is left queued (with its error, for `tier status`) but no longer
 # retried by the server's recaller: a damaged cartridge must not keep a drive busy forever. `appliance tier recall
 # UID` retries it.
@@ -396,6 +397,10 @@ def recaller_main(config: Config) -> None:
                 if not report.busy and not report.failed:
                     continue
             time.sleep(POLL_S)
+    except StorageFault as exc:
+        # Fail-stop, as a worker: the page cache of the volume cannot be trusted; the supervisor stops the appliance.
+        log.critical("recaller stopped on a storage fault: %s", exc)
+        os._exit(EXIT_STORAGE_FAULT)
     except ApplianceError as exc:
         log.error("recaller stopped: %s", exc)
         raise SystemExit(exc.exit_code) from None
