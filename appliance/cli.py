@@ -352,7 +352,12 @@ def verify(
                 store.close()
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
-    data = {"ok": report.ok, "tiers": {name: {
+    every = list(report.tiers.values())
+    # The totals first (the keys `verify --json` always had, for scripts), then per tier.
+    data: dict[str, Any] = {
+        "ok": report.ok, "checked": sum(t.checked for t in every), "missing": [m for t in every for m in t.missing],
+        "corrupt": [c for t in every for c in t.corrupt], "orphans": [o for t in every for o in t.orphans],
+        "dead_bytes": sum(t.dead_bytes for t in every), "tiers": {name: {
         "checked": t.checked, "bytes_read": t.bytes_read, "missing": t.missing, "corrupt": t.corrupt,
         "orphans": t.orphans, "unnamed": t.unnamed, "dead_bytes": t.dead_bytes, "ok": t.ok}
         for name, t in report.tiers.items()}}
