@@ -63,6 +63,7 @@ cartridges = 4
 port = 0
 metrics_port = 0
 workers = 1
+log_level = "info"
 
 [storage]
 index_path = "{root}/index"
