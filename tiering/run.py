@@ -174,6 +174,12 @@ def scheduled_main(config: Config) -> None:
     index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=config.storage.fsync)
     try:
         report = run(config, index, time.time_ns(), who="scheduled run of appliance serve")
+        from appliance.metrics import tiering_metrics
+
+        metrics = tiering_metrics()  # the supervisor's /metrics sums the processes it forked
+        for result in report.resumed + report.results:
+            if result.bytes:
+                metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
         counts = report.counts()
         if counts["moved"] or counts["failed"]:
             log.info("tiering: %(moved)d studies moved (%(bytes_copied)d bytes copied), %(failed)d failed, "

@@ -34,6 +34,8 @@ def test_scheduled_policy_run(tmp_path: Path) -> None:
             raise
     try:
         wait_for(lambda: nl_studies(config) == 2, 60, what="the scheduled run to move the old studies", interval=0.5)
+        wait_for(lambda: 'appliance_tier_migration_bytes_total{from_tier="online",to_tier="nl"} 15000.0'
+                 in server.metrics(), 30, what="the migration bytes metric", interval=0.2)
     finally:
         assert server.stop() == 0
     assert read_everything(config) == (data, counts)
