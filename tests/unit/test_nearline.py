@@ -280,3 +280,53 @@ def test_kill_9_while_writing_loses_no_synced_blob_and_recover_removes_partials(
         run = subprocess.run(["tar", "-tf", backend.archive_file(container)], capture_output=True, check=True)
         assert run.stderr == b""
     assert backend.recover(lambda _c: None).counts["removed_partial"] == 0
+
+
+FULL = """
+import hashlib, os, resource, signal, sys
+from pathlib import Path
+from appliance.config_tiering import TierConfig, TierVolumeConfig
+from appliance.errors import OutOfSpace
+from appliance.store.backend import BlobMeta, BlobSource
+from tiering.nearline import open_nearline
+
+class Bytes(BlobSource):
+    def __init__(self, data): self.data, self.size = data, len(data)
+    def chunks(self, n):
+        for i in range(0, len(self.data), n): yield self.data[i:i + n]
+
+def put(backend, data):
+    return backend.put(BlobMeta(hashlib.sha256(data).hexdigest(), len(data), 1, "AE"), Bytes(data))
+
+root = Path(sys.argv[1])
+tier = TierConfig("near", "nearline", volumes=(TierVolumeConfig("nv0", root / "nv0", 0.999),), frame_bytes=64 << 10)
+backend = open_nearline(tier)
+# The volume "fills up": files may not grow beyond 2 MiB (EFBIG, as ENOSPC would be, without a tiny filesystem).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
+backend.begin_container("big")
+outcomes = []
+for step in ("put", "put again", "sync"):
+    try:
+        put(backend, os.urandom(3 << 20)) if step != "sync" else backend.sync()
+        outcomes.append(f"{step}: ok")
+    except OutOfSpace:
+        outcomes.append(f"{step}: out of space")
+outcomes.append("partials: %d" % len(os.listdir(root / "nv0" / "tmp")))
+backend.begin_container("small")
+loc = put(backend, b"fits")
+backend.sync()
+outcomes.append("small: " + backend.read(loc).decode())
+print("\\n".join(outcomes))
+"""
+
+
+def test_a_full_volume_refuses_the_archive_without_a_fault(tmp_path: Path) -> None:
+    t = tier_of(tmp_path, "nv0")
+    init_tier(t)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", FULL, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:5] == ["put: out of space", "put again: out of space", "sync: out of space",
+                                          "partials: 0", "small: fits"]
