@@ -330,3 +330,22 @@ def test_a_full_volume_refuses_the_archive_without_a_fault(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[:5] == ["put: out of space", "put again: out of space", "sync: out of space",
                                           "partials: 0", "small: fits"]
+
+
+def test_concurrent_readers_with_a_small_descriptor_cache_read_the_right_bytes(tier: TierConfig) -> None:
+    """Threads evicting each other's archives from a 2-entry LRU: a descriptor is never closed under a read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = NearlineBackend(tier, open_archives_max=2)
+    blobs = [bytes([i]) * (FRAME + 1000 * i) for i in range(10)]
+    locations = [put_synced(backend, [b], hint=f"s{i}")[0] for i, b in enumerate(blobs)]
+
+    def reader(seed: int) -> int:
+        for n in range(60):
+            i = (seed * 7 + n * 3) % len(blobs)
+            assert backend.read(locations[i], FRAME - 10, 20) == blobs[i][FRAME - 10 : FRAME + 10]
+        return seed
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(reader, range(8))) == list(range(8))
+    backend.close()
