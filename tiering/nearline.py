@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -75,7 +74,6 @@ OPEN_ARCHIVES_MAX = 64
 # for every 64 KiB the BufferedReader asks for). ~0.5 KB each.
 MEMBERS_CACHED_MAX = 8192
 COPY_CHUNK = 1 << 20
-_HINT = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def archive_stored_bytes(location: Location) -> int:
@@ -244,8 +242,9 @@ class NearlineBackend(BlobBackend):
 
     def _open_archive(self, hint: str) -> _Pending:
         volume = self._pick_volume()
-        clean = _HINT.sub("_", hint)[:48] or "archive"
-        file_name = f"{clean}-{time.time_ns():016x}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+        # The hint is hashed: a caller passing a study UID must not put it into file names on a shared NAS.
+        named = hashlib.sha256(hint.encode()).hexdigest()[:16]
+        file_name = f"{named}-{time.time_ns():016x}-{uuid.uuid4().hex[:8]}{SUFFIX}"
         partial = volume.partial_path(file_name)
         try:
             fh = open(partial, "xb", buffering=COPY_CHUNK)  # noqa: SIM115 - closed at sync, close or discard
