@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import msgspec
 import zstandard
@@ -42,8 +42,8 @@ from appliance.errors import BlobCorrupt, BlobMissing
 from appliance.store.backend import BlobMeta, Location
 
 __all__ = ["BLOCK", "CATALOG_NAME", "CODEC_NONE", "CODEC_ZSTD", "END_OF_ARCHIVE", "ArchiveTruncated",
-           "ArchiveWriter", "Member", "ReadAt", "iter_member", "make_location", "member_at", "parse_location",
-           "read_catalog", "read_range", "scan_archive"]
+           "ArchiveWriter", "Member", "MemberReader", "ReadAt", "iter_member", "make_location", "member_at",
+           "parse_location", "read_catalog", "read_range", "scan_archive"]
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\x00" * (2 * BLOCK)
@@ -450,6 +450,49 @@ def iter_member(read_at: ReadAt, member: Member, chunk_bytes: int = COPY_CHUNK, 
         yield chunk
     if hasher.hexdigest() != member.meta.digest:
         raise BlobCorrupt(f"{where}: stored bytes do not hash to the member's digest")
+
+
+class MemberReader(io.RawIOBase):
+    """A seekable, read-only file over one member's original bytes. It keeps the frame it last decompressed, so
+    that reading through it in small pieces (a BufferedReader asks 64 KiB at a time) decompresses each frame
+    once. One per reader: not shared between threads."""
+
+    def __init__(self, read_at: ReadAt, member: Member, where: str = "archive") -> None:
+        self.read_at, self.member, self.where = read_at, member, where
+        self.pos = 0
+        self._index = -1
+        self._plain = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.member.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        member = self.member
+        want = min(len(buffer), member.size - self.pos)
+        if want <= 0:
+            return 0
+        if member.codec == CODEC_NONE:
+            data = _read_exact(self.read_at, member.data_offset + self.pos, want, self.where)
+        else:
+            index = self.pos // member.frame_bytes
+            if index != self._index:
+                self._plain, self._index = _frame(self.read_at, member, index, self.where), index
+            start = self.pos - index * member.frame_bytes
+            data = self._plain[start : start + want]
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def scan_archive(fileobj: BinaryIO, where: str = "archive") -> Iterator[Member]:

@@ -23,6 +23,7 @@ from tiering.archive import (
     ArchiveTruncated,
     ArchiveWriter,
     Member,
+    MemberReader,
     ReadAt,
     iter_member,
     make_location,
@@ -296,3 +297,25 @@ def test_member_at_refuses_offsets_that_name_no_record(tmp_path: Path) -> None:
                          (m2.end + 10 * BLOCK, m2.end + 12 * BLOCK), (1, 513), (0, 1 << 30)]:
         with pytest.raises(BlobMissing):
             member_at(read_at, record, data)
+
+
+def test_member_reader_decompresses_each_frame_once_when_read_in_small_pieces(tmp_path: Path) -> None:
+    path = tmp_path / "a.tar"
+    members = write_archive(path, [TEXTISH, ODD], level=3) + write_archive(tmp_path / "b.tar", [ODD], level=0)
+    for m, data, file in [(members[0], TEXTISH, path), (members[1], ODD, path), (members[2], ODD, tmp_path / "b.tar")]:
+        raw = file.read_bytes()
+        calls: list[int] = []
+
+        def read_at(offset: int, length: int, raw: bytes = raw, calls: list[int] = calls) -> bytes:
+            calls.append(length)
+            return raw[offset : offset + length]
+
+        with io.BufferedReader(MemberReader(read_at, m), buffer_size=4096) as fh:
+            got = b"".join(iter(lambda: fh.read(1000), b""))
+            assert got == data
+            if m.codec == CODEC_ZSTD:
+                assert calls == list(m.frames)  # each frame read (and decompressed) once
+            fh.seek(FRAME - 3)
+            assert fh.read(10) == data[FRAME - 3 : FRAME + 7]
+            fh.seek(-5, io.SEEK_END)
+            assert fh.read() == data[-5:]
