@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from appliance import cli_scu, errors
+from appliance import cli_scu, cli_tape, errors
 from appliance.cli_common import emit, load_cli_config
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
@@ -30,6 +30,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): 
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
 app.add_typer(bench_app, name="bench")
+app.add_typer(cli_tape.tape_app, name="tape")
 
 ConfigOpt = Annotated[
     Path | None,

@@ -342,7 +342,7 @@ class TapeBackend(BlobBackend):
                 for member in members:
                     if member.record_offset < cut:
                         continue
-                    if not self._whole(reader, member, container):
+                    if not self.member_is_whole(reader, member, container):
                         break
                     kept.append(member)
                     result.tail.append(StoredBlob(make_location(container, member), member.meta))
@@ -353,7 +353,8 @@ class TapeBackend(BlobBackend):
         counts["tail_records"] = len(result.tail)
         return result
 
-    def _whole(self, reader: FileReader, member: Member, container: str) -> bool:
+    def member_is_whole(self, reader: FileReader, member: Member, container: str) -> bool:
+        """Whether a member decompresses (every frame checksum) and hashes to its digest."""
         hasher = hashlib.sha256()
         try:
             for chunk in iter_member(reader.read_at, member, SOURCE_CHUNK, f"{self.name}:{container}"):
