@@ -136,6 +136,11 @@ class BlobMissing(ApplianceError):
     exit_code = EXIT_NOT_FOUND
 
 
+class BlobCorrupt(BlobMissing):
+    """A blob's stored bytes fail their own check (a zstd frame checksum, a digest, an archive header that does
+    not parse): it is not served. A BlobMissing, so that a reader falls back to another copy as for a lost one."""
+
+
 class StorageFault(ApplianceError):
     """An I/O error after which the page cache or a backend's state cannot be trusted (a failed fsync or LMDB
     commit): the process stops (fail-stop) instead of retrying, and acknowledges nothing more."""
