@@ -311,3 +311,53 @@ def test_the_drive_lock_excludes_another_process_and_a_cartridge_swap_takes_load
     swap = time.monotonic()
     lib.load("VTL002L6")
     assert time.monotonic() - swap >= 0.2
+
+
+def test_verify_checks_the_index_copies_against_the_tape(tmp_path: Path) -> None:
+    lib = library(tmp_path)
+    tape = backend(lib)
+    data = blob(1)
+    loc = tape.put(meta(data), Bytes(data))
+    tape.sync()
+    tape.seal()
+    digest = meta(data).digest
+    _c, record, data_offset, stored, size = parse_location(loc)
+    elsewhere = f"VTL001L6/1:{record + 512}:{data_offset + 512}:{stored}:{size}"
+    report = verify_cartridge(tape, "VTL001L6", [(digest, loc), (digest, elsewhere), (digest, "VTL002L6/1:0:512:1:1")])
+    assert report.index_copies == 2  # the copy on another cartridge is not this cartridge's business
+    assert [f.where for f in report.findings] == [elsewhere]
+
+
+def test_ltfs_mode_writes_one_tar_file_per_archive(tmp_path: Path) -> None:
+    from appliance.config_tiering import TierConfig
+    from tiering.tape.backend import open_library
+    from tiering.tape.library import VolumeLabel
+
+    mount = tmp_path / "ltfs"
+    mount.mkdir()
+    tier = TierConfig("tape1", "tape", mode="ltfs", path=mount, cartridge_bytes=64 << 20, frame_bytes=FRAME)
+    lib = open_library(tier)
+    with lib.session(None) as drive:
+        lib.write_label(drive, VolumeLabel("LTF001L6", "tape1"))
+    tape = TapeBackend("tape1", lib, frame_bytes=FRAME)
+    datas = [blob(i, 70_000) for i in range(3)]
+    locations = [tape.put(meta(d), Bytes(d)) for d in datas]
+    tape.sync()
+    assert [parse_location(loc)[0] for loc in locations] == ["LTF001L6/1"] * 3
+    tape.seal()
+    later = tape.put(meta(b"later"), Bytes(b"later"))
+    tape.sync()
+    assert parse_location(later)[0] == "LTF001L6/2"
+    for loc, data in zip(locations, datas, strict=True):
+        assert tape.read(loc) == data
+    listing = subprocess.run(["tar", "-tf", str(mount / "1.tar")], capture_output=True, text=True, check=True)
+    assert listing.stdout.split()[-1] == "catalog.json" and listing.stderr == ""
+    assert [c.archives for c in lib.cartridges()] == [2]
+    # A crash: the open archive 2.tar is cut back and closed by recover.
+    tape.close()
+    fresh = TapeBackend("tape1", lib, frame_bytes=FRAME)
+    result = fresh.recover(lambda c: 0 if c == "LTF001L6/2" else None)
+    assert [s.location for s in result.tail] == [later]
+    assert fresh.read(later) == b"later"
+    listing = subprocess.run(["tar", "-tf", str(mount / "2.tar")], capture_output=True, text=True, check=True)
+    assert listing.stdout.split()[-1] == "catalog.json"
