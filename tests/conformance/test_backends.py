@@ -61,6 +61,12 @@ class Harness:
     container_of: Callable[[Location], str]  # the container a location lives in (what committed_end is asked about)
     spill_dir: Path  # where a file-backed BlobSource keeps its spill file
     opened: list[BlobBackend] = field(default_factory=list)
+    # Offset just past a location's record in its container (what an index commit records as committed).
+    record_end: Callable[[Location], int] = record_end
+    # The raw bytes of one container, and a way to damage one stored blob (a write that never reached the medium
+    # whole); None: the segment store's own (a file per container).
+    raw_container: Callable[[BlobBackend, str], bytes] | None = None
+    corrupt: Callable[[BlobBackend, Location], None] | None = None
 
     def backend(self, segment_bytes_max: int = 64 * MiB) -> BlobBackend:
         backend = self.make(segment_bytes_max)
@@ -100,7 +106,48 @@ def nearline_harness(tmp_path: Path) -> Harness:
                    tmp_path / "spill")
 
 
-HARNESSES: dict[str, Callable[[Path], Harness]] = {"segments": segments_harness, "nearline": nearline_harness}
+def tape_harness(tmp_path: Path) -> Harness:
+    """A virtual tape library of two small cartridges, 64 KiB drive blocks (each sync pads to one) and 64 KiB zstd
+    frames (a blob of a few hundred kB spans several)."""
+    from tiering.archive import parse_location as archive_location
+    from tiering.tape.backend import TapeBackend, split_container
+    from tiering.tape.library import VirtualLibrary
+
+    library = VirtualLibrary(tmp_path / "vtl", "tape1", block_bytes=64 << 10, fsync=False)
+    library.create(2, 96 * MiB)
+
+    def make(_segment_bytes_max: int) -> BlobBackend:
+        return TapeBackend("tape1", library, compression_level=3, frame_bytes=64 << 10, spill_dir=str(tmp_path))
+
+    def end_of(location: Location) -> int:
+        _c, _record, data, stored, _size = archive_location(location)
+        return data + stored + (-stored) % 512
+
+    def file_span(container: str) -> tuple[Path, int, int]:
+        label, number = split_container(container)
+        marks = [int(x) for x in (library.folder / f"{label}.marks").read_text().split()]
+        path = library.folder / f"{label}.tape"
+        return path, marks[number - 1], marks[number] if number < len(marks) else path.stat().st_size
+
+    def raw_container(_backend: BlobBackend, container: str) -> bytes:
+        path, start, end = file_span(container)
+        return path.read_bytes()[start:end]
+
+    def corrupt(_backend: BlobBackend, location: Location) -> None:
+        container, _record, data, stored, _size = archive_location(location)
+        path, start, _end = file_span(container)
+        with open(path, "r+b") as fh:
+            fh.seek(start + data + stored // 2)
+            byte = fh.read(1)
+            fh.seek(start + data + stored // 2)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+
+    return Harness("tape", make, lambda loc: archive_location(loc)[0], tmp_path, record_end=end_of,
+                   raw_container=raw_container, corrupt=corrupt)
+
+
+HARNESSES: dict[str, Callable[[Path], Harness]] = {"segments": segments_harness, "nearline": nearline_harness,
+                                                   "tape": tape_harness}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
@@ -240,6 +287,8 @@ def test_delete_follows_the_deletes_immediately_capability(harness: Harness) -> 
 
 
 def container_bytes(h: Harness, backend: BlobBackend, container: str) -> bytes:
+    if h.raw_container is not None:
+        return h.raw_container(backend, container)
     if h.kind == "nearline":
         from tiering.nearline import NearlineBackend
 
@@ -266,8 +315,10 @@ def test_recover_hands_back_whole_records_beyond_the_committed_end_and_cuts_a_to
     after = put_synced(backend, [b"after the corrupt one"])[0]
     container = harness.container_of(committed[0])
     assert {harness.container_of(loc) for loc in [*committed, *durable, corrupt, after]} == {container}
-    end = record_end(committed[-1]) if harness.kind == "tar-segments" else 0
-    if harness.kind == "tar-segments":  # a write that did not reach the disk whole: its bytes are not its name's
+    end = harness.record_end(committed[-1])
+    if harness.corrupt is not None:
+        harness.corrupt(backend, corrupt)
+    elif harness.kind == "tar-segments":  # a write that did not reach the disk whole: its bytes are not its name's
         path = Path(backend.dir) / container
         raw = bytearray(path.read_bytes())
         raw[parse_location(corrupt)[2] + 5] ^= 0xFF
@@ -300,12 +351,12 @@ def test_recover_is_idempotent(harness: Harness) -> None:
     (beyond,) = put_synced(backend, [b"beyond"])
     container = harness.container_of(committed[0])
     fresh = harness.restart(backend)
-    first = fresh.recover(lambda c: record_end(committed[0]) if c == container else None)
+    first = fresh.recover(lambda c: harness.record_end(committed[0]) if c == container else None)
     assert [s.location for s in first.tail] == [beyond]
     after_first = container_bytes(harness, fresh, container)
     again = harness.restart(fresh)
     # The caller indexed the tail, so the committed end now covers it: nothing more to hand back or cut.
-    second = again.recover(lambda c: record_end(beyond) if c == container else None)
+    second = again.recover(lambda c: harness.record_end(beyond) if c == container else None)
     assert second.tail == [] and second.counts.get("truncated_bytes", 0) == 0
     assert container_bytes(harness, again, container) == after_first
     assert again.read(committed[0]) == ODD and again.read(beyond) == b"beyond"
@@ -330,7 +381,7 @@ def test_after_recover_new_puts_go_to_a_new_container(harness: Harness) -> None:
     (old,) = put_synced(backend, [ODD])
     container = harness.container_of(old)
     fresh = harness.restart(backend)
-    fresh.recover(lambda c: record_end(old) if c == container else None)
+    fresh.recover(lambda c: harness.record_end(old) if c == container else None)
     (new,) = put_synced(fresh, [b"new run"])
     assert harness.container_of(new) != container
     assert fresh.read(old) == ODD and fresh.read(new) == b"new run"
