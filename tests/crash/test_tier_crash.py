@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tier_rig import nearline_site, orphans, read_everything
+from tests.tier_rig import NEARLINE_THEN_TAPE, nearline_site, orphans, read_everything
 from tiering.audit import read_audit
 from tiering.mover import CRASH_ENV, PHASES
 
@@ -66,3 +66,22 @@ def test_kill9_twice_in_a_row(tmp_path: Path) -> None:
     assert tier_run(config).returncode == 0
     assert read_everything(config) == (data, counts)
     assert orphans(config) == {"unnamed_files": [], "missing_files": [], "gc": []}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_kill9_in_each_phase_of_a_move_from_nearline_to_tape(tmp_path: Path, phase: str) -> None:
+    config, data = nearline_site(tmp_path, NEARLINE_THEN_TAPE, tape=True)
+    _before, counts = read_everything(config)
+    assert json.loads(tier_run(config).stdout)["moved"] == 2  # to nearline (a study is planned once per run)
+    crashed = tier_run(config, phase)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert read_everything(config) == (data, counts)
+    done = tier_run(config)
+    assert done.returncode == 0, done.stderr
+    assert read_everything(config) == (data, counts)
+    # The nearline archives are deleted once the studies are on tape; tape keeps what it wrote (append-only).
+    assert orphans(config) == {"unnamed_files": [], "missing_files": [], "gc": []}
+    status = json.loads(subprocess.run([*APPLIANCE, "tier", "status", "--json", "-c", str(config)],
+                                       capture_output=True, text=True, timeout=60, check=True).stdout)
+    by_tier = {t["name"]: t for t in status["tiers"]}
+    assert (by_tier["tape"]["studies"], by_tier["tape"]["instances"], by_tier["nl"]["studies"]) == (2, 5, 0)
