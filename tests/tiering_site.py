@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from appliance.config import Config, StorageConfig, VolumeConfig
-from appliance.config_tiering import TieringConfig
+from appliance.config_tiering import TierConfig, TieringConfig, TierVolumeConfig
 from appliance.index.db import IndexEntry, StudyIndex
 from appliance.index.records import read_header_blob
 from appliance.index.schema import NEARLINE, OFFLINE
@@ -44,7 +44,11 @@ def tier_backend(root: Path, name: str, latency: LatencyClass) -> SegmentBackend
 
 def make_config(root: Path, **tiering: object) -> Config:
     storage = StorageConfig(index_path=root / "index", segment_bytes_max=1 << 20)
-    return Config(storage=storage, volumes=(VolumeConfig("vol0", root / "vol0", 0.999),),
+    # The tiers are declared (their names and kinds give the read order and the scrub's tiers); their backends
+    # are the segment stores Site.open injects.
+    tiers = (TierConfig("nas", "nearline", volumes=(TierVolumeConfig("nas", root / "nas"),)),
+             TierConfig("lto", "tape", path=root / "lto"))
+    return Config(storage=storage, volumes=(VolumeConfig("vol0", root / "vol0", 0.999),), tiers=tiers,
                   tiering=replace(TieringConfig(audit_log=root / "audit.jsonl"), **tiering))  # type: ignore[arg-type]
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -59,6 +58,7 @@ class RecallReport:
     studies: int = 0  # switched online
     instances: int = 0
     bytes_copied: int = 0
+    bytes_from: dict[str, int] = field(default_factory=dict)  # source tier -> bytes (the metric's from_tier)
     failed: dict[str, str] = field(default_factory=dict)  # study UID -> error
     latencies_s: list[float] = field(default_factory=list)  # request -> online, per study
     busy: bool = False  # another recaller holds the lock
@@ -114,6 +114,7 @@ class Recaller:
         self.config, self.index, self.store, self.clock = config, index, store, clock
         self.retry_failed = retry_failed
         self.online = set(store.backends)
+        self.source: dict[str, str] = {}  # digest -> the tier it was recalled from
 
     def _position(self, blobs: StudyBlobs) -> tuple[str, int, int]:
         positions = [tape_position(c.location) for _s, _d, blob, _i in blobs for c in blob.copies
@@ -151,13 +152,13 @@ class Recaller:
         return report
 
     def _recall(self, batch: list[tuple[str, int, StudyBlobs]], report: RecallReport) -> None:
+        self.source = {}  # per batch: bounded by the batch
         added: dict[str, dict[str, Copy]] = {}
         used: dict[str, SegmentBackend] = {}
-        hashed: dict[str, str] = {}  # digest -> sha256 of the bytes read
         todo: list[tuple[str, int, StudyBlobs]] = []
         for key, requested_ns, blobs in batch:
             try:
-                added[key] = self._copy_study(blobs, used, hashed)
+                added[key] = self._copy_study(blobs, used)
                 todo.append((key, requested_ns, blobs))
             except OutOfSpace:
                 raise
@@ -185,14 +186,16 @@ class Recaller:
             _crash_point("switched")
             report.studies += 1
             report.instances += len(blobs)
-            report.bytes_copied += sum(self.store.backends[c.backend].stat(c.location).size
-                                       for c in added[key].values())
+            for digest, copy in added[key].items():
+                size = self.store.backends[copy.backend].stat(copy.location).size
+                report.bytes_copied += size
+                source = self.source.get(digest, "")
+                report.bytes_from[source] = report.bytes_from.get(source, 0) + size
             report.latencies_s.append(max(0.0, (now - requested_ns) / 1e9))
             log.info("recalled a study online: %d instances", len(blobs))
             log.debug("recalled study %s", key.rsplit("\x00", 1)[-1])
 
-    def _copy_study(self, blobs: StudyBlobs, used: dict[str, SegmentBackend],
-                    hashed: dict[str, str]) -> dict[str, Copy]:
+    def _copy_study(self, blobs: StudyBlobs, used: dict[str, SegmentBackend]) -> dict[str, Copy]:
         """Copy each blob of the study without an online copy; its new copies by digest. Blobs in tape order."""
         added: dict[str, Copy] = {}
         order = sorted(((d, b, i) for _s, d, b, i in blobs), key=lambda t: min(
@@ -210,6 +213,8 @@ class Recaller:
             if source.hasher.hexdigest() != digest:
                 raise BlobMissing("a tape copy does not hash to its name; not recalled (run `appliance verify`)")
             used[backend.name] = backend
+            self.source[digest] = next((c.backend for c in self.store.read_order(blob)
+                                        if c.backend in self.store.tiers), "")
             added[digest] = segment_copy(backend.name, location, meta.received_ns)
         return added
 
@@ -247,16 +252,13 @@ class Recaller:
 
 
 def append_audit(config: Config, record: dict[str, object]) -> None:
-    """One JSON line in the tiering audit log (tiering.audit_log; no patient data: study UIDs, tiers, counts).
-    The movers' log, same file and format; written with O_APPEND so concurrent writers do not interleave."""
-    path = config.tiering.audit_log
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"ts_ns": time.time_ns(), **record}, sort_keys=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    """One line in the tiering audit log (tiering/audit.py: fsynced, no patient data)."""
+    from tiering.audit import AuditLog
+
+    fields = dict(record)
+    event = str(fields.pop("event"))
+    with AuditLog(config.tiering.audit_log) as audit:
+        audit.write(event, **fields)
 
 
 def recall_queued(config: Config, index: StudyIndex, store: BlobStore, retry_failed: bool = False,
@@ -307,13 +309,14 @@ def serving(config: Config) -> bool:
     return False
 
 
-def run_recaller(config: Config, retry_failed: bool = False, standalone: bool = False) -> RecallReport:
-    """One recaller run in this process, with its own index environment, store and tiers. ``standalone`` (the
-    CLI with no server running): also holds the compaction lock, so that a server starting meanwhile waits for
-    the run instead of recovering the segment it writes."""
+def run_recaller(config: Config, index: StudyIndex, retry_failed: bool = False,
+                 standalone: bool = False) -> RecallReport:
+    """One recaller run in this process, on ``index`` (this process's one environment: LMDB must not be opened
+    twice in a process), with its own store and tiers. ``standalone`` (the CLI with no server running): also holds
+    the compaction lock, so that a server starting meanwhile waits for the run instead of recovering the segment
+    it writes."""
     from appliance.store.compact import compaction_lock
 
-    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=True)
     store = BlobStore.open(config, index=index, tiers=open_tiers(config))
     try:
         guard = (compaction_lock(config.storage.index_path, wait=True) if standalone
@@ -322,7 +325,6 @@ def run_recaller(config: Config, retry_failed: bool = False, standalone: bool = 
             report = recall_queued(config, index, store, retry_failed)
     finally:
         store.close()
-        index.close()
     _observe(report)
     return report
 
@@ -333,8 +335,8 @@ def _observe(report: RecallReport) -> None:
     metrics = tiering_metrics()
     for seconds in report.latencies_s:
         metrics.recall_seconds.observe(seconds)
-    if report.bytes_copied:
-        metrics.migration_bytes.labels("tape", ONLINE_TIER).inc(report.bytes_copied)
+    for source, nbytes in report.bytes_from.items():
+        metrics.migration_bytes.labels(source, ONLINE_TIER).inc(nbytes)
 
 
 def refresh_gauges(config: Config, index: StudyIndex) -> None:

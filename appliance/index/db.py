@@ -515,6 +515,12 @@ class StudyIndex(TierIndex):
                             # Bookkeeping of which reception the attributes came from: an identical re-send received
                             # earlier but committed later cannot lower it, and the attributes it chose are equal.
                             del decoded["latest_ns"]
+                        if name == "placement" and not verification:
+                            # Last access is history too (retrieve, export): a study read but never moved has
+                            # the placement a rebuild gives it, none.
+                            del decoded["last_access_ns"]
+                            if decoded == {"tier": schema.ONLINE_TIER, "since_ns": 0}:
+                                continue
                     else:
                         decoded = bytes(value).decode()
                     rows.append((bytes(key).decode(), decoded))

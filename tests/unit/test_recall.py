@@ -3,14 +3,18 @@ segment stores (tests/tiering_site.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appliance.errors import Offline
 from appliance.index.schema import OFFLINE, ONLINE
+from appliance.services.retrieve import Match, RetrieveRefused, await_recalls, offline_studies
 from tests.tiering_site import Site
 from tiering.access import AccessRecorder
 from tiering.recall import RECALL_LOCK, recall_lock, recall_queued, tape_position
@@ -108,3 +112,86 @@ def test_access_recorder_batches_into_one_write(site: Site) -> None:
     recorder.note([study])
     recorder.flush()
     assert site.index.placement(key).last_access_ns == 6_000
+
+
+def _matches(site: Site, study: str) -> list[Match]:
+    from appliance.services.retrieve import _match
+
+    return [_match(key, rec) for key, rec in site.index.instances_under(study)]
+
+
+async def _in_thread(func: Any, *args: Any) -> Any:
+    return await asyncio.to_thread(func, *args)
+
+
+def test_retrieve_waits_for_the_recall(site: Site) -> None:
+    study, _data = site.ingest(2)
+    site.to_tier(study, "lto")
+    matches = _matches(site, study)
+    assert offline_studies(matches)
+
+    async def scenario() -> list[Match]:
+        waiting = asyncio.create_task(await_recalls(site.index, matches, "c-move", 30.0, 10, lambda: False,
+                                                    _in_thread))
+        # The recaller (the server's process in real life) finds the request the retrieve queued.
+        while not site.index.recalls():
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(recall_queued, site.config, site.index, site.store)
+        return await waiting
+
+    started = time.monotonic()
+    got = asyncio.run(scenario())
+    assert {m.availability for m in got} == {ONLINE} and time.monotonic() - started < 10
+
+
+def test_retrieve_gives_up_after_recall_wait_s_and_the_recall_stays_queued(site: Site) -> None:
+    study, _data = site.ingest(1)
+    site.to_tier(study, "lto")
+    with pytest.raises(RetrieveRefused) as info:
+        asyncio.run(await_recalls(site.index, _matches(site, study), "c-get", 0.2, 10, lambda: False, _in_thread))
+    assert info.value.status == 0xA702 and info.value.comment == "study is on tape; recall queued"
+    [(key, rec)] = site.index.recalls()
+    assert rec.requested_by == "c-get" and key == site.index.study_key(study)
+
+
+def test_a_full_recall_queue_refuses(site: Site) -> None:
+    first, _ = site.ingest(1)
+    second, _ = site.ingest(1)
+    for study in (first, second):
+        site.to_tier(study, "lto")
+    asyncio.run(_queue(site, first))
+    with pytest.raises(RetrieveRefused, match="queue full"):
+        asyncio.run(await_recalls(site.index, _matches(site, second), "c-move", 0.0, 1, lambda: False, _in_thread))
+
+
+async def _queue(site: Site, study: str) -> None:
+    with pytest.raises(RetrieveRefused):
+        await await_recalls(site.index, _matches(site, study), "c-move", 0.0, 1, lambda: False, _in_thread)
+
+
+def test_tier_gauges_from_the_index(site: Site) -> None:
+    from prometheus_client import REGISTRY
+
+    from tiering.recall import refresh_gauges
+
+    online, _ = site.ingest(2)
+    taped, _ = site.ingest(1)
+    site.to_tier(taped, "lto")
+    key = site.index.study_key(taped)
+    assert key is not None and site.index.request_recall(key, "cli")
+    refresh_gauges(site.config, site.index)
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    assert value("appliance_tier_studies", tier="online") == 1
+    assert value("appliance_tier_studies", tier="lto") == 1
+    assert value("appliance_tier_studies", tier="nas") == 0
+    assert value("appliance_recall_queue_depth") == 1
+    assert (value("appliance_tier_bytes", tier="online") or 0) > 0 and (value("appliance_tier_bytes", tier="lto") or 0) > 0
+    before = value("appliance_recall_seconds_count") or 0
+    from tiering.recall import _observe
+
+    _observe(recall_queued(site.config, site.index, site.store))
+    assert value("appliance_recall_seconds_count") == before + 1
+    assert (value("appliance_tier_migration_bytes_total", from_tier="lto", to_tier="online") or 0) > 0

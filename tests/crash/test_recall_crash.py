@@ -1,0 +1,84 @@
+"""kill -9 of a recall in each phase (tiering/recall.py PHASES, via the test-only APPLIANCE_TEST_RECALL_CRASH_AT):
+the next `appliance tier recall` finishes it; nothing is lost, nothing is indexed twice, `verify` is clean.
+
+Real processes (`appliance tier run` to put the study on a virtual tape, `appliance tier recall` killed by SIGKILL
+at the phase), a real index and real segment and tape files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.index.db import StudyIndex
+from appliance.store.online import BlobStore
+from tests.tier_rig import ingest, write_tier_config
+from tiering.recall import CRASH_ENV, PHASES, open_tiers
+
+APPLIANCE = [sys.executable, "-m", "appliance"]
+POLICY = """
+[[policies]]
+name = "all-to-tape"
+from = "online"
+to = "tape"
+received_days_min = 1
+"""
+
+
+def cli(config: Path, *args: str, crash_at: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run([*APPLIANCE, *args, "-c", str(config)], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_kill9_in_each_phase_then_the_next_run_finishes(tmp_path: Path, phase: str) -> None:
+    from appliance.store.volumes import init_volume
+
+    init_volume(tmp_path / "vol0", "vol0")
+    config_path = write_tier_config(tmp_path, policies=POLICY)
+    config = load_config(config_path)
+    index = StudyIndex(config.storage.index_path)
+    try:
+        data = ingest(config, index, {"1.1": 3, "1.2": 2})
+    finally:
+        index.close()
+    for tier in ("tape", "nl"):
+        assert cli(config_path, "tier", "init", tier).returncode == 0
+    moved = cli(config_path, "tier", "run", "--json")
+    assert moved.returncode == 0 and json.loads(moved.stdout)["moved"] == 2, moved.stderr
+
+    crashed = cli(config_path, "tier", "recall", "1.1", crash_at=phase)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    done = cli(config_path, "tier", "recall", "1.1", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"online": ["1.1"], "queued": [], "errors": {}}
+
+    index = StudyIndex(config.storage.index_path)
+    store = BlobStore.open(config, tiers=open_tiers(config))
+    try:
+        assert index.recalls() == []
+        for study, expected in (("1.1", "ONLINE"), ("1.2", "OFFLINE")):
+            for _key, rec in index.instances_under(study):
+                assert rec.availability == expected
+        for sop, raw in data.items():
+            ((_key, rec),) = index.instances_under(sop)
+            blob = index.blob(rec.digest)
+            assert blob is not None
+            backends = sorted(c.backend for c in blob.copies)
+            # Nothing indexed twice: one online copy of a recalled blob, its tape copy kept.
+            assert backends == (["tape", "vol0"] if sop.startswith("1.1.") else ["tape"]), (sop, backends)
+            assert store.read_all(rec.digest, blob, allow_offline=True) == raw
+    finally:
+        store.close()
+        index.close()
+    report = cli(config_path, "verify", "--json")
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert json.loads(report.stdout)["tiers"]["online"]["checked"] == 3
