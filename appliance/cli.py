@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from appliance import cli_recall, cli_scu, errors
+from appliance import cli_recall, cli_scu, cli_tape, errors
 from appliance.cli_common import emit, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
@@ -33,6 +33,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
 app.add_typer(bench_app, name="bench")
 app.add_typer(tier_app, name="tier")
+app.add_typer(cli_tape.tape_app, name="tape")
 
 ConfigOpt = Annotated[
     Path | None,

@@ -224,6 +224,8 @@ class Supervisor:
         self.compactor: ForkProcess | None = None
         self.recaller: ForkProcess | None = None  # with [[tiers]]: polls the recall queue and recalls
         self.recaller_started = 0.0
+        self.mover: ForkProcess | None = None  # tiering.schedule_s > 0: a policy run every schedule_s
+        self.next_tier_run = time.monotonic() + config.tiering.schedule_s
         self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
 
     def prepare(self) -> dict[str, int]:
@@ -301,6 +303,7 @@ class Supervisor:
                         self._await_ready(1)
                 self._maybe_compact()
                 self._keep_recaller()
+                self._maybe_run_policies()
                 time.sleep(0.2)
         finally:
             self._shutdown()
@@ -329,6 +332,23 @@ class Supervisor:
         self.recaller_started = time.monotonic()
         self.recaller = self.mp.Process(target=recaller_main, args=(self.config,), name="appliance-recaller")
         self.recaller.start()
+
+    def _maybe_run_policies(self) -> None:
+        """Every tiering.schedule_s, a policy run in its own process (like compaction: an LMDB environment must not
+        cross fork(), and the run is crash-safe at every step, so shutdown kills it). One at a time; a run finding
+        tiering.lock held (an admin's `tier run`) skips its turn."""
+        interval = self.config.tiering.schedule_s
+        if not interval or self.stopping or time.monotonic() < self.next_tier_run:
+            return
+        if self.mover is not None and self.mover.is_alive():
+            return
+        if self.mover is not None:
+            self.mover.join()
+        from tiering.run import scheduled_main
+
+        self.next_tier_run = time.monotonic() + interval
+        self.mover = self.mp.Process(target=scheduled_main, args=(self.config,), name="appliance-mover")
+        self.mover.start()
 
     def _maybe_compact(self) -> None:
         interval = self.config.storage.compaction_interval_s
@@ -412,6 +432,9 @@ class Supervisor:
         if self.recaller is not None and self.recaller.is_alive():
             self.recaller.kill()  # likewise: a recall cut short is redone by the next one
             self.recaller.join(10)
+        if self.mover is not None and self.mover.is_alive():
+            self.mover.kill()  # likewise: the next run finishes the journaled move
+            self.mover.join(10)
         for proc in self.workers:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)

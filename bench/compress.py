@@ -23,8 +23,9 @@ import argparse
 import importlib.util
 import json
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,13 +125,66 @@ def measure(files: list[bytes], level: int, repeats: int, run_s_max: float,
     return original / stored, original / t_c / 1e6, original / t_d / 1e6
 
 
+@dataclass
+class BackendResult:
+    corpus: str
+    level: int
+    files: int
+    mbytes: float
+    put_sync_mb_s: float  # original bytes/s through put + sync (compression, write, fsync, rename)
+    iter_read_mb_s: float  # original bytes/s through iter_read of every blob (page cache warm)
+    first_read_ms: float  # one instance from a backend just opened: open, header, decompress
+
+
+def nearline_throughput(name: str, files: list[bytes], level: int, work: Path) -> BackendResult:
+    """The same files through a NearlineBackend on ``work`` (one archive, as a study): the end-to-end cost."""
+    import hashlib
+
+    from appliance.config_tiering import TierConfig, TierVolumeConfig
+    from appliance.store.backend import BlobMeta, BlobSource
+    from tiering.nearline import init_tier, open_nearline
+
+    class Source(BlobSource):
+        def __init__(self, data: bytes) -> None:
+            self.data, self.size = data, len(data)
+
+        def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+            for start in range(0, len(self.data), chunk_bytes):
+                yield self.data[start : start + chunk_bytes]
+
+    tier = TierConfig("bench", "nearline", volumes=(TierVolumeConfig("v", work / f"{name}-{level}".replace(" ", "_"),
+                                                                     0.999),), compression_level=level)
+    init_tier(tier)
+    metas = [BlobMeta(hashlib.sha256(f).hexdigest(), len(f), 1, "BENCH") for f in files]
+    backend = open_nearline(tier)
+    start = time.perf_counter()
+    backend.begin_container("study")
+    locations = [backend.put(m, Source(f)) for m, f in zip(metas, files, strict=True)]
+    backend.sync()
+    put_s = time.perf_counter() - start
+    backend.close()
+    fresh = open_nearline(tier)
+    start = time.perf_counter()
+    assert fresh.read(locations[len(locations) // 2]) == files[len(files) // 2]
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for loc in locations:
+        for _chunk in fresh.iter_read(loc):
+            pass
+    read_s = time.perf_counter() - start
+    fresh.close()
+    total = sum(map(len, files))
+    return BackendResult(name, level, len(files), round(total / 1e6, 1), round(total / put_s / 1e6, 1),
+                         round(total / read_s / 1e6, 1), round(first_s * 1e3, 2))
+
+
 def train(samples: list[bytes], dict_bytes: int) -> zstandard.ZstdCompressionDict:
     buffers: list[bytes | bytearray | memoryview] = list(samples)
     return zstandard.train_dictionary(dict_bytes, buffers)
 
 
 def run(count_ct: int, count_mr: int, extra_dir: Path | None, repeats: int, run_s_max: float, sample_bytes: int,
-        dict_bytes: int, progress: Callable[[str], None]) -> dict[str, object]:
+        dict_bytes: int, progress: Callable[[str], None], work_dir: Path | None = None) -> dict[str, object]:
     corpora: dict[str, list[bytes]] = {}
     progress("generating synthetic CT and MR")
     corpora["synthetic CT"] = synthetic("ct", count_ct, 1)
@@ -170,9 +224,16 @@ def run(count_ct: int, count_mr: int, extra_dir: Path | None, repeats: int, run_
         dicts.append(DictResult(name, len(files), sum(map(len, files)) // max(1, len(files)), round(plain[0], 3),
                                 round(with_dict[0], 3), round(plain[1], 1), round(with_dict[1], 1),
                                 round(plain[2], 1), round(with_dict[2], 1)))
+    progress("through the nearline backend")
+    backends: list[BackendResult] = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as work:
+        for name in ("synthetic CT", "synthetic MR"):
+            for level in (0, 3):
+                backends.append(nearline_throughput(name, corpora[name], level, Path(work)))
     return {"frame_bytes": FRAME_BYTES, "sample_bytes": sample_bytes, "dict_bytes": dict_bytes,
             "zstandard": zstandard.__version__, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
-            "levels": [asdict(r) for r in levels], "dictionary": [asdict(r) for r in dicts]}
+            "levels": [asdict(r) for r in levels], "dictionary": [asdict(r) for r in dicts],
+            "nearline": [asdict(r) for r in backends]}
 
 
 def tables(result: dict[str, object]) -> str:
@@ -186,6 +247,11 @@ def tables(result: dict[str, object]) -> str:
         lines.append(f"| {r['corpus']} | {r['files']} | {r['mean_bytes']} | {r['ratio_plain']:.2f} | "
                      f"{r['ratio_dict']:.2f} | {r['compress_mb_s_plain']:.0f} / {r['compress_mb_s_dict']:.0f} | "
                      f"{r['decompress_mb_s_plain']:.0f} / {r['decompress_mb_s_dict']:.0f} |")
+    lines += ["", "| through NearlineBackend | level | files | MB | put + sync MB/s | iter_read MB/s | first read ms |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["nearline"]:  # type: ignore[attr-defined]
+        lines.append(f"| {r['corpus']} | {r['level']} | {r['files']} | {r['mbytes']} | {r['put_sync_mb_s']:.0f} | "
+                     f"{r['iter_read_mb_s']:.0f} | {r['first_read_ms']:.1f} |")
     return "\n".join(lines)
 
 
@@ -200,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dict-bytes", type=int, default=64 << 10)
     parser.add_argument("--quick", action="store_true", help="a few files, one run each (the test's setting)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--work-dir", type=Path, help="where the nearline measurement writes (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.quick:
         args.ct, args.mr, args.repeats, args.dict_bytes = 4, 8, 1, 4 << 10
     result = run(args.ct, args.mr, args.extra_dir, args.repeats, args.run_s_max, args.sample_bytes,
-                 args.dict_bytes, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
+                 args.dict_bytes, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True), args.work_dir)
     print(tables(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

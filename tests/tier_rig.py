@@ -63,6 +63,7 @@ cartridges = 4
 port = 0
 metrics_port = 0
 workers = 1
+log_level = "info"
 
 [storage]
 index_path = "{root}/index"
@@ -239,18 +240,35 @@ from = "online"
 to = "nl"
 received_days_min = 30
 """
+NEARLINE_THEN_TAPE = OLD_TO_NEARLINE + """
+[[policies]]
+name = "nearline-to-tape"
+from = "nl"
+to = "tape"
+"""
+TAPE = """
+[[tiers]]
+name = "tape"
+kind = "tape"
+mode = "virtual"
+path = "{root}/library"
+cartridge_bytes = 67108864
+cartridges = 2
+"""
 DAY_NS = 86_400 * 10**9
 
 
-def nearline_site(root: Path, policies: str = OLD_TO_NEARLINE, tiering: str = "") -> tuple[Path, dict[str, bytes]]:
-    """A config (vol0 + nearline "nl", initialised) with two studies received 60 days ago (1.1: 3 instances, 1.2:
-    2) and one received now (1.3: 2). Returns the config path and sop uid -> bytes."""
+def nearline_site(root: Path, policies: str = OLD_TO_NEARLINE, tiering: str = "",
+                  tape: bool = False) -> tuple[Path, dict[str, bytes]]:
+    """A config (vol0 + nearline "nl", and a virtual tape library "tape" if asked; initialised) with two studies
+    received 60 days ago (1.1: 3 instances, 1.2: 2) and one received now (1.3: 2). Returns the config path and
+    sop uid -> bytes."""
     from tiering.tiers import init_tier
 
-    config = make_config(root, policies=policies, tiering=tiering, tiers=NEARLINE_ONLY.format(root=root))
-    nl = config.tier("nl")
-    assert nl is not None
-    init_tier(nl)
+    tiers = NEARLINE_ONLY + (TAPE if tape else "")
+    config = make_config(root, policies=policies, tiering=tiering, tiers=tiers.format(root=root))
+    for tier in config.tiers:
+        init_tier(tier)
     index = StudyIndex(config.storage.index_path)
     try:
         now = time.time_ns()
@@ -275,7 +293,7 @@ def read_everything(config_path: Path) -> tuple[dict[str, bytes], dict[str, int]
         for key, inst in index.items("instances"):
             blob = index.blob(inst["digest"])
             assert blob is not None, key
-            out[inst["SOPInstanceUID"]] = store.read_all(inst["digest"], blob)
+            out[inst["SOPInstanceUID"]] = store.read_all(inst["digest"], blob, allow_offline=True)
         return out, index.counts()
     finally:
         store.close()
@@ -288,7 +306,8 @@ def orphans(config_path: Path) -> dict[str, list[str]]:
     config = load_config(config_path)
     index = StudyIndex(config.storage.index_path)
     try:
-        named = {(c.backend, c.name) for c in index.containers()}
+        # Tape containers are files of an append-only cartridge: never deleted, not checked here.
+        named = {(c.backend, c.name) for c in index.containers() if c.backend in ("vol0", "nl")}
         gc = index.pending_gc()
     finally:
         index.close()

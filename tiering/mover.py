@@ -228,6 +228,9 @@ class Mover:
             self.index.switch_study(planned.study_key, added, drop, availability, planned.target,
                                     self.clock_ns(), move_done=True)
             switched = True
+            # The move is decided by the switch: its audit line goes out now, not after the deletes (a crash
+            # there would lose the line of a completed move).
+            self._audit(planned, result, started)
             self._phase("switched")
             self._collect_after_switch()
         except StorageFault:
@@ -237,12 +240,16 @@ class Mover:
             if not switched:
                 self._abandon(planned, target, container)
         finally:
-            result.seconds = time.monotonic() - started
-            self.audit.write("move", study=planned.study_uid, policy=planned.policy, source=planned.source,
-                             target=planned.target, instances=result.instances, bytes=result.bytes,
-                             seconds=round(result.seconds, 3), outcome=result.outcome, error=result.error,
-                             resumed=planned.reason.startswith("resumed"))
+            if not switched:
+                self._audit(planned, result, started)
         return result
+
+    def _audit(self, planned: PlannedMove, result: MoveResult, started: float) -> None:
+        result.seconds = time.monotonic() - started
+        self.audit.write("move", study=planned.study_uid, policy=planned.policy, source=planned.source,
+                         target=planned.target, instances=result.instances, bytes=result.bytes,
+                         seconds=round(result.seconds, 3), outcome=result.outcome, error=result.error,
+                         resumed=planned.reason.startswith("resumed"))
 
     def _abandon(self, planned: PlannedMove, target: BlobBackend, container: str) -> None:
         """A failed move: its container holds nothing named; remove it and the journal (the study stays where it

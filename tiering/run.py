@@ -164,3 +164,29 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
         finally:
             tiers.close()
     return report
+
+
+def scheduled_main(config: Config) -> None:
+    """The server's scheduled policy run, in its own process (appliance/server.py). Logs counts only."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops it (SIGKILL: crash-safe at every step)
+    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=config.storage.fsync)
+    try:
+        report = run(config, index, time.time_ns(), who="scheduled run of appliance serve")
+        from appliance.metrics import tiering_metrics
+
+        metrics = tiering_metrics()  # the supervisor's /metrics sums the processes it forked
+        for result in report.resumed + report.results:
+            if result.bytes:
+                metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
+        counts = report.counts()
+        if counts["moved"] or counts["failed"]:
+            log.info("tiering: %(moved)d studies moved (%(bytes_copied)d bytes copied), %(failed)d failed, "
+                     "%(resumed)d interrupted moves finished", counts)
+    except TierBusy as exc:
+        log.info("tiering: scheduled run skipped: %s", exc)
+    except ApplianceError as exc:
+        log.warning("tiering: scheduled run failed: %s", exc)
+    finally:
+        index.close()

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quick_run_reports_every_corpus_level_and_dictionary_case(tmp_path: Path) -> None:
     out = tmp_path / "compress.json"
-    run = subprocess.run([sys.executable, "-m", "bench.compress", "--quick", "--json", str(out)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "bench.compress", "--quick", "--json", str(out), "--work-dir",
+                          str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
@@ -24,4 +25,7 @@ def test_quick_run_reports_every_corpus_level_and_dictionary_case(tmp_path: Path
     assert len(result["dictionary"]) == 4
     for r in result["dictionary"]:
         assert r["files"] > 0 and r["ratio_plain"] > 1.0 and r["ratio_dict"] > 1.0
+    assert [(r["corpus"], r["level"]) for r in result["nearline"]] == [
+        ("synthetic CT", 0), ("synthetic CT", 3), ("synthetic MR", 0), ("synthetic MR", 3)]
+    assert all(r["put_sync_mb_s"] > 0 and r["iter_read_mb_s"] > 0 for r in result["nearline"])
     assert "| synthetic CT | 4 |" in run.stdout  # the markdown table for docs/benchmarks.md

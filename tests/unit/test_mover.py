@@ -30,7 +30,7 @@ class Rig:
     index: StudyIndex
     store: BlobStore
     nl: BlobBackend
-    tape: DirTier
+    tape: BlobBackend
     audit: AuditLog
     mover: Mover
     data: dict[str, bytes]
@@ -54,12 +54,16 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     nl_tier = config.tier("nl")
     assert nl_tier is not None
     init_tier(nl_tier)
-    nl, tape = open_tier(nl_tier), DirTier("tape", tmp_path / "library")
+    tape_tier = config.tier("tape")
+    assert tape_tier is not None
+    init_tier(tape_tier)
+    nl, tape = open_tier(nl_tier), open_tier(tape_tier)
     audit = AuditLog(config.tiering.audit_log)
     mover = Mover(config, index, dict(store.backends), {"nl": nl, "tape": tape}, audit, TokenBucket(1 << 40))
     yield Rig(config, index, store, nl, tape, audit, mover, data)
     audit.close()
     nl.close()
+    tape.close()
     store.close()
     index.close()
 

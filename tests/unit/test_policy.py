@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from appliance.config_tiering import PolicyConfig
@@ -143,3 +144,16 @@ def test_no_filter_moves_every_study_of_the_tier_with_a_reason() -> None:
     (move,) = plan([study("x")], {}, [policy()], ORDER, NOW)
     assert (move.source, move.target, move.bytes, move.instances, move.policy) == ("online", "nl", 100, 2, "p")
     assert move.reason
+
+
+def test_the_default_config_tiering_example_is_valid_once_uncommented(tmp_path: Path) -> None:
+    import re
+
+    from appliance.config import DEFAULT_CONFIG_TOML, load_config
+
+    start = DEFAULT_CONFIG_TOML.index("# [tiering]")
+    example = "\n".join(re.sub(r"^# ?", "", line) for line in DEFAULT_CONFIG_TOML[start:].split("\n"))
+    (tmp_path / "a.toml").write_text(DEFAULT_CONFIG_TOML[:start] + example)
+    config = load_config(tmp_path / "a.toml")
+    assert [p.name for p in config.policies] == ["old-to-nearline", "online-full", "cold-to-tape"]
+    assert [t.name for t in config.tiers] == ["nearline", "tape"]

@@ -162,9 +162,11 @@ class TapeBackend(BlobBackend):
 
     def _open_archive(self, need: int) -> _OpenArchive:
         """A new archive at the end of data of the first cartridge with room (the loaded one first)."""
-        loaded = [c for c in self.library.cartridges() if c.labelled]
-        loaded.sort(key=lambda c: (not c.loaded, c.label))
-        for cart in loaded:
+        # Fill the cartridges that hold archives before starting a blank one (the loaded one first among equals):
+        # a study's archives then stay on few cartridges, and a recall loads few.
+        candidates = [c for c in self.library.cartridges() if c.labelled]
+        candidates.sort(key=lambda c: (c.archives == 0, not c.loaded, c.label))
+        for cart in candidates:
             used = max(0, cart.used_bytes)
             if used + need + catalog_bytes_max(1, need // self.frame_bytes + 1) + 3 * self.library.block_bytes \
                     > cart.capacity_bytes:
@@ -274,8 +276,9 @@ class TapeBackend(BlobBackend):
                     yield StoredBlob(make_location(container, member), member.meta)
                 number += 1
 
-    def _our_cartridges(self) -> builtins.list[str]:
-        return [c.label for c in self.library.cartridges() if c.labelled]
+    def _our_cartridges(self, open_only: bool = False) -> builtins.list[str]:
+        return [c.label for c in self.library.cartridges()
+                if c.labelled and not (open_only and c.open_archive is False)]
 
     def scan_file(self, label: str, number: int) -> tuple[builtins.list[Member], bool, int] | None:
         """The whole members of tape file ``number`` read straight through, whether it ends with its catalog, and
@@ -311,7 +314,7 @@ class TapeBackend(BlobBackend):
         counts = result.counts
         counts.update(truncated_bytes=0, closed=0, unknown=0, tail_records=0)
         self._archive = None
-        for label in self._our_cartridges():
+        for label in self._our_cartridges(open_only=True):  # a virtual library knows which: no cartridge loads
             with self.library.session(label) as drive:
                 drive.position_eod()
                 pos = drive.position()
@@ -342,7 +345,7 @@ class TapeBackend(BlobBackend):
                 for member in members:
                     if member.record_offset < cut:
                         continue
-                    if not self._whole(reader, member, container):
+                    if not self.member_is_whole(reader, member, container):
                         break
                     kept.append(member)
                     result.tail.append(StoredBlob(make_location(container, member), member.meta))
@@ -353,7 +356,8 @@ class TapeBackend(BlobBackend):
         counts["tail_records"] = len(result.tail)
         return result
 
-    def _whole(self, reader: FileReader, member: Member, container: str) -> bool:
+    def member_is_whole(self, reader: FileReader, member: Member, container: str) -> bool:
+        """Whether a member decompresses (every frame checksum) and hashes to its digest."""
         hasher = hashlib.sha256()
         try:
             for chunk in iter_member(reader.read_at, member, SOURCE_CHUNK, f"{self.name}:{container}"):

@@ -73,6 +73,7 @@ class Cartridge:
     used_bytes: int  # -1: unknown without reading the tape (st, not loaded)
     archives: int  # tape files after the label (the last may be open: no filemark yet)
     labelled: bool
+    open_archive: bool | None = None  # data after the last filemark (a crash); None: unknown without the tape
 
 
 class TapeLibrary(ABC):
@@ -278,7 +279,8 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
                 with open(path, "rb") as fh:
                     labelled = VolumeLabel.decode(fh.read(80)) is not None
             result.append(Cartridge(label, info["slot"], label == loaded, info["capacity_bytes"], used,
-                                    max(0, files - 1) if labelled else files, labelled))
+                                    max(0, files - 1) if labelled else files, labelled,
+                                    used > (marks[-1] if marks else 0)))
         return result
 
 
@@ -466,5 +468,7 @@ class LtfsLibrary(_FlockMixin, TapeLibrary):
         if label is None:
             return []
         files = [n for n in self.drive.files() if n > 0]
-        used = sum(self.drive.path_of(n).stat().st_size for n in files)
-        return [Cartridge(label, None, True, self.capacity_bytes, used, len(files), True)]
+        sizes = [self.drive.path_of(n).stat().st_size for n in files]
+        used = sum(sizes)
+        archives = len(files) - (1 if sizes and sizes[-1] == 0 else 0)  # the empty file after the last filemark
+        return [Cartridge(label, None, True, self.capacity_bytes, used, archives, True, bool(sizes and sizes[-1]))]
