@@ -22,9 +22,11 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from appliance.config_tiering import TierConfig
 from appliance.errors import BlobCorrupt, BlobMissing, ConfigError, NotFound, OutOfSpace, StorageFault
@@ -63,6 +65,7 @@ from tiering.tape.stream import BlockSink, FileReader, SequentialReader, TapeArc
 log = logging.getLogger(__name__)
 
 SOURCE_CHUNK = 1 << 20
+STAGE_BYTES_MAX = 64 << 20  # a blob opened as a file is held in memory up to this, then in a temporary file
 
 
 def split_container(container: str) -> tuple[str, int]:
@@ -259,6 +262,21 @@ class TapeBackend(BlobBackend):
         for chunk in self.iter_read(location, 8 << 20):
             hasher.update(chunk)
         return hasher.hexdigest()
+
+    def open(self, location: Location, size: int) -> BinaryIO:
+        """The blob staged in one pass (tape cannot serve the small ranged reads a file object makes): in memory up
+        to ``STAGE_BYTES_MAX``, in a temporary file beyond."""
+        staged = tempfile.SpooledTemporaryFile(max_size=STAGE_BYTES_MAX, dir=self.spill_dir)  # noqa: SIM115
+        try:
+            for chunk in self.iter_read(location, 8 << 20):
+                staged.write(chunk)
+            if staged.tell() != size:
+                raise BlobMissing(f"{self.name}:{location}: holds {staged.tell()} bytes, not {size}")
+            staged.seek(0)
+        except BaseException:
+            staged.close()
+            raise
+        return staged  # type: ignore[return-value]
 
     def stat(self, location: Location) -> BlobMeta:
         with self._read_session(location) as (_reader, member):

@@ -201,6 +201,12 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
             if self.fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, self.folder / name)
+        if self.fsync and name == LIBRARY_FILE:  # the drive state is only a hint; the cartridge list is not
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def _state(self) -> dict[str, object]:
         try:
@@ -353,13 +359,29 @@ class StLibrary(_FlockMixin, TapeLibrary):
         self.changer = MtxChanger(changer) if changer else None
         self.name, self.capacity_bytes, self.block_bytes = name, capacity_bytes, block_bytes
         self.lock_path = _lock_dir() / f"appliance-tape-{device.name}.lock"
+        self.state_path = self.lock_path.with_suffix(".json")
 
     def _loaded_label(self) -> str | None:
+        """Asked of the changer (or the tape's label) once, then remembered next to the lock: only holders of the
+        lock move cartridges (an admin moving one by hand deletes the state file, or runs `appliance tape eject`)."""
+        try:
+            state = json.loads(self.state_path.read_text())
+            return str(state["loaded"]) if state.get("loaded") else None
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
         if self.changer is not None:
             drives = [e for e in self.changer.status() if e.kind == "drive" and e.number == 0]
-            return drives[0].label if drives and drives[0].full else None
-        label = self.read_label(self.drive)
-        return label.barcode if label else None
+            loaded = drives[0].label if drives and drives[0].full else None
+        else:
+            label = self.read_label(self.drive)
+            loaded = label.barcode if label else None
+        self._remember(loaded)
+        return loaded
+
+    def _remember(self, loaded: str | None) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"loaded": loaded}))
+        os.replace(tmp, self.state_path)
 
     @contextmanager
     def session(self, label: str | None) -> Iterator[TapeDrive]:
@@ -385,8 +407,10 @@ class StLibrary(_FlockMixin, TapeLibrary):
         slot = next((e.number for e in elements if e.kind == "slot" and e.label == label), None)
         if slot is None:
             raise NotFound(f"tape tier {self.name}: cartridge {label} is not in the library")
+        self._remember(None)  # while the robot moves, nothing is known to be in the drive
         self.changer.load(slot, 0)
         self.drive.load()
+        self._remember(label)
 
     @staticmethod
     def _empty_slot(elements: list[ChangerElement]) -> int:
@@ -409,6 +433,7 @@ class StLibrary(_FlockMixin, TapeLibrary):
                 elements = self.changer.status()
                 drive = next(e for e in elements if e.kind == "drive" and e.number == 0)
                 self.changer.unload(drive.source_slot or self._empty_slot(elements), 0)
+            self.state_path.unlink(missing_ok=True)
             return loaded
 
     def cartridges(self) -> list[Cartridge]:
