@@ -361,3 +361,17 @@ def test_ltfs_mode_writes_one_tar_file_per_archive(tmp_path: Path) -> None:
     assert fresh.read(later) == b"later"
     listing = subprocess.run(["tar", "-tf", str(mount / "2.tar")], capture_output=True, text=True, check=True)
     assert listing.stdout.split()[-1] == "catalog.json"
+
+
+def test_an_archive_rolls_at_archive_bytes_max_between_studies(tmp_path: Path) -> None:
+    lib = library(tmp_path)
+    tape = TapeBackend("tape1", lib, frame_bytes=FRAME, archive_bytes_max=1 << 20)
+    containers = []
+    for study in range(4):  # 2 x 300 kB per study: the archive passes 1 MiB during the second study
+        containers.append(tape.begin_container(f"s{study}"))
+        locations = [tape.put(meta(d), Bytes(d)) for d in (blob(study * 2, 300_000), blob(study * 2 + 1, 300_000))]
+        assert {parse_location(loc)[0] for loc in locations} == {containers[-1]}  # a study is never split
+        tape.sync()
+    assert containers == ["VTL001L6/1", "VTL001L6/1", "VTL001L6/2", "VTL001L6/2"]
+    tape.seal()
+    assert [c.archives for c in lib.cartridges()][0] == 2 and verify_cartridge(tape, "VTL001L6").ok

@@ -204,6 +204,8 @@ class TapeBackend(BlobBackend):
             assert drive is not None
             drive.write_filemarks(0)
         arch.unsynced = False
+        if arch.writer.bytes_written >= self.archive_bytes_max:  # roll between studies, not inside one
+            self._finish_archive()
 
     def seal(self) -> None:
         """Close the open archive (catalog, end-of-archive, filemark), durably: the cartridge then reads with tar
@@ -480,9 +482,10 @@ class _ReadSession:
 def open_library(tier: TierConfig, sleep: Sleep = time.sleep, block_bytes: int = BLOCK_BYTES) -> TapeLibrary:
     assert tier.path is not None
     if tier.mode == "virtual":
-        return VirtualLibrary(tier.path, tier.name, block_bytes, tier.load_s, tier.seek_s_per_gib, sleep)
+        return VirtualLibrary(tier.path, tier.name, block_bytes, tier.load_s, tier.seek_s_per_gib, sleep,
+                              tier.fsync)
     if tier.mode == "ltfs":
-        return LtfsLibrary(tier.path, tier.name, tier.cartridge_bytes)
+        return LtfsLibrary(tier.path, tier.name, tier.cartridge_bytes, tier.fsync)
     if tier.mode == "st":
         return StLibrary(tier.path, tier.changer, tier.name, tier.cartridge_bytes, block_bytes)
     raise ConfigError(f"tiers.{tier.name}.mode: unknown tape mode {tier.mode!r}")
