@@ -167,7 +167,7 @@ class TapeBackend(BlobBackend):
         """A new archive at the end of data of the first cartridge with room (the loaded one first)."""
         # Fill the cartridges that hold archives before starting a blank one (the loaded one first among equals):
         # a study's archives then stay on few cartridges, and a recall loads few.
-        candidates = [c for c in self.library.cartridges() if c.labelled]
+        candidates = [c for c in self.library.cartridges() if c.labelled and c.owner in (None, self.name)]
         candidates.sort(key=lambda c: (c.archives == 0, not c.loaded, c.label))
         for cart in candidates:
             used = max(0, cart.used_bytes)
@@ -175,9 +175,10 @@ class TapeBackend(BlobBackend):
                     > cart.capacity_bytes:
                 continue
             with self.library.session(cart.label) as drive:
-                label = self.library.read_label(drive)
-                if label is None or label.tier != self.name:
-                    continue
+                if cart.owner is None:  # only the tape knows (st): read its label (a rewind)
+                    label = self.library.read_label(drive)
+                    if label is None or label.tier != self.name:
+                        continue
                 drive.position_eod()
                 pos = drive.position()
                 if pos.block_number != 0:
@@ -298,7 +299,7 @@ class TapeBackend(BlobBackend):
 
     def _our_cartridges(self, open_only: bool = False) -> builtins.list[str]:
         return [c.label for c in self.library.cartridges()
-                if c.labelled and not (open_only and c.open_archive is False)]
+                if c.labelled and c.owner in (None, self.name) and not (open_only and c.open_archive is False)]
 
     def scan_file(self, label: str, number: int) -> tuple[builtins.list[Member], bool, int] | None:
         """The whole members of tape file ``number`` read straight through, whether it ends with its catalog, and

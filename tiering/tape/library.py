@@ -74,6 +74,7 @@ class Cartridge:
     archives: int  # tape files after the label (the last may be open: no filemark yet)
     labelled: bool
     open_archive: bool | None = None  # data after the last filemark (a crash); None: unknown without the tape
+    owner: str | None = None  # the tier its label names; None: unknown without reading the tape
 
 
 class TapeLibrary(ABC):
@@ -280,13 +281,14 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
             except (FileNotFoundError, ValueError):
                 marks = []
             files = len(marks) + (1 if used > (marks[-1] if marks else 0) else 0)
-            labelled = False
+            volume = None
             if path.exists() and marks:
                 with open(path, "rb") as fh:
-                    labelled = VolumeLabel.decode(fh.read(80)) is not None
+                    volume = VolumeLabel.decode(fh.read(80))
+            labelled = volume is not None
             result.append(Cartridge(label, info["slot"], label == loaded, info["capacity_bytes"], used,
                                     max(0, files - 1) if labelled else files, labelled,
-                                    used > (marks[-1] if marks else 0)))
+                                    used > (marks[-1] if marks else 0), volume.tier if volume else None))
         return result
 
 
@@ -461,12 +463,15 @@ class LtfsLibrary(_FlockMixin, TapeLibrary):
         self.drive = LtfsDrive(mount, fsync)
         self.lock_path = _lock_dir() / f"appliance-ltfs-{name}.lock"
 
-    def _label(self) -> str | None:
+    def _volume(self) -> VolumeLabel | None:
         try:
-            label = VolumeLabel.decode((self.mount / "VOL1.label").read_bytes())
+            return VolumeLabel.decode((self.mount / "VOL1.label").read_bytes())
         except OSError:
             return None
-        return label.barcode if label else None
+
+    def _label(self) -> str | None:
+        volume = self._volume()
+        return volume.barcode if volume else None
 
     @contextmanager
     def session(self, label: str | None) -> Iterator[TapeDrive]:
@@ -489,11 +494,13 @@ class LtfsLibrary(_FlockMixin, TapeLibrary):
         return self._label()  # unmounting is the admin's (`umount`, then `ltfs` on the next cartridge)
 
     def cartridges(self) -> list[Cartridge]:
-        label = self._label()
-        if label is None:
+        volume = self._volume()
+        if volume is None:
             return []
+        label = volume.barcode
         files = [n for n in self.drive.files() if n > 0]
         sizes = [self.drive.path_of(n).stat().st_size for n in files]
         used = sum(sizes)
         archives = len(files) - (1 if sizes and sizes[-1] == 0 else 0)  # the empty file after the last filemark
-        return [Cartridge(label, None, True, self.capacity_bytes, used, archives, True, bool(sizes and sizes[-1]))]
+        return [Cartridge(label, None, True, self.capacity_bytes, used, archives, True, bool(sizes and sizes[-1]),
+                          volume.tier)]
