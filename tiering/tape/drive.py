@@ -307,7 +307,8 @@ class FileDrive(TapeDrive):
         return start, end
 
     def _seek_to(self, offset: int) -> None:
-        self.sleep(abs(offset - self.offset) / GiB * self.seek_s_per_gib)
+        if self.seek_s_per_gib and offset != self.offset:
+            self.sleep(abs(offset - self.offset) / GiB * self.seek_s_per_gib)
         self.offset = offset
 
     # -- TapeDrive
@@ -328,7 +329,8 @@ class FileDrive(TapeDrive):
                 (self._marks and self._marks[-1] > size):
             self.close()
             raise TapeError(f"cartridge {self.data_path.stem}: filemarks beyond its data (a damaged cartridge)")
-        self.sleep(self.load_s)
+        if self.load_s:
+            self.sleep(self.load_s)
         self.file_number, self.offset = 0, 0
 
     def attach(self, file_number: int, offset: int) -> None:

@@ -136,6 +136,7 @@ class _FlockMixin:
 
 LIBRARY_FILE = "library.json"
 DRIVE_STATE_FILE = "drive.json"
+DRIVE_STATE_BYTES = 256  # labels are 8 characters, positions numbers: the JSON always fits
 
 
 class VirtualLibrary(_FlockMixin, TapeLibrary):
@@ -198,16 +199,28 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
         tmp = self.folder / f".{name}.tmp"
         with open(tmp, "w") as fh:
             json.dump(body, fh)
-            fh.flush()
-            if self.fsync:
+            # The drive state is only a hint (every user positions the head itself; a lost state only costs a
+            # simulated load), so only the cartridge list is flushed.
+            if self.fsync and name == LIBRARY_FILE:
+                fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, self.folder / name)
-        if self.fsync and name == LIBRARY_FILE:  # the drive state is only a hint; the cartridge list is not
+        if self.fsync and name == LIBRARY_FILE:
             dir_fd = os.open(self.folder, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+    def _save_state(self, state: dict[str, object]) -> None:
+        """The drive state, rewritten in place as one small padded write (a rename per drive operation costs
+        milliseconds on some filesystems). A torn or lost state is only a hint lost: see ``_write_json``."""
+        raw = json.dumps(state).encode().ljust(DRIVE_STATE_BYTES)
+        fd = os.open(self.folder / DRIVE_STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, raw, 0)
+        finally:
+            os.close(fd)
 
     def _state(self) -> dict[str, object]:
         try:
@@ -245,11 +258,11 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
                         other = self._drive(loaded, catalog[loaded]["capacity_bytes"])
                         other.attach(int(str(state["file_number"])), int(str(state["offset"])))
                         other.unload()
-                    self._write_json(DRIVE_STATE_FILE, {"loaded": None, "file_number": 0, "offset": 0})
+                    self._save_state({"loaded": None, "file_number": 0, "offset": 0})
                     drive.load()
                 yield drive
             finally:
-                self._write_json(DRIVE_STATE_FILE, {"loaded": label, "file_number": drive.file_number,
+                self._save_state({"loaded": label, "file_number": drive.file_number,
                                                     "offset": drive.offset})
                 drive.close()
 
@@ -266,7 +279,7 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
                 drive = self._drive(loaded, catalog[loaded]["capacity_bytes"])
                 drive.attach(int(str(state["file_number"])), int(str(state["offset"])))
                 drive.unload()
-            self._write_json(DRIVE_STATE_FILE, {"loaded": None, "file_number": 0, "offset": 0})
+            self._save_state({"loaded": None, "file_number": 0, "offset": 0})
         return loaded
 
     def cartridges(self) -> list[Cartridge]:
