@@ -317,9 +317,13 @@ class ChangerElement:
     source_slot: int | None = None  # drives: the slot the cartridge was loaded from
 
 
+# The formats of mtx.c Status(): "Data Transfer Element %d:" + "Full (Storage Element %d Loaded)" or "Full (Unknown
+# Storage Element Loaded)" or "Empty", then ":VolumeTag = %s" and ":AlternateVolumeTag = %s"; "      Storage Element
+# %d%s:%s" with " IMPORT/EXPORT" and "Full " or "Empty", then ":VolumeTag=%s" and ":AlternateVolumeTag=%s".
 _MTX_DRIVE = re.compile(r"^\s*Data Transfer Element (\d+):(Full|Empty)"
-                        r"(?: \(Storage Element (\d+) Loaded\))?(?::VolumeTag\s*=\s*(\S+))?")
-_MTX_SLOT = re.compile(r"^\s*Storage Element (\d+)( IMPORT/EXPORT)?:(Full|Empty)(?:\s*:VolumeTag\s*=\s*(\S+))?")
+                        r"(?: \((?:Storage Element (\d+)|Unknown Storage Element) Loaded\))?"
+                        r"(?::VolumeTag\s*=\s*([^:\s]+))?")
+_MTX_SLOT = re.compile(r"^\s*Storage Element (\d+)( IMPORT/EXPORT)?:(Full|Empty)(?:\s*:VolumeTag\s*=\s*([^:\s]+))?")
 
 
 def parse_mtx_status(text: str) -> list[ChangerElement]:
