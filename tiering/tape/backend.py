@@ -329,7 +329,8 @@ class TapeBackend(BlobBackend):
     def recover(self, committed_end: Callable[[str], int | None]) -> Recovery:
         """For each cartridge whose last archive was left open (no catalog, no filemark: a crash): keep what the
         index committed, hand back every whole member beyond it whose bytes hash to its digest, cut the tape file
-        back to the end of the last of them, and close the archive there with the catalog of what it keeps. An
+        back to the end of the last of them, and close the archive there with the catalog of what it keeps (an
+        archive whose catalog was written but not its filemark only gets the filemark, when all of it is whole). An
         archive the index does not know is left as it is (a filemark after it, so that new archives follow)."""
         result = Recovery()
         counts = result.counts
@@ -348,11 +349,10 @@ class TapeBackend(BlobBackend):
             assert scanned is not None
             members, complete, total = scanned
             with self.library.session(label) as drive:
-                if end is None or complete:
-                    if end is None:
-                        counts["unknown"] += 1
-                        log.warning("tape %s: archive %s is not in the index; it is left as it is (run `appliance "
-                                    "index rebuild` if the index was lost)", self.name, container)
+                if end is None:
+                    counts["unknown"] += 1
+                    log.warning("tape %s: archive %s is not in the index; it is left as it is (run `appliance "
+                                "index rebuild` if the index was lost)", self.name, container)
                     drive.position_eod()
                     drive.write_filemarks(1)
                     counts["closed"] += 1
@@ -371,8 +371,14 @@ class TapeBackend(BlobBackend):
                     kept.append(member)
                     result.tail.append(StoredBlob(make_location(container, member), member.meta))
                     cut = member.end
-                counts["truncated_bytes"] += total - cut
-                self._close_at(drive, number, cut, kept)
+                if complete and cut == (members[-1].end if members else end):
+                    # The catalog was written, only the filemark is missing (a crash between the two), and every
+                    # member after the committed end is whole: nothing to cut.
+                    drive.position_eod()
+                    drive.write_filemarks(1)
+                else:
+                    counts["truncated_bytes"] += total - cut
+                    self._close_at(drive, number, cut, kept)
                 counts["closed"] += 1
         counts["tail_records"] = len(result.tail)
         return result
