@@ -361,3 +361,57 @@ def test_ltfs_mode_writes_one_tar_file_per_archive(tmp_path: Path) -> None:
     assert fresh.read(later) == b"later"
     listing = subprocess.run(["tar", "-tf", str(mount / "2.tar")], capture_output=True, text=True, check=True)
     assert listing.stdout.split()[-1] == "catalog.json"
+
+
+def test_an_archive_rolls_at_archive_bytes_max_between_studies(tmp_path: Path) -> None:
+    lib = library(tmp_path)
+    tape = TapeBackend("tape1", lib, frame_bytes=FRAME, archive_bytes_max=1 << 20)
+    containers = []
+    for study in range(4):  # 2 x 300 kB per study: the archive passes 1 MiB during the second study
+        containers.append(tape.begin_container(f"s{study}"))
+        locations = [tape.put(meta(d), Bytes(d)) for d in (blob(study * 2, 300_000), blob(study * 2 + 1, 300_000))]
+        assert {parse_location(loc)[0] for loc in locations} == {containers[-1]}  # a study is never split
+        tape.sync()
+    assert containers == ["VTL001L6/1", "VTL001L6/1", "VTL001L6/2", "VTL001L6/2"]
+    tape.seal()
+    assert [c.archives for c in lib.cartridges()][0] == 2 and verify_cartridge(tape, "VTL001L6").ok
+
+
+def test_a_crash_between_the_catalog_and_the_filemark_only_adds_the_filemark(tmp_path: Path) -> None:
+    lib = library(tmp_path)
+    tape = backend(lib)
+    datas = [blob(i, 40_000) for i in range(3)]
+    locations = [tape.put(meta(d), Bytes(d)) for d in datas]
+    tape.sync()
+    arch = tape._archive
+    assert arch is not None
+    with tape._writing(arch):  # what _finish_archive does, up to the filemark the crash prevented
+        arch.writer.finish()
+        arch.sink.buffer += bytes(arch.sink.block_bytes - arch.sink.partial())
+        arch.sink.flush_blocks()
+    tape.close()
+    before = tape_file(lib, "VTL001L6/1")
+    fresh = backend(lib)
+    first = parse_location(locations[0])
+    result = fresh.recover(lambda c: first[2] + first[3] + (-first[3]) % 512 if c == "VTL001L6/1" else None)
+    assert [s.location for s in result.tail] == locations[1:]
+    assert result.counts["truncated_bytes"] == 0 and result.counts["closed"] == 1
+    assert tape_file(lib, "VTL001L6/1") == before  # not rewritten
+    assert [c.archives for c in lib.cartridges()][0] == 1 and verify_cartridge(fresh, "VTL001L6").ok
+
+
+def test_init_tier_creates_labelled_cartridges_once_and_refuses_another_tiers_library(tmp_path: Path) -> None:
+    from appliance.config_tiering import TierConfig
+    from appliance.errors import ConfigError
+    from tiering.tape.backend import init_tier, open_tape
+
+    tier = TierConfig("tape1", "tape", path=tmp_path / "vtl", cartridges=2, cartridge_bytes=8 << 20)
+    assert "2 cartridge(s) created (VTL001L6..VTL002L6)" in init_tier(tier)
+    assert "0 cartridge(s) created" in init_tier(tier)
+    more = TierConfig("tape1", "tape", path=tmp_path / "vtl", cartridges=3, cartridge_bytes=8 << 20)
+    assert "1 cartridge(s) created (VTL003L6..VTL003L6)" in init_tier(more)
+    usage = open_tape(more).usage()
+    assert [(u.name, u.capacity_bytes, u.accepting) for u in usage] == [
+        ("VTL001L6", 8 << 20, True), ("VTL002L6", 8 << 20, True), ("VTL003L6", 8 << 20, True)]
+    with pytest.raises(ConfigError, match="tape1"):
+        init_tier(TierConfig("other", "tape", path=tmp_path / "vtl"))

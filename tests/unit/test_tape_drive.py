@@ -67,15 +67,17 @@ def test_mt_status_decodes_the_generic_status_bits() -> None:
     assert not status.write_protected
 
 
+# Laid out exactly as mtx.c's Status() prints (its printf formats), for a 3-drive, 24-slot library.
 MTX_STATUS = """\
-  Storage Changer /dev/sg4:2 Drives, 24 Slots ( 1 Import/Export )
+  Storage Changer /dev/sg4:3 Drives, 24 Slots ( 1 Import/Export )
 Data Transfer Element 0:Full (Storage Element 3 Loaded):VolumeTag = 000003L6
 Data Transfer Element 1:Empty
+Data Transfer Element 2:Full (Unknown Storage Element Loaded):VolumeTag = 000007L6:AlternateVolumeTag = X
       Storage Element 1:Full :VolumeTag=000001L6
-      Storage Element 2:Full :VolumeTag=000002L6
+      Storage Element 2:Full :VolumeTag=000002L6:AlternateVolumeTag=B2
       Storage Element 3:Empty
       Storage Element 4:Full :VolumeTag=CLN001L1
-      Storage Element 5:Full
+      Storage Element 5:Full\x20
       Storage Element 24 IMPORT/EXPORT:Empty
 """
 
@@ -83,10 +85,11 @@ Data Transfer Element 1:Empty
 def test_mtx_status_output_is_parsed() -> None:
     elements = parse_mtx_status(MTX_STATUS)
     drives = [e for e in elements if e.kind == "drive"]
-    assert [(d.number, d.full, d.label, d.source_slot) for d in drives] == [(0, True, "000003L6", 3),
-                                                                            (1, False, None, None)]
+    assert [(d.number, d.full, d.label, d.source_slot) for d in drives] == [
+        (0, True, "000003L6", 3), (1, False, None, None), (2, True, "000007L6", None)]
     slots = {e.number: e for e in elements if e.kind == "slot"}
-    assert slots[1].label == "000001L6" and slots[3].full is False and slots[4].label == "CLN001L1"
+    assert slots[1].label == "000001L6" and slots[2].label == "000002L6"
+    assert slots[3].full is False and slots[4].label == "CLN001L1"
     assert slots[5].full and slots[5].label is None  # a cartridge without a readable barcode
     assert [(e.number, e.full) for e in elements if e.kind == "mail"] == [(24, False)]
 

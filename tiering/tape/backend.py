@@ -22,9 +22,11 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from appliance.config_tiering import TierConfig
 from appliance.errors import BlobCorrupt, BlobMissing, ConfigError, NotFound, OutOfSpace, StorageFault
@@ -63,6 +65,7 @@ from tiering.tape.stream import BlockSink, FileReader, SequentialReader, TapeArc
 log = logging.getLogger(__name__)
 
 SOURCE_CHUNK = 1 << 20
+STAGE_BYTES_MAX = 64 << 20  # a blob opened as a file is held in memory up to this, then in a temporary file
 
 
 def split_container(container: str) -> tuple[str, int]:
@@ -164,7 +167,7 @@ class TapeBackend(BlobBackend):
         """A new archive at the end of data of the first cartridge with room (the loaded one first)."""
         # Fill the cartridges that hold archives before starting a blank one (the loaded one first among equals):
         # a study's archives then stay on few cartridges, and a recall loads few.
-        candidates = [c for c in self.library.cartridges() if c.labelled]
+        candidates = [c for c in self.library.cartridges() if c.labelled and c.owner in (None, self.name)]
         candidates.sort(key=lambda c: (c.archives == 0, not c.loaded, c.label))
         for cart in candidates:
             used = max(0, cart.used_bytes)
@@ -172,9 +175,10 @@ class TapeBackend(BlobBackend):
                     > cart.capacity_bytes:
                 continue
             with self.library.session(cart.label) as drive:
-                label = self.library.read_label(drive)
-                if label is None or label.tier != self.name:
-                    continue
+                if cart.owner is None:  # only the tape knows (st): read its label (a rewind)
+                    label = self.library.read_label(drive)
+                    if label is None or label.tier != self.name:
+                        continue
                 drive.position_eod()
                 pos = drive.position()
                 if pos.block_number != 0:
@@ -201,6 +205,8 @@ class TapeBackend(BlobBackend):
             assert drive is not None
             drive.write_filemarks(0)
         arch.unsynced = False
+        if arch.writer.bytes_written >= self.archive_bytes_max:  # roll between studies, not inside one
+            self._finish_archive()
 
     def seal(self) -> None:
         """Close the open archive (catalog, end-of-archive, filemark), durably: the cartridge then reads with tar
@@ -260,6 +266,21 @@ class TapeBackend(BlobBackend):
             hasher.update(chunk)
         return hasher.hexdigest()
 
+    def open(self, location: Location, size: int) -> BinaryIO:
+        """The blob staged in one pass (tape cannot serve the small ranged reads a file object makes): in memory up
+        to ``STAGE_BYTES_MAX``, in a temporary file beyond."""
+        staged = tempfile.SpooledTemporaryFile(max_size=STAGE_BYTES_MAX, dir=self.spill_dir)  # noqa: SIM115
+        try:
+            for chunk in self.iter_read(location, 8 << 20):
+                staged.write(chunk)
+            if staged.tell() != size:
+                raise BlobMissing(f"{self.name}:{location}: holds {staged.tell()} bytes, not {size}")
+            staged.seek(0)
+        except BaseException:
+            staged.close()
+            raise
+        return staged  # type: ignore[return-value]
+
     def stat(self, location: Location) -> BlobMeta:
         with self._read_session(location) as (_reader, member):
             return member.meta
@@ -278,7 +299,7 @@ class TapeBackend(BlobBackend):
 
     def _our_cartridges(self, open_only: bool = False) -> builtins.list[str]:
         return [c.label for c in self.library.cartridges()
-                if c.labelled and not (open_only and c.open_archive is False)]
+                if c.labelled and c.owner in (None, self.name) and not (open_only and c.open_archive is False)]
 
     def scan_file(self, label: str, number: int) -> tuple[builtins.list[Member], bool, int] | None:
         """The whole members of tape file ``number`` read straight through, whether it ends with its catalog, and
@@ -308,7 +329,8 @@ class TapeBackend(BlobBackend):
     def recover(self, committed_end: Callable[[str], int | None]) -> Recovery:
         """For each cartridge whose last archive was left open (no catalog, no filemark: a crash): keep what the
         index committed, hand back every whole member beyond it whose bytes hash to its digest, cut the tape file
-        back to the end of the last of them, and close the archive there with the catalog of what it keeps. An
+        back to the end of the last of them, and close the archive there with the catalog of what it keeps (an
+        archive whose catalog was written but not its filemark only gets the filemark, when all of it is whole). An
         archive the index does not know is left as it is (a filemark after it, so that new archives follow)."""
         result = Recovery()
         counts = result.counts
@@ -327,11 +349,10 @@ class TapeBackend(BlobBackend):
             assert scanned is not None
             members, complete, total = scanned
             with self.library.session(label) as drive:
-                if end is None or complete:
-                    if end is None:
-                        counts["unknown"] += 1
-                        log.warning("tape %s: archive %s is not in the index; it is left as it is (run `appliance "
-                                    "index rebuild` if the index was lost)", self.name, container)
+                if end is None:
+                    counts["unknown"] += 1
+                    log.warning("tape %s: archive %s is not in the index; it is left as it is (run `appliance "
+                                "index rebuild` if the index was lost)", self.name, container)
                     drive.position_eod()
                     drive.write_filemarks(1)
                     counts["closed"] += 1
@@ -350,8 +371,14 @@ class TapeBackend(BlobBackend):
                     kept.append(member)
                     result.tail.append(StoredBlob(make_location(container, member), member.meta))
                     cut = member.end
-                counts["truncated_bytes"] += total - cut
-                self._close_at(drive, number, cut, kept)
+                if complete and cut == (members[-1].end if members else end):
+                    # The catalog was written, only the filemark is missing (a crash between the two), and every
+                    # member after the committed end is whole: nothing to cut.
+                    drive.position_eod()
+                    drive.write_filemarks(1)
+                else:
+                    counts["truncated_bytes"] += total - cut
+                    self._close_at(drive, number, cut, kept)
                 counts["closed"] += 1
         counts["tail_records"] = len(result.tail)
         return result
@@ -462,9 +489,10 @@ class _ReadSession:
 def open_library(tier: TierConfig, sleep: Sleep = time.sleep, block_bytes: int = BLOCK_BYTES) -> TapeLibrary:
     assert tier.path is not None
     if tier.mode == "virtual":
-        return VirtualLibrary(tier.path, tier.name, block_bytes, tier.load_s, tier.seek_s_per_gib, sleep)
+        return VirtualLibrary(tier.path, tier.name, block_bytes, tier.load_s, tier.seek_s_per_gib, sleep,
+                              tier.fsync)
     if tier.mode == "ltfs":
-        return LtfsLibrary(tier.path, tier.name, tier.cartridge_bytes)
+        return LtfsLibrary(tier.path, tier.name, tier.cartridge_bytes, tier.fsync)
     if tier.mode == "st":
         return StLibrary(tier.path, tier.changer, tier.name, tier.cartridge_bytes, block_bytes)
     raise ConfigError(f"tiers.{tier.name}.mode: unknown tape mode {tier.mode!r}")

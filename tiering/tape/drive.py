@@ -27,6 +27,7 @@ from pathlib import Path
 from appliance.errors import OutOfSpace, StorageFault
 
 BLOCK_BYTES = 256 << 10  # LTO drives stream best with large fixed blocks; tar reads them with -b 512
+ST_READ_BYTES_MAX = 1 << 20
 GiB = 1 << 30
 
 Sleep = Callable[[float], None]
@@ -226,16 +227,38 @@ class StDrive(TapeDrive):
         self._op(MTWEOF, count)  # count 0 flushes the drive's buffer to the medium
 
     def read(self, size_max: int) -> bytes:
+        # The st driver reads at most its buffer (or the direct-I/O scatter list) per call: stay at 1 MiB.
+        size = max(self.block_bytes, min(size_max, ST_READ_BYTES_MAX) // self.block_bytes * self.block_bytes)
         try:
-            return os.read(self._require(), size_max)
+            return os.read(self._require(), size)
         except OSError as exc:
             if exc.errno == errno.EIO and self.status().at_eod:
                 return b""
             raise TapeError(f"tape {self.device}: read failed: {exc.strerror}") from None
 
+    def tell(self) -> int:
+        """The absolute logical block (MTIOCPOS: the drive's READ POSITION)."""
+        try:
+            raw = fcntl.ioctl(self._require(), MTIOCPOS, bytes(MTPOS.size))
+        except OSError as exc:
+            raise TapeError(f"tape {self.device}: position failed: {exc.strerror}") from None
+        return int(MTPOS.unpack(raw)[0])
+
     def position(self) -> TapePosition:
         status = self.status()
-        return TapePosition(status.file_number, status.block_number, status.at_eod)
+        if status.block_number >= 0:
+            return TapePosition(status.file_number, status.block_number, status.at_eod)
+        # After MTEOM the driver knows the file but not the block within it: measure it as the distance from the
+        # file's start (just past the previous filemark, or the beginning of tape) in absolute blocks.
+        eod = self.tell()
+        if status.file_number > 0:
+            self._op(MTBSF, 1)
+            self._op(MTFSF, 1)
+            start = self.tell()
+        else:
+            start = 0
+        self._op(MTEOM)
+        return TapePosition(status.file_number, eod - start, True)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -284,7 +307,8 @@ class FileDrive(TapeDrive):
         return start, end
 
     def _seek_to(self, offset: int) -> None:
-        self.sleep(abs(offset - self.offset) / GiB * self.seek_s_per_gib)
+        if self.seek_s_per_gib and offset != self.offset:
+            self.sleep(abs(offset - self.offset) / GiB * self.seek_s_per_gib)
         self.offset = offset
 
     # -- TapeDrive
@@ -305,7 +329,8 @@ class FileDrive(TapeDrive):
                 (self._marks and self._marks[-1] > size):
             self.close()
             raise TapeError(f"cartridge {self.data_path.stem}: filemarks beyond its data (a damaged cartridge)")
-        self.sleep(self.load_s)
+        if self.load_s:
+            self.sleep(self.load_s)
         self.file_number, self.offset = 0, 0
 
     def attach(self, file_number: int, offset: int) -> None:

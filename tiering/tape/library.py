@@ -74,6 +74,7 @@ class Cartridge:
     archives: int  # tape files after the label (the last may be open: no filemark yet)
     labelled: bool
     open_archive: bool | None = None  # data after the last filemark (a crash); None: unknown without the tape
+    owner: str | None = None  # the tier its label names; None: unknown without reading the tape
 
 
 class TapeLibrary(ABC):
@@ -135,6 +136,7 @@ class _FlockMixin:
 
 LIBRARY_FILE = "library.json"
 DRIVE_STATE_FILE = "drive.json"
+DRIVE_STATE_BYTES = 256  # labels are 8 characters, positions numbers: the JSON always fits
 
 
 class VirtualLibrary(_FlockMixin, TapeLibrary):
@@ -197,10 +199,28 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
         tmp = self.folder / f".{name}.tmp"
         with open(tmp, "w") as fh:
             json.dump(body, fh)
-            fh.flush()
-            if self.fsync:
+            # The drive state is only a hint (every user positions the head itself; a lost state only costs a
+            # simulated load), so only the cartridge list is flushed.
+            if self.fsync and name == LIBRARY_FILE:
+                fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, self.folder / name)
+        if self.fsync and name == LIBRARY_FILE:
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _save_state(self, state: dict[str, object]) -> None:
+        """The drive state, rewritten in place as one small padded write (a rename per drive operation costs
+        milliseconds on some filesystems). A torn or lost state is only a hint lost: see ``_write_json``."""
+        raw = json.dumps(state).encode().ljust(DRIVE_STATE_BYTES)
+        fd = os.open(self.folder / DRIVE_STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, raw, 0)
+        finally:
+            os.close(fd)
 
     def _state(self) -> dict[str, object]:
         try:
@@ -238,11 +258,11 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
                         other = self._drive(loaded, catalog[loaded]["capacity_bytes"])
                         other.attach(int(str(state["file_number"])), int(str(state["offset"])))
                         other.unload()
-                    self._write_json(DRIVE_STATE_FILE, {"loaded": None, "file_number": 0, "offset": 0})
+                    self._save_state({"loaded": None, "file_number": 0, "offset": 0})
                     drive.load()
                 yield drive
             finally:
-                self._write_json(DRIVE_STATE_FILE, {"loaded": label, "file_number": drive.file_number,
+                self._save_state({"loaded": label, "file_number": drive.file_number,
                                                     "offset": drive.offset})
                 drive.close()
 
@@ -259,7 +279,7 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
                 drive = self._drive(loaded, catalog[loaded]["capacity_bytes"])
                 drive.attach(int(str(state["file_number"])), int(str(state["offset"])))
                 drive.unload()
-            self._write_json(DRIVE_STATE_FILE, {"loaded": None, "file_number": 0, "offset": 0})
+            self._save_state({"loaded": None, "file_number": 0, "offset": 0})
         return loaded
 
     def cartridges(self) -> list[Cartridge]:
@@ -274,13 +294,14 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
             except (FileNotFoundError, ValueError):
                 marks = []
             files = len(marks) + (1 if used > (marks[-1] if marks else 0) else 0)
-            labelled = False
+            volume = None
             if path.exists() and marks:
                 with open(path, "rb") as fh:
-                    labelled = VolumeLabel.decode(fh.read(80)) is not None
+                    volume = VolumeLabel.decode(fh.read(80))
+            labelled = volume is not None
             result.append(Cartridge(label, info["slot"], label == loaded, info["capacity_bytes"], used,
                                     max(0, files - 1) if labelled else files, labelled,
-                                    used > (marks[-1] if marks else 0)))
+                                    used > (marks[-1] if marks else 0), volume.tier if volume else None))
         return result
 
 
@@ -296,9 +317,13 @@ class ChangerElement:
     source_slot: int | None = None  # drives: the slot the cartridge was loaded from
 
 
+# The formats of mtx.c Status(): "Data Transfer Element %d:" + "Full (Storage Element %d Loaded)" or "Full (Unknown
+# Storage Element Loaded)" or "Empty", then ":VolumeTag = %s" and ":AlternateVolumeTag = %s"; "      Storage Element
+# %d%s:%s" with " IMPORT/EXPORT" and "Full " or "Empty", then ":VolumeTag=%s" and ":AlternateVolumeTag=%s".
 _MTX_DRIVE = re.compile(r"^\s*Data Transfer Element (\d+):(Full|Empty)"
-                        r"(?: \(Storage Element (\d+) Loaded\))?(?::VolumeTag\s*=\s*(\S+))?")
-_MTX_SLOT = re.compile(r"^\s*Storage Element (\d+)( IMPORT/EXPORT)?:(Full|Empty)(?:\s*:VolumeTag\s*=\s*(\S+))?")
+                        r"(?: \((?:Storage Element (\d+)|Unknown Storage Element) Loaded\))?"
+                        r"(?::VolumeTag\s*=\s*([^:\s]+))?")
+_MTX_SLOT = re.compile(r"^\s*Storage Element (\d+)( IMPORT/EXPORT)?:(Full|Empty)(?:\s*:VolumeTag\s*=\s*([^:\s]+))?")
 
 
 def parse_mtx_status(text: str) -> list[ChangerElement]:
@@ -353,13 +378,29 @@ class StLibrary(_FlockMixin, TapeLibrary):
         self.changer = MtxChanger(changer) if changer else None
         self.name, self.capacity_bytes, self.block_bytes = name, capacity_bytes, block_bytes
         self.lock_path = _lock_dir() / f"appliance-tape-{device.name}.lock"
+        self.state_path = self.lock_path.with_suffix(".json")
 
     def _loaded_label(self) -> str | None:
+        """Asked of the changer (or the tape's label) once, then remembered next to the lock: only holders of the
+        lock move cartridges (an admin moving one by hand deletes the state file, or runs `appliance tape eject`)."""
+        try:
+            state = json.loads(self.state_path.read_text())
+            return str(state["loaded"]) if state.get("loaded") else None
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
         if self.changer is not None:
             drives = [e for e in self.changer.status() if e.kind == "drive" and e.number == 0]
-            return drives[0].label if drives and drives[0].full else None
-        label = self.read_label(self.drive)
-        return label.barcode if label else None
+            loaded = drives[0].label if drives and drives[0].full else None
+        else:
+            label = self.read_label(self.drive)
+            loaded = label.barcode if label else None
+        self._remember(loaded)
+        return loaded
+
+    def _remember(self, loaded: str | None) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"loaded": loaded}))
+        os.replace(tmp, self.state_path)
 
     @contextmanager
     def session(self, label: str | None) -> Iterator[TapeDrive]:
@@ -385,8 +426,10 @@ class StLibrary(_FlockMixin, TapeLibrary):
         slot = next((e.number for e in elements if e.kind == "slot" and e.label == label), None)
         if slot is None:
             raise NotFound(f"tape tier {self.name}: cartridge {label} is not in the library")
+        self._remember(None)  # while the robot moves, nothing is known to be in the drive
         self.changer.load(slot, 0)
         self.drive.load()
+        self._remember(label)
 
     @staticmethod
     def _empty_slot(elements: list[ChangerElement]) -> int:
@@ -409,6 +452,7 @@ class StLibrary(_FlockMixin, TapeLibrary):
                 elements = self.changer.status()
                 drive = next(e for e in elements if e.kind == "drive" and e.number == 0)
                 self.changer.unload(drive.source_slot or self._empty_slot(elements), 0)
+            self.state_path.unlink(missing_ok=True)
             return loaded
 
     def cartridges(self) -> list[Cartridge]:
@@ -436,12 +480,15 @@ class LtfsLibrary(_FlockMixin, TapeLibrary):
         self.drive = LtfsDrive(mount, fsync)
         self.lock_path = _lock_dir() / f"appliance-ltfs-{name}.lock"
 
-    def _label(self) -> str | None:
+    def _volume(self) -> VolumeLabel | None:
         try:
-            label = VolumeLabel.decode((self.mount / "VOL1.label").read_bytes())
+            return VolumeLabel.decode((self.mount / "VOL1.label").read_bytes())
         except OSError:
             return None
-        return label.barcode if label else None
+
+    def _label(self) -> str | None:
+        volume = self._volume()
+        return volume.barcode if volume else None
 
     @contextmanager
     def session(self, label: str | None) -> Iterator[TapeDrive]:
@@ -464,11 +511,13 @@ class LtfsLibrary(_FlockMixin, TapeLibrary):
         return self._label()  # unmounting is the admin's (`umount`, then `ltfs` on the next cartridge)
 
     def cartridges(self) -> list[Cartridge]:
-        label = self._label()
-        if label is None:
+        volume = self._volume()
+        if volume is None:
             return []
+        label = volume.barcode
         files = [n for n in self.drive.files() if n > 0]
         sizes = [self.drive.path_of(n).stat().st_size for n in files]
         used = sum(sizes)
         archives = len(files) - (1 if sizes and sizes[-1] == 0 else 0)  # the empty file after the last filemark
-        return [Cartridge(label, None, True, self.capacity_bytes, used, archives, True, bool(sizes and sizes[-1]))]
+        return [Cartridge(label, None, True, self.capacity_bytes, used, archives, True, bool(sizes and sizes[-1]),
+                          volume.tier)]
