@@ -211,7 +211,10 @@ def recover(store: BlobStore, index: StudyIndex, policy: str = "keep-first") -> 
     for name in store.backends:
         index.seal_containers(name, [c.name for c in index.containers(name) if not c.sealed])
     index.sync()  # what recovery did is durable before any worker builds on it
-    totals["deleted"] = index.collect_garbage(index.pending_gc(), lambda b, n: _remove(store, b, n))
+    # Only the online volumes' rows: a tier container's row (an archive a mover emptied) is the movers' to delete
+    # (`tier run` resumes it); collecting it here would drop the row and leave the archive behind.
+    online_gc = [(backend, name) for backend, name in index.pending_gc() if backend in store.backends]
+    totals["deleted"] = index.collect_garbage(online_gc, lambda b, n: _remove(store, b, n))
     return totals
 
 

@@ -117,3 +117,25 @@ def test_corrupt_multi_chunk_copy_raises_before_its_last_chunk(store: BlobStore)
         for chunk in store.open_blob(hashlib.sha256(big).hexdigest(), BlobRecord(len(big), 1, [copy])):
             got.append(chunk)
     assert sum(map(len, got)) < len(big)  # the reader never had the whole (wrong) blob
+
+
+def test_startup_recovery_leaves_tier_gc_rows_to_the_movers(tmp_path: Path) -> None:
+    """A gc row of a tier's container (a mover killed after its switch) survives the server's startup recovery,
+    so that the next `tier run` deletes the archive instead of forgetting it."""
+    from appliance.config import Config, StorageConfig
+    from appliance.index.db import StudyIndex
+    from appliance.index.env import container_key
+    from appliance.store.online import recover
+
+    init_volume(tmp_path / "vol0", "vol0")
+    config = Config(storage=StorageConfig(index_path=tmp_path / "index"),
+                    volumes=(VolumeConfig("vol0", tmp_path / "vol0", 0.999),))
+    index = StudyIndex(tmp_path / "index")
+    store = BlobStore.open(config, index=index)
+    try:
+        index._write(lambda txn: txn.put(container_key("nl", "nl0/archive-1.tar"), b"", db=index.dbs["gc"]))
+        recover(store, index)
+        assert index.pending_gc() == [("nl", "nl0/archive-1.tar")]
+    finally:
+        store.close()
+        index.close()
