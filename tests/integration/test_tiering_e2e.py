@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from appliance.index.db import StudyIndex
 from appliance.index.records import part10_dataset_offset
 from tests.conftest import APPLIANCE, DCMTK_ENV, ServerHandle, dataset_bytes, dcmtk, free_port, wait_for
 from tests.peers import ct_instances
@@ -28,6 +29,7 @@ def tiers_toml(root: Path, recall_wait_s: float) -> str:
 [tiering]
 audit_log = "{root}/audit.jsonl"
 recall_wait_s = {recall_wait_s}
+access_flush_s = 0.2
 rate_bytes_per_s = 1073741824
 
 [[tiers]]
@@ -97,6 +99,16 @@ def move(server: ServerHandle, study: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def last_access_ns(server: ServerHandle, study: str) -> int:
+    index = StudyIndex(server.root / "var/index", readonly=True)
+    try:
+        key = index.study_key(study)
+        assert key is not None
+        return index.placement(key).last_access_ns
+    finally:
+        index.close()
+
+
 def export(server: ServerHandle, study: str, dest: Path) -> dict[str, bytes]:
     server.cli("export", study, str(dest))
     return {p.name: p.read_bytes() for p in dest.iterdir()}
@@ -143,10 +155,13 @@ def test_online_nearline_tape_recall_and_back(make_server: Callable[..., ServerH
     assert availability(server, study, series) == {"NEARLINE"}
     assert export(server, study, tmp_path / "x-nearline") == reference
     # C-MOVE from nearline: the datasets arrive as they were received (storescp +B writes them as they come).
+    moved_at_ns = time.time_ns()  # (after the export, which records its own access)
     assert "(Success)" in move(server, study).stderr
     sent = [dataset_bytes(p) for p in received.iterdir()]
     assert len(sent) == 4
     assert sorted(sent) == sorted(raw[part10_dataset_offset(raw[:65536])[0]:] for raw in reference.values())
+    # The C-MOVE was recorded as an access (batched by the worker, written within access_flush_s).
+    wait_for(lambda: last_access_ns(server, study) > moved_at_ns, 30, what="last access recorded")
     tiers = verify_clean(server)
     assert tiers["nl"]["checked"] == 4 and tiers["online"]["checked"] == 0
 

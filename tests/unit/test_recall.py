@@ -195,3 +195,13 @@ def test_tier_gauges_from_the_index(site: Site) -> None:
     _observe(recall_queued(site.config, site.index, site.store))
     assert value("appliance_recall_seconds_count") == before + 1
     assert (value("appliance_tier_migration_bytes_total", from_tier="lto", to_tier="online") or 0) > 0
+
+
+def test_after_the_wait_the_online_part_goes_and_the_tape_part_fails(site: Site) -> None:
+    online, _ = site.ingest(1)
+    taped, _ = site.ingest(1)
+    site.to_tier(taped, "lto")
+    matches = _matches(site, online) + _matches(site, taped)
+    got = asyncio.run(await_recalls(site.index, matches, "c-move", 0.0, 10, lambda: False, _in_thread))
+    assert sorted(m.availability for m in got) == [OFFLINE, ONLINE]  # not refused: the online one is sent
+    assert len(site.index.recalls()) == 1
