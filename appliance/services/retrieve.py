@@ -234,6 +234,8 @@ async def await_recalls(index: StudyIndex, matches: list[Match], by: str, wait_s
         if not waiting or left <= 0:
             break
         await asyncio.sleep(min(RECALL_POLL_S, left))
+    if cancelled():
+        return matches  # C-CANCEL (or the association ended) while waiting: the caller answers Cancel
     fresh: dict[str, str] = {}
     for study_key in {m.study_key for m in matches if m.availability == OFFLINE}:
         for key, rec in await run(index.instances_under, study_key.split(SEP, 1)[1]):
