@@ -171,7 +171,10 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     await asyncio.to_thread(committer.close)
     flusher.cancel()
     metrics.flush()
-    await asyncio.wait_for(access_flusher, 10)  # the last notes, after the last retrieve
+    try:
+        await asyncio.wait_for(access_flusher, 10)  # the last notes, after the last retrieve
+    except Exception:  # last access is a hint for the policies: never a reason to fail a shutdown
+        log.exception("writing the last access notes")
     blobstore.close()
     index.close()
     if faults:
