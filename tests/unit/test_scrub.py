@@ -70,3 +70,14 @@ def test_a_copy_missing_from_the_tier_listing_is_reported(site: Site) -> None:
 def test_unknown_tier_is_refused(site: Site) -> None:
     with pytest.raises(Exception, match="no tier named"):
         scrub(site.config, site.index, site.store, {"glacier"})
+
+
+def test_reads_are_rate_limited_per_tier(site: Site) -> None:
+    import time
+
+    site.ingest(3)
+    started = time.monotonic()
+    report = scrub(site.config, site.index, site.store, {"online"}, bytes_per_s=200_000)
+    elapsed = time.monotonic() - started
+    read = report.tiers["online"].bytes_read
+    assert read > 100_000 and elapsed >= read / 200_000 * 0.9, (read, elapsed)
