@@ -138,11 +138,18 @@ def _hashed(chunks: Iterator[bytes], digest: str, where: str) -> Iterator[bytes]
     which lets ``open_blob`` try the next copy."""
     hasher = hashlib.sha256()
     held: bytes | None = None
-    for chunk in chunks:
-        hasher.update(chunk)
-        if held is not None:
-            yield held
-        held = chunk
+    try:
+        for chunk in chunks:
+            hasher.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+    finally:
+        # A reader that stops early closes us: close the backend's reader now (a tape read holds the drive), not
+        # whenever the garbage collector gets to it.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     if hasher.hexdigest() != digest:
         log.error("a copy on %s does not hash to its name: not served (run `appliance verify`)", where)
         raise BlobCorrupt(f"copy on {where} does not hash to its name")
