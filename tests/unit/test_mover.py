@@ -103,7 +103,7 @@ def test_move_online_to_nearline_then_tape(rig: Rig) -> None:
     assert rig.index.pending_gc() == []
     assert rig.read("1.1.1.1") == rig.data["1.1.1.1"]
     lines = read_audit(rig.config.tiering.audit_log)
-    assert [(ln["study"], ln["source"], ln["target"], ln["outcome"], ln["instances"]) for ln in lines] == [
+    assert [(ln["study"], ln["from"], ln["to"], ln["outcome"], ln["instances"]) for ln in lines] == [
         ("1.1", "online", "nl", "moved", 3), ("1.1", "nl", "tape", "moved", 3)]
     assert lines[0]["bytes"] == 9000 and lines[0]["policy"] == "test-policy"
 
