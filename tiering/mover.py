@@ -95,7 +95,7 @@ class MoveResult:
     instances: int = 0
     bytes: int = 0  # bytes copied (blobs already on the target are not copied again)
     seconds: float = 0.0
-    outcome: str = "moved"  # moved, failed, refused, vanished
+    outcome: str = "failed"  # moved, failed, refused, vanished
     error: str = ""
     resumed: bool = False
 
@@ -190,15 +190,17 @@ class Mover:
         target = self.tiers[planned.target]
         blobs = self.index.study_blobs(planned.study_key)
         result.instances = len(blobs)
+        # Until the switch, the move has not happened: an exception of any kind is audited as a failure.
+        result.outcome, result.error = "failed", "stopped before the switch"
         container = ""
         switched = False
         try:
             if not blobs:
-                result.outcome = "vanished"
+                result.outcome, result.error = "vanished", ""
                 self.index.forget_move(planned.study_key)
                 return result
             if len(blobs) > self.config.tiering.study_instances_max:
-                result.outcome = "refused"
+                result.outcome = "refused"  # its error follows
                 result.error = (f"{len(blobs)} instances, more than tiering.study_instances_max "
                                 f"({self.config.tiering.study_instances_max})")
                 self.index.forget_move(planned.study_key)
@@ -228,12 +230,14 @@ class Mover:
             self.index.switch_study(planned.study_key, added, drop, availability, planned.target,
                                     self.clock_ns(), move_done=True)
             switched = True
+            result.outcome, result.error = "moved", ""
             # The move is decided by the switch: its audit line goes out now, not after the deletes (a crash
             # there would lose the line of a completed move).
             self._audit(planned, result, started)
             self._phase("switched")
             self._collect_after_switch()
-        except StorageFault:
+        except StorageFault as exc:
+            result.error = str(exc)
             raise  # fail-stop: the journal stays, the next run redoes the move
         except (ApplianceError, OSError) as exc:
             result.outcome, result.error = "failed", str(exc)
@@ -246,10 +250,10 @@ class Mover:
 
     def _audit(self, planned: PlannedMove, result: MoveResult, started: float) -> None:
         result.seconds = time.monotonic() - started
-        self.audit.write("move", study=planned.study_uid, policy=planned.policy, source=planned.source,
-                         target=planned.target, instances=result.instances, bytes=result.bytes,
-                         seconds=round(result.seconds, 3), outcome=result.outcome, error=result.error,
-                         resumed=planned.reason.startswith("resumed"))
+        tiers = {"from": planned.source, "to": planned.target}  # keys as an admin reads them ("from" is a keyword)
+        self.audit.write("move", study=planned.study_uid, policy=planned.policy, **tiers, instances=result.instances,
+                         bytes=result.bytes, seconds=round(result.seconds, 3), outcome=result.outcome,
+                         error=result.error, resumed=planned.reason.startswith("resumed"))
 
     def _abandon(self, planned: PlannedMove, target: BlobBackend, container: str) -> None:
         """A failed move: its container holds nothing named; remove it and the journal (the study stays where it

@@ -53,6 +53,11 @@ def test_kill9_in_each_phase_then_the_next_run_completes(tmp_path: Path, phase: 
     if phase != "switched":
         # The interrupted move was redone from the journal.
         assert report["resumed"] == 1
+    # And as an admin gets them back: `appliance export` (nearline copies decompressed on the way).
+    for study in ("1.1", "1.2", "1.3"):
+        subprocess.run([*APPLIANCE, "export", study, str(tmp_path / "out"), "-c", str(config)], capture_output=True,
+                       timeout=60, check=True)
+    assert {p.stem: p.read_bytes() for p in (tmp_path / "out").iterdir()} == data
     # One line per completed move, the interrupted one included (its line is written at its switch).
     moved = [(ln["study"], ln["outcome"]) for ln in read_audit(tmp_path / "audit.jsonl")]
     assert sorted(moved) == [("1.1", "moved"), ("1.2", "moved")]

@@ -103,7 +103,7 @@ def test_move_online_to_nearline_then_tape(rig: Rig) -> None:
     assert rig.index.pending_gc() == []
     assert rig.read("1.1.1.1") == rig.data["1.1.1.1"]
     lines = read_audit(rig.config.tiering.audit_log)
-    assert [(ln["study"], ln["source"], ln["target"], ln["outcome"], ln["instances"]) for ln in lines] == [
+    assert [(ln["study"], ln["from"], ln["to"], ln["outcome"], ln["instances"]) for ln in lines] == [
         ("1.1", "online", "nl", "moved", 3), ("1.1", "nl", "tape", "moved", 3)]
     assert lines[0]["bytes"] == 9000 and lines[0]["policy"] == "test-policy"
 
@@ -253,3 +253,34 @@ def test_one_mover_at_a_time(tmp_path: Path) -> None:
                 pass
     with tiering_lock(tmp_path, "scheduled run"):
         pass
+
+
+def test_unmounted_target_fails_the_move_and_leaves_the_study_online(rig: Rig) -> None:
+    marker = rig.config.tiers[0].volumes[0].path / ".appliance-nearline"
+    saved = marker.read_bytes()
+    marker.unlink()  # what an unmounted NAS looks like
+    result = rig.mover.move(rig.planned("1.1"))
+    assert result.outcome == "failed" and "no volume takes new archives" in result.error
+    assert rig.availability("1.1") == {ONLINE} and rig.index.moves() == []
+    assert rig.read("1.1.1.0") == rig.data["1.1.1.0"]
+    marker.write_bytes(saved)
+    assert rig.mover.move(rig.planned("1.1")).outcome == "moved"
+
+
+def test_a_delete_that_fails_after_the_switch_is_done_by_the_next_run(rig: Rig) -> None:
+    from appliance.errors import VolumeError
+
+    rig.mover.move(rig.planned("1.1"))
+    real_remove = rig.nl.remove_container
+
+    def unmounted(name: str) -> None:
+        raise VolumeError("nearline volume nl0 is not mounted")
+
+    rig.nl.remove_container = unmounted  # type: ignore[method-assign]
+    result = rig.mover.move(rig.planned("1.1", "nl", "tape"))
+    assert result.outcome == "moved" and rig.availability("1.1") == {OFFLINE}  # the switch stands
+    assert [b for b, _n in rig.index.pending_gc()] == ["nl"] and len(archives(rig)) == 1
+    rig.nl.remove_container = real_remove  # type: ignore[method-assign]
+    assert rig.mover.resume() == []
+    assert rig.index.pending_gc() == [] and archives(rig) == []
+    assert rig.read("1.1.1.1") == rig.data["1.1.1.1"]
