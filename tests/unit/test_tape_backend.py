@@ -415,3 +415,28 @@ def test_init_tier_creates_labelled_cartridges_once_and_refuses_another_tiers_li
         ("VTL001L6", 8 << 20, True), ("VTL002L6", 8 << 20, True), ("VTL003L6", 8 << 20, True)]
     with pytest.raises(ConfigError, match="tape1"):
         init_tier(TierConfig("other", "tape", path=tmp_path / "vtl"))
+
+
+def test_a_damaged_member_is_never_served_and_no_descriptor_leaks(tmp_path: Path) -> None:
+    lib = library(tmp_path)
+    tape = backend(lib)
+    good, bad = blob(1, 200_000), blob(2, 200_000)
+    good_loc, bad_loc = (tape.put(meta(d), Bytes(d)) for d in (good, bad))
+    tape.sync()
+    _c, _record, data_offset, stored, _size = parse_location(bad_loc)
+    marks = [int(x) for x in (lib.folder / "VTL001L6.marks").read_text().split()]
+    with open(lib.folder / "VTL001L6.tape", "r+b") as fh:
+        fh.seek(marks[0] + data_offset + stored - 10)  # the last frame of the member
+        fh.write(b"\xff\xfe")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(BlobMissing):
+            tape.read(bad_loc)
+        with pytest.raises(BlobMissing):
+            tape.sha256(bad_loc)
+        with pytest.raises(BlobMissing):
+            tape.read("VTL001L6/7:0:512:10:10")  # no such tape file
+        assert tape.read(good_loc) == good
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    report = verify_cartridge(tape, "VTL001L6")
+    assert [f.where for f in report.findings] == ["VTL001L6/1", bad_loc]  # open archive; the damaged member
