@@ -536,30 +536,34 @@ def scan_archive(fileobj: BinaryIO, where: str = "archive") -> Iterator[Member]:
 
 
 def read_catalog(read_at: ReadAt, archive_bytes: int, where: str = "archive") -> list[Member]:
-    """The members the catalog at the archive's end lists, found from its end (no scan of the archive)."""
-    end = archive_bytes - len(END_OF_ARCHIVE)
-    if end < BLOCK or end % BLOCK or read_at(end, len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
-        raise ArchiveTruncated(f"{where}: no end-of-archive where the archive ends")
+    """The members the catalog at the archive's end lists, found from its end (no scan of the archive). Zero
+    blocks after the end-of-archive (a tape writer padding its last block) are allowed."""
+    if archive_bytes % BLOCK:
+        raise ArchiveTruncated(f"{where}: {archive_bytes} bytes is not a whole number of tar blocks")
     window = 64 << 10
+    zero = b"\x00" * BLOCK
     while True:
-        start = max(0, end - window)
+        start = max(0, archive_bytes - window)
         start -= start % BLOCK
-        tail = _read_exact(read_at, start, end - start, where)
-        for pos in range(len(tail) - BLOCK, -1, -BLOCK):
-            block = tail[pos : pos + BLOCK]
-            if not block.startswith(CATALOG_NAME.encode() + b"\x00") or block[257:262] != b"ustar":
-                continue
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-            except tarfile.HeaderError:
-                continue
-            if start + pos + BLOCK + info.size + (-info.size) % BLOCK != end:
-                continue
-            data = tail[pos + BLOCK : pos + BLOCK + info.size]
-            return _catalog_members(data, where)
+        tail = _read_exact(read_at, start, archive_bytes - start, where)
+        last = next((pos for pos in range(len(tail) - BLOCK, -1, -BLOCK) if tail[pos : pos + BLOCK] != zero), None)
+        if last is not None:
+            end = start + last + BLOCK  # the catalog's data, padded, ends here
+            if archive_bytes - end < len(END_OF_ARCHIVE):
+                raise ArchiveTruncated(f"{where}: no end-of-archive after the last member")
+            for pos in range(last, -1, -BLOCK):
+                block = tail[pos : pos + BLOCK]
+                if not block.startswith(CATALOG_NAME.encode() + b"\x00") or block[257:262] != b"ustar":
+                    continue
+                try:
+                    info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                except tarfile.HeaderError:
+                    continue
+                if start + pos + BLOCK + info.size + (-info.size) % BLOCK == end:
+                    return _catalog_members(tail[pos + BLOCK : pos + BLOCK + info.size], where)
         if start == 0 or window >= CATALOG_BYTES_MAX:
             raise BlobCorrupt(f"{where}: no catalog member before the end-of-archive")
-        window *= 4
+        window = min(window * 4, CATALOG_BYTES_MAX)
 
 
 def _catalog_members(data: bytes, where: str) -> list[Member]:

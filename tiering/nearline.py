@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -75,7 +74,6 @@ OPEN_ARCHIVES_MAX = 64
 # for every 64 KiB the BufferedReader asks for). ~0.5 KB each.
 MEMBERS_CACHED_MAX = 8192
 COPY_CHUNK = 1 << 20
-_HINT = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def archive_stored_bytes(location: Location) -> int:
@@ -98,7 +96,7 @@ class _Pending:
     final: str
     fh: BinaryIO
     writer: ArchiveWriter
-    broken: bool = False
+    error: Exception | None = None  # a write failed: the archive is given up, puts and sync raise this again
 
 
 class NearlineVolume:
@@ -244,8 +242,9 @@ class NearlineBackend(BlobBackend):
 
     def _open_archive(self, hint: str) -> _Pending:
         volume = self._pick_volume()
-        clean = _HINT.sub("_", hint)[:48] or "archive"
-        file_name = f"{clean}-{time.time_ns():016x}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+        # The hint is hashed: a caller passing a study UID must not put it into file names on a shared NAS.
+        named = hashlib.sha256(hint.encode()).hexdigest()[:16]
+        file_name = f"{named}-{time.time_ns():016x}-{uuid.uuid4().hex[:8]}{SUFFIX}"
         partial = volume.partial_path(file_name)
         try:
             fh = open(partial, "xb", buffering=COPY_CHUNK)  # noqa: SIM115 - closed at sync, close or discard
@@ -262,48 +261,61 @@ class NearlineBackend(BlobBackend):
     def put(self, meta: BlobMeta, source: BlobSource) -> Location:
         assert source.size == meta.size
         pending = self._current if self._current is not None else self._open_archive("blobs")
-        if pending.broken:
-            raise StorageFault(f"nearline {self.name}: archive {pending.container} failed to write earlier")
+        if pending.error is not None:
+            raise _again(pending.error, f"nearline {self.name}: archive {pending.container} failed earlier")
         try:
             member = pending.writer.add(meta, source.chunks(COPY_CHUNK))
         except OSError as exc:
-            pending.broken = True
-            raise _write_error(self.name, pending.volume.name, exc) from None
-        except ValueError:
-            pending.broken = pending.writer.broken  # a short source: harmless unless half of it went out (raw)
+            pending.error = _write_error(self.name, pending.volume.name, exc)
+            raise pending.error from None
+        except ValueError as exc:
+            if pending.writer.broken:  # a short source is harmless unless half of it went out (raw members)
+                pending.error = exc
             raise
         return make_location(pending.container, member)
 
     def sync(self) -> None:
-        """Finish, fsync and rename into place every archive written since the last sync."""
+        """Finish, fsync and rename into place every archive written since the last sync. After a failure none of
+        the group's archives counts (the rest are discarded): the caller acknowledges nothing of it."""
         pending, self._pending, self._current = self._pending, [], None
-        for p in pending:
-            if p.broken:
+        done = 0
+        try:
+            for p in pending:
+                self._finish(p)
+                done += 1
+        except BaseException:
+            for p in pending[done:]:
                 self._discard(p)
-                raise StorageFault(f"nearline {self.name}: archive {p.container} was not written whole")
-            try:
-                p.writer.finish()
-                p.fh.flush()
+            raise
+
+    def _finish(self, p: _Pending) -> None:
+        if p.error is not None:
+            raise _again(p.error, f"nearline {self.name}: archive {p.container} was not written whole")
+        try:
+            p.writer.finish()
+            p.fh.flush()
+        except OSError as exc:  # a full volume refuses this archive; the move is tried again later
+            raise _write_error(self.name, p.volume.name, exc) from None
+        try:
+            if self.tier.fsync:
+                os.fsync(p.fh.fileno())
+        except OSError as exc:
+            raise StorageFault(f"nearline {self.name}: fsync of archive {p.container} failed: {exc.strerror}; "
+                               "the page cache can no longer be trusted") from None
+        p.fh.close()
+        shard = os.path.dirname(p.final)
+        try:
+            if not os.path.isdir(shard):
+                os.makedirs(shard, mode=0o700, exist_ok=True)
                 if self.tier.fsync:
-                    os.fsync(p.fh.fileno())
-            except OSError as exc:
-                self._discard(p)
-                raise StorageFault(f"nearline {self.name}: finishing archive {p.container} failed: "
-                                   f"{exc.strerror}; the page cache can no longer be trusted") from None
-            p.fh.close()
-            shard = os.path.dirname(p.final)
-            try:
-                if not os.path.isdir(shard):
-                    os.makedirs(shard, mode=0o700, exist_ok=True)
-                    if self.tier.fsync:
-                        fsync_dir(p.volume.archives)
-                os.rename(p.partial, p.final)
-                if self.tier.fsync:
-                    fsync_dir(shard)
-                    fsync_dir(p.volume.tmp)
-            except OSError as exc:
-                raise StorageFault(f"nearline {self.name}: publishing archive {p.container} failed: "
-                                   f"{exc.strerror}") from None
+                    fsync_dir(p.volume.archives)
+            os.rename(p.partial, p.final)
+            if self.tier.fsync:
+                fsync_dir(shard)
+                fsync_dir(p.volume.tmp)
+        except OSError as exc:
+            raise StorageFault(f"nearline {self.name}: publishing archive {p.container} failed: "
+                               f"{exc.strerror}") from None
 
     def _discard(self, p: _Pending) -> None:
         try:
@@ -526,6 +538,13 @@ class NearlineBackend(BlobBackend):
 
     def usage(self) -> tuple[Usage, ...]:
         return tuple(volume.usage() for volume in self.volumes.values())
+
+
+def _again(error: Exception, message: str) -> Exception:
+    """The error an archive failed with, raised again (same class: a full volume stays OutOfSpace, not a fault)."""
+    if isinstance(error, OutOfSpace | StorageFault | ValueError):
+        return type(error)(f"{message}: {error}")
+    return StorageFault(f"{message}: {error}")
 
 
 def _write_error(tier: str, volume: str, exc: OSError) -> Exception:

@@ -85,6 +85,8 @@ def test_round_trip_is_byte_exact_and_every_index_agrees(tmp_path: Path, level: 
     with open(path, "rb") as fh:
         assert list(scan_archive(fh)) == members
     assert read_catalog(read_at, os.path.getsize(path)) == members
+    padded = path.read_bytes() + b"\x00" * (64 << 10)  # a tape writer's last block padded with zeros
+    assert read_catalog(lambda o, n: padded[o : o + n], len(padded)) == members
     assert path.read_bytes().endswith(END_OF_ARCHIVE)
     if level:
         assert members[3].stored_bytes < len(TEXTISH) // 5 and len(members[3].frames) == -(-len(TEXTISH) // FRAME)
@@ -319,3 +321,10 @@ def test_member_reader_decompresses_each_frame_once_when_read_in_small_pieces(tm
             assert fh.read(10) == data[FRAME - 3 : FRAME + 7]
             fh.seek(-5, io.SEEK_END)
             assert fh.read() == data[-5:]
+
+
+def test_a_catalog_larger_than_the_first_window_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "a.tar"
+    blobs = [b"instance %d" % i for i in range(600)]  # a catalog of ~200 KB: read from the end in growing windows
+    members = write_archive(path, blobs)
+    assert read_catalog(reader(path), os.path.getsize(path)) == members

@@ -113,7 +113,7 @@ def test_placement_skips_volumes_above_their_watermark(tmp_path: Path) -> None:
 def test_begin_container_names_the_archive_the_puts_go_to(tier: TierConfig) -> None:
     backend = open_nearline(tier)
     container = backend.begin_container("1.2.840.99/../x")
-    assert ":" not in container and "/../" not in container
+    assert ":" not in container and "/../" not in container and "840.99" not in container  # no UID in names
     locations = [backend.put(meta_for(b), Bytes(b)) for b in (BIG, b"", b"tail")]
     assert {backend.container_of(loc) for loc in locations} == {container}
     with pytest.raises(BlobMissing):  # not published before sync: never readable half written
@@ -280,3 +280,72 @@ def test_kill_9_while_writing_loses_no_synced_blob_and_recover_removes_partials(
         run = subprocess.run(["tar", "-tf", backend.archive_file(container)], capture_output=True, check=True)
         assert run.stderr == b""
     assert backend.recover(lambda _c: None).counts["removed_partial"] == 0
+
+
+FULL = """
+import hashlib, os, resource, signal, sys
+from pathlib import Path
+from appliance.config_tiering import TierConfig, TierVolumeConfig
+from appliance.errors import OutOfSpace
+from appliance.store.backend import BlobMeta, BlobSource
+from tiering.nearline import open_nearline
+
+class Bytes(BlobSource):
+    def __init__(self, data): self.data, self.size = data, len(data)
+    def chunks(self, n):
+        for i in range(0, len(self.data), n): yield self.data[i:i + n]
+
+def put(backend, data):
+    return backend.put(BlobMeta(hashlib.sha256(data).hexdigest(), len(data), 1, "AE"), Bytes(data))
+
+root = Path(sys.argv[1])
+tier = TierConfig("near", "nearline", volumes=(TierVolumeConfig("nv0", root / "nv0", 0.999),), frame_bytes=64 << 10)
+backend = open_nearline(tier)
+# The volume "fills up": files may not grow beyond 2 MiB (EFBIG, as ENOSPC would be, without a tiny filesystem).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.RLIM_INFINITY))
+backend.begin_container("big")
+outcomes = []
+for step in ("put", "put again", "sync"):
+    try:
+        put(backend, os.urandom(3 << 20)) if step != "sync" else backend.sync()
+        outcomes.append(f"{step}: ok")
+    except OutOfSpace:
+        outcomes.append(f"{step}: out of space")
+outcomes.append("partials: %d" % len(os.listdir(root / "nv0" / "tmp")))
+backend.begin_container("small")
+loc = put(backend, b"fits")
+backend.sync()
+outcomes.append("small: " + backend.read(loc).decode())
+print("\\n".join(outcomes))
+"""
+
+
+def test_a_full_volume_refuses_the_archive_without_a_fault(tmp_path: Path) -> None:
+    t = tier_of(tmp_path, "nv0")
+    init_tier(t)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", FULL, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:5] == ["put: out of space", "put again: out of space", "sync: out of space",
+                                          "partials: 0", "small: fits"]
+
+
+def test_concurrent_readers_with_a_small_descriptor_cache_read_the_right_bytes(tier: TierConfig) -> None:
+    """Threads evicting each other's archives from a 2-entry LRU: a descriptor is never closed under a read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = NearlineBackend(tier, open_archives_max=2)
+    blobs = [bytes([i]) * (FRAME + 1000 * i) for i in range(10)]
+    locations = [put_synced(backend, [b], hint=f"s{i}")[0] for i, b in enumerate(blobs)]
+
+    def reader(seed: int) -> int:
+        for n in range(60):
+            i = (seed * 7 + n * 3) % len(blobs)
+            assert backend.read(locations[i], FRAME - 10, 20) == blobs[i][FRAME - 10 : FRAME + 10]
+        return seed
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(reader, range(8))) == list(range(8))
+    backend.close()
