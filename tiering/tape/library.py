@@ -114,6 +114,7 @@ class TapeLibrary(ABC):
     def write_label(self, drive: TapeDrive, label: VolumeLabel) -> None:
         """Tape file 0 = the label; everything after it is erased (the cartridge starts blank)."""
         drive.rewind()
+        drive.erase_from_head()  # LTFS: files are never rewritten, so the old ones go first
         drive.write(label.encode().ljust(drive.block_bytes, b"\x00"))
         drive.write_filemarks(1)
 
