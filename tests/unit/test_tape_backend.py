@@ -439,3 +439,31 @@ def test_a_damaged_member_is_never_served_and_no_descriptor_leaks(tmp_path: Path
     assert len(os.listdir("/proc/self/fd")) == fds_before
     report = verify_cartridge(tape, "VTL001L6")
     assert [f.where for f in report.findings] == ["VTL001L6/1", bad_loc]  # open archive; the damaged member
+
+
+def test_listing_a_cartridge_reads_headers_and_spaces_over_the_data(tmp_path: Path) -> None:
+    """list() (index rebuild) reads each member's headers and spaces over its data, as MTFSR does on a drive."""
+    from tiering.tape.drive import FileDrive
+
+    read_bytes = [0]
+
+    class CountingDrive(FileDrive):
+        def read(self, size_max: int) -> bytes:
+            data = super().read(size_max)
+            read_bytes[0] += len(data)
+            return data
+
+    class CountingLibrary(VirtualLibrary):
+        def _drive(self, label: str, capacity_bytes: int) -> FileDrive:
+            return CountingDrive(self.folder / f"{label}.tape", capacity_bytes, self.block_bytes, fsync=False)
+
+    lib = library(tmp_path)
+    tape = backend(lib)
+    datas = [blob(i, 1 << 20) for i in range(12)]
+    locations = [tape.put(meta(d), Bytes(d)) for d in datas]
+    tape.sync()
+    tape.seal()
+    counting = TapeBackend("tape1", CountingLibrary(lib.folder, "tape1", block_bytes=BLOCK, fsync=False))
+    listed = [s.location for s in counting.list()]
+    assert listed == locations
+    assert read_bytes[0] < sum(map(len, datas)) // 10  # headers (a block each) and the catalog, not the data
