@@ -285,7 +285,9 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
 
     def cartridges(self) -> list[Cartridge]:
         catalog = self._catalog()
-        loaded = self.loaded()
+        # Read without the drive lock (a hint, and callable inside a session of this thread without a deadlock).
+        state_loaded = self._state()["loaded"]
+        loaded = str(state_loaded) if state_loaded else None
         result = []
         for label, info in sorted(catalog.items()):
             path = self.folder / f"{label}.tape"
