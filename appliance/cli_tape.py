@@ -102,10 +102,16 @@ def label(
         info = known.get(cartridge)
         if info is None and known:
             raise errors.NotFound(f"no cartridge {cartridge} in tape tier {backend.name}")
-        with backend.library.session(cartridge) as drive:
+        # A blank cartridge in a drive (st, LTFS) is known by no label yet: use whatever is loaded.
+        with backend.library.session(cartridge if info is not None else None) as drive:
             existing = backend.library.read_label(drive)
             drive.position_file(0)
             foreign = existing is None and bool(drive.read(drive.block_bytes))  # data, but not our label
+            try:  # an archive after the label (virtual cartridges also count them; st and LTFS only so)
+                drive.position_file(1)
+                foreign = foreign or bool(drive.read(drive.block_bytes))
+            except errors.ApplianceError:
+                pass  # no tape file 1: nothing was written after the label
             has_data = (bool(info and info.archives > 0) or foreign
                         or (existing is not None and existing.tier != backend.name))
             if has_data and not force:

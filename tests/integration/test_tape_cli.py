@@ -93,3 +93,22 @@ def test_tape_commands(tmp_path: Path) -> None:
     assert missing.returncode == 3 and "no cartridge VTL009L6" in missing.stderr
     assert run(tmp_path, "list", "--tier", "nope").returncode == 3
     assert run(tmp_path, "label", "bad-label").returncode == 78
+
+
+def test_label_a_blank_ltfs_cartridge(tmp_path: Path) -> None:
+    (tmp_path / "ltfs").mkdir()
+    (tmp_path / "appliance.toml").write_text(CONFIG.replace('mode = "virtual"\npath = "vtl"',
+                                                            'mode = "ltfs"\npath = "ltfs"'))
+    assert json.loads(run(tmp_path, "list", "--json").stdout)["cartridges"] == []
+    labelled = run(tmp_path, "label", "LTF001L8")
+    assert labelled.returncode == 0, labelled.stderr
+    listed = json.loads(run(tmp_path, "list", "--json").stdout)["cartridges"]
+    assert [(c["label"], c["archives"], c["labelled"]) for c in listed] == [("LTF001L8", 0, True)]
+    assert (tmp_path / "ltfs" / "VOL1.label").read_bytes()[:10] == b"VOL1LTF001"
+    (tmp_path / "ltfs" / "1.tar").write_bytes(b"x" * 1024)  # an archive written since
+    refused = run(tmp_path, "label", "LTF001L8")
+    assert refused.returncode == 1 and "holds data" in refused.stderr
+    forced = run(tmp_path, "label", "LTF001L8", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in (tmp_path / "ltfs").iterdir()) == ["1.tar", "VOL1.label"]
+    assert (tmp_path / "ltfs" / "1.tar").read_bytes() == b""  # erased: the empty file after the label's filemark

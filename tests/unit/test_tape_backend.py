@@ -89,8 +89,7 @@ def test_a_cartridge_that_fills_mid_run_closes_its_archive_and_continues_on_the_
     # The full cartridge's archive was closed with its catalog, and it lists exactly the members written there.
     first = "VTL001L6/1"
     raw = tape_file(lib, first)
-    end = len(raw.rstrip(b"\0")) + (-len(raw.rstrip(b"\0"))) % 512 + 1024
-    catalog = read_catalog(lambda o, n: raw[o : o + n], end)
+    catalog = read_catalog(lambda o, n: raw[o : o + n], len(raw))
     assert sorted(m.meta.digest for m in catalog) == sorted(
         hashlib.sha256(d).hexdigest() for loc, d in stored.items() if loc.startswith(first + ":"))
     report = verify_cartridge(tape, "VTL001L6")
@@ -415,3 +414,56 @@ def test_init_tier_creates_labelled_cartridges_once_and_refuses_another_tiers_li
         ("VTL001L6", 8 << 20, True), ("VTL002L6", 8 << 20, True), ("VTL003L6", 8 << 20, True)]
     with pytest.raises(ConfigError, match="tape1"):
         init_tier(TierConfig("other", "tape", path=tmp_path / "vtl"))
+
+
+def test_a_damaged_member_is_never_served_and_no_descriptor_leaks(tmp_path: Path) -> None:
+    lib = library(tmp_path)
+    tape = backend(lib)
+    good, bad = blob(1, 200_000), blob(2, 200_000)
+    good_loc, bad_loc = (tape.put(meta(d), Bytes(d)) for d in (good, bad))
+    tape.sync()
+    _c, _record, data_offset, stored, _size = parse_location(bad_loc)
+    marks = [int(x) for x in (lib.folder / "VTL001L6.marks").read_text().split()]
+    with open(lib.folder / "VTL001L6.tape", "r+b") as fh:
+        fh.seek(marks[0] + data_offset + stored - 10)  # the last frame of the member
+        fh.write(b"\xff\xfe")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(BlobMissing):
+            tape.read(bad_loc)
+        with pytest.raises(BlobMissing):
+            tape.sha256(bad_loc)
+        with pytest.raises(BlobMissing):
+            tape.read("VTL001L6/7:0:512:10:10")  # no such tape file
+        assert tape.read(good_loc) == good
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    report = verify_cartridge(tape, "VTL001L6")
+    assert [f.where for f in report.findings] == ["VTL001L6/1", bad_loc]  # open archive; the damaged member
+
+
+def test_listing_a_cartridge_reads_headers_and_spaces_over_the_data(tmp_path: Path) -> None:
+    """list() (index rebuild) reads each member's headers and spaces over its data, as MTFSR does on a drive."""
+    from tiering.tape.drive import FileDrive
+
+    read_bytes = [0]
+
+    class CountingDrive(FileDrive):
+        def read(self, size_max: int) -> bytes:
+            data = super().read(size_max)
+            read_bytes[0] += len(data)
+            return data
+
+    class CountingLibrary(VirtualLibrary):
+        def _drive(self, label: str, capacity_bytes: int) -> FileDrive:
+            return CountingDrive(self.folder / f"{label}.tape", capacity_bytes, self.block_bytes, fsync=False)
+
+    lib = library(tmp_path)
+    tape = backend(lib)
+    datas = [blob(i, 1 << 20) for i in range(12)]
+    locations = [tape.put(meta(d), Bytes(d)) for d in datas]
+    tape.sync()
+    tape.seal()
+    counting = TapeBackend("tape1", CountingLibrary(lib.folder, "tape1", block_bytes=BLOCK, fsync=False))
+    listed = [s.location for s in counting.list()]
+    assert listed == locations
+    assert read_bytes[0] < sum(map(len, datas)) // 10  # headers (a block each) and the catalog, not the data

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from appliance.config_tiering import TierConfig
-from appliance.errors import BlobCorrupt, BlobMissing, ConfigError, NotFound, OutOfSpace, StorageFault
+from appliance.errors import BlobMissing, ConfigError, NotFound, OutOfSpace, StorageFault
 from appliance.store.backend import (
     BlobBackend,
     BlobMeta,
@@ -43,14 +43,12 @@ from appliance.store.backend import (
 )
 from tiering.archive import (
     BLOCK,
-    ArchiveTruncated,
     Member,
     iter_member,
     make_location,
     member_at,
     parse_location,
     read_range,
-    scan_archive,
 )
 from tiering.tape.drive import BLOCK_BYTES, Sleep, TapeDrive, TapeError
 from tiering.tape.library import (
@@ -60,7 +58,7 @@ from tiering.tape.library import (
     TapeLibrary,
     VirtualLibrary,
 )
-from tiering.tape.stream import BlockSink, FileReader, SequentialReader, TapeArchiveWriter, filler
+from tiering.tape.stream import BlockSink, FileReader, TapeArchiveWriter, filler, walk_archive
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +300,8 @@ class TapeBackend(BlobBackend):
                 if c.labelled and c.owner in (None, self.name) and not (open_only and c.open_archive is False)]
 
     def scan_file(self, label: str, number: int) -> tuple[builtins.list[Member], bool, int] | None:
-        """The whole members of tape file ``number`` read straight through, whether it ends with its catalog, and
-        its length; None past the last tape file."""
+        """The whole members of tape file ``number`` (from their headers, spacing over their data), whether the
+        archive ends with its catalog, and the file's length; None past the last tape file."""
         with self.library.session(label) as drive:
             try:
                 drive.position_file(number)
@@ -311,18 +309,7 @@ class TapeBackend(BlobBackend):
                 return None
             if drive.position().at_eod:
                 return None
-            reader = SequentialReader(drive)
-            members: builtins.list[Member] = []
-            complete = True
-            try:
-                members.extend(scan_archive(reader, f"{self.name}:{label}/{number}"))  # type: ignore[arg-type]
-            except (ArchiveTruncated, BlobCorrupt) as exc:
-                complete = False
-                log.debug("tape %s: %s/%d: %s", self.name, label, number, exc)
-            while reader.read(1 << 20):  # the rest of the file, to know its length
-                pass
-            total = reader.total
-        return [m for m in members if m.end <= total], complete, total
+            return walk_archive(FileReader(drive, number), f"{self.name}:{label}/{number}")
 
     # ---- recovery -------------------------------------------------------------------------------------------
 

@@ -161,9 +161,10 @@ class StDrive(TapeDrive):
     Fixed block mode (MTSETBLK) so that every write is exactly one block. NOT TESTED ON HARDWARE: the ioctl
     layouts are checked against linux/mtio.h, the behaviour only through FileDrive, which follows the same rules."""
 
-    def __init__(self, device: Path, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(self, device: Path, block_bytes: int = BLOCK_BYTES, ready_s_max: float = 300.0) -> None:
         self.device = device
         self.block_bytes = block_bytes
+        self.ready_s_max = ready_s_max  # how long a freshly loaded cartridge may take to come online
         self._fd = -1
 
     def _op(self, op: int, count: int = 1) -> None:
@@ -189,6 +190,12 @@ class StDrive(TapeDrive):
 
     def load(self) -> None:
         self._op(MTLOAD)
+        # A changer's robot has just put the cartridge in: the drive threads it (LTO: ~15 s) before it is online.
+        deadline = time.monotonic() + self.ready_s_max
+        while not self.status().online:
+            if time.monotonic() > deadline:
+                raise TapeError(f"tape {self.device}: not ready {self.ready_s_max:.0f} s after the load")
+            time.sleep(1.0)
         self._op(MTSETBLK, self.block_bytes)
         self._op(MTREW)
 

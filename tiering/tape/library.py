@@ -114,6 +114,7 @@ class TapeLibrary(ABC):
     def write_label(self, drive: TapeDrive, label: VolumeLabel) -> None:
         """Tape file 0 = the label; everything after it is erased (the cartridge starts blank)."""
         drive.rewind()
+        drive.erase_from_head()  # LTFS: files are never rewritten, so the old ones go first
         drive.write(label.encode().ljust(drive.block_bytes, b"\x00"))
         drive.write_filemarks(1)
 
@@ -284,7 +285,9 @@ class VirtualLibrary(_FlockMixin, TapeLibrary):
 
     def cartridges(self) -> list[Cartridge]:
         catalog = self._catalog()
-        loaded = self.loaded()
+        # Read without the drive lock (a hint, and callable inside a session of this thread without a deadlock).
+        state_loaded = self._state()["loaded"]
+        loaded = str(state_loaded) if state_loaded else None
         result = []
         for label, info in sorted(catalog.items()):
             path = self.folder / f"{label}.tape"

@@ -3,11 +3,10 @@ skips) and readers of one tape file (sequential, and at offsets)."""
 
 from __future__ import annotations
 
-import io
 import tarfile
-from typing import Any
 
-from tiering.archive import BLOCK, ArchiveWriter
+from appliance.errors import BlobMissing
+from tiering.archive import BLOCK, CATALOG_NAME, ArchiveWriter, Member, member_at
 from tiering.tape.drive import TapeDrive
 
 READ_BYTES_MAX = 8 << 20  # one drive read at most (a multiple of every block size we use)
@@ -102,28 +101,71 @@ class FileReader:
         return data[offset - start : offset - start + length]
 
 
-class SequentialReader(io.RawIOBase):
-    """The current tape file from the head on, as a non-seekable stream (tar's ``r|`` mode)."""
+def walk_archive(reader: FileReader, where: str) -> tuple[list[Member], bool, int]:
+    """The blob members of the archive in one tape file, from their headers alone: the data between them is spaced
+    over (MTFSR on a drive), not read, so listing a cartridge costs a fraction of reading it. Returns the whole
+    members, whether the archive ends with its catalog and end-of-archive, and the tape file's length."""
+    members: list[Member] = []
+    pos = 0
+    complete = False
+    while True:
+        block = reader.read_at(pos, BLOCK)
+        if len(block) < BLOCK or not any(block):
+            break  # the end of the data, or an end-of-archive without a catalog before it
+        info = _header(block)
+        if info is None:
+            break  # a torn or foreign header: nothing after it is trusted
+        padded = info.size + (-info.size) % BLOCK
+        if info.type == tarfile.XGLTYPE:  # a sync's filler
+            pos += BLOCK + padded
+            continue
+        if info.type == tarfile.XHDTYPE:  # a pax header, then the member's own ustar header
+            ustar = _header(reader.read_at(pos + BLOCK + padded, BLOCK))
+            if ustar is None:
+                break
+            if ustar.name == CATALOG_NAME:
+                complete, pos = _catalog_whole(reader, pos + 2 * BLOCK + padded, ustar.size, pos)
+                break
+            try:
+                member = member_at(reader.read_at, pos, pos + 2 * BLOCK + padded, where)
+            except BlobMissing:  # BlobCorrupt too: a torn or damaged header ends the walk
+                break
+            if len(reader.read_at(member.end - BLOCK, BLOCK)) < BLOCK:
+                break  # its data was cut short
+            members.append(member)
+            pos = member.end
+            continue
+        if info.name == CATALOG_NAME:
+            complete, pos = _catalog_whole(reader, pos + BLOCK, info.size, pos)
+            break
+        pos += BLOCK + padded  # a member that is not one of ours (another tool appended it): skipped
+    return members, complete, _length(reader, pos)
 
-    def __init__(self, drive: TapeDrive) -> None:
-        self.drive = drive
-        self.ended = False
-        self._pending = b""
-        self._at = 0
-        self.total = 0  # bytes read from the drive so far
 
-    def readable(self) -> bool:
-        return True
+def _header(block: bytes) -> tarfile.TarInfo | None:
+    try:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return None
 
-    def readinto(self, buffer: Any) -> int:
-        if self._at >= len(self._pending) and not self.ended:
-            self._pending, self._at = self.drive.read(READ_BYTES_MAX), 0
-            self.total += len(self._pending)
-            self.ended = not self._pending
-        n = min(len(buffer), len(self._pending) - self._at)
-        buffer[:n] = self._pending[self._at : self._at + n]
-        self._at += n
-        return n
+
+def _catalog_whole(reader: FileReader, data_offset: int, size: int, record: int) -> tuple[bool, int]:
+    """Whether the catalog's data and the end-of-archive after it are on the tape, and where the archive (or, cut
+    short, its last whole member) ends."""
+    end = data_offset + size + (-size) % BLOCK
+    if reader.read_at(end, 2 * BLOCK) == bytes(2 * BLOCK):
+        return True, end + 2 * BLOCK
+    return False, record
+
+
+def _length(reader: FileReader, pos: int) -> int:
+    """The tape file's length: read on from ``pos`` to its end (after a whole archive, only the zeros that pad its
+    last drive block; after a crash, the torn tail)."""
+    while True:
+        chunk = reader.read_at(pos, READ_BYTES_MAX)
+        pos += len(chunk)
+        if len(chunk) < READ_BYTES_MAX:
+            return pos
 
 
 def _round_up(n: int, unit: int) -> int:

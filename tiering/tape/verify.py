@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from appliance.errors import BlobMissing
-from tiering.archive import BLOCK, END_OF_ARCHIVE, Member, make_location, parse_location, read_catalog
+from tiering.archive import Member, make_location, parse_location, read_catalog
 from tiering.tape.backend import TapeBackend
 from tiering.tape.stream import FileReader
 
@@ -30,17 +30,6 @@ class CartridgeReport:
     @property
     def ok(self) -> bool:
         return not self.findings
-
-
-def archive_end(reader: FileReader, file_bytes: int, block_bytes: int) -> int:
-    """Where the archive ends within its tape file: after its end-of-archive, before the zeros that pad the last
-    drive block (a tape file is whole blocks)."""
-    window = min(file_bytes, 2 * block_bytes + len(END_OF_ARCHIVE))
-    tail = reader.read_at(file_bytes - window, window)
-    end = len(tail)
-    while end >= BLOCK and not any(tail[end - BLOCK : end]):
-        end -= BLOCK
-    return file_bytes - window + end + len(END_OF_ARCHIVE)
 
 
 def _key(member: Member) -> tuple[int, int, int, str]:
@@ -69,8 +58,8 @@ def verify_cartridge(backend: TapeBackend, label: str,
                                                           "crash or still being written; recover closes it)"))
             else:
                 try:
-                    end = archive_end(reader, total, drive.block_bytes)
-                    catalog = read_catalog(reader.read_at, end, container)
+                    # The zeros padding the last drive block after the end-of-archive are allowed.
+                    catalog = read_catalog(reader.read_at, total, container)
                 except BlobMissing as exc:
                     catalog = []
                     report.findings.append(Finding(container, f"catalog unreadable: {exc}"))
