@@ -187,12 +187,21 @@ class Recaller:
             _crash_point("switched")
             report.studies += 1
             report.instances += len(blobs)
+            study_bytes = 0
             for digest, copy in added[key].items():
                 size = self.store.backends[copy.backend].stat(copy.location).size
-                report.bytes_copied += size
+                study_bytes += size
                 source = self.source.get(digest, "")
                 report.bytes_from[source] = report.bytes_from.get(source, 0) + size
-            report.latencies_s.append(max(0.0, (now - requested_ns) / 1e9))
+            report.bytes_copied += study_bytes
+            latency_s = max(0.0, (now - requested_ns) / 1e9)
+            report.latencies_s.append(latency_s)
+            # One audit line per study, right after its switch (as the movers do): no patient data.
+            sources = sorted({self.source.get(d, "") for d in added[key]} - {""})
+            append_audit(self.config, {"event": "recall", "study": key.rsplit("\x00", 1)[-1],
+                                       "from": ",".join(sources), "to": ONLINE_TIER, "instances": len(blobs),
+                                       "bytes": study_bytes, "seconds": round(latency_s, 3),
+                                       "outcome": "recalled"})
             log.info("recalled a study online: %d instances", len(blobs))
             log.debug("recalled study %s", key.rsplit("\x00", 1)[-1])
 
@@ -272,9 +281,6 @@ def recall_queued(config: Config, index: StudyIndex, store: BlobStore, retry_fai
         report = Recaller(config, index, store, clock, retry_failed).run(batches_max)
     for uid, error in report.failed.items():
         append_audit(config, {"event": "recall", "study": uid, "outcome": "failed", "error": error})
-    if report.studies:
-        append_audit(config, {"event": "recall", "studies": report.studies, "instances": report.instances,
-                            "bytes": report.bytes_copied, "outcome": "done"})
     return report
 
 

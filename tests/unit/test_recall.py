@@ -46,7 +46,8 @@ def test_recall_brings_a_tape_study_online_byte_exact(site: Site) -> None:
     for _s, _d, blob, _i in site.index.study_blobs(key):
         assert sorted(c.backend for c in blob.copies) == ["lto", "vol0"]
     audit = [json.loads(line) for line in site.config.tiering.audit_log.read_text().splitlines()]
-    assert audit[-1]["event"] == "recall" and audit[-1]["outcome"] == "done"
+    assert audit[-1]["event"] == "recall" and audit[-1]["outcome"] == "recalled"
+    assert (audit[-1]["study"], audit[-1]["from"], audit[-1]["to"], audit[-1]["instances"]) == (study, "lto", "online", 3)
     # A second run finds nothing to do.
     assert recall_queued(site.config, site.index, site.store).studies == 0
 
