@@ -49,7 +49,7 @@ EXIT_STORAGE_FAULT = 74  # as a worker's (appliance/server.py): the supervisor s
 RECALL_ATTEMPTS_MAX = 3
 # Test-only: kill -9 the recaller at one phase (tests/crash/test_recall_crash.py).
 CRASH_ENV = "APPLIANCE_TEST_RECALL_CRASH_AT"
-PHASES = ("copy", "synced", "committed", "switched")
+PHASES = ("copying", "copy", "synced", "committed", "switched")  # copying: after the first put, mid-batch
 
 StudyBlobs = list[tuple[str, str, BlobRecord, InstanceRecord]]
 
@@ -223,6 +223,7 @@ class Recaller:
             if source.hasher.hexdigest() != digest:
                 raise BlobMissing("a tape copy does not hash to its name; not recalled (run `appliance verify`)")
             used[backend.name] = backend
+            _crash_point("copying")
             self.source[digest] = next((c.backend for c in self.store.read_order(blob)
                                         if c.backend in self.store.tiers), "")
             added[digest] = segment_copy(backend.name, location, meta.received_ns)
