@@ -17,7 +17,7 @@ import pytest
 
 from appliance.config import load_config
 from appliance.index.db import StudyIndex
-from appliance.store.online import BlobStore
+from appliance.store.online import BlobStore, recover
 from tests.tier_rig import ingest, write_tier_config
 from tiering.recall import CRASH_ENV, PHASES, open_tiers
 
@@ -68,8 +68,13 @@ def test_kill9_in_each_phase_then_the_next_run_finishes(tmp_path: Path, phase: s
     assert json.loads(done.stdout) == {"online": ["1.1"], "queued": [], "errors": {}}
 
     index = StudyIndex(config.storage.index_path)
-    store = BlobStore.open(config, tiers=open_tiers(config))
+    store = BlobStore.open(config, index=index, tiers=open_tiers(config))
     try:
+        # What a server starting now does: its recovery must not index the killed run's copies a second time.
+        # (It seals the killed run's segment and records how far it goes: only container records change.)
+        before = {k: v for k, v in index.dump().items() if k != "containers"}
+        recover(store, index)
+        assert {k: v for k, v in index.dump().items() if k != "containers"} == before
         assert index.recalls() == []
         for study, expected in (("1.1", "ONLINE"), ("1.2", "OFFLINE")):
             for _key, rec in index.instances_under(study):
