@@ -26,6 +26,7 @@ from appliance.config_tiering import ONLINE_TIER
 from appliance.errors import ApplianceError
 from appliance.index.db import StudyIndex
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, BlobRecord, Copy
+from appliance.store.backend import BlobBackend
 from appliance.store.online import BlobStore
 from appliance.store.rebuild import VerifyReport, segment_orphans
 from tiering.recall import tape_position
@@ -86,14 +87,11 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
     report = ScrubReport({t: TierReport(t) for t in wanted})
     rate = bytes_per_s or config.tiering.scrub_bytes_per_s
     budgets = {t: _Budget(rate) for t in wanted}
-    named: dict[str, set[str]] = {t: set() for t in wanted if t != ONLINE_TIER}  # tier -> locations the index names
     marks: list[tuple[str, Copy, str]] = []
     for batch in _batches(config, index, set(wanted)):
         for digest, blob, copy in sorted(batch, key=lambda item: _read_order(item[2])):
             tier = tier_of_backend(config, copy.backend)
             rep = report.tiers[tier]
-            if tier in named:
-                named[tier].add(copy.location)
             state = store.check(digest, copy)
             rep.checked += 1
             rep.bytes_read += blob.size
@@ -114,8 +112,9 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
         segment_orphans(store, index, online)
         report.tiers[ONLINE_TIER].orphans += online.orphans
         report.tiers[ONLINE_TIER].dead_bytes = online.dead_bytes
-    for tier, locations in named.items():
-        _against_listing(store, tier, locations, report.tiers[tier])
+    for tier in wanted:
+        if tier != ONLINE_TIER:
+            _against_listing(index, store, tier, report.tiers[tier])
     _record(config, report)
     return report
 
@@ -138,22 +137,50 @@ def _read_order(copy: Copy) -> tuple[str, str, int, int]:
     return copy.backend, cartridge, tape_file, offset
 
 
-def _against_listing(store: BlobStore, tier: str, named: set[str], rep: TierReport) -> None:
-    """The tier's own listing (tape: its on-cartridge catalogs) against the copies the index names there."""
+def _against_listing(index: StudyIndex, store: BlobStore, tier: str, rep: TierReport) -> None:
+    """The tier's own listing (tape: its on-cartridge catalogs) against the copies the index names there, one
+    container at a time (memory bounded by the largest container, whatever the tier holds; listings come container
+    by container, as archives are written)."""
     backend = store.tiers.get(tier)
     if backend is None:
         rep.missing.append(f"{tier}: the tier cannot be opened")
         return
+    seen: set[str] = set()
+    current: str | None = None
     listed: set[str] = set()
+
+    def settle(container: str, listed: set[str]) -> None:
+        named = {c.location for _digest, blob in index.container_contents(tier, container) for c in blob.copies
+                 if c.backend == tier and c.container == container}
+        rep.orphans += [f"{tier}: the index names {loc}, which the tier's catalog does not list"
+                        for loc in sorted(named - listed)]
+        rep.unnamed += len(listed - named)
+
     try:
         for stored in backend.list():
+            container = _container_of(backend, stored.location)
+            if container != current:
+                if current is not None:
+                    settle(current, listed)
+                current, listed = container, set()
+                seen.add(container)
             listed.add(stored.location)
     except (ApplianceError, OSError) as exc:
         rep.missing.append(f"{tier}: its contents cannot be listed: {exc}")
         return
-    for location in sorted(named - listed):
-        rep.orphans.append(f"{tier}: the index names {location}, which the tier's catalog does not list")
-    rep.unnamed = len(listed - named)
+    if current is not None:
+        settle(current, listed)
+    for rec in index.containers(tier):
+        if rec.live_records and rec.name not in seen:
+            rep.orphans.append(f"{tier}: the index names container {rec.name} ({rec.live_records} copies), "
+                               "which the tier does not list")
+
+
+def _container_of(backend: BlobBackend, location: str) -> str:
+    try:
+        return backend.container_of(location)
+    except NotImplementedError:
+        return location.partition(":")[0]
 
 
 def _record(config: Config, report: ScrubReport) -> None:
