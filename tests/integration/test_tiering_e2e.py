@@ -216,3 +216,54 @@ def test_retrieve_that_cannot_wait_fails_clearly_and_the_recall_stays_queued(
     result = dcmtk("getscu", "-v", "-aet", "SCU", "-aec", "APPLIANCE", "-S", "-od", str(out), "-k",
                    "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(server.port))
     assert result.returncode == 0 and len(list(out.iterdir())) == 2, result.stderr
+
+
+def test_a_corrupt_nearline_instance_is_found_by_verify_and_never_served(
+        make_server: Callable[..., ServerHandle], storescp: tuple[int, Path], tmp_path: Path) -> None:
+    from appliance.config import load_config
+    from tiering.archive import parse_location
+    from tiering.nearline import open_nearline
+
+    dest_port, received = storescp
+    server = start(make_server, recall_wait_s=0, dest_port=dest_port)
+    files = ct_instances(tmp_path / "in", 3)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    assert dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
+                 *map(str, files)).returncode == 0
+    assert tier_run(server, 40)["moved"] == 1
+    # Flip one byte in the middle of one instance's compressed data on the nearline volume (a failing disk).
+    index = StudyIndex(server.root / "var/index", readonly=True)
+    try:
+        (key, rec), *_ = index.instances_under(first.SOPInstanceUID)
+        blob = index.blob(rec.digest)
+        assert blob is not None
+        [copy] = blob.copies
+    finally:
+        index.close()
+    tier = load_config(server.config_path).tier("nl")
+    assert tier is not None
+    nearline = open_nearline(tier)
+    container, _record, data, stored, _size = parse_location(copy.location)
+    path = nearline.archive_file(container)
+    nearline.close()
+    with open(path, "r+b") as fh:
+        fh.seek(data + stored // 2)
+        byte = fh.read(1)
+        fh.seek(data + stored // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+    report = server.cli("verify", "--json", "--tier", "nl", check=False)
+    assert report.returncode == 1
+    found = json.loads(report.stdout)["tiers"]["nl"]
+    assert found["corrupt"] == [f"nl/{copy.container} {rec.digest}"] and found["checked"] == 3
+    # Export fails, leaving no file of that instance; a C-MOVE sends the two good ones and counts one failed.
+    out = tmp_path / "x"
+    assert server.cli("export", study, str(out), check=False).returncode != 0
+    assert not any(p.name.startswith(str(first.SOPInstanceUID)) for p in out.glob("*"))
+    result = dcmtk("movescu", "-v", "-aet", "SCU", "-aem", "DEST", "-aec", "APPLIANCE", "-S", "-k",
+                   "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(server.port))
+    assert "Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in result.stderr, result.stderr
+    got = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
+    assert len(got) == 2 and str(first.SOPInstanceUID) not in got
+    assert availability(server, study, series) == {"NEARLINE"}
