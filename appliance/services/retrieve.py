@@ -205,7 +205,7 @@ def offline_studies(matches: list[Match]) -> dict[str, str]:
     so one instance tells when its recall is done)."""
     out: dict[str, str] = {}
     for m in matches:
-        if m.availability == OFFLINE and m.study_key not in out:
+        if m.availability == OFFLINE and m.study_key and m.study_key not in out:
             out[m.study_key] = m.sop_instance_uid
     return out
 
