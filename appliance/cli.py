@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from appliance import cli_scu, errors
+from appliance import cli_recall, cli_scu, cli_tape, errors
 from appliance.cli_common import emit, load_cli_config
+from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): 
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
 app.add_typer(bench_app, name="bench")
+app.add_typer(tier_app, name="tier")
+app.add_typer(cli_tape.tape_app, name="tape")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -272,8 +276,15 @@ def export(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy the stored Part-10 files (byte for byte) to DEST/<SOPInstanceUID>.dcm."""
+    """Copy the stored Part-10 files (byte for byte) to DEST/<SOPInstanceUID>.dcm.
+
+    Instances on nearline are decompressed on the way; a study on tape is recalled first (waiting up to
+    tiering.recall_wait_s; without a running server the recall runs in this process)."""
+    from appliance.cli_recall import await_online, queue_recalls
+    from appliance.index.db import SEP
+    from appliance.index.schema import OFFLINE
     from appliance.store.online import BlobStore
+    from tiering.recall import open_tiers
 
     try:
         cfg = _config(config)
@@ -281,8 +292,15 @@ def export(
             instances = index.instances_under(uid)
             if not instances:
                 raise errors.NotFound(f"{uid}: not in the index")
+            studies = sorted({key.split(SEP)[1] for key, _rec in instances})
+            if any(rec.availability == OFFLINE for _key, rec in instances):
+                queue_recalls(cfg, index, studies, "export")
+                if await_online(cfg, index, studies, cfg.tiering.recall_wait_s):
+                    raise errors.Offline()
+                instances = index.instances_under(uid)
             blobs = {rec.digest: index.blob(rec.digest) for _key, rec in instances}
-        store = BlobStore.open(cfg)
+            index.record_access({study: time.time_ns() for study in studies})
+        store = BlobStore.open(cfg, tiers=open_tiers(cfg) if cfg.tiers else None)
         dest.mkdir(parents=True, exist_ok=True)
         written = []
         try:
@@ -295,9 +313,13 @@ def export(
                 safe = sop_uid if sop_uid and all(c.isdigit() or c == "." for c in sop_uid) else rec.digest
                 target = dest / f"{safe}.dcm"
                 tmp = target.with_suffix(".dcm.part")
-                with open(tmp, "wb") as fh:
-                    for chunk in store.open_blob(rec.digest, blob):
-                        fh.write(chunk)
+                try:
+                    with open(tmp, "wb") as fh:
+                        for chunk in store.open_blob(rec.digest, blob):
+                            fh.write(chunk)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # a copy that failed its digest half-way is never left behind
+                    raise
                 os.replace(tmp, target)
                 written.append(str(target))
         finally:
@@ -308,22 +330,47 @@ def export(
 
 
 @app.command()
-def verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash every blob the index names; report missing, corrupt and orphaned blobs (exit 1 if any)."""
-    from appliance.store.rebuild import verify as run_verify
+def verify(
+    config: ConfigOpt = None,
+    tier: Annotated[list[str] | None, typer.Option("--tier", help="Only this tier (repeatable): online or a "
+                                                   "[[tiers]] name; default all")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every copy on every tier (nearline and tape: the original bytes, decompressed), rate-limited by
+    tiering.scrub_bytes_per_s; check each tier's contents against the index; record each copy's state. Exit 1 if
+    anything is missing, corrupt or orphaned."""
+    from appliance.store.online import BlobStore
+    from tiering.recall import open_tiers
+    from tiering.scrub import scrub
 
     try:
         cfg = _config(config)
         with _open_index(cfg) as index:
-            report = run_verify(cfg, index)
+            store = BlobStore.open(cfg, tiers=open_tiers(cfg) if cfg.tiers else None)
+            try:
+                report = scrub(cfg, index, store, set(tier) if tier else None)
+            finally:
+                store.close()
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
-    data = {"checked": report.checked, "missing": report.missing, "corrupt": report.corrupt,
-            "orphans": report.orphans, "dead_bytes": report.dead_bytes, "ok": report.ok}
-    lines = [f"checked {report.checked} blob cop(ies): {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
-             f"{len(report.orphans)} orphaned segment(s); {report.dead_bytes} dead bytes awaiting compaction"]
-    lines += [f"  missing {m}" for m in report.missing] + [f"  CORRUPT {c}" for c in report.corrupt]
-    lines += [f"  orphan  {o}" for o in report.orphans]
+    every = list(report.tiers.values())
+    # The totals first (the keys `verify --json` always had, for scripts), then per tier.
+    data: dict[str, Any] = {
+        "ok": report.ok, "checked": sum(t.checked for t in every), "missing": [m for t in every for m in t.missing],
+        "corrupt": [c for t in every for c in t.corrupt], "orphans": [o for t in every for o in t.orphans],
+        "dead_bytes": sum(t.dead_bytes for t in every), "tiers": {name: {
+        "checked": t.checked, "bytes_read": t.bytes_read, "missing": t.missing, "corrupt": t.corrupt,
+        "orphans": t.orphans, "unnamed": t.unnamed, "dead_bytes": t.dead_bytes, "ok": t.ok}
+        for name, t in report.tiers.items()}}
+    lines = [f"{'tier':<12} {'copies':>8} {'bytes read':>14} {'missing':>8} {'corrupt':>8} {'orphans':>8}  state"]
+    for name, t in report.tiers.items():
+        lines.append(f"{name:<12} {t.checked:>8} {t.bytes_read:>14} {len(t.missing):>8} {len(t.corrupt):>8} "
+                     f"{len(t.orphans):>8}  {'ok' if t.ok else 'PROBLEMS'}")
+    for name, t in report.tiers.items():
+        lines += [f"  {name}: missing {m}" for m in t.missing] + [f"  {name}: CORRUPT {c}" for c in t.corrupt]
+        lines += [f"  {name}: orphan  {o}" for o in t.orphans]
+        if t.dead_bytes:
+            lines.append(f"  {name}: {t.dead_bytes} dead bytes awaiting compaction")
     _emit(data, as_json, "\n".join(lines))
     if not report.ok:
         raise typer.Exit(errors.EXIT_FAILURE)
@@ -413,6 +460,8 @@ for _name, _module, _summary in (
 
 
 cli_scu.register(app)  # echo, find, move, get: SCU commands towards other AEs
+
+cli_recall.register(tier_app)  # `tier recall` (the rest of `tier` is appliance/cli_tier.py)
 
 
 def main() -> None:

@@ -128,4 +128,50 @@ connect_timeout_s = 10.0        # connect + associate, when the report goes on a
 report_attempts_max = 3         # new associations tried per report
 report_retry_wait_s = 10.0      # wait between two of them
 journal_path = "var/commitments"  # requests answered and not yet reported, taken up again after a restart
+
+# Tiering (docs/tiering.md): slower, cheaper tiers below the volumes, and policies that move whole studies there.
+# [tiering]
+# schedule_s = 0                # the server runs the policies every this many seconds (0: only `appliance tier run`)
+# rate_bytes_per_s = 104857600  # migration read+write budget, so that ingest keeps its rate (`tier run --rate`)
+# run_studies_max = 10000       # studies one run moves at most; the rest waits for the next run
+# study_instances_max = 100000  # a larger study is refused by the mover (reported, never half-moved)
+# recall_wait_s = 60.0          # a C-MOVE/C-GET of a study on tape waits this long for its recall
+# recall_queue_max = 10000      # studies queued for recall at once; more are refused
+# recall_batch_max = 64         # studies recalled per tape pass
+# access_flush_s = 30.0         # last-access times are written to the index this often
+# audit_log = "var/log/tiering-audit.jsonl"  # one JSON line per move, recall and scrub finding
+# scrub_bytes_per_s = 52428800  # `appliance verify` read budget per tier
+#
+# [[tiers]]                     # per-study compressed archives on a NAS or a big RAID 6
+# name = "nearline"
+# kind = "nearline"
+# volumes = [{name = "nas0", path = "/mnt/nas0", high_watermark = 0.95}]
+# compression_level = 3
+#
+# [[tiers]]                     # LTO tape: large tar archives on cartridges (virtual | ltfs | st)
+# name = "tape"
+# kind = "tape"
+# mode = "virtual"
+# path = "/srv/tape-library"
+#
+# [[policies]]                  # applied in this order; a study moves once per run, only to a slower tier
+# name = "old-to-nearline"
+# from = "online"
+# to = "nearline"
+# received_days_min = 30        # days since the study's last instance was received
+# accessed_days_min = 14        # days since it was last retrieved or exported (or received, if later)
+#
+# [[policies]]                  # watermark rule: above 85% full, least recently accessed first until under 70%
+# name = "online-full"
+# from = "online"
+# to = "nearline"
+# high_watermark = 0.85
+# low_watermark = 0.70
+#
+# [[policies]]
+# name = "cold-to-tape"
+# from = "nearline"
+# to = "tape"
+# accessed_days_min = 365
+# modalities = ["CT", "MR"]     # also: calling_aes = ["CT1"], study_bytes_min, study_bytes_max (bytes)
 """

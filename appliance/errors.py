@@ -24,7 +24,8 @@ Query/Retrieve (PS3.4 C.4) and Storage Commitment (PS3.4 J.3, PS3.7 C):
 0xFE00  Cancel                                              C-CANCEL honoured
 0xA700  Refused: Out of resources                           C-FIND result limit, no memory/slots
 0xA701  Refused: Out of resources (number of matches)       C-MOVE/C-GET cannot count its matches
-0xA702  Refused: Out of resources (sub-operations)          C-MOVE/C-GET cannot start sub-operations
+0xA702  Refused: Out of resources (sub-operations)          C-MOVE/C-GET cannot start sub-operations, or
+                                                            its study is on tape (recall queued)
 0xA801  Refused: Move Destination unknown                   not under [peers], or no right to receive
 0xA900  Identifier does not match SOP Class                 C-FIND/C-MOVE/C-GET identifier invalid
 0xB000  Warning: sub-operations complete, some failed       C-MOVE/C-GET with failures
@@ -134,6 +135,23 @@ class BlobMissing(ApplianceError):
     """A location names nothing readable (deleted, its segment compacted away, the medium gone)."""
 
     exit_code = EXIT_NOT_FOUND
+
+
+class Offline(BlobMissing):
+    """The only readable copies of a blob are on an offline tier (tape): it must be recalled first. A retrieve that
+    cannot wait for the recall answers with this status (PS3.4 C.4.2.1.5: Refused, Out of resources - Unable to
+    perform sub-operations, a condition that passes: the recall is queued) and this message as its Error Comment."""
+
+    status = OUT_OF_RESOURCES_SUB_OPERATIONS
+    exit_code = EXIT_UNAVAILABLE
+
+    def __init__(self, message: str = "study is on tape; recall queued") -> None:
+        super().__init__(message)
+
+
+class BlobCorrupt(BlobMissing):
+    """A blob's stored bytes fail their own check (a zstd frame checksum, a digest, an archive header that does
+    not parse): it is not served. A BlobMissing, so that a reader falls back to another copy as for a lost one."""
 
 
 class StorageFault(ApplianceError):

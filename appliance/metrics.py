@@ -192,3 +192,39 @@ class VolumeCollector:
             total.add_metric([name], st.f_blocks * st.f_frsize)
         yield free
         yield total
+
+
+# Recall latency (request to online): from seconds (a recall already running) to hours (a cartridge to load).
+_RECALL_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+class TieringMetrics:
+    """Tiering's metrics, written by the processes that do the work (recaller, movers, verify under the server) and
+    summed over processes by the supervisor. Labels are tier names, never UIDs."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        self.tier_bytes = Gauge("appliance_tier_bytes", "Bytes of live copies per tier (refreshed from the index)",
+                                ["tier"], multiprocess_mode="mostrecent", **kw)
+        self.tier_studies = Gauge("appliance_tier_studies", "Studies placed on each tier (refreshed from the index)",
+                                  ["tier"], multiprocess_mode="mostrecent", **kw)
+        self.recall_queue = Gauge("appliance_recall_queue_depth", "Studies queued for recall",
+                                  multiprocess_mode="mostrecent", **kw)
+        self.migration_bytes = Counter("appliance_tier_migration_bytes",
+                                       "Bytes copied between tiers, by source and target tier (moves and recalls)",
+                                       ["from_tier", "to_tier"], **kw)
+        self.recall_seconds = Histogram("appliance_recall_seconds", "Time from a recall's request to its study online",
+                                        buckets=_RECALL_BUCKETS, **kw)
+        self.scrub_errors = Counter("appliance_scrub_errors", "Copies `verify` found missing or corrupt, by tier",
+                                    ["tier", "kind"], **kw)
+
+
+_tiering: TieringMetrics | None = None
+
+
+def tiering_metrics() -> TieringMetrics:
+    """This process's TieringMetrics (created on first use, in the default registry)."""
+    global _tiering
+    if _tiering is None:
+        _tiering = TieringMetrics()
+    return _tiering

@@ -103,12 +103,16 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     from appliance.services.context import WorkerContext
     from appliance.store.commit import GroupCommitter
     from appliance.store.spool import SpoolBudget
+    from tiering.access import AccessRecorder, flush_periodically
+    from tiering.recall import open_tiers
 
     loop = asyncio.get_running_loop()
     st = config.storage
     # Lazy meta page: one flush per group commit; startup recovery redoes a lost last transaction from the segments.
     index = StudyIndex(st.index_path, st.index_map_size, sync=st.fsync, lazy_meta=True)
-    blobstore = BlobStore.open(config, index=index)
+    # Tiers (nearline, tape) are read through the same BlobStore: a retrieve of a nearline instance streams it back.
+    blobstore = BlobStore.open(config, index=index, tiers=open_tiers(config) if config.tiers else None)
+    access = AccessRecorder(index)  # last access of the studies retrieved, flushed in batches
     metrics = Metrics()
     stop = asyncio.Event()
     faults: list[str] = []
@@ -121,7 +125,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                                metrics, on_fault=on_fault, queue_max=st.commit_queue_max,
                                copy_exists=blobstore.copy_exists, lanes=st.writer_lanes)
     ctx = WorkerContext.build(config, volumes=blobstore.volumes, committer=committer, metrics=metrics,
-                              blobstore=blobstore, index=index,
+                              blobstore=blobstore, index=index, access=access,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes),
                               client_tls=client_context(config.tls) if any(p.tls for p in config.peers) else None)
     endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
@@ -149,6 +153,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                 log.exception("writing metrics")
 
     flusher = asyncio.create_task(flush_metrics())
+    access_flusher = asyncio.create_task(flush_periodically(access, config.tiering.access_flush_s, stop))
     await stop.wait()
 
     server.close()  # stop accepting; associations in progress go on (not after a storage fault: stop now)
@@ -166,6 +171,10 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     await asyncio.to_thread(committer.close)
     flusher.cancel()
     metrics.flush()
+    try:
+        await asyncio.wait_for(access_flusher, 10)  # the last notes, after the last retrieve
+    except Exception:  # last access is a hint for the policies: never a reason to fail a shutdown
+        log.exception("writing the last access notes")
     blobstore.close()
     index.close()
     if faults:
@@ -195,6 +204,9 @@ def _compact_main(config: Config) -> None:
 # ---- supervisor -------------------------------------------------------------------------------------
 
 
+RECALLER_RESTART_S = 10.0
+
+
 class Supervisor:
     def __init__(self, config: Config, port_file: Path | None = None) -> None:
         self.config = config
@@ -213,6 +225,10 @@ class Supervisor:
         self.exit_code = 0
         self.metrics_dir = ""
         self.compactor: ForkProcess | None = None
+        self.recaller: ForkProcess | None = None  # with [[tiers]]: polls the recall queue and recalls
+        self.recaller_started = 0.0
+        self.mover: ForkProcess | None = None  # tiering.schedule_s > 0: a policy run every schedule_s
+        self.next_tier_run = time.monotonic() + config.tiering.schedule_s
         self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
 
     def prepare(self) -> dict[str, int]:
@@ -289,6 +305,8 @@ class Supervisor:
                         self.workers[i] = self._spawn(i)
                         self._await_ready(1)
                 self._maybe_compact()
+                self._keep_recaller()
+                self._maybe_run_policies()
                 time.sleep(0.2)
         finally:
             self._shutdown()
@@ -296,6 +314,44 @@ class Supervisor:
             if reserve_tls is not None:
                 reserve_tls.close()
         return self.exit_code
+
+    def _keep_recaller(self) -> None:
+        """With tiers configured, one recaller process runs beside the workers (restarted if it dies: every step of
+        a recall is crash-safe)."""
+        if not self.config.tiers or self.stopping or (self.recaller is not None and self.recaller.is_alive()):
+            return
+        if self.recaller is not None:
+            if self.recaller.exitcode == EXIT_STORAGE_FAULT:
+                log.critical("the recaller stopped on a storage fault: stopping the appliance")
+                self.stopping = True
+                self.exit_code = EXIT_STORAGE_FAULT
+                return
+            if time.monotonic() - self.recaller_started < RECALLER_RESTART_S:
+                return  # one that keeps failing (a tier gone) is not restarted in a tight loop
+            log.error("the recaller exited with %s; restarting it", self.recaller.exitcode)
+            self.recaller.join()
+        from tiering.recall import recaller_main
+
+        self.recaller_started = time.monotonic()
+        self.recaller = self.mp.Process(target=recaller_main, args=(self.config,), name="appliance-recaller")
+        self.recaller.start()
+
+    def _maybe_run_policies(self) -> None:
+        """Every tiering.schedule_s, a policy run in its own process (like compaction: an LMDB environment must not
+        cross fork(), and the run is crash-safe at every step, so shutdown kills it). One at a time; a run finding
+        tiering.lock held (an admin's `tier run`) skips its turn."""
+        interval = self.config.tiering.schedule_s
+        if not interval or self.stopping or time.monotonic() < self.next_tier_run:
+            return
+        if self.mover is not None and self.mover.is_alive():
+            return
+        if self.mover is not None:
+            self.mover.join()
+        from tiering.run import scheduled_main
+
+        self.next_tier_run = time.monotonic() + interval
+        self.mover = self.mp.Process(target=scheduled_main, args=(self.config,), name="appliance-mover")
+        self.mover.start()
 
     def _maybe_compact(self) -> None:
         interval = self.config.storage.compaction_interval_s
@@ -376,6 +432,12 @@ class Supervisor:
         if self.compactor is not None and self.compactor.is_alive():
             self.compactor.kill()  # crash-safe at every step; the next run finishes its job
             self.compactor.join(10)
+        if self.recaller is not None and self.recaller.is_alive():
+            self.recaller.kill()  # likewise: a recall cut short is redone by the next one
+            self.recaller.join(10)
+        if self.mover is not None and self.mover.is_alive():
+            self.mover.kill()  # likewise: the next run finishes the journaled move
+            self.mover.join(10)
         for proc in self.workers:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)

@@ -19,7 +19,10 @@ blobs          sha256 hex                                 BlobRecord: size, refs
 containers     backend NUL container                      ContainerRecord: committed end, live bytes, sealed
 contents       backend NUL container NUL sha256 hex       empty: the blobs a container holds live (compaction)
 gc             backend NUL container                      empty: container to delete once nothing names it
-meta           "schema"                                   schema version (3; 2 is upgraded on open)
+placement      pk NUL study_uid                           StudyPlacement: tier, since, last access (tiers.py)
+moves          pk NUL study_uid                           MoveRecord: the journal of a move in progress
+recalls        pk NUL study_uid                           RecallRecord: a queued recall
+meta           "schema"                                   schema version (4; 2 and 3 are upgraded on open)
 =============  =========================================  ==================================================
 
 ``name_key`` folds case and keeps a bounded prefix, so ``DOE*`` or ``doe*`` is a range scan; the query layer
@@ -47,11 +50,21 @@ from typing import Any
 import lmdb
 
 from appliance.index import schema
-from appliance.index.containers import ContainerIndex
 from appliance.index.env import DB_NAMES, SEP
 from appliance.index.records import Header
-from appliance.index.schema import COPY_OK, BlobRecord, ContainerRecord, Copy, InstanceRecord, LevelRecord
-from appliance.index.upgrade import upgrade_from_2
+from appliance.index.schema import (
+    COPY_OK,
+    BlobRecord,
+    ContainerRecord,
+    Copy,
+    InstanceRecord,
+    LevelRecord,
+    MoveRecord,
+    RecallRecord,
+    StudyPlacement,
+)
+from appliance.index.tiers import TierIndex
+from appliance.index.upgrade import upgrade_from_2, upgrade_from_3
 
 LEVELS = ("patients", "studies", "series", "instances")
 MAX_KEY_BYTES = 511  # LMDB's default maximum key size
@@ -118,9 +131,9 @@ class ApplyResult:
     reason: str = ""  # CONFLICT: what clashed (no UID in it: it goes to the peer and to the log)
 
 
-class StudyIndex(ContainerIndex):
-    """The study index (module docstring); the environment, the record codecs and the container accounting are in
-    env.py and containers.py."""
+class StudyIndex(TierIndex):
+    """The study index (module docstring); the environment, the record codecs, the container accounting and the
+    tiering tables are in env.py, containers.py and tiers.py."""
 
     # ---- write path -------------------------------------------------------------------------------
 
@@ -341,7 +354,10 @@ class StudyIndex(ContainerIndex):
         return [(db, key) for db, key in rows if len(key.encode()) <= MAX_KEY_BYTES]
 
     def _upgrade(self, version: bytes) -> None:
-        self._write(lambda txn: upgrade_from_2(self.dbs, txn, self._secondary))
+        if version == b"2":  # 2 -> 3 writes the current version too: the tiering tables start empty
+            self._write(lambda txn: upgrade_from_2(self.dbs, txn, self._secondary))
+        else:
+            self._write(lambda txn: upgrade_from_3(self.dbs, txn))
 
     def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord) -> None:
         """Take an instance out of the tree and the aggregates, and drop its blob reference."""
@@ -480,7 +496,8 @@ class StudyIndex(ContainerIndex):
         """Every table as sorted (key, value) rows: what `index rebuild` must reproduce. What `verify` recorded
         per copy (state, time) is history, not content: left out unless ``verification``."""
         typed: dict[str, type] = {"instances": InstanceRecord, "blobs": BlobRecord, "containers": ContainerRecord,
-                                  "patients": LevelRecord, "studies": LevelRecord, "series": LevelRecord}
+                                  "patients": LevelRecord, "studies": LevelRecord, "series": LevelRecord,
+                                  "placement": StudyPlacement, "moves": MoveRecord, "recalls": RecallRecord}
         with self.env.begin() as txn:
             out: dict[str, list[tuple[str, Any]]] = {}
             for name in DB_NAMES:
@@ -498,6 +515,12 @@ class StudyIndex(ContainerIndex):
                             # Bookkeeping of which reception the attributes came from: an identical re-send received
                             # earlier but committed later cannot lower it, and the attributes it chose are equal.
                             del decoded["latest_ns"]
+                        if name == "placement" and not verification:
+                            # Last access is history too (retrieve, export): a study read but never moved has
+                            # the placement a rebuild gives it, none.
+                            del decoded["last_access_ns"]
+                            if decoded == {"tier": schema.ONLINE_TIER, "since_ns": 0}:
+                                continue
                     else:
                         decoded = bytes(value).decode()
                     rows.append((bytes(key).decode(), decoded))

@@ -1,4 +1,4 @@
-"""Typed index records (schema version 2), encoded with msgspec's MessagePack.
+"""Typed index records (schema version 4), encoded with msgspec's MessagePack.
 
 The index never parses a backend's location: a copy carries its container (a segment, an archive, a tape
 file set) and the bytes it occupies there, which is all that space accounting and compaction need.
@@ -12,7 +12,8 @@ import msgspec
 
 # 3: studies carry PatientName and their SOP classes; idx_patientname and idx_modality (C-FIND). A version 2 index
 # is upgraded in place when opened for writing (index/upgrade.py).
-SCHEMA_VERSION = b"3"
+# 4: tiering: placement, moves and recalls (index/tiers.py); a version 3 index gains the empty tables in place.
+SCHEMA_VERSION = b"4"
 
 # Instance Availability (PS3.4 C.4.1.1.3.2): what C-FIND reports and what decides whether a retrieve must recall.
 ONLINE, NEARLINE, OFFLINE = "ONLINE", "NEARLINE", "OFFLINE"
@@ -106,6 +107,56 @@ class ContainerRecord(msgspec.Struct):
 
     def __post_init__(self) -> None:
         assert self.live_bytes >= 0 and self.live_records >= 0 and self.end >= 0
+
+
+# The placement of a study that never moved: the online volumes (config_tiering.ONLINE_TIER; not imported, the
+# index knows nothing of the config).
+ONLINE_TIER = "online"
+
+
+class StudyPlacement(msgspec.Struct):
+    """Where a study was put by the last move or recall, and when it was last read (the policies' inputs)."""
+
+    tier: str  # ONLINE_TIER or a tier's name
+    since_ns: int  # when the last move or recall switched it there (0: never moved)
+    last_access_ns: int = 0  # last retrieve or export (0: never read since received)
+
+
+class MoveRecord(msgspec.Struct):
+    """The journal of a move in progress: written (durable) before the first byte is copied, deleted by the
+    switch that completes it. A crash leaves it, and the next mover redoes the move from the copy."""
+
+    policy: str
+    source: str  # tier names
+    target: str
+    container: str  # the target container the copies go to (removed before a redo)
+    phase: str  # "copy" (the only phase journaled: everything up to the switch is redone after a crash)
+    started_ns: int
+
+
+class RecallRecord(msgspec.Struct):
+    requested_ns: int
+    requested_by: str  # who asked: "cli", "c-move", "c-get", "export" (never a patient's data)
+    attempts: int = 0
+    error: str = ""  # the last failure, for `tier status`
+
+
+class StudyFacts(msgspec.Struct, frozen=True):
+    """What the planner (tiering/policy.py) knows of one study."""
+
+    key: str  # pk NUL study_uid
+    uid: str
+    bytes: int
+    instances: int
+    latest_ns: int  # receive time of its last instance
+    modalities: tuple[str, ...]
+    calling_aes: tuple[str, ...]
+    tier: str  # StudyPlacement.tier (ONLINE_TIER when never moved)
+    since_ns: int
+    last_access_ns: int  # 0: never read
+    partly_online: bool  # placed on a slower tier, but instances received since are online
+    moving: bool = False  # a move is journaled
+    recall_queued: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,4 +1,8 @@
-"""In-place upgrade of a schema 2 index to schema 3 (C-FIND's needs): each study gets the PatientName of its
+"""In-place upgrades. Schema 3 -> 4 (tiering) only adds the empty ``placement``, ``moves`` and ``recalls`` tables
+(opening the index creates them) and writes the version: every study is then online and never moved, which is
+what an absent placement row means.
+
+Schema 2 -> 3 (C-FIND's needs): each study gets the PatientName of its
 patient and the count of its instances per SOP class, and the new secondary indexes (idx_patientname,
 idx_modality) are built. It runs once, in one write transaction, when the index is first opened for writing
 by this version (`appliance serve` opens it so before any worker starts); a crash in the middle leaves the
@@ -46,3 +50,10 @@ def upgrade_from_2(dbs: dict[str, Any], txn: lmdb.Transaction,
             txn.put(key.encode(), study_key.encode(), db=dbs[db])
     txn.put(b"schema", schema.SCHEMA_VERSION, db=dbs["meta"])
     return len(studies)
+
+
+def upgrade_from_3(dbs: dict[str, Any], txn: lmdb.Transaction) -> None:
+    """The tiering tables exist (created empty when the environment opened them) and stay empty."""
+    for name in ("placement", "moves", "recalls"):
+        assert txn.stat(dbs[name])["entries"] == 0, f"a schema 3 index with a non-empty {name} table"
+    txn.put(b"schema", schema.SCHEMA_VERSION, db=dbs["meta"])

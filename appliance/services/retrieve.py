@@ -13,8 +13,14 @@ Every match is found through the index's ``uids`` table or its Patient ID index 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -28,7 +34,9 @@ from appliance.dicom import uids
 from appliance.index.db import StudyIndex
 from appliance.index.env import SEP
 from appliance.index.records import DEFLATED, EXPLICIT_BE, IMPLICIT_LE, valid_uid
-from appliance.index.schema import InstanceRecord
+from appliance.index.schema import OFFLINE, InstanceRecord
+
+log = logging.getLogger(__name__)
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 # The unique key of each level, by keyword and tag.
@@ -59,6 +67,7 @@ class Match:
     transfer_syntax: str
     size: int
     availability: str
+    study_key: str = ""  # pk NUL study UID: what a recall is requested for, and last access recorded on
 
 
 def parse_identifier(data: bytes, transfer_syntax: str) -> Dataset:
@@ -181,9 +190,60 @@ def _agrees(key: str, patient_id: str | None, issuer: str | None, keys: dict[str
 
 
 def _match(key: str, rec: InstanceRecord) -> Match:
-    sop_uid = key.rsplit(SEP, 1)[1]
+    pk, study, _series, sop_uid = key.split(SEP)
     return Match(rec.attrs.get("SOPClassUID", ""), sop_uid, rec.digest, rec.transfer_syntax, rec.size,
-                 rec.availability)
+                 rec.availability, pk + SEP + study)
+
+
+# How often a retrieve waiting for a recall looks at the index (one instance per study: a short read).
+RECALL_POLL_S = 0.5
+ON_TAPE = "study is on tape; recall queued"  # the Error Comment (64 characters at most)
+
+
+def offline_studies(matches: list[Match]) -> dict[str, str]:
+    """study key -> the SOP Instance UID of one of its offline instances (a switch changes a whole study at once,
+    so one instance tells when its recall is done)."""
+    out: dict[str, str] = {}
+    for m in matches:
+        if m.availability == OFFLINE and m.study_key and m.study_key not in out:
+            out[m.study_key] = m.sop_instance_uid
+    return out
+
+
+async def await_recalls(index: StudyIndex, matches: list[Match], by: str, wait_s: float, queue_max: int,
+                        cancelled: Callable[[], bool], run: Callable[..., Awaitable[Any]]) -> list[Match]:
+    """Queue a recall for every study of ``matches`` with offline instances, and wait up to ``wait_s`` for them to
+    come online, polling the index every RECALL_POLL_S (the event loop is never blocked: ``run`` runs the index
+    reads on a thread). Returns the matches with their availability as it is at the end. Raises RetrieveRefused
+    (0xA702, ON_TAPE) when every instance is still offline then: the recalls stay queued, a later retrieve finds
+    the study online. Instances still offline when others are online fail one by one (BlobStore says Offline)."""
+    waiting = offline_studies(matches)
+    if not waiting:
+        return matches
+    for study_key in waiting:
+        if not await run(index.request_recall, study_key, by, queue_max):
+            raise RetrieveRefused(errors.OUT_OF_RESOURCES_SUB_OPERATIONS, "study is on tape; recall queue full")
+    log.info("retrieve waits up to %.0fs for the recall of %d stud(ies)", wait_s, len(waiting))
+    deadline = time.monotonic() + wait_s
+    while waiting and not cancelled():
+        done = [key for key, sop in waiting.items()
+                if all(rec.availability != OFFLINE for _k, rec in await run(index.instances_under, sop))]
+        for key in done:
+            del waiting[key]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            break
+        await asyncio.sleep(min(RECALL_POLL_S, left))
+    if cancelled():
+        return matches  # C-CANCEL (or the association ended) while waiting: the caller answers Cancel
+    fresh: dict[str, str] = {}
+    for study_key in {m.study_key for m in matches if m.availability == OFFLINE}:
+        for key, rec in await run(index.instances_under, study_key.split(SEP, 1)[1]):
+            fresh[key.rsplit(SEP, 1)[1]] = rec.availability
+    matches = [dataclasses.replace(m, availability=fresh.get(m.sop_instance_uid, m.availability)) for m in matches]
+    if all(m.availability == OFFLINE for m in matches):
+        raise RetrieveRefused(errors.OUT_OF_RESOURCES_SUB_OPERATIONS, ON_TAPE)
+    return matches
 
 
 def failed_identifier(failed: list[str], transfer_syntax: str) -> bytes:

@@ -14,12 +14,21 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance import errors
 from appliance.net import dimse
 from appliance.net.service import Request, Response
 from appliance.services.context import WorkerContext
-from appliance.services.retrieve import Match, RetrieveRefused, failed_identifier, parse_identifier, select
+from appliance.services.retrieve import (
+    Match,
+    RetrieveRefused,
+    await_recalls,
+    failed_identifier,
+    offline_studies,
+    parse_identifier,
+    select,
+)
 from appliance.services.sending import Outgoing, SubOperationFailed, pool, prepare
 
 log = logging.getLogger(__name__)
@@ -116,6 +125,20 @@ class RetrieveHandler:
         if not matches:
             yield Response(errors.SUCCESS, extra=dimse.sub_operation_counts(None, 0, 0, 0))
             return
+        if self.ctx.access is not None:  # last access, for the policies (batched: tiering/access.py)
+            self.ctx.access.note({m.study_key.rpartition("\x00")[2] for m in matches if m.study_key})
+        if offline_studies(matches):
+            # A study on tape: its recall is queued and waited for (tiering.recall_wait_s), with one Pending
+            # response so that the requester knows the retrieve is under way.
+            yield Response(errors.PENDING, extra=dimse.sub_operation_counts(len(matches), 0, 0, 0))
+            tiering = self.ctx.config.tiering
+            try:
+                matches = await await_recalls(self.ctx.index, matches, self.operation.lower(), tiering.recall_wait_s,
+                                              tiering.recall_queue_max, lambda: self.cancelled, self._run)
+            except RetrieveRefused as exc:
+                log.info("%s from %s: %s", self.operation, self.request.calling_ae, exc.comment)
+                yield Response(exc.status, exc.comment)
+                return
         refused: RetrieveRefused | None = None
         if self.cancelled:  # C-CANCEL, or the association ended, while the selection ran
             yield self._final(counts, None)
@@ -173,6 +196,10 @@ class RetrieveHandler:
                 counts.fail(match)
 
     # ---- internals ----
+
+    async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
+        """An index call on the retrieve readers' threads (LMDB transactions must not block the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(pool(self.ctx.config), func, *args)
 
     async def _matches(self) -> list[Match]:
         command = self.request.command

@@ -145,16 +145,22 @@ def verify(config: Config, index: StudyIndex) -> VerifyReport:
                     marks = []
         if marks:
             index.mark_verified(marks, time.time_ns())
-        for name, backend in store.backends.items():
-            assert isinstance(backend, SegmentBackend)
-            on_disk = set(backend.segments())
-            known = {c.name: c for c in index.containers(name)}
-            report.orphans += [f"{name}/{s}: not in the index" for s in sorted(on_disk - set(known))]
-            report.orphans += [f"{name}/{s}: in the index, file missing" for s, c in sorted(known.items())
-                               if s not in on_disk and c.live_records]
-            for segment in on_disk & set(known):
-                size = os.path.getsize(os.path.join(backend.dir, segment))
-                report.dead_bytes += max(0, min(size, known[segment].end) - known[segment].live_bytes)
+        segment_orphans(store, index, report)
     finally:
         store.close()
     return report
+
+
+def segment_orphans(store: BlobStore, index: StudyIndex, report: VerifyReport) -> None:
+    """Segment files the index does not know and the reverse, and the dead bytes awaiting compaction, of every
+    online volume (no read of the records: `verify` and tiering/scrub.py re-hash them)."""
+    for name, backend in store.backends.items():
+        assert isinstance(backend, SegmentBackend)
+        on_disk = set(backend.segments())
+        known = {c.name: c for c in index.containers(name)}
+        report.orphans += [f"{name}/{s}: not in the index" for s in sorted(on_disk - set(known))]
+        report.orphans += [f"{name}/{s}: in the index, file missing" for s, c in sorted(known.items())
+                           if s not in on_disk and c.live_records]
+        for segment in on_disk & set(known):
+            size = os.path.getsize(os.path.join(backend.dir, segment))
+            report.dead_bytes += max(0, min(size, known[segment].end) - known[segment].live_bytes)

@@ -61,6 +61,12 @@ class Harness:
     container_of: Callable[[Location], str]  # the container a location lives in (what committed_end is asked about)
     spill_dir: Path  # where a file-backed BlobSource keeps its spill file
     opened: list[BlobBackend] = field(default_factory=list)
+    # Offset just past a location's record in its container (what an index commit records as committed).
+    record_end: Callable[[Location], int] = record_end
+    # The raw bytes of one container, and a way to damage one stored blob (a write that never reached the medium
+    # whole); None: the segment store's own (a file per container).
+    raw_container: Callable[[BlobBackend, str], bytes] | None = None
+    corrupt: Callable[[BlobBackend, Location], None] | None = None
 
     def backend(self, segment_bytes_max: int = 64 * MiB) -> BlobBackend:
         backend = self.make(segment_bytes_max)
@@ -85,7 +91,63 @@ def segments_harness(tmp_path: Path) -> Harness:
     return Harness("tar-segments", make, lambda loc: parse_location(loc)[0], volume.tmp_dir)
 
 
-HARNESSES: dict[str, Callable[[Path], Harness]] = {"segments": segments_harness}
+def nearline_harness(tmp_path: Path) -> Harness:
+    """A nearline tier of two volumes, 64 KiB frames (so that blobs span several), zstd level 3."""
+    from appliance.config_tiering import TierConfig, TierVolumeConfig
+    from tiering.archive import parse_location as archive_location
+    from tiering.nearline import init_tier, open_nearline
+
+    tier = TierConfig("near", "nearline", volumes=(TierVolumeConfig("nv0", tmp_path / "nv0", 0.999),
+                                                   TierVolumeConfig("nv1", tmp_path / "nv1", 0.999)),
+                      frame_bytes=64 << 10)
+    init_tier(tier)
+    (tmp_path / "spill").mkdir()
+    return Harness("nearline", lambda _max: open_nearline(tier), lambda loc: archive_location(loc)[0],
+                   tmp_path / "spill")
+
+
+def tape_harness(tmp_path: Path) -> Harness:
+    """A virtual tape library of two small cartridges, 64 KiB drive blocks (each sync pads to one) and 64 KiB zstd
+    frames (a blob of a few hundred kB spans several)."""
+    from tiering.archive import parse_location as archive_location
+    from tiering.tape.backend import TapeBackend, split_container
+    from tiering.tape.library import VirtualLibrary
+
+    library = VirtualLibrary(tmp_path / "vtl", "tape1", block_bytes=64 << 10, fsync=False)
+    library.create(2, 96 * MiB)
+
+    def make(_segment_bytes_max: int) -> BlobBackend:
+        return TapeBackend("tape1", library, compression_level=3, frame_bytes=64 << 10, spill_dir=str(tmp_path))
+
+    def end_of(location: Location) -> int:
+        _c, _record, data, stored, _size = archive_location(location)
+        return data + stored + (-stored) % 512
+
+    def file_span(container: str) -> tuple[Path, int, int]:
+        label, number = split_container(container)
+        marks = [int(x) for x in (library.folder / f"{label}.marks").read_text().split()]
+        path = library.folder / f"{label}.tape"
+        return path, marks[number - 1], marks[number] if number < len(marks) else path.stat().st_size
+
+    def raw_container(_backend: BlobBackend, container: str) -> bytes:
+        path, start, end = file_span(container)
+        return path.read_bytes()[start:end]
+
+    def corrupt(_backend: BlobBackend, location: Location) -> None:
+        container, _record, data, stored, _size = archive_location(location)
+        path, start, _end = file_span(container)
+        with open(path, "r+b") as fh:
+            fh.seek(start + data + stored // 2)
+            byte = fh.read(1)
+            fh.seek(start + data + stored // 2)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+
+    return Harness("tape", make, lambda loc: archive_location(loc)[0], tmp_path, record_end=end_of,
+                   raw_container=raw_container, corrupt=corrupt)
+
+
+HARNESSES: dict[str, Callable[[Path], Harness]] = {"segments": segments_harness, "nearline": nearline_harness,
+                                                   "tape": tape_harness}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
@@ -225,14 +287,27 @@ def test_delete_follows_the_deletes_immediately_capability(harness: Harness) -> 
 
 
 def container_bytes(h: Harness, backend: BlobBackend, container: str) -> bytes:
+    if h.raw_container is not None:
+        return h.raw_container(backend, container)
+    if h.kind == "nearline":
+        from tiering.nearline import NearlineBackend
+
+        assert isinstance(backend, NearlineBackend)
+        return Path(backend.archive_file(container)).read_bytes()
     assert isinstance(backend, SegmentBackend), "extend for other backends: their raw container bytes"
     return (Path(backend.dir) / container).read_bytes()
+
+
+def require_tail_recovery(h: Harness) -> None:
+    if h.kind == "nearline":
+        pytest.skip("a nearline archive is published whole at sync: no tail (the mover's journal names it)")
 
 
 def test_recover_hands_back_whole_records_beyond_the_committed_end_and_cuts_a_torn_tail(harness: Harness) -> None:
     """Beyond what the index committed: whole records that hash to their name are durable (their index commit may
     have been lost) and come back in ``tail`` in write order; from the first torn or corrupt one, the container is
     cut (it was never made durable, so never acknowledged)."""
+    require_tail_recovery(harness)
     backend = harness.backend()
     committed = put_synced(backend, [b"one" * 1000, ODD])
     durable = put_synced(backend, [b"synced, index commit lost" * 50, b"second" * 77])
@@ -240,8 +315,10 @@ def test_recover_hands_back_whole_records_beyond_the_committed_end_and_cuts_a_to
     after = put_synced(backend, [b"after the corrupt one"])[0]
     container = harness.container_of(committed[0])
     assert {harness.container_of(loc) for loc in [*committed, *durable, corrupt, after]} == {container}
-    end = record_end(committed[-1]) if harness.kind == "tar-segments" else 0
-    if harness.kind == "tar-segments":  # a write that did not reach the disk whole: its bytes are not its name's
+    end = harness.record_end(committed[-1])
+    if harness.corrupt is not None:
+        harness.corrupt(backend, corrupt)
+    elif harness.kind == "tar-segments":  # a write that did not reach the disk whole: its bytes are not its name's
         path = Path(backend.dir) / container
         raw = bytearray(path.read_bytes())
         raw[parse_location(corrupt)[2] + 5] ^= 0xFF
@@ -268,17 +345,18 @@ def test_recover_hands_back_whole_records_beyond_the_committed_end_and_cuts_a_to
 
 
 def test_recover_is_idempotent(harness: Harness) -> None:
+    require_tail_recovery(harness)
     backend = harness.backend()
     committed = put_synced(backend, [ODD])
     (beyond,) = put_synced(backend, [b"beyond"])
     container = harness.container_of(committed[0])
     fresh = harness.restart(backend)
-    first = fresh.recover(lambda c: record_end(committed[0]) if c == container else None)
+    first = fresh.recover(lambda c: harness.record_end(committed[0]) if c == container else None)
     assert [s.location for s in first.tail] == [beyond]
     after_first = container_bytes(harness, fresh, container)
     again = harness.restart(fresh)
     # The caller indexed the tail, so the committed end now covers it: nothing more to hand back or cut.
-    second = again.recover(lambda c: record_end(beyond) if c == container else None)
+    second = again.recover(lambda c: harness.record_end(beyond) if c == container else None)
     assert second.tail == [] and second.counts.get("truncated_bytes", 0) == 0
     assert container_bytes(harness, again, container) == after_first
     assert again.read(committed[0]) == ODD and again.read(beyond) == b"beyond"
@@ -303,7 +381,7 @@ def test_after_recover_new_puts_go_to_a_new_container(harness: Harness) -> None:
     (old,) = put_synced(backend, [ODD])
     container = harness.container_of(old)
     fresh = harness.restart(backend)
-    fresh.recover(lambda c: record_end(old) if c == container else None)
+    fresh.recover(lambda c: harness.record_end(old) if c == container else None)
     (new,) = put_synced(fresh, [b"new run"])
     assert harness.container_of(new) != container
     assert fresh.read(old) == ODD and fresh.read(new) == b"new run"

@@ -1,0 +1,316 @@
+"""``appliance tier init|status|plan|run``: the storage admin's view of the tiers and the policy runs.
+
+Human tables by default, ``--json`` for scripts; exit codes as in cli.py (0 ok, 1 a move failed, 3 not found,
+69 another mover runs or a tier is unavailable, 78 configuration error).
+
+``APPLIANCE_TIER_NOW`` (an ISO date/time in UTC, or nanoseconds since the epoch) makes `tier plan` and `tier run`
+plan as if it were that time: a what-if aid ("what will move next month?") and the tests' clock. It changes only
+the policies' ages, never what is recorded."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from appliance import errors
+from appliance.cli_common import emit, load_cli_config
+from appliance.config import Config
+
+if TYPE_CHECKING:
+    from appliance.index.db import StudyIndex
+    from tiering.policy import PlannedMove
+
+NOW_ENV = "APPLIANCE_TIER_NOW"
+
+
+class UsageError(errors.ApplianceError):
+    exit_code = errors.EXIT_USAGE
+
+tier_app = typer.Typer(no_args_is_help=True, help="Storage tiers: status, policy plans and runs.")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config (default: $APPLIANCE_CONFIG, ./appliance.toml, built-in)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "PIB": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """``20GB``, ``1.5 TiB``, ``500MB`` -> bytes (decimal units, and binary ones with an i)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]I?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"not a size: {text!r} (e.g. 500MB, 20GB, 1.5TiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def parse_limit(text: str | None) -> tuple[int | None, int]:
+    """--limit: a plain number is a count of studies, a size (with a unit) a byte budget."""
+    if text is None:
+        return None, 0
+    if text.strip().isdigit():
+        count = int(text)
+        if count < 1:
+            raise UsageError("--limit: at least 1 study")
+        return count, 0
+    return None, parse_size(text)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def now_ns() -> int:
+    """The planner's clock: APPLIANCE_TIER_NOW when set, else the real time."""
+    raw = os.environ.get(NOW_ENV, "").strip()
+    if not raw:
+        return time.time_ns()
+    if raw.isdigit():
+        return int(raw)
+    try:
+        when = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{NOW_ENV}={raw!r}: an ISO date (2027-03-01, 2027-03-01T12:00:00) or ns") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+def _fail(exc: errors.ApplianceError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def _open_index(cfg: Config) -> Iterator[StudyIndex]:
+    from appliance.index.db import StudyIndex
+
+    if not (cfg.storage.index_path / "data.mdb").exists():
+        raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
+    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
+    console.print(table)
+    text = console.export_text()
+    console.file.close()
+    return text.rstrip()
+
+
+@tier_app.command("init")
+def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]")], config: ConfigOpt = None) -> None:
+    """Prepare a tier's media (volume markers, virtual cartridges)."""
+    from tiering.tiers import init_tier
+
+    try:
+        cfg = load_cli_config(config)
+        tier = cfg.tier(name)
+        if tier is None:
+            raise errors.ConfigError(f"no tier named {name!r} in [[tiers]] "
+                                     f"(configured: {', '.join(t.name for t in cfg.tiers) or 'none'})")
+        typer.echo(init_tier(tier))
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+
+
+def status_data(cfg: Config, index: StudyIndex) -> dict[str, Any]:
+    from appliance.config_tiering import ONLINE_TIER
+    from tiering.run import Tiers
+
+    per_tier: dict[str, dict[str, int]] = {}
+    for facts in index.study_facts():
+        row = per_tier.setdefault(facts.tier, {"studies": 0, "instances": 0, "bytes": 0, "partly_online": 0})
+        row["studies"] += 1
+        row["instances"] += facts.instances
+        row["bytes"] += facts.bytes
+        row["partly_online"] += facts.partly_online
+    tiers = Tiers.open(cfg)
+    try:
+        usage = tiers.usage()
+    finally:
+        tiers.close()
+    kinds = {ONLINE_TIER: "online", **{t.name: t.kind for t in cfg.tiers}}
+    out_tiers = []
+    for name, kind in kinds.items():
+        counts = per_tier.get(name, {"studies": 0, "instances": 0, "bytes": 0, "partly_online": 0})
+        vols: list[dict[str, Any]] = [{"name": u.name, "used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
+                 "fill": round(u.fill, 4), "accepting": u.accepting} for u in usage.get(name, ())]
+        used = sum(u.used_bytes for u in usage.get(name, ()))
+        capacity = sum(u.capacity_bytes for u in usage.get(name, ()))
+        out_tiers.append({"name": name, "kind": kind, **counts, "used_bytes": used, "capacity_bytes": capacity,
+                          "fill": round(used / capacity, 4) if capacity else None, "volumes": vols,
+                          "error": tiers.errors.get(name, "")})
+    moves = [{"study": k.split("\x00", 1)[1], "policy": m.policy, "from": m.source, "to": m.target,
+              "phase": m.phase, "started_ns": m.started_ns} for k, m in index.moves()]
+    recalls = [{"study": k.split("\x00", 1)[1], "requested_ns": r.requested_ns, "requested_by": r.requested_by,
+                "attempts": r.attempts, "error": r.error} for k, r in index.recalls()]
+    return {"tiers": out_tiers, "moves_in_progress": moves, "recalls_queued": recalls}
+
+
+@tier_app.command("status")
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Bytes, studies, instances and fill per tier and per volume or cartridge; moves and recalls pending."""
+    try:
+        cfg = load_cli_config(config)
+        with _open_index(cfg) as index:
+            data = status_data(cfg, index)
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    rows = []
+    for t in data["tiers"]:
+        fill = f"{t['fill']:.0%}" if t["fill"] is not None else "-"
+        rows.append([t["name"], t["kind"], str(t["studies"]), str(t["instances"]), human_bytes(t["bytes"]),
+                     fill, t["error"] or ("" if not t["partly_online"] else f"{t['partly_online']} partly online")])
+        for v in t["volumes"]:
+            rows.append([f"  {v['name']}", "", "", "", f"{human_bytes(v['used_bytes'])} used",
+                         f"{v['fill']:.0%} of {human_bytes(v['capacity_bytes'])}",
+                         "" if v["accepting"] else "not accepting"])
+    human = _table(["tier", "kind", "studies", "instances", "bytes", "fill", "note"], rows)
+    human += f"\nmoves in progress: {len(data['moves_in_progress'])}; recalls queued: {len(data['recalls_queued'])}"
+    for m in data["moves_in_progress"]:
+        human += f"\n  move {m['study']} {m['from']} -> {m['to']} ({m['policy']})"
+    for r in data["recalls_queued"]:
+        error = f", {r['error']}" if r["error"] else ""
+        human += f"\n  recall {r['study']} (by {r['requested_by']}, {r['attempts']} attempts{error})"
+    emit(data, as_json, human)
+
+
+def _plan_rows(moves: list[PlannedMove]) -> str:
+    rows = [[m.policy, m.study_uid, f"{m.source} -> {m.target}", str(m.instances), human_bytes(m.bytes), m.reason]
+            for m in moves]
+    totals: dict[str, list[int]] = {}
+    for m in moves:
+        total = totals.setdefault(m.policy, [0, 0])
+        total[0] += 1
+        total[1] += m.bytes
+    lines = [_table(["policy", "study", "move", "instances", "bytes", "reason"], rows)] if rows else []
+    for policy, (count, nbytes) in totals.items():
+        lines.append(f"{policy}: {count} studies, {human_bytes(nbytes)}")
+    lines.append(f"total: {len(moves)} studies, {human_bytes(sum(m.bytes for m in moves))}")
+    return "\n".join(lines)
+
+
+def _move_dict(m: PlannedMove) -> dict[str, Any]:
+    return {"study": m.study_uid, "policy": m.policy, "from": m.source, "to": m.target, "instances": m.instances,
+            "bytes": m.bytes, "reason": m.reason}
+
+
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Only this policy (by name)")]
+
+
+@tier_app.command("plan")
+def plan(config: ConfigOpt = None, as_json: JsonOpt = False, policy: PolicyOpt = None) -> None:
+    """What the policies would move now, per policy, with bytes and the reason."""
+    from tiering.run import Tiers, fills, make_plan
+
+    try:
+        cfg = load_cli_config(config)
+        when = now_ns()
+        with _open_index(cfg) as index:
+            tiers = Tiers.open(cfg)
+            try:
+                moves = make_plan(cfg, index, fills(tiers.usage()), when, policy)
+            finally:
+                tiers.close()
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    data = {"moves": [_move_dict(m) for m in moves], "studies": len(moves), "bytes": sum(m.bytes for m in moves)}
+    emit(data, as_json, _plan_rows(moves))
+
+
+@tier_app.command("run")
+def run(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan with the limits, move nothing")] = False,
+    limit: Annotated[str | None, typer.Option(help="At most N studies (500) or this many bytes (20GB)")] = None,
+    rate: Annotated[float | None, typer.Option(help="MB/s read+written (overrides tiering.rate_bytes_per_s)")] = None,
+    policy: PolicyOpt = None,
+) -> None:
+    """Finish interrupted moves, then move what the policies plan (whole studies: copy, verify, switch, delete)."""
+    from tiering.run import run as run_policies
+
+    try:
+        cfg = load_cli_config(config)
+        studies_max, bytes_max = parse_limit(limit)
+        if rate is not None and rate <= 0:
+            raise UsageError("--rate: MB/s, more than 0")
+        rate_bytes = int(rate * 1_000_000) if rate is not None else None
+        when = now_ns()
+        show_bar = not as_json and not dry_run and sys.stdout.isatty()
+        with _open_index(cfg) as index, _progress(show_bar) as hooks:
+            report = run_policies(cfg, index, when, dry_run=dry_run, studies_max=studies_max, bytes_max=bytes_max,
+                                  rate_bytes_per_s=rate_bytes, policy_name=policy, hooks=hooks)
+    except errors.ApplianceError as exc:
+        raise _fail(exc) from None
+    done = report.resumed + report.results
+    data = {**report.counts(), "dry_run": dry_run, "moves": [_move_dict(m) for m in report.planned],
+            "results": [{"study": r.study_uid, "policy": r.policy, "from": r.source, "to": r.target,
+                         "instances": r.instances, "bytes": r.bytes, "seconds": round(r.seconds, 3),
+                         "outcome": r.outcome, "error": r.error, "resumed": r.resumed} for r in done],
+            "unavailable_tiers": report.unavailable}
+    if dry_run:
+        human = "dry run: nothing moved\n" + _plan_rows(report.planned)
+    else:
+        c = report.counts()
+        human = (f"moved {c['moved']} studies ({human_bytes(c['bytes_copied'])} copied), {c['failed']} failed"
+                 + (f", {c['resumed']} interrupted moves finished" if c["resumed"] else ""))
+        for r in done:
+            if r.outcome not in ("moved", "vanished"):
+                human += f"\n  {r.outcome}: {r.study_uid} {r.source} -> {r.target}: {r.error}"
+    for name, error in report.unavailable.items():
+        human += f"\n  tier {name} unavailable: {error}"
+    emit(data, as_json, human)
+    if data["failed"]:
+        raise typer.Exit(errors.EXIT_FAILURE)
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Any]:
+    from tiering.run import RunHooks
+
+    if not show:
+        yield RunHooks()
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task("moving", total=None)
+        studies = [0, 0]
+
+        def planned(moves: list[PlannedMove]) -> None:
+            studies[1] = len(moves)
+            bar.update(task, total=sum(m.bytes for m in moves), description=f"moving 0/{len(moves)} studies")
+
+        def study_done(_result: Any) -> None:
+            studies[0] += 1
+            bar.update(task, description=f"moving {studies[0]}/{studies[1]} studies")
+
+        yield RunHooks(planned=planned, study_done=study_done, copied=lambda n: bar.advance(task, n))

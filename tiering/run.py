@@ -1,0 +1,192 @@
+"""A policy run: what `appliance tier plan|run|status` and the server's schedule call.
+
+One mover at a time, across processes: the flock ``tiering.lock`` in the index folder (a second run says who holds
+it and stops). A run first finishes what a crashed one left (journaled moves, pending deletes), then plans with
+the policies and moves the planned studies, bounded by tiering.run_studies_max (or --limit)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Config
+from appliance.config_tiering import ONLINE_TIER
+from appliance.errors import EXIT_UNAVAILABLE, ApplianceError, ConfigError
+from appliance.index.db import StudyIndex
+from appliance.store.backend import BlobBackend, Usage
+from appliance.store.online import BlobStore
+from tiering.audit import AuditLog
+from tiering.mover import Mover, MoveResult, TokenBucket
+from tiering.policy import PlannedMove, TierFill, apply_limit, plan, tier_fill
+from tiering.tiers import open_tier, tier_order
+
+log = logging.getLogger(__name__)
+
+TIERING_LOCK = "tiering.lock"
+
+
+class TierBusy(ApplianceError):
+    """Another mover (a `tier run`, or the server's scheduled run) holds tiering.lock."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+@contextlib.contextmanager
+def tiering_lock(index_path: Path, who: str) -> Iterator[None]:
+    """Hold ``tiering.lock`` (never waits). The holder writes who it is into the file, for the next one's message."""
+    index_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = index_path / TIERING_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise TierBusy(f"another mover is running ({holder}); try again when it is done") from None
+        os.ftruncate(fd, 0)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.pwrite(fd, f"{who}, pid {os.getpid()}, since {since}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Tiers:
+    """The node's storage as tiering sees it: the online volumes and every configured tier, opened for one run.
+    A tier that cannot be opened (a NAS gone) is listed in ``errors`` and left out."""
+
+    store: BlobStore
+    backends: dict[str, BlobBackend]
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, config: Config) -> Tiers:
+        store = BlobStore.open(config)
+        backends: dict[str, BlobBackend] = {}
+        errors: dict[str, str] = {}
+        for tier in config.tiers:
+            try:
+                backends[tier.name] = open_tier(tier)
+            except (ApplianceError, OSError, ImportError) as exc:  # a kind whose code is not installed
+                errors[tier.name] = str(exc)
+                log.warning("tier %s cannot be opened: %s", tier.name, exc)
+        return cls(store, backends, errors)
+
+    def usage(self) -> dict[str, tuple[Usage, ...]]:
+        """Per tier, the fill of each volume or cartridge."""
+        out = {ONLINE_TIER: tuple(u for b in self.store.backends.values() for u in b.usage())}
+        for name, backend in self.backends.items():
+            out[name] = backend.usage()
+        return out
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+        self.store.close()
+
+
+def fills(usage: dict[str, tuple[Usage, ...]]) -> dict[str, TierFill]:
+    return {name: tier_fill(usages) for name, usages in usage.items() if usages}
+
+
+def make_plan(config: Config, index: StudyIndex, tier_fills: dict[str, TierFill], now_ns: int,
+              policy_name: str | None = None) -> list[PlannedMove]:
+    policies = [p for p in config.policies if policy_name is None or p.name == policy_name]
+    if policy_name is not None and not policies:
+        raise ConfigError(f"no policy named {policy_name!r} (configured: "
+                          f"{', '.join(p.name for p in config.policies) or 'none'})")
+    return plan(index.study_facts(), tier_fills, policies, tier_order(config), now_ns)
+
+
+@dataclass
+class RunReport:
+    planned: list[PlannedMove] = field(default_factory=list)
+    resumed: list[MoveResult] = field(default_factory=list)
+    results: list[MoveResult] = field(default_factory=list)
+    dry_run: bool = False
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, Any]:
+        done = self.resumed + self.results
+        return {"planned": len(self.planned), "planned_bytes": sum(m.bytes for m in self.planned),
+                "moved": sum(r.outcome == "moved" for r in done),
+                "failed": sum(r.outcome in ("failed", "refused") for r in done),
+                "bytes_copied": sum(r.bytes for r in done), "resumed": len(self.resumed)}
+
+
+@dataclass
+class RunHooks:
+    """Progress of a run, for the CLI's bar (all optional)."""
+
+    planned: Callable[[list[PlannedMove]], None] = lambda _moves: None
+    study_done: Callable[[MoveResult], None] = lambda _result: None
+    copied: Callable[[int], None] = lambda _nbytes: None
+
+
+def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False, studies_max: int | None = None,
+        bytes_max: int = 0, rate_bytes_per_s: int | None = None, policy_name: str | None = None,
+        hooks: RunHooks | None = None, who: str = "appliance tier run") -> RunReport:
+    """Resume, plan, move (or only plan, with ``dry_run``). ``now_ns`` is the planner's clock (the audit and the
+    placement use the real one)."""
+    hooks = hooks or RunHooks()
+    report = RunReport(dry_run=dry_run)
+    limit = min(studies_max or config.tiering.run_studies_max, config.tiering.run_studies_max)
+    lock = contextlib.nullcontext() if dry_run else tiering_lock(config.storage.index_path, who)
+    with lock:
+        tiers = Tiers.open(config)
+        report.unavailable = dict(tiers.errors)
+        try:
+            if dry_run:
+                report.planned = apply_limit(make_plan(config, index, fills(tiers.usage()), now_ns, policy_name),
+                                             limit, bytes_max)
+                return report
+            with AuditLog(config.tiering.audit_log) as audit:
+                mover = Mover(config, index, dict(tiers.store.backends), tiers.backends, audit,
+                              TokenBucket(rate_bytes_per_s or config.tiering.rate_bytes_per_s),
+                              on_bytes=hooks.copied)
+                report.resumed = mover.resume()
+                planned = apply_limit(make_plan(config, index, fills(tiers.usage()), now_ns, policy_name),
+                                      limit, bytes_max)
+                report.planned = [m for m in planned if m.target in tiers.backends]
+                hooks.planned(report.planned)
+                for move in report.planned:
+                    result = mover.move(move)
+                    report.results.append(result)
+                    hooks.study_done(result)
+        finally:
+            tiers.close()
+    return report
+
+
+def scheduled_main(config: Config) -> None:
+    """The server's scheduled policy run, in its own process (appliance/server.py). Logs counts only."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops it (SIGKILL: crash-safe at every step)
+    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=config.storage.fsync)
+    try:
+        report = run(config, index, time.time_ns(), who="scheduled run of appliance serve")
+        from appliance.metrics import tiering_metrics
+
+        metrics = tiering_metrics()  # the supervisor's /metrics sums the processes it forked
+        for result in report.resumed + report.results:
+            if result.bytes:
+                metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
+        counts = report.counts()
+        if counts["moved"] or counts["failed"]:
+            log.info("tiering: %(moved)d studies moved (%(bytes_copied)d bytes copied), %(failed)d failed, "
+                     "%(resumed)d interrupted moves finished", counts)
+    except TierBusy as exc:
+        log.info("tiering: scheduled run skipped: %s", exc)
+    except ApplianceError as exc:
+        log.warning("tiering: scheduled run failed: %s", exc)
+    finally:
+        index.close()
