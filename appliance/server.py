@@ -98,12 +98,12 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, Endpoint
     from appliance.net.tls import client_context
+    from appliance.services.access import AccessRecorder, flush_periodically
     from appliance.services.application import StorageApplication
     from appliance.services.commitment import resume_commitments
     from appliance.services.context import WorkerContext
     from appliance.store.commit import GroupCommitter
     from appliance.store.spool import SpoolBudget
-    from tiering.access import AccessRecorder, flush_periodically
     from tiering.recall import open_tiers
 
     loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """The mover: one study at a time from one tier to a slower one, copy -> verify -> switch -> delete.
 
-Per study (docs/tiering-design.md, "Movers"):
+Per study (docs/tiering-internals.md, "Movers"):
 
 1. journal: the target's new container (``begin_container``) is registered in the index and the move is journaled
    (``begin_move``, durable) before the first byte is written, so a crash never leaves a container the index
@@ -36,13 +36,13 @@ from appliance.index.db import StudyIndex
 from appliance.index.schema import BlobRecord, Copy, InstanceRecord, MoveRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, Location
 from appliance.store.segments import SegmentBackend, segment_copy
+from tiering.archive import BLOCK, parse_location
 from tiering.audit import AuditLog
 from tiering.policy import PlannedMove
 from tiering.tiers import availability_of, tier_order
 
 log = logging.getLogger(__name__)
 
-BLOCK = 512
 COPY_CHUNK_BYTES = 1 << 20
 # Test-only: the mover kills itself (SIGKILL) when it reaches this phase (journaled, copying, synced, switched), so
 # the crash tests can stop it at each step. Unset in production.
@@ -77,7 +77,7 @@ class TokenBucket:
 
 def copy_of(backend: BlobBackend, location: Location, received_ns: int) -> Copy:
     """The index Copy of a blob just put: segments know their own record size; an archive location is
-    ``container:record_offset:data_offset:stored_bytes:size`` (tiering-design.md) and the copy occupies its headers
+    ``container:record_offset:data_offset:stored_bytes:size`` (tiering-internals.md) and the copy occupies its headers
     and its data padded to 512."""
     if isinstance(backend, SegmentBackend):
         return segment_copy(backend.name, location, received_ns)
@@ -273,7 +273,9 @@ class Mover:
         for _sop, digest, blob, inst in blobs:
             if digest in put or any(c.backend == target.name for c in blob.copies):
                 continue
-            meta = BlobMeta(digest, blob.size, inst.received_ns, inst.calling_ae, planned.policy)
+            # BlobMeta.policy is the duplicate policy the instance was stored under (a rebuild from this tier
+            # replays it), not the tiering policy that moves it: carried over from the source copy.
+            meta = BlobMeta(digest, blob.size, inst.received_ns, inst.calling_ae, self._stored_policy(blob))
             put[digest] = (target.put(meta, _CopySource(self, digest, blob)), inst)
             result.bytes += blob.size
             self._phase("copying")
@@ -282,6 +284,7 @@ class Mover:
         target.sync()
         locations = [loc for loc, _inst in put.values()]
         target.publish(locations)
+        self._commit_ends(target, locations)
         added = {}
         for digest, (location, inst) in put.items():
             self.bucket.take(inst.size)
@@ -289,6 +292,37 @@ class Mover:
                 raise CopyCorrupt(f"the copy of {digest} on {target.name} does not hash to its digest after sync")
             added[digest] = copy_of(target, location, inst.received_ns)
         return added
+
+    def _stored_policy(self, blob: BlobRecord) -> str:
+        """The duplicate policy recorded with the blob's bytes on its first readable copy ("" when none says)."""
+        for copy in blob.copies:
+            backend = self._backend(copy.backend)
+            if backend is None:
+                continue
+            try:
+                return backend.stat(copy.location).policy
+            except (BlobMissing, OSError):
+                continue
+        return ""
+
+    def _commit_ends(self, target: BlobBackend, locations: list[Location]) -> None:
+        """Record, per container, the end of the last member this copy made durable: a tape archive left open by a
+        crash is then never cut back before a member the index may name (recover keeps up to the committed end).
+        A cartridge that filled mid-study opened a container of its own: registered here."""
+        if isinstance(target, SegmentBackend):
+            return  # (tests move between online volumes: the segment writer's own ends apply)
+        ends: dict[tuple[str, str], int] = {}
+        for location in locations:
+            try:
+                container, _record, data, stored, _size = parse_location(location)
+            except BlobMissing:
+                continue  # not an archive (a backend with locations of its own): no end to keep
+            end = data + stored + (-stored) % BLOCK
+            ends[(target.name, container)] = max(ends.get((target.name, container), 0), end)
+        now = self.clock_ns()
+        for backend, container in ends:
+            self.index.register_container(backend, container, now)
+        self.index.apply([], self.config.storage.duplicate_policy, ends)
 
     def read_best(self, digest: str, blob: BlobRecord) -> Iterator[bytes]:
         """The blob's bytes from its fastest readable copy (tier order), in chunks, hashed: a copy that does not

@@ -87,7 +87,7 @@ def recall_lock(index_path: Path) -> Iterator[bool]:
 
 def tape_position(location: str) -> tuple[str, int, int]:
     """(cartridge, tape file, record offset) of a tape location ``<cartridge>/<file>:<record>:<data>:<stored>:<size>``
-    (docs/tiering-design.md); a location of another form sorts by its text."""
+    (docs/tiering-internals.md); a location of another form sorts by its text."""
     container, _, rest = location.partition(":")
     cartridge, _, tape_file = container.rpartition("/")
     try:

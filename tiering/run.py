@@ -161,6 +161,10 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
                     result = mover.move(move)
                     report.results.append(result)
                     hooks.study_done(result)
+                for backend in tiers.backends.values():
+                    # The run's last tape archive gets its catalog now, not at the next run's recovery: until
+                    # then the cartridge would not read back with tar and the catalog alone.
+                    backend.seal()
         finally:
             tiers.close()
     return report

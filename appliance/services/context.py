@@ -13,11 +13,11 @@ from appliance.config import Config, PeerConfig
 if TYPE_CHECKING:
     from appliance.index.db import StudyIndex
     from appliance.metrics import Metrics
+    from appliance.services.access import AccessRecorder
     from appliance.store.commit import GroupCommitter
     from appliance.store.online import BlobStore
     from appliance.store.spool import SpoolBudget
     from appliance.store.volumes import VolumeSet
-    from tiering.access import AccessRecorder
 
 
 @dataclass
@@ -33,7 +33,7 @@ class WorkerContext:
     # The TLS context of the associations we open to [peers] with tls = true (net/tls.py client_context); None
     # when no peer asks for it.
     client_tls: ssl.SSLContext | None = None
-    # Last access of the studies C-MOVE and C-GET read (tiering/access.py); None in tests that do not record it.
+    # Last access of the studies C-MOVE and C-GET read (appliance/services/access.py); None in tests that do not record it.
     access: AccessRecorder | None = None
 
     def ssl_for(self, peer: PeerConfig) -> ssl.SSLContext | None:

@@ -125,7 +125,7 @@ class RetrieveHandler:
         if not matches:
             yield Response(errors.SUCCESS, extra=dimse.sub_operation_counts(None, 0, 0, 0))
             return
-        if self.ctx.access is not None:  # last access, for the policies (batched: tiering/access.py)
+        if self.ctx.access is not None:  # last access, for the policies (batched: appliance/services/access.py)
             self.ctx.access.note({m.study_key.rpartition("\x00")[2] for m in matches if m.study_key})
         if offline_studies(matches):
             # A study on tape: its recall is queued and waited for (tiering.recall_wait_s), with one Pending

@@ -214,6 +214,10 @@ class BlobBackend(ABC):
         """Delete a whole container that the index no longer names (its ``gc`` row is durable). Harmless if it is
         already gone. Append-only media (tape) leave the bytes where they are and only forget them."""
 
+    def seal(self) -> None:  # noqa: B027 - only backends that keep a container open across syncs need it
+        """End of a writing session (a tier run): close a container kept open across syncs (a tape archive), so that
+        it reads back with stock tools alone. The next put opens a new one."""
+
     def usage(self) -> tuple[Usage, ...]:
         """Fill per volume / cartridge, for `tier status`, placement and watermark policies."""
         return ()

@@ -1,4 +1,4 @@
-"""The recaller (tiering/recall.py) and last-access recording (tiering/access.py) on a real index and real
+"""The recaller (tiering/recall.py) and last-access recording (appliance/services/access.py) on a real index and real
 segment stores (tests/tiering_site.py)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 
 from appliance.errors import Offline
 from appliance.index.schema import OFFLINE, ONLINE
+from appliance.services.access import AccessRecorder
 from appliance.services.retrieve import Match, RetrieveRefused, await_recalls, offline_studies
 from tests.tiering_site import Site
-from tiering.access import AccessRecorder
 from tiering.recall import RECALL_LOCK, recall_lock, recall_queued, tape_position
 
 
