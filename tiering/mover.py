@@ -222,13 +222,10 @@ class Mover:
                 self.index.forget_container(target.name, container)
             self._phase("synced")
             drop = self.drop_backends(planned.source)
-            availability = {}
-            for sop, digest, blob, _inst in blobs:
-                left = [c.backend for c in blob.copies if c.backend not in drop]
-                new = added.get(digest)
-                availability[sop] = availability_of(self.config, left + ([new.backend] if new else []))
-            self.index.switch_study(planned.study_key, added, drop, availability, planned.target,
-                                    self.clock_ns(), move_done=True)
+            # Availability from the copies the switch leaves, decided inside its transaction: the recaller may
+            # have switched the same study since it was read here.
+            self.index.switch_study(planned.study_key, added, drop, functools.partial(availability_of, self.config),
+                                    planned.target, self.clock_ns(), move_done=True)
             switched = True
             result.outcome, result.error = "moved", ""
             # The move is decided by the switch: its audit line goes out now, not after the deletes (a crash

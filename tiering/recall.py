@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -34,10 +35,11 @@ from pathlib import Path
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing, OutOfSpace, StorageFault
 from appliance.index.db import SERVE_LOCK, StudyIndex
-from appliance.index.schema import ONLINE, ONLINE_TIER, BlobRecord, Copy, InstanceRecord
+from appliance.index.schema import ONLINE_TIER, BlobRecord, Copy, InstanceRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource
 from appliance.store.online import BlobStore
 from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
+from tiering.tiers import availability_of
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +184,10 @@ class Recaller:
                 self._failed(key, f"{len(bad)} copies did not re-read right from the online volume", report)
                 continue
             now = self.clock()
-            availability = {sop: ONLINE for sop, *_ in blobs}
-            self.index.switch_study(key, added[key], set(), availability, ONLINE_TIER, now, move_done=False)
+            # Availability from the copies as the switch finds them (a mover may have switched the study since
+            # it was read: an instance whose only copy is now on tape stays OFFLINE).
+            self.index.switch_study(key, added[key], set(), functools.partial(availability_of, self.config),
+                                    ONLINE_TIER, now, move_done=False)
             _crash_point("switched")
             report.studies += 1
             report.instances += len(blobs)

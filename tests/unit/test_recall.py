@@ -206,3 +206,32 @@ def test_after_the_wait_the_online_part_goes_and_the_tape_part_fails(site: Site)
     got = asyncio.run(await_recalls(site.index, matches, "c-move", 0.0, 10, lambda: False, _in_thread))
     assert sorted(m.availability for m in got) == [OFFLINE, ONLINE]  # not refused: the online one is sent
     assert len(site.index.recalls()) == 1
+
+
+def test_a_move_switching_the_study_during_a_recall_leaves_no_instance_online_without_an_online_copy(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recaller (recall.lock) and a mover (tiering.lock) can work on the same study: a partly online study on
+    tape whose recall is queued, taken by a policy moving its online instances down. The recaller read the study
+    before the mover's switch and switches after it: an instance whose only copy is now on tape must not be
+    marked ONLINE (a retrieve would then neither read it nor queue its recall)."""
+    from tiering.recall import Recaller
+
+    study, _data = site.ingest(2)
+    site.to_tier(study, "lto")
+    late, _ = site.ingest(1, study_uid=study)  # received after the move: online only
+    assert late == study and site.availability(study) == {OFFLINE, ONLINE}
+    key = site.index.study_key(study)
+    assert key is not None and site.index.request_recall(key, "c-move")
+    copy_study = Recaller._copy_study
+
+    def copy_then_mover_switches(self: Recaller, blobs: Any, used: Any) -> Any:
+        added = copy_study(self, blobs, used)
+        site.to_tier(study, "lto")  # the mover's switch lands between the recaller's copy and its switch
+        return added
+
+    monkeypatch.setattr(Recaller, "_copy_study", copy_then_mover_switches)
+    report = recall_queued(site.config, site.index, site.store)
+    assert report.studies == 1
+    for _sop, _d, blob, inst in site.index.study_blobs(key):
+        on = {c.backend for c in blob.copies}
+        assert inst.availability == (ONLINE if "vol0" in on else OFFLINE), (on, inst.availability)
