@@ -235,3 +235,30 @@ def test_a_move_switching_the_study_during_a_recall_leaves_no_instance_online_wi
     for _sop, _d, blob, inst in site.index.study_blobs(key):
         on = {c.backend for c in blob.copies}
         assert inst.availability == (ONLINE if "vol0" in on else OFFLINE), (on, inst.availability)
+
+
+def test_a_batch_holds_a_bounded_number_of_instances(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch keeps every new copy until its switch: recall_batch_max studies of up to study_instances_max
+    instances each would not fit in memory, so a batch also stops at RECALL_BATCH_INSTANCES_MAX instances (one
+    study always goes, however large) and the batch's records are not all held while it is ordered."""
+    import tiering.recall as recall
+
+    monkeypatch.setattr(recall, "RECALL_BATCH_INSTANCES_MAX", 4)
+    site = Site.open(tmp_path, recall_batch_max=64)
+    try:
+        studies = []
+        for count in (2, 2, 5):
+            study, _data = site.ingest(count)
+            site.to_tier(study, "lto")
+            key = site.index.study_key(study)
+            assert key is not None and site.index.request_recall(key, "cli")
+            studies.append(study)
+        batch = recall.Recaller(site.config, site.index, site.store).next_batch(set())
+        assert all(len(item) == 2 for item in batch)  # (key, requested_ns): no study's records kept
+        report = recall_queued(site.config, site.index, site.store, batches_max=1)
+        assert (report.studies, report.instances) == (2, 4)
+        report = recall_queued(site.config, site.index, site.store, batches_max=1)
+        assert (report.studies, report.instances) == (1, 5)  # larger than the bound alone: it still goes
+        assert [site.availability(s) for s in studies] == [{ONLINE}] * 3
+    finally:
+        site.close()
