@@ -95,7 +95,7 @@ class MoveResult:
     instances: int = 0
     bytes: int = 0  # bytes copied (blobs already on the target are not copied again)
     seconds: float = 0.0
-    outcome: str = "failed"  # moved, failed, refused, vanished
+    outcome: str = "failed"  # moved, failed, refused, vanished, skipped (the plan is stale: next run)
     error: str = ""
     resumed: bool = False
 
@@ -199,6 +199,13 @@ class Mover:
                 result.outcome, result.error = "vanished", ""
                 self.index.forget_move(planned.study_key)
                 return result
+            stale = self._stale(planned)
+            if stale:
+                # The plan is older than the study's state: moving it now would undo a recall a retrieve waits for
+                # (or has just had). Left for the next run's plan.
+                result.outcome, result.error = "skipped", stale
+                self.index.forget_move(planned.study_key)
+                return result
             if len(blobs) > self.config.tiering.study_instances_max:
                 result.outcome = "refused"  # its error follows
                 result.error = (f"{len(blobs)} instances, more than tiering.study_instances_max "
@@ -244,6 +251,17 @@ class Mover:
             if not switched:
                 self._audit(planned, result, started)
         return result
+
+    def _stale(self, planned: PlannedMove) -> str:
+        """Why the planned move must not be done now ("" when it may): a recall is queued for the study (the
+        recaller runs under its own lock and would race this move), or a switch changed its placement since the
+        plan was made."""
+        if self.index.recall_queued(planned.study_key):
+            return "a recall of the study is queued"
+        if planned.placed_since_ns is not None and \
+                self.index.placement(planned.study_key).since_ns != planned.placed_since_ns:
+            return "the study was switched (recalled) since the plan"
+        return ""
 
     def _audit(self, planned: PlannedMove, result: MoveResult, started: float) -> None:
         result.seconds = time.monotonic() - started

@@ -264,6 +264,10 @@ class TierIndex(ContainerIndex):
         queued: bool = self._write(body)
         return queued
 
+    def recall_queued(self, study_key: str) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(study_key.encode(), db=self.dbs["recalls"]) is not None
+
     def recalls(self) -> list[tuple[str, RecallRecord]]:
         with self.env.begin() as txn:
             return [(k, schema.decode(RecallRecord, v)) for k, v in self._scan(txn, "recalls", "")]

@@ -284,3 +284,22 @@ def test_a_delete_that_fails_after_the_switch_is_done_by_the_next_run(rig: Rig) 
     assert rig.mover.resume() == []
     assert rig.index.pending_gc() == [] and archives(rig) == []
     assert rig.read("1.1.1.1") == rig.data["1.1.1.1"]
+
+
+def test_a_stale_plan_is_skipped_not_moved(rig: Rig) -> None:
+    """The recaller works under its own lock: a study whose recall was queued, or which a recall switched, after
+    the plan was made is left for the next run's plan (moving it would undo the recall a retrieve waits for)."""
+    key = f"P{SEP}1.1"
+    assert rig.index.request_recall(key, "c-move")
+    result = rig.mover.move(rig.planned("1.1"))
+    assert (result.outcome, result.error) == ("skipped", "a recall of the study is queued")
+    assert rig.availability("1.1") == {ONLINE} and rig.index.moves() == []
+    rig.index.forget_recall(key)
+    # Planned when placed "since 0" (never moved); a switch since then changed that.
+    planned = rig.planned("1.2")
+    stale = PlannedMove(planned.study_key, planned.study_uid, "online", "nl", 0, 0, "p", "r", placed_since_ns=7)
+    assert rig.mover.move(stale).outcome == "skipped"
+    assert rig.availability("1.2") == {ONLINE}
+    fresh = PlannedMove(planned.study_key, planned.study_uid, "online", "nl", 0, 0, "p", "r", placed_since_ns=0)
+    assert rig.mover.move(fresh).outcome == "moved"
+    assert rig.availability("1.2") == {NEARLINE}
