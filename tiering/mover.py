@@ -34,7 +34,7 @@ from appliance.config_tiering import ONLINE_TIER
 from appliance.errors import ApplianceError, BlobMissing, StorageFault
 from appliance.index.db import StudyIndex
 from appliance.index.schema import BlobRecord, Copy, InstanceRecord, MoveRecord
-from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, Location
+from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, LatencyClass, Location
 from appliance.store.segments import SegmentBackend, segment_copy
 from tiering.archive import BLOCK, parse_location
 from tiering.audit import AuditLog
@@ -231,14 +231,17 @@ class Mover:
             drop = self.drop_backends(planned.source)
             # Availability from the copies the switch leaves, decided inside its transaction: the recaller may
             # have switched the same study since it was read here.
-            self.index.switch_study(planned.study_key, added, drop, functools.partial(availability_of, self.config),
-                                    planned.target, self.clock_ns(), move_done=True)
+            counts = self.index.switch_study(planned.study_key, added, drop,
+                                             functools.partial(availability_of, self.config), planned.target,
+                                             self.clock_ns(), move_done=True)
             switched = True
             result.outcome, result.error = "moved", ""
             # The move is decided by the switch: its audit line goes out now, not after the deletes (a crash
             # there would lose the line of a completed move).
             self._audit(planned, result, started)
             self._phase("switched")
+            if counts["skipped"] and container:
+                self._drop_if_unnamed(target, container)
             self._collect_after_switch()
         except StorageFault as exc:
             result.error = str(exc)
@@ -251,6 +254,23 @@ class Mover:
             if not switched:
                 self._audit(planned, result, started)
         return result
+
+    def _drop_if_unnamed(self, target: BlobBackend, container: str) -> None:
+        """Every blob copied into ``container`` was freed before the switch (overwritten by other bytes): nothing
+        will ever name it, and no gc row would come for it. Removed now (a crash first leaves it to `verify`'s
+        orphans). Tape is left alone: its archive is shared by the run's studies and never removed."""
+        if target.capabilities.latency == LatencyClass.OFFLINE:
+            return
+        rec = self.index.container(target.name, container)
+        if rec is None or rec.live_records:
+            return
+        try:
+            target.remove_container(container)
+            self.index.forget_container(target.name, container)
+        except (ApplianceError, OSError) as exc:
+            if isinstance(exc, StorageFault):
+                raise
+            log.warning("tier run: an unused archive %s/%s is left: %s", target.name, container, exc)
 
     def _stale(self, planned: PlannedMove) -> str:
         """Why the planned move must not be done now ("" when it may): a recall is queued for the study (the

@@ -303,3 +303,36 @@ def test_a_stale_plan_is_skipped_not_moved(rig: Rig) -> None:
     fresh = PlannedMove(planned.study_key, planned.study_uid, "online", "nl", 0, 0, "p", "r", placed_since_ns=0)
     assert rig.mover.move(fresh).outcome == "moved"
     assert rig.availability("1.2") == {NEARLINE}
+
+
+def test_every_instance_overwritten_during_the_move_leaves_no_archive_behind(rig: Rig) -> None:
+    """duplicate_policy overwrite: the study's instances are all replaced by other bytes while the mover copies
+    them. The switch skips the freed blobs (the new versions stay online), and the archive the mover wrote, which
+    the index now names nothing in, is removed instead of being left on the tier for ever."""
+    import hashlib
+
+    from appliance.index.db import IndexEntry
+    from appliance.store.segments import segment_copy
+    from tests.tier_rig import MemorySource
+    from tests.unit.test_index import header
+
+    def overwrite(phase: str) -> None:
+        if phase != "synced":
+            return
+        backend = rig.store.segment_backend("vol0")
+        entries = []
+        for i in range(2):
+            data = b"new version %d " % i * 100
+            digest = hashlib.sha256(data).hexdigest()
+            loc = backend.put(BlobMeta(digest, len(data), 9_000 + i, "SCU"), MemorySource(data))
+            entries.append(IndexEntry(header("P", "1.2", "1.2.1", f"1.2.1.{i}", "CT"), digest, len(data),
+                                      "1.2.840.10008.1.2.1", 9_000 + i, "SCU", segment_copy("vol0", loc, 9_000 + i)))
+        backend.sync()
+        rig.index.apply(entries, "overwrite")
+
+    rig.mover._phase = overwrite  # type: ignore[method-assign]
+    result = rig.mover.move(rig.planned("1.2"))
+    assert result.outcome == "moved"
+    assert rig.availability("1.2") == {ONLINE}
+    assert archives(rig) == []
+    assert [c for c in rig.index.containers("nl")] == []
