@@ -143,6 +143,7 @@ class Mover:
             # put left (a partial archive) goes.
             backend.recover(functools.partial(self._committed_end, name))
         self.collect_garbage()
+        self._sweep_unnamed()
         results = []
         for study_key, rec in self.index.moves():
             target = self.tiers.get(rec.target)
@@ -254,6 +255,17 @@ class Mover:
             if not switched:
                 self._audit(planned, result, started)
         return result
+
+    def _sweep_unnamed(self) -> None:
+        """Remove the tiers' sealed archives the index names nothing in: an overwrite (duplicate_policy overwrite)
+        frees a moved blob without a switch, so no gc row comes for its archive. Only here, at the start of a run
+        under tiering.lock: no move of this run has a container yet. Tape is append-only: left alone."""
+        for name, backend in self.tiers.items():
+            if backend.capabilities.latency == LatencyClass.OFFLINE:
+                continue
+            for rec in self.index.containers(name):
+                if rec.sealed and rec.live_records == 0:
+                    self._drop_if_unnamed(backend, rec.name)
 
     def _drop_if_unnamed(self, target: BlobBackend, container: str) -> None:
         """Every blob copied into ``container`` was freed before the switch (overwritten by other bytes): nothing

@@ -336,3 +336,30 @@ def test_every_instance_overwritten_during_the_move_leaves_no_archive_behind(rig
     assert rig.availability("1.2") == {ONLINE}
     assert archives(rig) == []
     assert [c for c in rig.index.containers("nl")] == []
+
+
+def test_an_archive_emptied_by_overwrites_after_the_move_is_removed_by_the_next_run(rig: Rig) -> None:
+    """A study on nearline whose instances are all overwritten by new bytes (duplicate_policy overwrite): its
+    archive holds nothing the index names. The next run's resume removes it (no gc row is ever queued for it)."""
+    import hashlib
+
+    from appliance.index.db import IndexEntry
+    from appliance.store.segments import segment_copy
+    from tests.tier_rig import MemorySource
+    from tests.unit.test_index import header
+
+    assert rig.mover.move(rig.planned("1.2")).outcome == "moved"
+    assert len(archives(rig)) == 1
+    backend = rig.store.segment_backend("vol0")
+    entries = []
+    for i in range(2):
+        data = b"new version %d " % i * 100
+        digest = hashlib.sha256(data).hexdigest()
+        loc = backend.put(BlobMeta(digest, len(data), 9_000 + i, "SCU"), MemorySource(data))
+        entries.append(IndexEntry(header("P", "1.2", "1.2.1", f"1.2.1.{i}", "CT"), digest, len(data),
+                                  "1.2.840.10008.1.2.1", 9_000 + i, "SCU", segment_copy("vol0", loc, 9_000 + i)))
+    backend.sync()
+    rig.index.apply(entries, "overwrite")
+    assert rig.availability("1.2") == {ONLINE}
+    rig.mover.resume()
+    assert archives(rig) == [] and rig.index.containers("nl") == []
