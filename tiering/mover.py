@@ -263,9 +263,9 @@ class Mover:
         for name, backend in self.tiers.items():
             if backend.capabilities.latency == LatencyClass.OFFLINE:
                 continue
-            for rec in self.index.containers(name):
-                if rec.sealed and rec.live_records == 0:
-                    self._drop_if_unnamed(backend, rec.name)
+            unnamed = [rec.name for rec in self.index.iter_containers(name) if rec.sealed and rec.live_records == 0]
+            for container in unnamed:
+                self._drop_if_unnamed(backend, container)
 
     def _drop_if_unnamed(self, target: BlobBackend, container: str) -> None:
         """Every blob copied into ``container`` was freed before the switch (overwritten by other bytes): nothing

@@ -380,7 +380,7 @@ def refresh_gauges(config: Config, index: StudyIndex) -> None:
 
     metrics = tiering_metrics()
     tier_bytes = dict.fromkeys(tier_order(config), 0)
-    for rec in index.containers():
+    for rec in index.iter_containers():  # batched: one record per nearline archive, millions of them
         tier = tier_of_backend(config, rec.backend)
         tier_bytes[tier] = tier_bytes.get(tier, 0) + rec.live_bytes
     studies = dict.fromkeys(tier_bytes, 0)
