@@ -33,7 +33,7 @@ from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
 from appliance.errors import ApplianceError, BlobMissing, StorageFault
 from appliance.index.db import StudyIndex
-from appliance.index.schema import BlobRecord, Copy, InstanceRecord, MoveRecord
+from appliance.index.schema import COPY_OK, BlobRecord, Copy, InstanceRecord, MoveRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, LatencyClass, Location
 from appliance.store.segments import SegmentBackend, segment_copy
 from tiering.archive import BLOCK, parse_location
@@ -318,7 +318,9 @@ class Mover:
         """Put every blob not yet on the target, sync, publish, then re-read and hash each new copy."""
         put: dict[str, tuple[Location, InstanceRecord]] = {}
         for _sop, digest, blob, inst in blobs:
-            if digest in put or any(c.backend == target.name for c in blob.copies):
+            # A copy already on the target counts only if `verify` has not found it missing or corrupt: the switch
+            # drops the faster copies, and they may be the only good ones.
+            if digest in put or any(c.backend == target.name and c.state == COPY_OK for c in blob.copies):
                 continue
             # BlobMeta.policy is the duplicate policy the instance was stored under (a rebuild from this tier
             # replays it), not the tiering policy that moves it: carried over from the source copy.

@@ -363,3 +363,30 @@ def test_an_archive_emptied_by_overwrites_after_the_move_is_removed_by_the_next_
     assert rig.availability("1.2") == {ONLINE}
     rig.mover.resume()
     assert archives(rig) == [] and rig.index.containers("nl") == []
+
+
+def test_a_suspect_copy_on_the_target_is_not_trusted(rig: Rig) -> None:
+    """A recalled study (online + tape copies) goes back down to tape; `verify` found its tape copies corrupt in
+    between (state suspect). The mover must copy it to tape again, not switch onto the corrupt copies and drop the
+    only good ones."""
+    from appliance.index.schema import COPY_OK, COPY_SUSPECT
+    from appliance.store.segments import segment_copy
+    from tests.tier_rig import MemorySource
+
+    key = f"P{SEP}1.2"
+    rig.mover.move(rig.planned("1.2", "online", "tape"))
+    blobs = rig.index.study_blobs(key)
+    seg = rig.store.segment_backend("vol0")
+    added = {}
+    for sop, digest, blob, inst in blobs:
+        loc = seg.put(BlobMeta(digest, blob.size, inst.received_ns, inst.calling_ae), MemorySource(rig.data[sop]))
+        added[digest] = segment_copy("vol0", loc, inst.received_ns)
+    seg.sync()
+    rig.index.register_container("vol0", next(iter(added.values())).container, 1)
+    rig.index.switch_study(key, added, set(), {sop: ONLINE for sop, *_ in blobs}, "online", 5, move_done=False)
+    rig.index.mark_verified([(d, c, COPY_SUSPECT) for _s, d, b, _i in blobs for c in b.copies], 6)
+    result = rig.mover.move(rig.planned("1.2", "online", "tape"))
+    assert result.outcome == "moved" and result.bytes == sum(b.size for _s, _d, b, _i in blobs)
+    for sop, _d, blob, _i in rig.index.study_blobs(key):
+        assert [c.backend for c in blob.copies if c.state == COPY_OK] == ["tape"], blob.copies
+        assert rig.read(sop) == rig.data[sop]
