@@ -35,7 +35,7 @@ from pathlib import Path
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing, OutOfSpace, StorageFault
 from appliance.index.db import SERVE_LOCK, StudyIndex
-from appliance.index.schema import ONLINE_TIER, BlobRecord, Copy, InstanceRecord
+from appliance.index.schema import COPY_OK, ONLINE_TIER, BlobRecord, Copy, InstanceRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource
 from appliance.store.online import BlobStore
 from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
@@ -234,8 +234,8 @@ class Recaller:
         order = sorted(((d, b, i) for _s, d, b, i in blobs), key=lambda t: min(
             (tape_position(c.location) for c in t[1].copies), default=("", 0, 0)))
         for digest, blob, inst in order:
-            if digest in added or any(c.backend in self.online for c in blob.copies):
-                continue
+            if digest in added or any(c.backend in self.online and c.state == COPY_OK for c in blob.copies):
+                continue  # (an online copy verify found missing or corrupt does not count: recalled again)
             volume = self.store.volumes.pick(blob.size)
             if volume is None:
                 raise OutOfSpace("no online volume can take a recalled study (all above their watermark)")

@@ -170,3 +170,15 @@ def test_a_large_put_whose_source_fails_leaves_no_torn_bytes(tmp_path: Path) -> 
     backend.sync()
     assert backend.read(again) == ok and backend.read(first) == ok
     backend.close()
+
+
+def test_a_suspect_online_copy_is_hashed_when_read(store: BlobStore) -> None:
+    """Online copies are not re-hashed on the hot path, but one that `verify` found corrupt (suspect) is still
+    tried when nothing else can be read: then it is hashed like a tier's copy, and wrong bytes are never served."""
+    online = _put(store.backends["vol0"], DATA)
+    _corrupt(store.backends["vol0"], online)
+    with pytest.raises(BlobMissing):
+        store.read_all(DIGEST, BlobRecord(len(DATA), 1, [replace(online, state=COPY_SUSPECT)]))
+    tape = _put(store.tiers["lto"], DATA)  # the recaller gets the good tape copy instead
+    assert store.read_all(DIGEST, BlobRecord(len(DATA), 1, [replace(online, state=COPY_SUSPECT), tape]),
+                          allow_offline=True) == DATA

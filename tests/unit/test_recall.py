@@ -262,3 +262,24 @@ def test_a_batch_holds_a_bounded_number_of_instances(tmp_path: Path, monkeypatch
         assert [site.availability(s) for s in studies] == [{ONLINE}] * 3
     finally:
         site.close()
+
+
+def test_a_recall_replaces_an_online_copy_verify_found_corrupt(site: Site) -> None:
+    """A recalled study whose online copy `verify` then found corrupt (suspect): `tier recall` brings a good copy
+    online again from tape instead of counting the suspect one as online."""
+    from appliance.index.schema import COPY_SUSPECT
+    from tests.unit.test_blobstore_tiers import _corrupt
+
+    study, data = site.ingest(1)
+    site.to_tier(study, "lto")
+    key = site.index.study_key(study)
+    assert key is not None and site.index.request_recall(key, "cli")
+    assert recall_queued(site.config, site.index, site.store).studies == 1
+    [(_s, digest, blob, _i)] = site.index.study_blobs(key)
+    [online] = [c for c in blob.copies if c.backend == "vol0"]
+    _corrupt(site.store.backends["vol0"], online)
+    site.index.mark_verified([(digest, online, COPY_SUSPECT)], 1)
+    assert site.index.request_recall(key, "cli")
+    report = recall_queued(site.config, site.index, site.store)
+    assert (report.studies, report.bytes_copied) == (1, len(next(iter(data.values()))))
+    assert site.read_study(study) == data
