@@ -24,6 +24,7 @@ from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
 if TYPE_CHECKING:
     from appliance.index.db import StudyIndex
+    from appliance.store.online import BlobStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
@@ -298,35 +299,47 @@ def export(
                 if await_online(cfg, index, studies, cfg.tiering.recall_wait_s):
                     raise errors.Offline()
                 instances = index.instances_under(uid)
-            blobs = {rec.digest: index.blob(rec.digest) for _key, rec in instances}
             index.record_access({study: time.time_ns() for study in studies})
-        store = BlobStore.open(cfg, tiers=open_tiers(cfg) if cfg.tiers else None)
-        dest.mkdir(parents=True, exist_ok=True)
-        written = []
-        try:
-            for _key, rec in instances:
-                blob = blobs[rec.digest]
-                if blob is None:
-                    raise errors.NotFound(f"blob {rec.digest} is not in the index")
-                # The file name comes from a UID a peer sent: keep it to what a UID may hold (no path tricks).
-                sop_uid = rec.attrs.get("SOPInstanceUID", rec.digest)
-                safe = sop_uid if sop_uid and all(c.isdigit() or c == "." for c in sop_uid) else rec.digest
-                target = dest / f"{safe}.dcm"
-                tmp = target.with_suffix(".dcm.part")
-                try:
-                    with open(tmp, "wb") as fh:
-                        for chunk in store.open_blob(rec.digest, blob):
-                            fh.write(chunk)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)  # a copy that failed its digest half-way is never left behind
-                    raise
-                os.replace(tmp, target)
-                written.append(str(target))
-        finally:
-            store.close()
+            store = BlobStore.open(cfg, tiers=open_tiers(cfg) if cfg.tiers else None)
+            dest.mkdir(parents=True, exist_ok=True)
+            written = []
+            try:
+                for _key, rec in instances:
+                    # The file name comes from a UID a peer sent: keep it to what a UID may hold (no path tricks).
+                    sop_uid = rec.attrs.get("SOPInstanceUID", rec.digest)
+                    safe = sop_uid if sop_uid and all(c.isdigit() or c == "." for c in sop_uid) else rec.digest
+                    target = dest / f"{safe}.dcm"
+                    _export_one(index, store, rec.digest, target)
+                    written.append(str(target))
+            finally:
+                store.close()
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     _emit({"exported": written}, as_json, f"exported {len(written)} instance(s) to {dest}")
+
+
+def _export_one(index: StudyIndex, store: BlobStore, digest: str, target: Path) -> None:
+    """One blob to ``target`` (via a .part file). Its index record is read just before, and once more if its
+    copies cannot be read: a `tier run` may have moved the study and deleted the copy the first record named."""
+    for attempt in (1, 2):
+        blob = index.blob(digest)
+        if blob is None:
+            raise errors.NotFound(f"blob {digest} is not in the index")
+        tmp = target.with_suffix(".dcm.part")
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in store.open_blob(digest, blob):
+                    fh.write(chunk)
+        except errors.BlobMissing as exc:
+            tmp.unlink(missing_ok=True)  # a copy that failed its digest half-way is never left behind
+            if attempt == 2 or isinstance(exc, errors.Offline) or index.blob(digest) == blob:
+                raise
+            continue  # the record changed under us (a move switched it): read it again
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, target)
+        return
 
 
 @app.command()

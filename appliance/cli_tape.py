@@ -96,7 +96,7 @@ def label(
     from tiering.tape.library import VolumeLabel, check_barcode
 
     try:
-        _cfg, backend = _backend(config, tier)
+        cfg, backend = _backend(config, tier)
         check_barcode(cartridge)
         known = {c.label: c for c in backend.library.cartridges()}
         info = known.get(cartridge)
@@ -118,6 +118,11 @@ def label(
                 owner = f" of tier {existing.tier}" if existing else ""
                 typer.echo(f"error: cartridge {cartridge}{owner} holds data; relabelling erases it (use --force)",
                            err=True)
+                raise typer.Exit(errors.EXIT_FAILURE)
+            named = _named_copies(cfg, backend.name, cartridge) if has_data else 0
+            if named:  # even with --force: a study whose only copy is there would be lost
+                typer.echo(f"error: cartridge {cartridge}: the index names {named} cop(ies) on it; relabelling "
+                           "would lose them (recall or move those studies first)", err=True)
                 raise typer.Exit(errors.EXIT_FAILURE)
             backend.library.write_label(drive, VolumeLabel(cartridge, backend.name))
     except errors.ApplianceError as exc:
@@ -183,6 +188,19 @@ def verify(
     emit(data, as_json, "\n".join(lines))
     if not report.ok:
         raise typer.Exit(errors.EXIT_FAILURE)
+
+
+def _named_copies(cfg: Config, backend_name: str, cartridge: str) -> int:
+    """How many copies the index names in the archives of ``cartridge`` (0 without an index)."""
+    from appliance.index.db import StudyIndex
+
+    if not (cfg.storage.index_path / "data.mdb").exists():
+        return 0
+    db = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size)
+    try:
+        return sum(c.live_records for c in db.containers(backend_name) if c.name.startswith(cartridge + "/"))
+    finally:
+        db.close()
 
 
 def _index_copies(cfg: Config, backend_name: str) -> list[tuple[str, str]]:

@@ -33,8 +33,8 @@ from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
 from appliance.errors import ApplianceError, BlobMissing, StorageFault
 from appliance.index.db import StudyIndex
-from appliance.index.schema import BlobRecord, Copy, InstanceRecord, MoveRecord
-from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, Location
+from appliance.index.schema import COPY_OK, BlobRecord, Copy, InstanceRecord, MoveRecord
+from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, LatencyClass, Location
 from appliance.store.segments import SegmentBackend, segment_copy
 from tiering.archive import BLOCK, parse_location
 from tiering.audit import AuditLog
@@ -95,7 +95,7 @@ class MoveResult:
     instances: int = 0
     bytes: int = 0  # bytes copied (blobs already on the target are not copied again)
     seconds: float = 0.0
-    outcome: str = "failed"  # moved, failed, refused, vanished
+    outcome: str = "failed"  # moved, failed, refused, vanished, skipped (the plan is stale: next run)
     error: str = ""
     resumed: bool = False
 
@@ -143,6 +143,7 @@ class Mover:
             # put left (a partial archive) goes.
             backend.recover(functools.partial(self._committed_end, name))
         self.collect_garbage()
+        self._sweep_unnamed()
         results = []
         for study_key, rec in self.index.moves():
             target = self.tiers.get(rec.target)
@@ -199,6 +200,13 @@ class Mover:
                 result.outcome, result.error = "vanished", ""
                 self.index.forget_move(planned.study_key)
                 return result
+            stale = self._stale(planned)
+            if stale:
+                # The plan is older than the study's state: moving it now would undo a recall a retrieve waits for
+                # (or has just had). Left for the next run's plan.
+                result.outcome, result.error = "skipped", stale
+                self.index.forget_move(planned.study_key)
+                return result
             if len(blobs) > self.config.tiering.study_instances_max:
                 result.outcome = "refused"  # its error follows
                 result.error = (f"{len(blobs)} instances, more than tiering.study_instances_max "
@@ -222,19 +230,19 @@ class Mover:
                 self.index.forget_container(target.name, container)
             self._phase("synced")
             drop = self.drop_backends(planned.source)
-            availability = {}
-            for sop, digest, blob, _inst in blobs:
-                left = [c.backend for c in blob.copies if c.backend not in drop]
-                new = added.get(digest)
-                availability[sop] = availability_of(self.config, left + ([new.backend] if new else []))
-            self.index.switch_study(planned.study_key, added, drop, availability, planned.target,
-                                    self.clock_ns(), move_done=True)
+            # Availability from the copies the switch leaves, decided inside its transaction: the recaller may
+            # have switched the same study since it was read here.
+            counts = self.index.switch_study(planned.study_key, added, drop,
+                                             functools.partial(availability_of, self.config), planned.target,
+                                             self.clock_ns(), move_done=True)
             switched = True
             result.outcome, result.error = "moved", ""
             # The move is decided by the switch: its audit line goes out now, not after the deletes (a crash
             # there would lose the line of a completed move).
             self._audit(planned, result, started)
             self._phase("switched")
+            if counts["skipped"] and container:
+                self._drop_if_unnamed(target, container)
             self._collect_after_switch()
         except StorageFault as exc:
             result.error = str(exc)
@@ -247,6 +255,45 @@ class Mover:
             if not switched:
                 self._audit(planned, result, started)
         return result
+
+    def _sweep_unnamed(self) -> None:
+        """Remove the tiers' sealed archives the index names nothing in: an overwrite (duplicate_policy overwrite)
+        frees a moved blob without a switch, so no gc row comes for its archive. Only here, at the start of a run
+        under tiering.lock: no move of this run has a container yet. Tape is append-only: left alone."""
+        for name, backend in self.tiers.items():
+            if backend.capabilities.latency == LatencyClass.OFFLINE:
+                continue
+            unnamed = [rec.name for rec in self.index.iter_containers(name) if rec.sealed and rec.live_records == 0]
+            for container in unnamed:
+                self._drop_if_unnamed(backend, container)
+
+    def _drop_if_unnamed(self, target: BlobBackend, container: str) -> None:
+        """Every blob copied into ``container`` was freed before the switch (overwritten by other bytes): nothing
+        will ever name it, and no gc row would come for it. Removed now (a crash first leaves it to `verify`'s
+        orphans). Tape is left alone: its archive is shared by the run's studies and never removed."""
+        if target.capabilities.latency == LatencyClass.OFFLINE:
+            return
+        rec = self.index.container(target.name, container)
+        if rec is None or rec.live_records:
+            return
+        try:
+            target.remove_container(container)
+            self.index.forget_container(target.name, container)
+        except (ApplianceError, OSError) as exc:
+            if isinstance(exc, StorageFault):
+                raise
+            log.warning("tier run: an unused archive %s/%s is left: %s", target.name, container, exc)
+
+    def _stale(self, planned: PlannedMove) -> str:
+        """Why the planned move must not be done now ("" when it may): a recall is queued for the study (the
+        recaller runs under its own lock and would race this move), or a switch changed its placement since the
+        plan was made."""
+        if self.index.recall_queued(planned.study_key):
+            return "a recall of the study is queued"
+        if planned.placed_since_ns is not None and \
+                self.index.placement(planned.study_key).since_ns != planned.placed_since_ns:
+            return "the study was switched (recalled) since the plan"
+        return ""
 
     def _audit(self, planned: PlannedMove, result: MoveResult, started: float) -> None:
         result.seconds = time.monotonic() - started
@@ -271,7 +318,9 @@ class Mover:
         """Put every blob not yet on the target, sync, publish, then re-read and hash each new copy."""
         put: dict[str, tuple[Location, InstanceRecord]] = {}
         for _sop, digest, blob, inst in blobs:
-            if digest in put or any(c.backend == target.name for c in blob.copies):
+            # A copy already on the target counts only if `verify` has not found it missing or corrupt: the switch
+            # drops the faster copies, and they may be the only good ones.
+            if digest in put or any(c.backend == target.name and c.state == COPY_OK for c in blob.copies):
                 continue
             # BlobMeta.policy is the duplicate policy the instance was stored under (a rebuild from this tier
             # replays it), not the tiering policy that moves it: carried over from the source copy.

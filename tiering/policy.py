@@ -37,6 +37,9 @@ class PlannedMove:
     instances: int
     policy: str
     reason: str  # in words, for `tier plan` and the audit log (no patient data)
+    # The study's placement (since_ns) when planned: the mover skips it if a switch (a recall) changed it since.
+    # None: not checked (a resumed move).
+    placed_since_ns: int | None = None
 
 
 @dataclass
@@ -151,7 +154,7 @@ def plan(studies: Iterable[StudyFacts], fills: dict[str, TierFill], policies: Se
                 reasons = ["every study on the tier (no filter)"]
             taken.add(study.key)
             planned.append(PlannedMove(study.key, study.uid, source, policy.target, study.bytes, study.instances,
-                                       policy.name, "; ".join(reasons)))
+                                       policy.name, "; ".join(reasons), study.since_ns))
             for name, sign in ((source, -1), (policy.target, +1)):
                 tier = projected.get(name)
                 if tier is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -34,10 +35,11 @@ from pathlib import Path
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing, OutOfSpace, StorageFault
 from appliance.index.db import SERVE_LOCK, StudyIndex
-from appliance.index.schema import ONLINE, ONLINE_TIER, BlobRecord, Copy, InstanceRecord
+from appliance.index.schema import COPY_OK, ONLINE_TIER, BlobRecord, Copy, InstanceRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource
 from appliance.store.online import BlobStore
 from appliance.store.segments import SegmentBackend, committed_ends, segment_copy
+from tiering.tiers import availability_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ EXIT_STORAGE_FAULT = 74  # as a worker's (appliance/server.py): the supervisor s
 # retried by the server's recaller: a damaged cartridge must not keep a drive busy forever. `appliance tier recall
 # UID` retries it.
 RECALL_ATTEMPTS_MAX = 3
+# Instances one recall batch holds at most (beyond one study, which always goes alone): the batch keeps every new
+# copy until its sync and switch (~300 bytes each), so recall_batch_max studies of tiering.study_instances_max
+# instances must not be held at once (64 x 100,000 would be gigabytes). Large enough that a batch of ordinary
+# studies (hundreds of instances each) fills recall_batch_max.
+RECALL_BATCH_INSTANCES_MAX = 200_000
 # Test-only: kill -9 the recaller at one phase (tests/crash/test_recall_crash.py).
 CRASH_ENV = "APPLIANCE_TEST_RECALL_CRASH_AT"
 PHASES = ("copying", "copy", "synced", "committed", "switched")  # copying: after the first put, mid-batch
@@ -122,24 +129,33 @@ class Recaller:
                      if self.store.is_offline(c)]
         return min(positions) if positions else ("", 0, 0)
 
-    def next_batch(self, seen: set[str]) -> list[tuple[str, int, StudyBlobs]]:
-        """Up to recall_batch_max queued studies not tried in this run, ordered by tape position:
-        (study key, requested_ns, its blobs)."""
+    def next_batch(self, seen: set[str]) -> list[tuple[str, int]]:
+        """Up to recall_batch_max queued studies not tried in this run, ordered by tape position, and within
+        RECALL_BATCH_INSTANCES_MAX instances: (study key, requested_ns). Each study's blobs are read for its
+        position and let go (memory: one study's records at a time, not the batch's); ``_recall`` reads them again."""
         found = []
         for key, rec in self.index.recalls():
             if key in seen or (rec.attempts >= RECALL_ATTEMPTS_MAX and not self.retry_failed):
                 continue
-            seen.add(key)
             blobs = self.index.study_blobs(key)
             if not blobs:  # deleted since it was queued
+                seen.add(key)
                 self.index.forget_recall(key)
                 continue
-            found.append((self._position(blobs), key, rec.requested_ns, blobs))
+            found.append((self._position(blobs), key, rec.requested_ns, len(blobs)))
+            del blobs
             if len(found) >= self.config.tiering.recall_batch_max * 4:
                 break  # enough to order one batch well; bounded memory whatever the queue holds
         found.sort(key=lambda item: (item[0], item[1]))
-        return [(key, requested, blobs) for _pos, key, requested, blobs in
-                found[: self.config.tiering.recall_batch_max]]
+        batch: list[tuple[str, int]] = []
+        instances = 0
+        for _pos, key, requested, count in found[: self.config.tiering.recall_batch_max]:
+            if batch and instances + count > RECALL_BATCH_INSTANCES_MAX:
+                break  # the rest waits for the next batch (not marked seen)
+            seen.add(key)
+            batch.append((key, requested))
+            instances += count
+        return batch
 
     def run(self, batches_max: int = 1 << 30) -> RecallReport:
         report = RecallReport()
@@ -152,15 +168,20 @@ class Recaller:
         self._seal()
         return report
 
-    def _recall(self, batch: list[tuple[str, int, StudyBlobs]], report: RecallReport) -> None:
+    def _recall(self, batch: list[tuple[str, int]], report: RecallReport) -> None:
         self.source = {}  # per batch: bounded by the batch
         added: dict[str, dict[str, Copy]] = {}
         used: dict[str, SegmentBackend] = {}
-        todo: list[tuple[str, int, StudyBlobs]] = []
-        for key, requested_ns, blobs in batch:
+        todo: list[tuple[str, int, int]] = []  # study key, requested_ns, instances
+        for key, requested_ns in batch:
             try:
+                blobs = self.index.study_blobs(key)  # one study's records at a time (next_batch let them go)
+                if not blobs:  # deleted since next_batch
+                    self.index.forget_recall(key)
+                    continue
                 added[key] = self._copy_study(blobs, used)
-                todo.append((key, requested_ns, blobs))
+                todo.append((key, requested_ns, len(blobs)))
+                del blobs
             except OutOfSpace:
                 raise
             except ApplianceError as exc:
@@ -176,17 +197,19 @@ class Recaller:
         if copies or sealed:
             self.index.apply([], self.config.storage.duplicate_policy, committed_ends(copies), sealed)
         _crash_point("committed")
-        for key, requested_ns, blobs in todo:
+        for key, requested_ns, instances in todo:
             bad = [d for d, c in added[key].items() if self.store.backends[c.backend].sha256(c.location) != d]
             if bad:  # read back wrong from the volume just written: leave the tape copies named, retry later
                 self._failed(key, f"{len(bad)} copies did not re-read right from the online volume", report)
                 continue
             now = self.clock()
-            availability = {sop: ONLINE for sop, *_ in blobs}
-            self.index.switch_study(key, added[key], set(), availability, ONLINE_TIER, now, move_done=False)
+            # Availability from the copies as the switch finds them (a mover may have switched the study since
+            # it was read: an instance whose only copy is now on tape stays OFFLINE).
+            self.index.switch_study(key, added[key], set(), functools.partial(availability_of, self.config),
+                                    ONLINE_TIER, now, move_done=False)
             _crash_point("switched")
             report.studies += 1
-            report.instances += len(blobs)
+            report.instances += instances
             study_bytes = 0
             for digest, copy in added[key].items():
                 size = self.store.backends[copy.backend].stat(copy.location).size
@@ -199,10 +222,10 @@ class Recaller:
             # One audit line per study, right after its switch (as the movers do): no patient data.
             sources = sorted({self.source.get(d, "") for d in added[key]} - {""})
             append_audit(self.config, {"event": "recall", "study": key.rsplit("\x00", 1)[-1],
-                                       "from": ",".join(sources), "to": ONLINE_TIER, "instances": len(blobs),
+                                       "from": ",".join(sources), "to": ONLINE_TIER, "instances": instances,
                                        "bytes": study_bytes, "seconds": round(latency_s, 3),
                                        "outcome": "recalled"})
-            log.info("recalled a study online: %d instances", len(blobs))
+            log.info("recalled a study online: %d instances", instances)
             log.debug("recalled study %s", key.rsplit("\x00", 1)[-1])
 
     def _copy_study(self, blobs: StudyBlobs, used: dict[str, SegmentBackend]) -> dict[str, Copy]:
@@ -211,8 +234,8 @@ class Recaller:
         order = sorted(((d, b, i) for _s, d, b, i in blobs), key=lambda t: min(
             (tape_position(c.location) for c in t[1].copies), default=("", 0, 0)))
         for digest, blob, inst in order:
-            if digest in added or any(c.backend in self.online for c in blob.copies):
-                continue
+            if digest in added or any(c.backend in self.online and c.state == COPY_OK for c in blob.copies):
+                continue  # (an online copy verify found missing or corrupt does not count: recalled again)
             volume = self.store.volumes.pick(blob.size)
             if volume is None:
                 raise OutOfSpace("no online volume can take a recalled study (all above their watermark)")
@@ -357,7 +380,7 @@ def refresh_gauges(config: Config, index: StudyIndex) -> None:
 
     metrics = tiering_metrics()
     tier_bytes = dict.fromkeys(tier_order(config), 0)
-    for rec in index.containers():
+    for rec in index.iter_containers():  # batched: one record per nearline archive, millions of them
         tier = tier_of_backend(config, rec.backend)
         tier_bytes[tier] = tier_bytes.get(tier, 0) + rec.live_bytes
     studies = dict.fromkeys(tier_bytes, 0)

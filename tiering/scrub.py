@@ -170,7 +170,7 @@ def _against_listing(index: StudyIndex, store: BlobStore, tier: str, rep: TierRe
         return
     if current is not None:
         settle(current, listed)
-    for rec in index.containers(tier):
+    for rec in index.iter_containers(tier):
         if rec.live_records and rec.name not in seen:
             rep.orphans.append(f"{tier}: the index names container {rec.name} ({rec.live_records} copies), "
                                "which the tier does not list")

@@ -8,7 +8,7 @@ it is durable (``collect_garbage`` syncs first)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lmdb
 import msgspec
@@ -73,6 +73,28 @@ class ContainerIndex(IndexEnv):
         with self.env.begin() as txn:
             prefix = "" if backend is None else backend + SEP
             return [schema.decode(ContainerRecord, v) for _k, v in self._scan(txn, "containers", prefix)]
+
+    def iter_containers(self, backend: str | None = None, batch: int = 1024) -> Iterator[ContainerRecord]:
+        """``containers(backend)`` in short read transactions of ``batch`` records: memory bounded by the batch
+        (a nearline tier has one container per study moved: millions)."""
+        prefix = ("" if backend is None else backend + SEP).encode()
+        after = prefix
+        while True:
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self.dbs["containers"])
+                found = cursor.set_range(after)
+                rows: list[tuple[bytes, ContainerRecord]] = []
+                while found and len(rows) < batch:
+                    key = bytes(cursor.key())
+                    if not key.startswith(prefix):
+                        break
+                    if key != after or after == prefix:
+                        rows.append((key, schema.decode(ContainerRecord, cursor.value())))
+                    found = cursor.next()
+            if not rows:
+                return
+            yield from (rec for _key, rec in rows)
+            after = rows[-1][0]
 
     def container_contents(self, backend: str, name: str) -> list[tuple[str, BlobRecord]]:
         """The blobs a container holds live, with their records."""

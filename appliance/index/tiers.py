@@ -14,7 +14,7 @@ availability."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lmdb
 
@@ -161,7 +161,8 @@ class TierIndex(ContainerIndex):
     # ---- the switch ------------------------------------------------------------------------------------
 
     def switch_study(self, study_key: str, added: dict[str, Copy], drop_backends: set[str],
-                     availability: dict[str, str], tier: str, now_ns: int, move_done: bool) -> dict[str, int]:
+                     availability: dict[str, str] | Callable[[list[str]], str], tier: str, now_ns: int,
+                     move_done: bool) -> dict[str, int]:
         """Move a study between tiers, in ONE durable write transaction:
 
         - each blob of ``added`` gains its new copy (container accounting follows); a blob freed meanwhile is
@@ -171,7 +172,10 @@ class TierIndex(ContainerIndex):
           the study (its only copy online) is left where it is, and stays ONLINE;
         - containers left with nothing live, once sealed, are forgotten and get a ``gc`` row (an active segment
           still being written is left for compaction);
-        - each switched instance's availability is set from ``availability`` (by SOP Instance UID);
+        - each switched instance's availability is set from ``availability``: a function of the backends of its
+          blob's copies as this transaction leaves them (what the mover and the recaller pass: another process
+          may have switched the study since they read it, e.g. a mover and the recaller on one study), or a
+          dict by SOP Instance UID (trusted as given);
         - the placement becomes ``tier`` since ``now_ns``; ``move_done`` (a mover) deletes the move journal and
           keeps the last access; otherwise (a recall) deletes the recall request and sets last access to
           ``now_ns``, so the policies take the study down again only after it has been left alone.
@@ -197,14 +201,14 @@ class TierIndex(ContainerIndex):
             for _key, inst in instances:
                 refs_in_study[inst.digest] = refs_in_study.get(inst.digest, 0) + 1
             emptied: set[tuple[str, str]] = set()
-            switched: set[str] = set()
+            switched: dict[str, list[str]] = {}  # digest -> the backends of its copies after the switch
             for digest in refs_in_study:
                 blob = self._blob(txn, digest)
                 assert blob is not None, f"an instance names a blob without a record: {digest}"
                 keep = [c for c in blob.copies if c.backend not in drop_backends]
                 if not keep or blob.refs > refs_in_study[digest]:
                     continue
-                switched.add(digest)
+                switched[digest] = [c.backend for c in keep]
                 if len(keep) == len(blob.copies):
                     continue
                 for copy in blob.copies:
@@ -224,7 +228,8 @@ class TierIndex(ContainerIndex):
                 if inst.digest not in switched:
                     counts["kept"] += 1
                     continue
-                wanted = availability.get(sop_uid)
+                wanted = (availability(switched[inst.digest]) if callable(availability)
+                          else availability.get(sop_uid))
                 if wanted is not None and wanted != inst.availability:
                     inst.availability = wanted
                     txn.put(key.encode(), schema.encode(inst), db=self.dbs["instances"])
@@ -258,6 +263,10 @@ class TierIndex(ContainerIndex):
 
         queued: bool = self._write(body)
         return queued
+
+    def recall_queued(self, study_key: str) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(study_key.encode(), db=self.dbs["recalls"]) is not None
 
     def recalls(self) -> list[tuple[str, RecallRecord]]:
         with self.env.begin() as txn:

@@ -80,13 +80,13 @@ class BlobStore:
         return sorted(blob.copies, key=lambda c: (c.state == COPY_SUSPECT, rank.get(c.backend, unknown)))
 
     def read_copy(self, copy: Copy, digest: str = "") -> Iterator[bytes]:
-        """One copy's bytes in chunks. With ``digest``, a copy on a tier below online is hashed as it is read and
-        ``BlobCorrupt`` is raised after its last chunk if it does not match."""
+        """One copy's bytes in chunks. With ``digest``, a copy on a tier below online, or one `verify` marked
+        suspect, is hashed as it is read and ``BlobCorrupt`` is raised after its last chunk if it does not match."""
         backend = self.backend_of(copy)
         if backend is None:
             raise BlobMissing(f"copy on {copy.backend!r}, which this node does not have")
         chunks = backend.iter_read(copy.location)
-        if digest and copy.backend in self.tiers:
+        if digest and (copy.backend in self.tiers or copy.state == COPY_SUSPECT):  # (suspect: verify found it bad)
             return _hashed(chunks, digest, f"{copy.backend}:{copy.container}")
         return chunks
 

@@ -188,6 +188,13 @@ class SegmentBackend(BlobBackend):
             except OSError:
                 pass
             raise _write_error(self.name, exc) from None
+        except BaseException:
+            # The source failed (a tier copy that does not hash to its name, a recall's tape read): the same cut.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
         self._end = data_offset + meta.size + len(pad)
         if not self._unsynced or self._unsynced[-1] != self._fd:
             self._unsynced.append(self._fd)

@@ -112,3 +112,35 @@ def test_label_a_blank_ltfs_cartridge(tmp_path: Path) -> None:
     assert forced.returncode == 0, forced.stderr
     assert sorted(p.name for p in (tmp_path / "ltfs").iterdir()) == ["1.tar", "VOL1.label"]
     assert (tmp_path / "ltfs" / "1.tar").read_bytes() == b""  # erased: the empty file after the label's filemark
+
+
+def test_label_force_refuses_a_cartridge_the_index_names_copies_on(tmp_path: Path) -> None:
+    """--force erases a cartridge's archives: never those holding copies the index names (a study whose only copy
+    is on it would be lost); once nothing is named there, --force relabels."""
+    from appliance.index.db import StudyIndex
+    from tests.unit.test_index import entry, header
+
+    (tmp_path / "appliance.toml").write_text(CONFIG)
+    cfg = load_config(tmp_path / "appliance.toml")
+    tier = cfg.tier("tape1")
+    assert tier is not None
+    init_tier(tier)
+    tape = open_tier(tier)
+    data = b"x" * 70_000
+    location = tape.put(BlobMeta(hashlib.sha256(data).hexdigest(), len(data), 1, "CT"), BytesSource(data))
+    tape.sync()
+    tape.seal()  # type: ignore[attr-defined]
+    tape.close()
+    container = parse_location(location)[0]
+    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size)
+    try:
+        named = entry(header("P", "1.1", "1.1.1", "1.1.1.1"), size=len(data))
+        named.copy = type(named.copy)("tape1", container, location, len(data), 1)
+        index.register_container("tape1", container, 1)
+        index.apply([named], "keep-first")
+    finally:
+        index.close()
+    refused = run(tmp_path, "label", container.split("/")[0], "--force")
+    assert refused.returncode == 1, refused.stdout
+    assert "the index names 1 cop" in refused.stderr
+    assert json.loads(run(tmp_path, "list", "--json").stdout)["cartridges"][0]["archives"] == 1

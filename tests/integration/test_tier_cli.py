@@ -90,3 +90,26 @@ def test_usage_errors(tmp_path: Path) -> None:
     bad_now = subprocess.run([*APPLIANCE, "tier", "plan", "-c", str(config)], capture_output=True, text=True,
                              env={**os.environ, "APPLIANCE_TIER_NOW": "yesterday"}, timeout=60)
     assert bad_now.returncode == 2 and "APPLIANCE_TIER_NOW" in bad_now.stderr
+
+
+def test_export_while_a_tier_run_moves_the_study(tmp_path: Path, monkeypatch: Any) -> None:
+    """`appliance export` reads the index, then the bytes: a `tier run` moving the study in between (its online
+    segment deleted after the switch) must not fail the export; the bytes come from the nearline copy."""
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from appliance.store.online import BlobStore
+
+    config, data = nearline_site(tmp_path)
+    opened = BlobStore.open.__func__  # type: ignore[attr-defined]
+
+    def open_after_a_move(cls: Any, *args: Any, **kw: Any) -> Any:
+        assert tier_json(config, "run")["moved"] == 2  # 1.1 and 1.2 to nearline; their segment is deleted
+        return opened(cls, *args, **kw)
+
+    monkeypatch.setattr(BlobStore, "open", classmethod(open_after_a_move))
+    result = CliRunner().invoke(app, ["export", "1.1", str(tmp_path / "out"), "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    assert {p.stem: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {
+        sop: raw for sop, raw in data.items() if sop.startswith("1.1.")}
+    assert orphans(config)["unnamed_files"] == []

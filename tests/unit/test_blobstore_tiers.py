@@ -20,7 +20,7 @@ from appliance.errors import BlobCorrupt, BlobMissing, Offline
 from appliance.index.schema import COPY_SUSPECT, BlobRecord, Copy
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, Capabilities, LatencyClass
 from appliance.store.online import BlobStore
-from appliance.store.segments import SegmentBackend, parse_location, segment_copy
+from appliance.store.segments import COPY_CHUNK, SegmentBackend, parse_location, segment_copy
 from appliance.store.volumes import VolumeSet, init_volume, open_volume
 
 
@@ -139,3 +139,46 @@ def test_startup_recovery_leaves_tier_gc_rows_to_the_movers(tmp_path: Path) -> N
     finally:
         store.close()
         index.close()
+
+
+class _CorruptAfterFirstChunk(_Bytes):
+    """A copy from a tier that fails its digest at the end (BlobStore's hashing reader): not an OSError."""
+
+    def chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+        yield self.data[:chunk_bytes]
+        raise BlobCorrupt("copy on lto:L1/1 does not hash to its name")
+
+
+def test_a_large_put_whose_source_fails_leaves_no_torn_bytes(tmp_path: Path) -> None:
+    """A recall streams a large blob from tape into a segment; when the tape copy fails its digest half-way, the
+    bytes written so far are cut off (not left after the end-of-archive, counted nowhere) and the next put goes
+    where it would have."""
+    backend = _segments(tmp_path, "vol0", LatencyClass.ONLINE)
+    ok = os.urandom(1000)
+    first = backend.put(BlobMeta(hashlib.sha256(ok).hexdigest(), len(ok), 1, "CT"), _Bytes(ok))
+    folder = tmp_path / "vol0" / "segments"
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in folder.iterdir())
+
+    size_before = on_disk()
+    big = os.urandom(COPY_CHUNK + (1 << 20))  # streamed chunk by chunk (bounded memory)
+    with pytest.raises(BlobCorrupt):
+        backend.put(BlobMeta(hashlib.sha256(big).hexdigest(), len(big), 2, "CT"), _CorruptAfterFirstChunk(big))
+    assert on_disk() <= size_before + 4096  # (a new segment may have been started: its first bytes at most)
+    again = backend.put(BlobMeta(hashlib.sha256(ok).hexdigest(), len(ok), 3, "CT"), _Bytes(ok))
+    backend.sync()
+    assert backend.read(again) == ok and backend.read(first) == ok
+    backend.close()
+
+
+def test_a_suspect_online_copy_is_hashed_when_read(store: BlobStore) -> None:
+    """Online copies are not re-hashed on the hot path, but one that `verify` found corrupt (suspect) is still
+    tried when nothing else can be read: then it is hashed like a tier's copy, and wrong bytes are never served."""
+    online = _put(store.backends["vol0"], DATA)
+    _corrupt(store.backends["vol0"], online)
+    with pytest.raises(BlobMissing):
+        store.read_all(DIGEST, BlobRecord(len(DATA), 1, [replace(online, state=COPY_SUSPECT)]))
+    tape = _put(store.tiers["lto"], DATA)  # the recaller gets the good tape copy instead
+    assert store.read_all(DIGEST, BlobRecord(len(DATA), 1, [replace(online, state=COPY_SUSPECT), tape]),
+                          allow_offline=True) == DATA

@@ -188,3 +188,13 @@ def test_schema_3_is_upgraded_to_4(tmp_path: Path) -> None:
         assert next(index.study_facts()).tier == "online"
     finally:
         index.close()
+
+
+def test_iter_containers_walks_in_batches_what_containers_lists(index: StudyIndex) -> None:
+    for i in range(30):
+        index.register_container("nl", f"nl0/{i:03}.tar", i)
+        index.register_container("nl2", f"v/{i:03}.tar", i)
+    index.register_container("n", "x.tar", 1)  # a backend name that is a prefix of another
+    for backend in ("nl", "nl2", "n", None):
+        assert list(index.iter_containers(backend, batch=7)) == index.containers(backend)
+    assert len(list(index.iter_containers("nl", batch=7))) == 30

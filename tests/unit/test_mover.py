@@ -284,3 +284,109 @@ def test_a_delete_that_fails_after_the_switch_is_done_by_the_next_run(rig: Rig) 
     assert rig.mover.resume() == []
     assert rig.index.pending_gc() == [] and archives(rig) == []
     assert rig.read("1.1.1.1") == rig.data["1.1.1.1"]
+
+
+def test_a_stale_plan_is_skipped_not_moved(rig: Rig) -> None:
+    """The recaller works under its own lock: a study whose recall was queued, or which a recall switched, after
+    the plan was made is left for the next run's plan (moving it would undo the recall a retrieve waits for)."""
+    key = f"P{SEP}1.1"
+    assert rig.index.request_recall(key, "c-move")
+    result = rig.mover.move(rig.planned("1.1"))
+    assert (result.outcome, result.error) == ("skipped", "a recall of the study is queued")
+    assert rig.availability("1.1") == {ONLINE} and rig.index.moves() == []
+    rig.index.forget_recall(key)
+    # Planned when placed "since 0" (never moved); a switch since then changed that.
+    planned = rig.planned("1.2")
+    stale = PlannedMove(planned.study_key, planned.study_uid, "online", "nl", 0, 0, "p", "r", placed_since_ns=7)
+    assert rig.mover.move(stale).outcome == "skipped"
+    assert rig.availability("1.2") == {ONLINE}
+    fresh = PlannedMove(planned.study_key, planned.study_uid, "online", "nl", 0, 0, "p", "r", placed_since_ns=0)
+    assert rig.mover.move(fresh).outcome == "moved"
+    assert rig.availability("1.2") == {NEARLINE}
+
+
+def test_every_instance_overwritten_during_the_move_leaves_no_archive_behind(rig: Rig) -> None:
+    """duplicate_policy overwrite: the study's instances are all replaced by other bytes while the mover copies
+    them. The switch skips the freed blobs (the new versions stay online), and the archive the mover wrote, which
+    the index now names nothing in, is removed instead of being left on the tier for ever."""
+    import hashlib
+
+    from appliance.index.db import IndexEntry
+    from appliance.store.segments import segment_copy
+    from tests.tier_rig import MemorySource
+    from tests.unit.test_index import header
+
+    def overwrite(phase: str) -> None:
+        if phase != "synced":
+            return
+        backend = rig.store.segment_backend("vol0")
+        entries = []
+        for i in range(2):
+            data = b"new version %d " % i * 100
+            digest = hashlib.sha256(data).hexdigest()
+            loc = backend.put(BlobMeta(digest, len(data), 9_000 + i, "SCU"), MemorySource(data))
+            entries.append(IndexEntry(header("P", "1.2", "1.2.1", f"1.2.1.{i}", "CT"), digest, len(data),
+                                      "1.2.840.10008.1.2.1", 9_000 + i, "SCU", segment_copy("vol0", loc, 9_000 + i)))
+        backend.sync()
+        rig.index.apply(entries, "overwrite")
+
+    rig.mover._phase = overwrite  # type: ignore[method-assign]
+    result = rig.mover.move(rig.planned("1.2"))
+    assert result.outcome == "moved"
+    assert rig.availability("1.2") == {ONLINE}
+    assert archives(rig) == []
+    assert [c for c in rig.index.containers("nl")] == []
+
+
+def test_an_archive_emptied_by_overwrites_after_the_move_is_removed_by_the_next_run(rig: Rig) -> None:
+    """A study on nearline whose instances are all overwritten by new bytes (duplicate_policy overwrite): its
+    archive holds nothing the index names. The next run's resume removes it (no gc row is ever queued for it)."""
+    import hashlib
+
+    from appliance.index.db import IndexEntry
+    from appliance.store.segments import segment_copy
+    from tests.tier_rig import MemorySource
+    from tests.unit.test_index import header
+
+    assert rig.mover.move(rig.planned("1.2")).outcome == "moved"
+    assert len(archives(rig)) == 1
+    backend = rig.store.segment_backend("vol0")
+    entries = []
+    for i in range(2):
+        data = b"new version %d " % i * 100
+        digest = hashlib.sha256(data).hexdigest()
+        loc = backend.put(BlobMeta(digest, len(data), 9_000 + i, "SCU"), MemorySource(data))
+        entries.append(IndexEntry(header("P", "1.2", "1.2.1", f"1.2.1.{i}", "CT"), digest, len(data),
+                                  "1.2.840.10008.1.2.1", 9_000 + i, "SCU", segment_copy("vol0", loc, 9_000 + i)))
+    backend.sync()
+    rig.index.apply(entries, "overwrite")
+    assert rig.availability("1.2") == {ONLINE}
+    rig.mover.resume()
+    assert archives(rig) == [] and rig.index.containers("nl") == []
+
+
+def test_a_suspect_copy_on_the_target_is_not_trusted(rig: Rig) -> None:
+    """A recalled study (online + tape copies) goes back down to tape; `verify` found its tape copies corrupt in
+    between (state suspect). The mover must copy it to tape again, not switch onto the corrupt copies and drop the
+    only good ones."""
+    from appliance.index.schema import COPY_OK, COPY_SUSPECT
+    from appliance.store.segments import segment_copy
+    from tests.tier_rig import MemorySource
+
+    key = f"P{SEP}1.2"
+    rig.mover.move(rig.planned("1.2", "online", "tape"))
+    blobs = rig.index.study_blobs(key)
+    seg = rig.store.segment_backend("vol0")
+    added = {}
+    for sop, digest, blob, inst in blobs:
+        loc = seg.put(BlobMeta(digest, blob.size, inst.received_ns, inst.calling_ae), MemorySource(rig.data[sop]))
+        added[digest] = segment_copy("vol0", loc, inst.received_ns)
+    seg.sync()
+    rig.index.register_container("vol0", next(iter(added.values())).container, 1)
+    rig.index.switch_study(key, added, set(), {sop: ONLINE for sop, *_ in blobs}, "online", 5, move_done=False)
+    rig.index.mark_verified([(d, c, COPY_SUSPECT) for _s, d, b, _i in blobs for c in b.copies], 6)
+    result = rig.mover.move(rig.planned("1.2", "online", "tape"))
+    assert result.outcome == "moved" and result.bytes == sum(b.size for _s, _d, b, _i in blobs)
+    for sop, _d, blob, _i in rig.index.study_blobs(key):
+        assert [c.backend for c in blob.copies if c.state == COPY_OK] == ["tape"], blob.copies
+        assert rig.read(sop) == rig.data[sop]

@@ -206,3 +206,80 @@ def test_after_the_wait_the_online_part_goes_and_the_tape_part_fails(site: Site)
     got = asyncio.run(await_recalls(site.index, matches, "c-move", 0.0, 10, lambda: False, _in_thread))
     assert sorted(m.availability for m in got) == [OFFLINE, ONLINE]  # not refused: the online one is sent
     assert len(site.index.recalls()) == 1
+
+
+def test_a_move_switching_the_study_during_a_recall_leaves_no_instance_online_without_an_online_copy(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recaller (recall.lock) and a mover (tiering.lock) can work on the same study: a partly online study on
+    tape whose recall is queued, taken by a policy moving its online instances down. The recaller read the study
+    before the mover's switch and switches after it: an instance whose only copy is now on tape must not be
+    marked ONLINE (a retrieve would then neither read it nor queue its recall)."""
+    from tiering.recall import Recaller
+
+    study, _data = site.ingest(2)
+    site.to_tier(study, "lto")
+    late, _ = site.ingest(1, study_uid=study)  # received after the move: online only
+    assert late == study and site.availability(study) == {OFFLINE, ONLINE}
+    key = site.index.study_key(study)
+    assert key is not None and site.index.request_recall(key, "c-move")
+    copy_study = Recaller._copy_study
+
+    def copy_then_mover_switches(self: Recaller, blobs: Any, used: Any) -> Any:
+        added = copy_study(self, blobs, used)
+        site.to_tier(study, "lto")  # the mover's switch lands between the recaller's copy and its switch
+        return added
+
+    monkeypatch.setattr(Recaller, "_copy_study", copy_then_mover_switches)
+    report = recall_queued(site.config, site.index, site.store)
+    assert report.studies == 1
+    for _sop, _d, blob, inst in site.index.study_blobs(key):
+        on = {c.backend for c in blob.copies}
+        assert inst.availability == (ONLINE if "vol0" in on else OFFLINE), (on, inst.availability)
+
+
+def test_a_batch_holds_a_bounded_number_of_instances(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch keeps every new copy until its switch: recall_batch_max studies of up to study_instances_max
+    instances each would not fit in memory, so a batch also stops at RECALL_BATCH_INSTANCES_MAX instances (one
+    study always goes, however large) and the batch's records are not all held while it is ordered."""
+    import tiering.recall as recall
+
+    monkeypatch.setattr(recall, "RECALL_BATCH_INSTANCES_MAX", 4)
+    site = Site.open(tmp_path, recall_batch_max=64)
+    try:
+        studies = []
+        for count in (2, 2, 5):
+            study, _data = site.ingest(count)
+            site.to_tier(study, "lto")
+            key = site.index.study_key(study)
+            assert key is not None and site.index.request_recall(key, "cli")
+            studies.append(study)
+        batch = recall.Recaller(site.config, site.index, site.store).next_batch(set())
+        assert all(len(item) == 2 for item in batch)  # (key, requested_ns): no study's records kept
+        report = recall_queued(site.config, site.index, site.store, batches_max=1)
+        assert (report.studies, report.instances) == (2, 4)
+        report = recall_queued(site.config, site.index, site.store, batches_max=1)
+        assert (report.studies, report.instances) == (1, 5)  # larger than the bound alone: it still goes
+        assert [site.availability(s) for s in studies] == [{ONLINE}] * 3
+    finally:
+        site.close()
+
+
+def test_a_recall_replaces_an_online_copy_verify_found_corrupt(site: Site) -> None:
+    """A recalled study whose online copy `verify` then found corrupt (suspect): `tier recall` brings a good copy
+    online again from tape instead of counting the suspect one as online."""
+    from appliance.index.schema import COPY_SUSPECT
+    from tests.unit.test_blobstore_tiers import _corrupt
+
+    study, data = site.ingest(1)
+    site.to_tier(study, "lto")
+    key = site.index.study_key(study)
+    assert key is not None and site.index.request_recall(key, "cli")
+    assert recall_queued(site.config, site.index, site.store).studies == 1
+    [(_s, digest, blob, _i)] = site.index.study_blobs(key)
+    [online] = [c for c in blob.copies if c.backend == "vol0"]
+    _corrupt(site.store.backends["vol0"], online)
+    site.index.mark_verified([(digest, online, COPY_SUSPECT)], 1)
+    assert site.index.request_recall(key, "cli")
+    report = recall_queued(site.config, site.index, site.store)
+    assert (report.studies, report.bytes_copied) == (1, len(next(iter(data.values()))))
+    assert site.read_study(study) == data
