@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import cli_recall, cli_scu, cli_tape, errors
-from appliance.cli_common import emit, load_cli_config
+from appliance.cli_common import emit, human_bytes, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
@@ -364,13 +364,13 @@ def verify(
         for name, t in report.tiers.items()}}
     lines = [f"{'tier':<12} {'copies':>8} {'bytes read':>14} {'missing':>8} {'corrupt':>8} {'orphans':>8}  state"]
     for name, t in report.tiers.items():
-        lines.append(f"{name:<12} {t.checked:>8} {t.bytes_read:>14} {len(t.missing):>8} {len(t.corrupt):>8} "
+        lines.append(f"{name:<12} {t.checked:>8} {human_bytes(t.bytes_read):>14} {len(t.missing):>8} {len(t.corrupt):>8} "
                      f"{len(t.orphans):>8}  {'ok' if t.ok else 'PROBLEMS'}")
     for name, t in report.tiers.items():
         lines += [f"  {name}: missing {m}" for m in t.missing] + [f"  {name}: CORRUPT {c}" for c in t.corrupt]
         lines += [f"  {name}: orphan  {o}" for o in t.orphans]
         if t.dead_bytes:
-            lines.append(f"  {name}: {t.dead_bytes} dead bytes awaiting compaction")
+            lines.append(f"  {name}: {human_bytes(t.dead_bytes)} of dead records awaiting compaction")
     _emit(data, as_json, "\n".join(lines))
     if not report.ok:
         raise typer.Exit(errors.EXIT_FAILURE)
