@@ -317,6 +317,13 @@ def export(
                     with open(tmp, "wb") as fh:
                         for chunk in store.open_blob(rec.digest, blob):
                             fh.write(chunk)
+                except errors.Offline:
+                    tmp.unlink(missing_ok=True)
+                    # No recall was queued (the index says the study is not on tape): its nearline or online copy
+                    # cannot be read and what is left is a tape copy.
+                    raise errors.Offline(f"{sop_uid}: its {rec.availability.lower()} copy cannot be read and its "
+                                         "other copy is on tape; nothing was recalled. Is the NAS mounted? (see "
+                                         "`appliance tier status`)") from None
                 except BaseException:
                     tmp.unlink(missing_ok=True)  # a copy that failed its digest half-way is never left behind
                     raise

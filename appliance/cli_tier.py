@@ -124,7 +124,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 @tier_app.command("init")
-def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]")], config: ConfigOpt = None) -> None:
+def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]")], config: ConfigOpt = None,
+         as_json: JsonOpt = False) -> None:
     """Prepare a tier's media (volume markers, virtual cartridges)."""
     from tiering.tiers import init_tier
 
@@ -134,9 +135,11 @@ def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]"
         if tier is None:
             raise errors.ConfigError(f"no tier named {name!r} in [[tiers]] "
                                      f"(configured: {', '.join(t.name for t in cfg.tiers) or 'none'})")
-        typer.echo(init_tier(tier))
-        for warning in same_filesystem_warnings(cfg, name):
+        done = init_tier(tier)
+        warnings = same_filesystem_warnings(cfg, name)
+        for warning in warnings:
             typer.echo(f"warning: {warning}", err=True)
+        emit({"tier": name, "kind": tier.kind, "done": done.splitlines(), "warnings": warnings}, as_json, done)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
 

@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 from tests.integration.test_tier_cli import APPLIANCE, tier, tier_json
-from tests.tier_rig import NEARLINE_ONLY, TAPE, nearline_site, read_everything, write_tier_config
+from tests.tier_rig import (
+    DAY_NS,
+    NEARLINE_ONLY,
+    NEARLINE_THEN_TAPE,
+    TAPE,
+    nearline_site,
+    read_everything,
+    write_tier_config,
+)
 from tiering.audit import read_audit
 
 
@@ -132,3 +140,27 @@ def test_tape_list_shows_the_units_tier_status_shows(tmp_path: Path) -> None:
     assert "67.1 MB" in row and "MiB" not in row  # cartridge_bytes = 67108864, as `tier status` prints it
     assert "67.1 MB" in tier(config, "status").stdout
     assert json.loads(appliance(config, "tape", "list", "--json").stdout)["cartridges"][0]["capacity_bytes"] == 67108864
+
+
+def test_tier_init_has_json_too(tmp_path: Path) -> None:
+    config = write_tier_config(tmp_path, tiers=NEARLINE_ONLY.format(root=tmp_path))
+    data = tier_json(config, "init", "nl")
+    assert data["tier"] == "nl" and data["kind"] == "nearline" and "initialised" in data["done"][0]
+    assert "already initialised" in tier_json(config, "init", "nl")["done"][0]
+
+
+def test_export_with_the_nas_not_mounted_does_not_claim_a_recall(tmp_path: Path) -> None:
+    config, _data = nearline_site(tmp_path, tape=True, policies=NEARLINE_THEN_TAPE)
+    later = time.time_ns() + 400 * DAY_NS
+    tier(config, "run", now_ns=later)  # 1.1, 1.2 -> nl
+    tier(config, "run", now_ns=later)  # -> tape
+    tier(config, "recall", "1.1")  # back online (no server: recalled by this command); its tape copy stays
+    tier(config, "run", "--policy", "old-to-nearline", now_ns=later)  # 1.1 -> nl again, NEARLINE, tape copy kept
+    assert tier_json(config, "recall", "1.1")["nearline"] == ["1.1"]
+    (tmp_path / "nl0").rename(tmp_path / "nl0.away")
+    (tmp_path / "nl0").mkdir()
+
+    result = appliance(config, "export", "1.1", str(tmp_path / "out"))
+    assert result.returncode == 69
+    assert "recall queued" not in result.stderr and "Is the NAS mounted?" in result.stderr, result.stderr
+    assert not list((tmp_path / "out").glob("*"))
