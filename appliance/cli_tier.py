@@ -246,11 +246,18 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         human += "".join(f"\n{v['error']}" for v in t["volumes"] if v["error"])
     human += f"\nmoves in progress: {len(data['moves_in_progress'])}; recalls queued: {len(data['recalls_queued'])}"
     for m in data["moves_in_progress"]:
-        human += f"\n  move {m['study']} {m['from']} -> {m['to']} ({m['policy']})"
+        human += (f"\n  move {m['study']} {m['from']} -> {m['to']} ({m['policy']}, since "
+                  f"{_utc(m['started_ns'])})")
     for r in data["recalls_queued"]:
-        error = f", {r['error']}" if r["error"] else ""
-        human += f"\n  recall {r['study']} (by {r['requested_by']}, {r['attempts']} attempts{error})"
+        error = f", last error: {r['error']}" if r["error"] else ""
+        human += (f"\n  recall {r['study']} (by {r['requested_by']} at {_utc(r['requested_ns'])}, "
+                  f"{r['attempts']} attempts{error})")
     emit(data, as_json, human)
+
+
+def _utc(ns: int) -> str:
+    """A time of the index (ns since 1970) as people and the audit log write it: 2026-11-26T17:26:28Z."""
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _plan_rows(moves: list[PlannedMove]) -> str:

@@ -125,6 +125,9 @@ def test_ctrl_c_in_the_middle_of_a_run_says_so_and_the_next_run_finishes(tmp_pat
     assert proc.returncode == 130, (out, err)
     assert "interrupted" in err and "next `appliance tier run`" in err and "Traceback" not in err
 
+    pending = tier(config, "status").stdout
+    when = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+    assert re.search(rf"move 1\.[12] online -> nl \(old-to-nearline, since {when}\)", pending), pending
     done = tier_json(config, "run")
     assert done["moved"] + done["resumed"] >= 2 and done["failed"] == 0
     assert tier_json(config, "status")["moves_in_progress"] == []
