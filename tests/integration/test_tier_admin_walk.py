@@ -167,3 +167,26 @@ def test_export_with_the_nas_not_mounted_does_not_claim_a_recall(tmp_path: Path)
     assert result.returncode == 69
     assert "recall queued" not in result.stderr and "Is the NAS mounted?" in result.stderr, result.stderr
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_an_unmounted_nas_holding_emptied_archives_does_not_stop_every_run(tmp_path: Path) -> None:
+    config, data = nearline_site(tmp_path, tape=True, policies=NEARLINE_THEN_TAPE)
+    later = time.time_ns() + 400 * DAY_NS
+    tier(config, "run", now_ns=later)  # 1.1, 1.2 -> nl
+    tier(config, "run", now_ns=later)  # -> tape
+    tier(config, "recall", "1.1")  # online again, its tape copy kept
+    tier(config, "run", "--policy", "old-to-nearline", now_ns=later)  # 1.1 -> nl (and still on tape)
+    (tmp_path / "nl0").rename(tmp_path / "nl0.away")
+    (tmp_path / "nl0").mkdir()
+    # 1.1 -> tape is an index switch (its tape copy is there); its nl archive cannot be deleted now.
+    moved = tier(config, "run", "--policy", "nearline-to-tape")
+    assert "moved 1 studies" in moved.stdout
+    assert "left for the next run" in moved.stderr
+    again = tier(config, "run", "--policy", "nearline-to-tape", check=False)  # was: exit 69 before anything
+    assert again.returncode == 0, again.stderr
+    assert "left for the next run" in again.stderr
+    (tmp_path / "nl0").rmdir()
+    (tmp_path / "nl0.away").rename(tmp_path / "nl0")
+    tier(config, "run", "--policy", "nearline-to-tape")
+    assert not list((tmp_path / "nl0" / "archives").rglob("*.tar"))  # mounted again: the archives went
+    assert read_everything(config)[0] == data
