@@ -116,11 +116,12 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     table = Table(*headers, box=None, pad_edge=False)
     for row in rows:
         table.add_row(*row)
-    console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
+    # One line per row, never wrapped (a reason is long): `tier plan | grep CT` keeps whole rows.
+    console = Console(width=1000, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
     console.print(table)
     text = console.export_text()
     console.file.close()
-    return text.rstrip()
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
 
 
 @tier_app.command("init")

@@ -18,6 +18,7 @@ from tests.tier_rig import (
     DAY_NS,
     NEARLINE_ONLY,
     NEARLINE_THEN_TAPE,
+    OLD_TO_NEARLINE,
     TAPE,
     nearline_site,
     read_everything,
@@ -190,3 +191,13 @@ def test_an_unmounted_nas_holding_emptied_archives_does_not_stop_every_run(tmp_p
     tier(config, "run", "--policy", "nearline-to-tape")
     assert not list((tmp_path / "nl0" / "archives").rglob("*.tar"))  # mounted again: the archives went
     assert read_everything(config)[0] == data
+
+
+def test_plan_rows_are_never_wrapped(tmp_path: Path) -> None:
+    filters = ('received_days_min = 30\naccessed_days_min = 14\nmodalities = ["CT", "MR"]\ncalling_aes = ["SCU"]\n'
+               'study_bytes_min = 1000')
+    config, _data = nearline_site(tmp_path, policies=OLD_TO_NEARLINE.replace("received_days_min = 30", filters))
+    rows = [line for line in tier(config, "plan").stdout.splitlines() if line.startswith("old-to-nearline ")]
+    assert len(rows) == 2  # `tier plan | grep` keeps whole rows: policy, study, move, size and reason on one line
+    assert all("online -> nl" in row and "received 60 days ago" in row and "modality CT" in row for row in rows), rows
+    assert max(len(row) for row in rows) > 160  # wider than the table used to be
