@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
-from appliance.errors import ApplianceError, VolumeError
+from appliance.errors import ApplianceError, ConfigError, VolumeError
 from appliance.index.db import StudyIndex
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, BlobRecord, Copy
 from appliance.store.backend import BlobBackend
@@ -83,7 +83,8 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
     wanted = [t for t in order if tiers is None or t in tiers]
     unknown = (tiers or set()) - set(order)
     if unknown:
-        raise ApplianceError(f"no tier named {', '.join(sorted(unknown))} (tiers: {', '.join(order)})")
+        # 78, not 1: exit 1 means "problems found", which a typo must not look like to a monitoring script.
+        raise ConfigError(f"no tier named {', '.join(sorted(unknown))} (tiers: {', '.join(order)})")
     _require_mounted(store, wanted)
     report = ScrubReport({t: TierReport(t) for t in wanted})
     rate = bytes_per_s or config.tiering.scrub_bytes_per_s

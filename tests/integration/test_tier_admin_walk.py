@@ -103,6 +103,8 @@ def test_status_and_verify_with_the_nas_not_mounted(tmp_path: Path) -> None:
     assert verify.returncode == 69 and "Nothing was checked" in verify.stderr and "--tier online" in verify.stderr
     assert verify.stdout == ""  # not one "missing" line per copy
     assert appliance(config, "verify", "--tier", "online").returncode == 0
+    typo = appliance(config, "verify", "--tier", "ln")
+    assert typo.returncode == 78 and "no tier named ln" in typo.stderr  # not 1, which means "problems found"
 
     (tmp_path / "nl0").rmdir()
     (tmp_path / "nl0.away").rename(tmp_path / "nl0")
