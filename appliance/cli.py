@@ -418,6 +418,8 @@ def index_rebuild(
     into: Annotated[Path | None, typer.Option(help="Build into this new folder instead of replacing the index")]
     = None,
     rehash: Annotated[bool, typer.Option(help="Also check every blob's content against its name")] = False,
+    online_only: Annotated[bool, typer.Option(help="With [[tiers]] configured: replace the index all the same, "
+                                              "knowing that the studies on the tiers drop out of it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Recreate the index from the volumes alone (run with the server stopped unless --into is given)."""
@@ -425,6 +427,16 @@ def index_rebuild(
 
     try:
         cfg = _config(config)
+        if cfg.tiers:
+            # The rebuild reads the online segments only (not yet the nearline archives nor the tape catalogs).
+            tiers = ", ".join(t.name for t in cfg.tiers)
+            lost = (f"index rebuild reads only the online volumes, not the tiers ({tiers}): the rebuilt index "
+                    "would not know the studies moved there (their archives stay, unnamed), and could list as online "
+                    "moved instances whose dead records compaction has not reclaimed yet")
+            if into is None and not online_only:
+                raise errors.ConfigError(f"{lost}. Nothing was changed. Build one to inspect with --into DIR, or "
+                                         "replace the index with --online-only if that is what you want")
+            typer.echo(f"warning: {lost}", err=True)
         stats = rebuild_index(cfg, into, rehash) if into is not None else replace_index(cfg, rehash)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None

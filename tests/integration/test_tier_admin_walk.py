@@ -203,3 +203,16 @@ def test_plan_rows_are_never_wrapped(tmp_path: Path) -> None:
     assert len(rows) == 2  # `tier plan | grep` keeps whole rows: policy, study, move, size and reason on one line
     assert all("online -> nl" in row and "received 60 days ago" in row and "modality CT" in row for row in rows), rows
     assert max(len(row) for row in rows) > 160  # wider than the table used to be
+
+
+def test_index_rebuild_does_not_silently_drop_the_tiers(tmp_path: Path) -> None:
+    config, data = nearline_site(tmp_path)
+    tier(config, "run")  # 1.1, 1.2 -> nl
+    refused = appliance(config, "index", "rebuild")
+    assert refused.returncode == 78 and "reads only the online volumes, not the tiers (nl)" in refused.stderr
+    assert "Nothing was changed" in refused.stderr and not (tmp_path / "index.old").exists()
+    assert read_everything(config)[0] == data
+    inspect = appliance(config, "index", "rebuild", "--into", str(tmp_path / "rebuilt"))
+    # (the rig's instances are not real DICOM files, so this rebuild reports them unreadable: only the warning counts)
+    assert "warning: index rebuild reads only the online volumes" in inspect.stderr
+    assert "indexed" in inspect.stdout and (tmp_path / "rebuilt").is_dir()
