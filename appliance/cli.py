@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import cli_recall, cli_scu, cli_tape, errors
-from appliance.cli_common import emit, load_cli_config
+from appliance.cli_common import emit, human_bytes, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
@@ -309,7 +309,7 @@ def export(
                     sop_uid = rec.attrs.get("SOPInstanceUID", rec.digest)
                     safe = sop_uid if sop_uid and all(c.isdigit() or c == "." for c in sop_uid) else rec.digest
                     target = dest / f"{safe}.dcm"
-                    _export_one(index, store, rec.digest, target)
+                    _export_one(index, store, rec.digest, target, sop_uid, rec.availability)
                     written.append(str(target))
             finally:
                 store.close()
@@ -318,7 +318,8 @@ def export(
     _emit({"exported": written}, as_json, f"exported {len(written)} instance(s) to {dest}")
 
 
-def _export_one(index: StudyIndex, store: BlobStore, digest: str, target: Path) -> None:
+def _export_one(index: StudyIndex, store: BlobStore, digest: str, target: Path, sop_uid: str = "",
+                availability: str = "") -> None:
     """One blob to ``target`` (via a .part file). Its index record is read just before, and once more if its
     copies cannot be read: a `tier run` may have moved the study and deleted the copy the first record named."""
     for attempt in (1, 2):
@@ -332,6 +333,12 @@ def _export_one(index: StudyIndex, store: BlobStore, digest: str, target: Path) 
                     fh.write(chunk)
         except errors.BlobMissing as exc:
             tmp.unlink(missing_ok=True)  # a copy that failed its digest half-way is never left behind
+            if isinstance(exc, errors.Offline) and availability and availability != "OFFLINE":
+                # No recall was queued (the index says the study is not on tape): its nearline or online copy
+                # cannot be read and what is left is a tape copy.
+                raise errors.Offline(f"{sop_uid or digest}: its {availability.lower()} copy cannot be read and its "
+                                     "other copy is on tape; nothing was recalled. Is the NAS mounted? (see "
+                                     "`appliance tier status`)") from None
             if attempt == 2 or isinstance(exc, errors.Offline) or index.blob(digest) == blob:
                 raise
             continue  # the record changed under us (a move switched it): read it again
@@ -377,13 +384,13 @@ def verify(
         for name, t in report.tiers.items()}}
     lines = [f"{'tier':<12} {'copies':>8} {'bytes read':>14} {'missing':>8} {'corrupt':>8} {'orphans':>8}  state"]
     for name, t in report.tiers.items():
-        lines.append(f"{name:<12} {t.checked:>8} {t.bytes_read:>14} {len(t.missing):>8} {len(t.corrupt):>8} "
+        lines.append(f"{name:<12} {t.checked:>8} {human_bytes(t.bytes_read):>14} {len(t.missing):>8} {len(t.corrupt):>8} "
                      f"{len(t.orphans):>8}  {'ok' if t.ok else 'PROBLEMS'}")
     for name, t in report.tiers.items():
         lines += [f"  {name}: missing {m}" for m in t.missing] + [f"  {name}: CORRUPT {c}" for c in t.corrupt]
         lines += [f"  {name}: orphan  {o}" for o in t.orphans]
         if t.dead_bytes:
-            lines.append(f"  {name}: {t.dead_bytes} dead bytes awaiting compaction")
+            lines.append(f"  {name}: {human_bytes(t.dead_bytes)} of dead records awaiting compaction")
     _emit(data, as_json, "\n".join(lines))
     if not report.ok:
         raise typer.Exit(errors.EXIT_FAILURE)
@@ -424,6 +431,8 @@ def index_rebuild(
     into: Annotated[Path | None, typer.Option(help="Build into this new folder instead of replacing the index")]
     = None,
     rehash: Annotated[bool, typer.Option(help="Also check every blob's content against its name")] = False,
+    online_only: Annotated[bool, typer.Option(help="With [[tiers]] configured: replace the index all the same, "
+                                              "knowing that the studies on the tiers drop out of it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Recreate the index from the volumes alone (run with the server stopped unless --into is given)."""
@@ -431,6 +440,16 @@ def index_rebuild(
 
     try:
         cfg = _config(config)
+        if cfg.tiers:
+            # The rebuild reads the online segments only (not yet the nearline archives nor the tape catalogs).
+            tiers = ", ".join(t.name for t in cfg.tiers)
+            lost = (f"index rebuild reads only the online volumes, not the tiers ({tiers}): the rebuilt index "
+                    "would not know the studies moved there (their archives stay, unnamed), and could list as online "
+                    "moved instances whose dead records compaction has not reclaimed yet")
+            if into is None and not online_only:
+                raise errors.ConfigError(f"{lost}. Nothing was changed. Build one to inspect with --into DIR, or "
+                                         "replace the index with --online-only if that is what you want")
+            typer.echo(f"warning: {lost}", err=True)
         stats = rebuild_index(cfg, into, rehash) if into is not None else replace_index(cfg, rehash)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None

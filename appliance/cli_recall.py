@@ -61,6 +61,13 @@ def await_online(cfg: Config, index: StudyIndex, study_uids: list[str], wait_s: 
     return left
 
 
+def _nearline(index: StudyIndex, uid: str) -> bool:
+    """A study not on tape with instances on a nearline tier: readable as it is, a recall does not apply."""
+    from appliance.index.schema import NEARLINE
+
+    return any(rec.availability == NEARLINE for _k, rec in index.instances_under(uid))
+
+
 def register(tier_app: typer.Typer) -> None:
     @tier_app.command("recall")
     def recall(
@@ -85,14 +92,18 @@ def register(tier_app: typer.Typer) -> None:
                 if queued and (wait or not serving(cfg)):
                     left = await_online(cfg, index, left, cfg.tiering.recall_wait_s if wait else 0.0)
                 errors_by_uid = {k.split("\x00", 1)[1]: r.error for k, r in index.recalls() if r.error}
+                nearline = [u for u in uids if index.study_key(u) not in queued and _nearline(index, u)]
             finally:
                 index.close()
         except errors.ApplianceError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        online = [u for u in uids if u not in left]
-        data = {"online": online, "queued": left, "errors": {u: errors_by_uid[u] for u in left if u in errors_by_uid}}
+        online = [u for u in uids if u not in left and u not in nearline]
+        data = {"online": online, "nearline": nearline, "queued": left,
+                "errors": {u: errors_by_uid[u] for u in left if u in errors_by_uid}}
         lines = [f"{u}: online" for u in online] + [
+            f"{u}: nearline, not on tape: read as it is (export, C-MOVE, C-GET), nothing to recall"
+            for u in nearline] + [
             f"{u}: recall queued" + (f" (last error: {errors_by_uid[u]})" if u in errors_by_uid else "") for u in left]
         emit(data, as_json, "\n".join(lines))
         if left and wait:

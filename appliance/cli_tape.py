@@ -5,13 +5,14 @@ Exit codes as in cli.py: 0 ok, 1 failure (verify found problems, label refused),
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from appliance import errors
-from appliance.cli_common import emit, load_cli_config
+from appliance.cli_common import emit, human_bytes, load_cli_config
 from appliance.config import Config
 from appliance.config_tiering import TierConfig
 
@@ -19,6 +20,12 @@ if TYPE_CHECKING:
     from tiering.tape.backend import TapeBackend
 
 tape_app = typer.Typer(no_args_is_help=True, help="Tape cartridges: list, label, load, eject, verify.")
+
+
+@tape_app.callback()
+def _private_files() -> None:
+    """Cartridge files hold patient data: 0600/0700 whatever the shell's umask, as the server does."""
+    os.umask(0o077)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -55,13 +62,7 @@ def _backend(config: Path | None, tier_name: str | None) -> tuple[Config, TapeBa
 
 
 def _size(n: int) -> str:
-    if n < 0:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    return "?" if n < 0 else human_bytes(n)
 
 
 @tape_app.command("list")

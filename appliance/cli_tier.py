@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import errors
-from appliance.cli_common import emit, load_cli_config
+from appliance.cli_common import emit, human_bytes, load_cli_config
 from appliance.config import Config
 
 if TYPE_CHECKING:
@@ -30,12 +30,20 @@ if TYPE_CHECKING:
     from tiering.policy import PlannedMove
 
 NOW_ENV = "APPLIANCE_TIER_NOW"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 class UsageError(errors.ApplianceError):
     exit_code = errors.EXIT_USAGE
 
 tier_app = typer.Typer(no_args_is_help=True, help="Storage tiers: status, policy plans and runs.")
+
+
+@tier_app.callback()
+def _private_files() -> None:
+    """What these commands write (archives, cartridges, online copies of recalled studies) holds patient data:
+    0600 files and 0700 folders whatever the shell's umask, as the server does."""
+    os.umask(0o077)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -65,14 +73,6 @@ def parse_limit(text: str | None) -> tuple[int | None, int]:
             raise UsageError("--limit: at least 1 study")
         return count, 0
     return None, parse_size(text)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"  # pragma: no cover
 
 
 def now_ns() -> int:
@@ -116,15 +116,17 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     table = Table(*headers, box=None, pad_edge=False)
     for row in rows:
         table.add_row(*row)
-    console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
+    # One line per row, never wrapped (a reason is long): `tier plan | grep CT` keeps whole rows.
+    console = Console(width=1000, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with console
     console.print(table)
     text = console.export_text()
     console.file.close()
-    return text.rstrip()
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
 
 
 @tier_app.command("init")
-def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]")], config: ConfigOpt = None) -> None:
+def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]")], config: ConfigOpt = None,
+         as_json: JsonOpt = False) -> None:
     """Prepare a tier's media (volume markers, virtual cartridges)."""
     from tiering.tiers import init_tier
 
@@ -134,9 +136,53 @@ def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]"
         if tier is None:
             raise errors.ConfigError(f"no tier named {name!r} in [[tiers]] "
                                      f"(configured: {', '.join(t.name for t in cfg.tiers) or 'none'})")
-        typer.echo(init_tier(tier))
+        done = init_tier(tier)
+        warnings = same_filesystem_warnings(cfg, name)
+        for warning in warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        emit({"tier": name, "kind": tier.kind, "done": done.splitlines(), "warnings": warnings}, as_json, done)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
+
+
+def same_filesystem_warnings(cfg: Config, name: str) -> list[str]:
+    """A nearline volume on the filesystem of an online volume or of the index is most often a NAS that is not
+    mounted (its empty mount point lies on the local disk): say so, since the appliance would fill that disk."""
+    tier = cfg.tier(name)
+    if tier is None or tier.kind != "nearline":
+        return []
+    local = {"the index": cfg.storage.index_path, **{f"online volume {v.name}": v.path for v in cfg.volumes}}
+    devices: dict[int, str] = {}
+    for what, path in local.items():
+        try:
+            devices.setdefault(os.stat(path).st_dev, what)
+        except OSError:
+            continue
+    out = []
+    for vc in tier.volumes:
+        try:
+            dev = os.stat(vc.path).st_dev
+        except OSError:
+            continue
+        if dev in devices:
+            out.append(f"nearline volume {vc.name} ({vc.path}) is on the same filesystem as {devices[dev]}. If a NAS "
+                       f"should be mounted there, it is not (check `findmnt --target {vc.path}`): unmounted, the "
+                       "tier would fill the local disk")
+    return out
+
+
+def _nearline_volume_errors(cfg: Config) -> dict[tuple[str, str], str]:
+    """(tier, volume) -> why a nearline volume cannot be used (not mounted, another tier's), for `tier status`."""
+    from tiering.nearline import NearlineVolume
+
+    out = {}
+    for tier in cfg.tiers:
+        for vc in tier.volumes if tier.kind == "nearline" else ():
+            try:
+                NearlineVolume(tier.name, vc).check()
+            except errors.VolumeError as exc:
+                out[(tier.name, vc.name)] = str(exc)
+    return out
 
 
 def status_data(cfg: Config, index: StudyIndex) -> dict[str, Any]:
@@ -156,11 +202,13 @@ def status_data(cfg: Config, index: StudyIndex) -> dict[str, Any]:
     finally:
         tiers.close()
     kinds = {ONLINE_TIER: "online", **{t.name: t.kind for t in cfg.tiers}}
+    volume_errors = _nearline_volume_errors(cfg)
     out_tiers = []
     for name, kind in kinds.items():
         counts = per_tier.get(name, {"studies": 0, "instances": 0, "bytes": 0, "partly_online": 0})
         vols: list[dict[str, Any]] = [{"name": u.name, "used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
-                 "fill": round(u.fill, 4), "accepting": u.accepting} for u in usage.get(name, ())]
+                 "fill": round(u.fill, 4), "accepting": u.accepting,
+                 "error": volume_errors.get((name, u.name), "")} for u in usage.get(name, ())]
         used = sum(u.used_bytes for u in usage.get(name, ()))
         capacity = sum(u.capacity_bytes for u in usage.get(name, ()))
         out_tiers.append({"name": name, "kind": kind, **counts, "used_bytes": used, "capacity_bytes": capacity,
@@ -188,17 +236,29 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         rows.append([t["name"], t["kind"], str(t["studies"]), str(t["instances"]), human_bytes(t["bytes"]),
                      fill, t["error"] or ("" if not t["partly_online"] else f"{t['partly_online']} partly online")])
         for v in t["volumes"]:
+            if v["error"]:  # no usage to show: what is there is the empty mount point, not the volume
+                rows.append([f"  {v['name']}", "", "", "", "-", "-", "UNAVAILABLE (see below)"])
+                continue
             rows.append([f"  {v['name']}", "", "", "", f"{human_bytes(v['used_bytes'])} used",
                          f"{v['fill']:.0%} of {human_bytes(v['capacity_bytes'])}",
                          "" if v["accepting"] else "not accepting"])
     human = _table(["tier", "kind", "studies", "instances", "bytes", "fill", "note"], rows)
+    for t in data["tiers"]:
+        human += "".join(f"\n{v['error']}" for v in t["volumes"] if v["error"])
     human += f"\nmoves in progress: {len(data['moves_in_progress'])}; recalls queued: {len(data['recalls_queued'])}"
     for m in data["moves_in_progress"]:
-        human += f"\n  move {m['study']} {m['from']} -> {m['to']} ({m['policy']})"
+        human += (f"\n  move {m['study']} {m['from']} -> {m['to']} ({m['policy']}, since "
+                  f"{_utc(m['started_ns'])})")
     for r in data["recalls_queued"]:
-        error = f", {r['error']}" if r["error"] else ""
-        human += f"\n  recall {r['study']} (by {r['requested_by']}, {r['attempts']} attempts{error})"
+        error = f", last error: {r['error']}" if r["error"] else ""
+        human += (f"\n  recall {r['study']} (by {r['requested_by']} at {_utc(r['requested_ns'])}, "
+                  f"{r['attempts']} attempts{error})")
     emit(data, as_json, human)
+
+
+def _utc(ns: int) -> str:
+    """A time of the index (ns since 1970) as people and the audit log write it: 2026-11-26T17:26:28Z."""
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _plan_rows(moves: list[PlannedMove]) -> str:
@@ -269,6 +329,11 @@ def run(
                                   rate_bytes_per_s=rate_bytes, policy_name=policy, hooks=hooks)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the studies moved so far are moved (see the audit log); the one being moved stays "
+                   "where it was until the next `appliance tier run`, which finishes it first. Nothing is lost.",
+                   err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     done = report.resumed + report.results
     data = {**report.counts(), "dry_run": dry_run, "moves": [_move_dict(m) for m in report.planned],
             "results": [{"study": r.study_uid, "policy": r.policy, "from": r.source, "to": r.target,

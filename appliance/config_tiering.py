@@ -177,6 +177,9 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
             if tier.archive_bytes_max < 1 << 20:
                 raise ConfigError(f"{where}.archive_bytes_max: at least 1 MiB")
     places = {ONLINE_TIER} | names
+    # Where a tier stands from fastest to slowest (tiering.tiers.tier_order): a policy only moves down.
+    by_speed = sorted(s.tiers, key=lambda t: 1 if t.kind == "nearline" else 2)
+    speed_rank = {name: i for i, name in enumerate([ONLINE_TIER, *[t.name for t in by_speed]])}
     pnames: set[str] = set()
     for i, p in enumerate(s.policies):
         where = f"policies[{i}] ({p.name})"
@@ -188,6 +191,10 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
                               f"{', '.join(sorted(names)) or 'none configured'}); got {p.source!r} -> {p.target!r}")
         if p.source == p.target:
             raise ConfigError(f"{where}: from and to are the same tier")
+        if speed_rank[p.target] <= speed_rank[p.source]:
+            raise ConfigError(f"{where}: {p.source!r} -> {p.target!r} is not a move to a slower tier (online, then "
+                              "nearline tiers, then tape tiers); policies only move studies down, a study comes back "
+                              "up with `appliance tier recall`")
         if p.received_days_min < 0 or p.accessed_days_min < 0 or p.study_bytes_min < 0 or p.study_bytes_max < 0:
             raise ConfigError(f"{where}: ages and sizes are >= 0")
         if p.study_bytes_max and p.study_bytes_max < p.study_bytes_min:

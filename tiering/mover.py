@@ -142,7 +142,8 @@ class Mover:
             # Before any put of this run, under tiering.lock (the only writer of the tiers): what an interrupted
             # put left (a partial archive) goes.
             backend.recover(functools.partial(self._committed_end, name))
-        self.collect_garbage()
+        # Containers a volume that is not mounted still holds wait for it: this run's moves go on without them.
+        self._collect_after_switch()
         self._sweep_unnamed()
         results = []
         for study_key, rec in self.index.moves():

@@ -116,8 +116,9 @@ class NearlineVolume:
                 data = json.load(fh)
         except FileNotFoundError:
             raise VolumeError(f"nearline volume {self.name} of tier {self.tier}: {self.root} has no {MARKER} "
-                              "marker. If it is a mount point, its filesystem is probably not mounted; if it is "
-                              f"new, run `appliance tier init {self.tier}`") from None
+                              "marker. If it is a mount point, its filesystem is probably not mounted: mount it "
+                              "(do not run tier init on an unmounted mount point); if it is a new, mounted volume, "
+                              f"run `appliance tier init {self.tier}`") from None
         except (OSError, ValueError) as exc:
             raise VolumeError(f"nearline volume {self.name}: unreadable marker {marker}: {exc}") from None
         if data.get("tier") != self.tier or data.get("volume") != self.name:
@@ -161,7 +162,10 @@ def init_tier(tier: TierConfig) -> str:
             NearlineVolume(tier.name, vc).check()  # raises if it belongs to another tier or volume
             lines.append(f"nearline volume {vc.name}: {root} already initialised")
             continue
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.parent.is_dir():
+            raise VolumeError(f"nearline volume {vc.name} of tier {tier.name}: {root.parent} does not exist. Mount "
+                              "the volume's filesystem first (tier init creates only the last folder of the path)")
+        root.mkdir(exist_ok=True)
         for sub in ("tmp", "archives"):
             (root / sub).mkdir(exist_ok=True, mode=0o700)
         volume_id = str(uuid.uuid4())

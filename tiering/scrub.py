@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError, VolumeError
 from appliance.index.db import StudyIndex
 from appliance.index.schema import COPY_OK, COPY_SUSPECT, BlobRecord, Copy
 from appliance.store.backend import BlobBackend
@@ -83,7 +83,9 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
     wanted = [t for t in order if tiers is None or t in tiers]
     unknown = (tiers or set()) - set(order)
     if unknown:
-        raise ApplianceError(f"no tier named {', '.join(sorted(unknown))} (tiers: {', '.join(order)})")
+        # 78, not 1: exit 1 means "problems found", which a typo must not look like to a monitoring script.
+        raise ConfigError(f"no tier named {', '.join(sorted(unknown))} (tiers: {', '.join(order)})")
+    _require_mounted(store, wanted)
     report = ScrubReport({t: TierReport(t) for t in wanted})
     rate = bytes_per_s or config.tiering.scrub_bytes_per_s
     budgets = {t: _Budget(rate) for t in wanted}
@@ -117,6 +119,24 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
             _against_listing(index, store, tier, report.tiers[tier])
     _record(config, report)
     return report
+
+
+def _require_mounted(store: BlobStore, tiers: list[str]) -> None:
+    """Stop (VolumeError, exit 69) when a nearline volume of a tier to check is not mounted, rather than report
+    every copy on it missing and mark them all suspect (docs/tiering.md, "Preparing the volumes")."""
+    from tiering.nearline import NearlineBackend
+
+    for tier in tiers:
+        backend = store.tiers.get(tier)
+        if not isinstance(backend, NearlineBackend):
+            continue
+        for volume in backend.volumes.values():
+            try:
+                volume.check()
+            except VolumeError as exc:
+                others = [t for t in tiers if t != tier]
+                hint = f", or check the other tiers with {' '.join('--tier ' + t for t in others)}" if others else ""
+                raise VolumeError(f"{exc}. Nothing was checked: mount it and run verify again{hint}") from None
 
 
 def _batches(config: Config, index: StudyIndex, tiers: set[str]) -> Iterator[list[tuple[str, BlobRecord, Copy]]]:

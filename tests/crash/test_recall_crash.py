@@ -65,7 +65,7 @@ def test_kill9_in_each_phase_then_the_next_run_finishes(tmp_path: Path, phase: s
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     done = cli(config_path, "tier", "recall", "1.1", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"online": ["1.1"], "queued": [], "errors": {}}
+    assert json.loads(done.stdout) == {"online": ["1.1"], "nearline": [], "queued": [], "errors": {}}
 
     index = StudyIndex(config.storage.index_path)
     store = BlobStore.open(config, index=index, tiers=open_tiers(config))
