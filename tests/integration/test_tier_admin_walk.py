@@ -119,10 +119,12 @@ def test_ctrl_c_in_the_middle_of_a_run_says_so_and_the_next_run_finishes(tmp_pat
     # 1 kB/s: the first study takes seconds, so the Ctrl-C lands inside a move.
     proc = subprocess.Popen([*APPLIANCE, "tier", "run", "--rate", "0.001", "-c", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupted once it is inside a move: its archive is being written (polled, not a fixed wait).
+    partials = tmp_path / "nl0" / "tmp"
     deadline = time.monotonic() + 60
-    while not (tmp_path / "index" / "tiering.lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(2.0)
+    while not (partials.is_dir() and any(p.name.endswith(".partial") for p in partials.iterdir())):
+        assert time.monotonic() < deadline and proc.poll() is None, "tier run never started copying"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (out, err)
