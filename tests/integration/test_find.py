@@ -250,12 +250,12 @@ def test_result_limit(make_server, tmp_path: Path) -> None:  # type: ignore[no-u
 
 
 def test_cancel(make_server) -> None:  # type: ignore[no-untyped-def]
-    """C-CANCEL after the first match: 0xFE00 long before the 500 matching studies are all sent (small batches, so
+    """C-CANCEL after the first match: 0xFE00 long before the 2,000 matching studies are all sent (small batches, so
     the association reads the cancel between two of them), and the association keeps serving."""
     from bench.find import build_index
 
     server = make_server(start=False, peers=PEERS, query={"batch_rows_max": 16})
-    build_index(server.root / "var/index", 2000, 4, progress=lambda _m: None)
+    build_index(server.root / "var/index", 8000, 4, progress=lambda _m: None)
     server.start()
     assoc = associate(server)
     try:
@@ -265,7 +265,7 @@ def test_cancel(make_server) -> None:  # type: ignore[no-untyped-def]
             if len(statuses) == 1:
                 assoc.send_c_cancel(7, query_model=STUDY_ROOT)  # type: ignore[attr-defined]
         assert statuses[-1] == 0xFE00, statuses
-        assert len(statuses) < 500
+        assert len(statuses) < 2000
         again = query(assoc, study_identifier(PatientID="P0000001"))
         assert [s for s, _ in again] == [0xFF00, 0xFF00, 0x0000]  # still serving; the index as built
     finally:
