@@ -340,6 +340,13 @@ class Supervisor:
         """Every tiering.schedule_s, a policy run in its own process (like compaction: an LMDB environment must not
         cross fork(), and the run is crash-safe at every step, so shutdown kills it). One at a time; a run finding
         tiering.lock held (an admin's `tier run`) skips its turn."""
+        if self.mover is not None and not self.mover.is_alive() and self.mover.exitcode == EXIT_STORAGE_FAULT:
+            log.critical("the scheduled policy run stopped on a storage fault: stopping the appliance")
+            self.mover.join()
+            self.mover = None
+            self.stopping = True
+            self.exit_code = EXIT_STORAGE_FAULT
+            return
         interval = self.config.tiering.schedule_s
         if not interval or self.stopping or time.monotonic() < self.next_tier_run:
             return

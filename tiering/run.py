@@ -18,7 +18,7 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
-from appliance.errors import EXIT_UNAVAILABLE, ApplianceError, ConfigError
+from appliance.errors import EXIT_UNAVAILABLE, ApplianceError, ConfigError, StorageFault
 from appliance.index.db import StudyIndex
 from appliance.store.backend import BlobBackend, Usage
 from appliance.store.online import BlobStore
@@ -170,6 +170,9 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
     return report
 
 
+STORAGE_FAULT_EXIT = 74  # the server's EXIT_STORAGE_FAULT (appliance/server.py): the supervisor stops the appliance
+
+
 def scheduled_main(config: Config) -> None:
     """The server's scheduled policy run, in its own process (appliance/server.py). Logs counts only."""
     import signal
@@ -190,6 +193,11 @@ def scheduled_main(config: Config) -> None:
                      "%(resumed)d interrupted moves finished", counts)
     except TierBusy as exc:
         log.info("tiering: scheduled run skipped: %s", exc)
+    except StorageFault as exc:
+        # Fail-stop, as a worker or the recaller: after a failed fsync the page cache cannot be trusted. The
+        # supervisor sees the exit code and stops the appliance; the journaled move is redone after the restart.
+        log.critical("tiering: scheduled run stopped on a storage fault: %s", exc)
+        raise SystemExit(STORAGE_FAULT_EXIT) from None
     except ApplianceError as exc:
         log.warning("tiering: scheduled run failed: %s", exc)
     finally:
