@@ -12,14 +12,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
-from appliance.index.schema import COPY_OK, COPY_SUSPECT, Copy
 from appliance.store.compact import compaction_lock
 from appliance.store.online import BlobStore, entry_for, replay_order
 from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, committed_ends, created_ns, parse_location
@@ -123,32 +121,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.corrupt or self.orphans)
-
-
-def verify(config: Config, index: StudyIndex) -> VerifyReport:
-    store = BlobStore.open(config)
-    report = VerifyReport()
-    marks: list[tuple[str, Copy, str]] = []
-    try:
-        for digest, blob in index.blobs():
-            for copy in blob.copies:
-                report.checked += 1
-                state = store.check(digest, copy)
-                where = f"{copy.backend}/{copy.container} {digest}"
-                if state == "missing":
-                    report.missing.append(where)
-                elif state == "corrupt":
-                    report.corrupt.append(where)
-                marks.append((digest, copy, COPY_OK if state == "ok" else COPY_SUSPECT))
-                if len(marks) >= BATCH:
-                    index.mark_verified(marks, time.time_ns())
-                    marks = []
-        if marks:
-            index.mark_verified(marks, time.time_ns())
-        segment_orphans(store, index, report)
-    finally:
-        store.close()
-    return report
 
 
 def segment_orphans(store: BlobStore, index: StudyIndex, report: VerifyReport) -> None:

@@ -38,9 +38,10 @@ from appliance.store import segments
 from appliance.store.commit import CommitResult, GroupCommitter, Submission
 from appliance.store.compact import candidates, compact
 from appliance.store.online import BlobStore, recover
-from appliance.store.rebuild import rebuild_index, verify
+from appliance.store.rebuild import rebuild_index
 from appliance.store.spool import InstanceSpool, SpoolBudget
 from appliance.store.volumes import init_volume
+from tiering.scrub import ScrubReport, scrub
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY = "1.2.826.0.1.3680043.99.1"
@@ -137,6 +138,15 @@ class PowerModel:
 
 # ---- instances ------------------------------------------------------------------------------------------------
 
+
+
+def verify(config: Config, index: StudyIndex) -> ScrubReport:
+    """`appliance verify` (tiering/scrub.py) on the online volumes: every copy re-hashed, segments checked."""
+    store = BlobStore.open(config)
+    try:
+        return scrub(config, index, store)
+    finally:
+        store.close()
 
 def part10(n: int, version: int = 0, size: int = 30_000) -> bytes:
     ds = Dataset()
@@ -245,7 +255,7 @@ def check_recovered(root: Path, acked: dict[int, bytes], tmp: Path) -> StudyInde
     finally:
         store.close()
     report = verify(config, index)
-    assert report.ok, (report.missing, report.corrupt, report.orphans)
+    assert report.ok, report
     rebuilt_path = tmp / "rebuilt"
     rebuild_index(config, rebuilt_path)
     rebuilt = StudyIndex(rebuilt_path)
