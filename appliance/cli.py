@@ -380,11 +380,12 @@ def verify(
         "corrupt": [c for t in every for c in t.corrupt], "orphans": [o for t in every for o in t.orphans],
         "dead_bytes": sum(t.dead_bytes for t in every), "tiers": {name: {
         "checked": t.checked, "bytes_read": t.bytes_read, "missing": t.missing, "corrupt": t.corrupt,
+        "missing_count": t.missing_count, "corrupt_count": t.corrupt_count,
         "orphans": t.orphans, "unnamed": t.unnamed, "dead_bytes": t.dead_bytes, "ok": t.ok}
         for name, t in report.tiers.items()}}
     lines = [f"{'tier':<12} {'copies':>8} {'bytes read':>14} {'missing':>8} {'corrupt':>8} {'orphans':>8}  state"]
     for name, t in report.tiers.items():
-        lines.append(f"{name:<12} {t.checked:>8} {human_bytes(t.bytes_read):>14} {len(t.missing):>8} {len(t.corrupt):>8} "
+        lines.append(f"{name:<12} {t.checked:>8} {human_bytes(t.bytes_read):>14} {t.missing_count:>8} {t.corrupt_count:>8} "
                      f"{len(t.orphans):>8}  {'ok' if t.ok else 'PROBLEMS'}")
     for name, t in report.tiers.items():
         lines += [f"  {name}: missing {m}" for m in t.missing] + [f"  {name}: CORRUPT {c}" for c in t.corrupt]

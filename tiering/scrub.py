@@ -38,20 +38,37 @@ SCRUB_BATCH = 4096
 MARK_BATCH = 512
 
 
+FINDINGS_LISTED_MAX = 1000  # missing / corrupt copies listed per tier (all are counted), as in the audit log
+
+
 @dataclass
 class TierReport:
     tier: str
     checked: int = 0
     bytes_read: int = 0
-    missing: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # the first FINDINGS_LISTED_MAX of each kind
     corrupt: list[str] = field(default_factory=list)
+    missing_count: int = 0
+    corrupt_count: int = 0
     orphans: list[str] = field(default_factory=list)  # online: segment files unknown to the index and the reverse
     unnamed: int = 0  # blobs a tier lists that no index copy names (not an error)
     dead_bytes: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.orphans)
+        return not (self.missing_count or self.corrupt_count or self.orphans)
+
+    def note(self, kind: str, where: str) -> None:
+        """Count a missing or corrupt copy; list it while the list is short (a lost volume of a million copies
+        must not hold a million strings: the counts say how many)."""
+        if kind == "missing":
+            self.missing_count += 1
+            found = self.missing
+        else:
+            self.corrupt_count += 1
+            found = self.corrupt
+        if len(found) < FINDINGS_LISTED_MAX:
+            found.append(where)
 
 
 @dataclass
@@ -100,9 +117,9 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
             budgets[tier].spend(blob.size)
             where = f"{copy.backend}/{copy.container} {digest}"
             if state == "missing":
-                rep.missing.append(where)
+                rep.note("missing", where)
             elif state == "corrupt":
-                rep.corrupt.append(where)
+                rep.note("corrupt", where)
             marks.append((digest, copy, COPY_OK if state == "ok" else COPY_SUSPECT))
             if len(marks) >= MARK_BATCH:
                 index.mark_verified(marks, time.time_ns())
@@ -163,7 +180,7 @@ def _against_listing(index: StudyIndex, store: BlobStore, tier: str, rep: TierRe
     by container, as archives are written)."""
     backend = store.tiers.get(tier)
     if backend is None:
-        rep.missing.append(f"{tier}: the tier cannot be opened")
+        rep.note("missing", f"{tier}: the tier cannot be opened")
         return
     seen: set[str] = set()
     current: str | None = None
@@ -186,7 +203,7 @@ def _against_listing(index: StudyIndex, store: BlobStore, tier: str, rep: TierRe
                 seen.add(container)
             listed.add(stored.location)
     except (ApplianceError, OSError) as exc:
-        rep.missing.append(f"{tier}: its contents cannot be listed: {exc}")
+        rep.note("missing", f"{tier}: its contents cannot be listed: {exc}")
         return
     if current is not None:
         settle(current, listed)
@@ -210,9 +227,11 @@ def _record(config: Config, report: ScrubReport) -> None:
     metrics = tiering_metrics()
     with AuditLog(config.tiering.audit_log) as audit:
         for tier, rep in report.tiers.items():
-            for kind, found in (("missing", rep.missing), ("corrupt", rep.corrupt), ("orphan", rep.orphans)):
-                if found:
-                    metrics.scrub_errors.labels(tier, kind).inc(len(found))
+            for kind, found, count in (("missing", rep.missing, rep.missing_count),
+                                       ("corrupt", rep.corrupt, rep.corrupt_count),
+                                       ("orphan", rep.orphans, len(rep.orphans))):
+                if count:
+                    metrics.scrub_errors.labels(tier, kind).inc(count)
                 for finding in found[:1000]:  # bounded: a lost volume must not write a million lines
                     audit.write("scrub", tier=tier, finding=kind, what=finding)
             audit.write("scrub", tier=tier, checked=rep.checked, bytes=rep.bytes_read,

@@ -81,3 +81,14 @@ def test_reads_are_rate_limited_per_tier(site: Site) -> None:
     elapsed = time.monotonic() - started
     read = report.tiers["online"].bytes_read
     assert read > 100_000 and elapsed >= read / 200_000 * 0.9, (read, elapsed)
+
+
+def test_findings_are_all_counted_and_listed_up_to_a_bound() -> None:
+    from tiering.scrub import FINDINGS_LISTED_MAX, TierReport
+
+    rep = TierReport("nas")
+    for i in range(FINDINGS_LISTED_MAX + 5):
+        rep.note("missing", f"nas/a{i}.tar {i:064x}")
+    rep.note("corrupt", "nas/b.tar 00")
+    assert rep.missing_count == FINDINGS_LISTED_MAX + 5 and len(rep.missing) == FINDINGS_LISTED_MAX
+    assert rep.corrupt_count == 1 and rep.corrupt == ["nas/b.tar 00"] and not rep.ok
