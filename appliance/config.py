@@ -505,7 +505,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     if not commitment.journal_path.is_absolute():
         commitment = dataclasses.replace(commitment, journal_path=base / commitment.journal_path)
     query = _build(QueryConfig, "query", raw.get("query", {}), base)
-    tiering = parse_tiering(raw, base, _build)
+    tiering = parse_tiering(raw, base, _build, owner=server.ae_title)
     config = Config(server=server, storage=storage, dicom=dicom, volumes=volumes, peers=peers,
                     source=path, query=query, retrieve=retrieve, commitment=commitment, tls=tls,
                     tiering=tiering.tiering, tiers=tiering.tiers, policies=tiering.policies)

@@ -12,7 +12,11 @@ from typing import Any
 from appliance.errors import ConfigError
 
 ONLINE_TIER = "online"  # the [[volumes]]: reserved, a [[tiers]] entry may not take the name
-TIER_KINDS = ("nearline", "tape")  # "s3" comes with the S3 issue
+TIER_KINDS = ("nearline", "s3", "tape")
+# Where a kind stands from fastest to slowest (after online = 0): reads try copies in this order and policies only
+# move studies to a higher rank. S3 is nearline in latency (a read starts in milliseconds to seconds) but sits
+# below a site's own nearline disks: it is the shared, growable, slower layer (docs/scale-out.md).
+KIND_RANK = {"nearline": 1, "s3": 2, "tape": 3}
 TAPE_MODES = ("virtual", "ltfs", "st")
 
 
@@ -43,6 +47,26 @@ class TierConfig:
     load_s: float = 0.0  # virtual: simulated load + thread time (a real LTO drive: ~15 s)
     seek_s_per_gib: float = 0.0  # virtual: simulated positioning time per GiB skipped (LTO: ~0.3 s)
     archive_bytes_max: int = 16 << 30  # a tape archive is closed after this many bytes
+    # -- s3: per-study archives as objects in a bucket of an S3-compatible object store (tiering/s3.py)
+    endpoint: str = ""  # e.g. https://s3.example.org:8333 ("" = AWS's endpoint for the region)
+    bucket: str = ""
+    prefix: str = ""  # every object of this tier lies under <prefix>/: one prefix per appliance (scale-out.md)
+    region: str = "us-east-1"
+    credentials_file: Path | None = None  # TOML access_key_id + secret_access_key, mode 0600; else the environment
+    tls_verify: bool = True  # verify the endpoint's certificate (against ca_file, else the system's CAs)
+    ca_file: Path | None = None
+    allow_plain_http: bool = False  # an http:// endpoint other than the loopback needs this (PHI in clear text)
+    part_bytes: int = 16 << 20  # archives larger than this go up as multipart uploads of parts this size
+    uploads_parallel: int = 4  # parts of one upload in flight at once (memory: part_bytes x this)
+    verify_upload: bool = True  # read each uploaded object back and compare its SHA-256 with what was sent
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    retries_max: int = 5  # attempts per request on throttling (503 SlowDown), 5xx and dropped connections
+    unreachable_retry_s: float = 30.0  # after the store could not be reached, fail at once for this long
+    capacity_bytes: int = 0  # the bucket's quota for this tier, for tier status and watermark rules (0: none)
+    # Not a TOML key: the appliance's AE title ([server] ae_title), written into the prefix's marker by `tier init`
+    # so that a second appliance configured onto the same prefix is refused (docs/scale-out.md).
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,13 +112,15 @@ class TieringSections:
 Build = Callable[[type, str, dict[str, Any], Path], Any]
 
 
-def parse_tiering(raw: dict[str, Any], base: Path, build: Build) -> TieringSections:
+def parse_tiering(raw: dict[str, Any], base: Path, build: Build, owner: str = "") -> TieringSections:
     tiering = build(TieringConfig, "tiering", raw.get("tiering", {}), base)
     if not tiering.audit_log.is_absolute():
         tiering = _replace(tiering, audit_log=base / tiering.audit_log)
     tiers = []
     for i, table in enumerate(_list(raw, "tiers")):
         table = dict(table)
+        if "owner" in table:
+            raise ConfigError(f"tiers[{i}].owner: not a key: an s3 tier's owner is [server] ae_title")
         volumes = tuple(build(TierVolumeConfig, f"tiers[{i}].volumes[{j}]", v, base)
                         for j, v in enumerate(table.pop("volumes", []) or []))
         tier = build(TierConfig, f"tiers[{i}]", table, base)
@@ -103,7 +129,8 @@ def parse_tiering(raw: dict[str, Any], base: Path, build: Build) -> TieringSecti
             path = Path(path).expanduser()
             path = path if path.is_absolute() else base / path
         changer = Path(tier.changer) if isinstance(tier.changer, str) else tier.changer
-        tiers.append(_replace(tier, volumes=volumes, path=path, changer=changer))
+        files = {key: _path(getattr(tier, key), base) for key in ("credentials_file", "ca_file")}
+        tiers.append(_replace(tier, volumes=volumes, path=path, changer=changer, owner=owner, **files))
     policies = []
     for i, table in enumerate(_list(raw, "policies")):
         table = dict(table)
@@ -114,6 +141,13 @@ def parse_tiering(raw: dict[str, Any], base: Path, build: Build) -> TieringSecti
     sections = TieringSections(tiering, tuple(tiers), tuple(policies))
     validate_tiering(sections)
     return sections
+
+
+def _path(value: Any, base: Path) -> Path | None:
+    if value is None or value == "":
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
 
 
 def _list(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -176,9 +210,11 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
                 raise ConfigError(f"{where}: load_s and seek_s_per_gib are >= 0")
             if tier.archive_bytes_max < 1 << 20:
                 raise ConfigError(f"{where}.archive_bytes_max: at least 1 MiB")
+        if tier.kind == "s3":
+            _validate_s3(tier, where)
     places = {ONLINE_TIER} | names
     # Where a tier stands from fastest to slowest (tiering.tiers.tier_order): a policy only moves down.
-    by_speed = sorted(s.tiers, key=lambda t: 1 if t.kind == "nearline" else 2)
+    by_speed = sorted(s.tiers, key=lambda t: KIND_RANK[t.kind])
     speed_rank = {name: i for i, name in enumerate([ONLINE_TIER, *[t.name for t in by_speed]])}
     pnames: set[str] = set()
     for i, p in enumerate(s.policies):
@@ -193,14 +229,59 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
             raise ConfigError(f"{where}: from and to are the same tier")
         if speed_rank[p.target] <= speed_rank[p.source]:
             raise ConfigError(f"{where}: {p.source!r} -> {p.target!r} is not a move to a slower tier (online, then "
-                              "nearline tiers, then tape tiers); policies only move studies down, a study comes back "
+                              "nearline, then s3, then tape tiers); policies only move studies down, a study comes back "
                               "up with `appliance tier recall`")
         if p.received_days_min < 0 or p.accessed_days_min < 0 or p.study_bytes_min < 0 or p.study_bytes_max < 0:
             raise ConfigError(f"{where}: ages and sizes are >= 0")
         if p.study_bytes_max and p.study_bytes_max < p.study_bytes_min:
             raise ConfigError(f"{where}: study_bytes_max < study_bytes_min")
         if p.high_watermark:
+            source_tier = next((t for t in s.tiers if t.name == p.source), None)
+            if source_tier is not None and source_tier.kind == "s3" and not source_tier.capacity_bytes:
+                raise ConfigError(f"{where}: a watermark rule on the s3 tier {p.source!r} needs its capacity_bytes "
+                                  "(the quota the fill is measured against: a bucket has no size of its own)")
             if not 0.0 < p.low_watermark < p.high_watermark <= 1.0:
                 raise ConfigError(f"{where}: a watermark rule needs 0 < low_watermark < high_watermark <= 1")
         elif p.low_watermark:
             raise ConfigError(f"{where}: low_watermark without high_watermark")
+
+
+S3_PART_BYTES_MIN = 5 << 20  # the S3 API's smallest part (but the last)
+S3_PART_BYTES_MAX = 5 << 30
+S3_PARTS_MAX = 10_000  # parts per upload: with part_bytes, bounds an archive's size
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _validate_s3(tier: TierConfig, where: str) -> None:
+    import re
+    from urllib.parse import urlsplit
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", tier.bucket):
+        raise ConfigError(f"{where}.bucket: an S3 bucket name (3-63 lowercase letters, digits, '.' and '-'), got "
+                          f"{tier.bucket!r}")
+    if tier.prefix.startswith("/") or tier.prefix.endswith("/") or "//" in tier.prefix or \
+            not re.fullmatch(r"[A-Za-z0-9._/-]*", tier.prefix):
+        raise ConfigError(f"{where}.prefix: letters, digits, '.', '_', '-' and inner '/', no leading or trailing "
+                          f"'/', got {tier.prefix!r}")
+    if tier.endpoint:
+        url = urlsplit(tier.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+            raise ConfigError(f"{where}.endpoint: an http(s)://host[:port] URL, got {tier.endpoint!r}")
+        if url.scheme == "http" and url.hostname not in LOOPBACK_HOSTS and not tier.allow_plain_http:
+            raise ConfigError(f"{where}.endpoint: {tier.endpoint} is plain HTTP to another machine: the archives "
+                              "(patient data) and the credentials' signatures would cross the network in clear. Use "
+                              "https://, or set allow_plain_http = true on a network you trust")
+    if not S3_PART_BYTES_MIN <= tier.part_bytes <= S3_PART_BYTES_MAX:
+        raise ConfigError(f"{where}.part_bytes: 5 MiB to 5 GiB (the S3 API's part sizes)")
+    if not 1 <= tier.uploads_parallel <= 64:
+        raise ConfigError(f"{where}.uploads_parallel: 1 to 64")
+    if not 0 <= tier.compression_level <= 22:
+        raise ConfigError(f"{where}.compression_level: 0 (none) to 22")
+    if not 64 << 10 <= tier.frame_bytes <= 256 << 20:
+        raise ConfigError(f"{where}.frame_bytes: 64 KiB to 256 MiB")
+    if tier.connect_timeout_s <= 0 or tier.read_timeout_s <= 0 or tier.unreachable_retry_s < 0:
+        raise ConfigError(f"{where}: connect_timeout_s and read_timeout_s > 0, unreachable_retry_s >= 0")
+    if not 1 <= tier.retries_max <= 20:
+        raise ConfigError(f"{where}.retries_max: 1 to 20 attempts")
+    if tier.capacity_bytes < 0:
+        raise ConfigError(f"{where}.capacity_bytes: 0 (no quota) or a positive number of bytes")

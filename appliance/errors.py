@@ -149,6 +149,15 @@ class Offline(BlobMissing):
         super().__init__(message)
 
 
+class TierUnavailable(BlobMissing):
+    """A tier's storage cannot be used now (an object store down, slower than its timeouts, throttling beyond its
+    retries, or a bucket that refuses writes): nothing is known to be lost. A read falls back to other copies as for a lost one; a retrieve that
+    has none fails its sub-operation with this message as the Error Comment; the mover pauses its run (the
+    journaled move is finished by the next run) instead of failing study after study."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class BlobCorrupt(BlobMissing):
     """A blob's stored bytes fail their own check (a zstd frame checksum, a digest, an archive header that does
     not parse): it is not served. A BlobMissing, so that a reader falls back to another copy as for a lost one."""

@@ -196,3 +196,25 @@ def storescp_reference(files: list[Path], out: Path) -> dict[str, Path]:
         proc.terminate()
         proc.wait(10)
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in out.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real SeaweedFS cluster (tests/seaweed.py) for the session; each test takes a bucket of its own
+    (``s3_bucket``). A test that stops or pauses it must bring it back before it ends (``start``/``resume``)."""
+    from tests.seaweed import Seaweed
+
+    cluster = Seaweed(tmp_path_factory.mktemp("seaweed")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+_buckets = iter(range(1_000_000))
+
+
+@pytest.fixture
+def s3_bucket(seaweed: Any) -> str:
+    """A new, empty bucket on the session's SeaweedFS."""
+    return str(seaweed.make_bucket(f"test-{os.getpid()}-{next(_buckets)}"))

@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 from appliance.config import Config
-from appliance.config_tiering import ONLINE_TIER, TierConfig
+from appliance.config_tiering import KIND_RANK, ONLINE_TIER, TierConfig
 from appliance.index.schema import NEARLINE, OFFLINE, ONLINE
 from appliance.store.backend import BlobBackend
 
@@ -17,9 +17,11 @@ from appliance.store.backend import BlobBackend
 # without tape never imports the tape code).
 KINDS = {
     "nearline": "tiering.nearline:open_nearline",
+    "s3": "tiering.s3:open_s3",
     "tape": "tiering.tape.backend:open_tape",
 }
-AVAILABILITY_OF_KIND = {"nearline": NEARLINE, "tape": OFFLINE}
+# An S3 copy is NEARLINE: it is read in milliseconds to seconds, without a recall (PS3.4 C.6.1.1.5.1).
+AVAILABILITY_OF_KIND = {"nearline": NEARLINE, "s3": NEARLINE, "tape": OFFLINE}
 
 
 def _factory(kind: str, name: str) -> Any:
@@ -60,6 +62,5 @@ def availability_of(config: Config, backends: list[str]) -> str:
 
 
 def tier_order(config: Config) -> list[str]:
-    """Tiers from fastest to slowest: online, nearline tiers, tape tiers (the order copies are read in)."""
-    rank = {"nearline": 1, "tape": 2}
-    return [ONLINE_TIER, *[t.name for t in sorted(config.tiers, key=lambda t: rank[t.kind])]]
+    """Tiers from fastest to slowest: online, nearline tiers, s3 tiers, tape tiers (the order copies are read in)."""
+    return [ONLINE_TIER, *[t.name for t in sorted(config.tiers, key=lambda t: KIND_RANK[t.kind])]]
