@@ -345,15 +345,22 @@ def run(
     else:
         c = report.counts()
         human = (f"moved {c['moved']} studies ({human_bytes(c['bytes_copied'])} copied), {c['failed']} failed"
-                 + (f", {c['resumed']} interrupted moves finished" if c["resumed"] else ""))
+                 + (f", {c['resumed']} interrupted moves finished" if c["resumed"] else "")
+                 + (f", {c['paused']} paused" if c["paused"] else ""))
         for r in done:
-            if r.outcome not in ("moved", "vanished"):
+            if r.outcome not in ("moved", "vanished", "paused"):  # paused: one line per tier below
                 human += f"\n  {r.outcome}: {r.study_uid} {r.source} -> {r.target}: {r.error}"
     for name, error in report.unavailable.items():
         human += f"\n  tier {name} unavailable: {error}"
+    for name, error in report.paused.items():
+        human += (f"\n  paused: tier {name} cannot be used now ({error}); its moves wait, nothing is lost: run "
+                  "`appliance tier run` again once it is back (the server's schedule does)")
+    data["paused_tiers"] = report.paused
     emit(data, as_json, human)
     if data["failed"]:
         raise typer.Exit(errors.EXIT_FAILURE)
+    if report.paused:
+        raise typer.Exit(errors.EXIT_UNAVAILABLE)
 
 
 @contextmanager

@@ -151,11 +151,16 @@ class Offline(BlobMissing):
 
 class TierUnavailable(BlobMissing):
     """A tier's storage cannot be used now (an object store down, slower than its timeouts, throttling beyond its
-    retries, or a bucket that refuses writes): nothing is known to be lost. A read falls back to other copies as for a lost one; a retrieve that
-    has none fails its sub-operation with this message as the Error Comment; the mover pauses its run (the
-    journaled move is finished by the next run) instead of failing study after study."""
+    retries, or a bucket that refuses writes): nothing is known to be lost. A read falls back to other copies as
+    for a lost one; a retrieve that has none fails its sub-operation with this message as the Error Comment (keep
+    it short: 64 characters); the mover pauses its run (the journaled move is finished by the next run) instead
+    of failing study after study. ``tier`` names the tier ("" when the raiser does not know it)."""
 
     exit_code = EXIT_UNAVAILABLE
+
+    def __init__(self, message: str, tier: str = "") -> None:
+        super().__init__(message)
+        self.tier = tier
 
 
 class BlobCorrupt(BlobMissing):

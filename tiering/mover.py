@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
-from appliance.errors import ApplianceError, BlobMissing, StorageFault
+from appliance.errors import ApplianceError, BlobMissing, StorageFault, TierUnavailable
 from appliance.index.db import StudyIndex
 from appliance.index.schema import COPY_OK, BlobRecord, Copy, InstanceRecord, MoveRecord
 from appliance.store.backend import BlobBackend, BlobMeta, BlobSource, LatencyClass, Location
@@ -95,7 +95,9 @@ class MoveResult:
     instances: int = 0
     bytes: int = 0  # bytes copied (blobs already on the target are not copied again)
     seconds: float = 0.0
-    outcome: str = "failed"  # moved, failed, refused, vanished, skipped (the plan is stale: next run)
+    # moved, failed, refused, vanished, skipped (the plan is stale: next run), paused (a tier it needs cannot be
+    # used now: an object store down; the move stays journaled when it had begun, and the next run finishes it)
+    outcome: str = "failed"
     error: str = ""
     resumed: bool = False
 
@@ -114,6 +116,15 @@ class Mover:
     clock_ns: Callable[[], int] = time.time_ns
     on_bytes: Callable[[int], None] = lambda _n: None  # progress (bytes copied)
     crash_at: str = field(default_factory=lambda: os.environ.get(CRASH_ENV, ""))
+    # Tiers found unusable during this run (name -> why): moves to or from them are paused for the rest of the run
+    # instead of each waiting out the store's timeouts in turn.
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def _mark_unavailable(self, exc: TierUnavailable, default_tier: str) -> str:
+        tier = exc.tier if exc.tier in self.tiers else default_tier
+        self.unavailable.setdefault(tier, str(exc))
+        log.warning("tier run: tier %s cannot be used now, its moves wait for the next run: %s", tier, exc)
+        return tier
 
     def _phase(self, name: str) -> None:
         if self.crash_at == name:
@@ -140,8 +151,11 @@ class Mover:
         journaled move from the copy (its container removed first: nothing in it is named)."""
         for name, backend in self.tiers.items():
             # Before any put of this run, under tiering.lock (the only writer of the tiers): what an interrupted
-            # put left (a partial archive) goes.
-            backend.recover(functools.partial(self._committed_end, name))
+            # put left (a partial archive, an unfinished multipart upload) goes.
+            try:
+                backend.recover(functools.partial(self._committed_end, name))
+            except TierUnavailable as exc:
+                self._mark_unavailable(exc, name)
         # Containers a volume that is not mounted still holds wait for it: this run's moves go on without them.
         self._collect_after_switch()
         self._sweep_unnamed()
@@ -151,11 +165,19 @@ class Mover:
             if target is None:
                 raise ApplianceError(f"a journaled move goes to tier {rec.target!r}, which is not configured: "
                                      "restore its [[tiers]] entry to let the move finish")
-            if rec.container:
-                target.remove_container(rec.container)
-                self.index.forget_container(rec.target, rec.container)
             uid = study_key.split("\x00", 1)[1]
             planned = PlannedMove(study_key, uid, rec.source, rec.target, 0, 0, rec.policy, "resumed after a crash")
+            try:
+                if rec.target in self.unavailable or rec.source in self.unavailable:
+                    raise TierUnavailable(self.unavailable.get(rec.target) or self.unavailable[rec.source])
+                if rec.container:
+                    target.remove_container(rec.container)
+                    self.index.forget_container(rec.target, rec.container)
+            except TierUnavailable as exc:
+                self._mark_unavailable(exc, rec.target)
+                results.append(MoveResult(uid, rec.policy, rec.source, rec.target, outcome="paused", error=str(exc),
+                                          resumed=True))
+                continue  # still journaled: the next run finishes it
             result = self.move(planned)
             result.resumed = True
             results.append(result)
@@ -196,6 +218,10 @@ class Mover:
         result.outcome, result.error = "failed", "stopped before the switch"
         container = ""
         switched = False
+        waiting = self.unavailable.get(planned.target) or self.unavailable.get(planned.source)
+        if waiting:
+            result.outcome, result.error = "paused", waiting
+            return result  # not journaled (or journaled by a run that crashed: resume skipped it and keeps it)
         try:
             if not blobs:
                 result.outcome, result.error = "vanished", ""
@@ -248,6 +274,14 @@ class Mover:
         except StorageFault as exc:
             result.error = str(exc)
             raise  # fail-stop: the journal stays, the next run redoes the move
+        except TierUnavailable as exc:
+            if switched:  # the move is done; only its cleanup met the store down (its gc row stays)
+                log.warning("tier run: cleanup after moving %s left for the next run: %s", planned.study_uid, exc)
+            else:
+                # Nothing is wrong with the study: the store cannot be used now. The journal stays (cleaning up
+                # would need the store too); the next run's resume removes what was uploaded and redoes the move.
+                tier = self._mark_unavailable(exc, planned.target)
+                result.outcome, result.error = "paused", f"tier {tier}: {exc}"
         except (ApplianceError, OSError) as exc:
             result.outcome, result.error = "failed", str(exc)
             if not switched:
@@ -262,7 +296,7 @@ class Mover:
         frees a moved blob without a switch, so no gc row comes for its archive. Only here, at the start of a run
         under tiering.lock: no move of this run has a container yet. Tape is append-only: left alone."""
         for name, backend in self.tiers.items():
-            if backend.capabilities.latency == LatencyClass.OFFLINE:
+            if backend.capabilities.latency == LatencyClass.OFFLINE or name in self.unavailable:
                 continue
             unnamed = [rec.name for rec in self.index.iter_containers(name) if rec.sealed and rec.live_records == 0]
             for container in unnamed:
@@ -383,6 +417,7 @@ class Mover:
             return rank.get(ONLINE_TIER if copy.backend in self.volumes else copy.backend, len(rank))
 
         errors = []
+        unavailable: list[TierUnavailable] = []
         for copy in sorted(blob.copies, key=speed):
             backend = self._backend(copy.backend)
             if backend is None:
@@ -393,8 +428,12 @@ class Mover:
                 first = next(chunks, b"")
             except BlobMissing as exc:
                 errors.append(str(exc))
+                if isinstance(exc, TierUnavailable):
+                    unavailable.append(TierUnavailable(str(exc), exc.tier or copy.backend))
                 continue
             return _hashed(digest, copy.backend, first, chunks)
+        if unavailable and len(unavailable) == len(errors):
+            raise unavailable[0]  # the source tier is down, nothing is lost: the run pauses the moves from it
         raise BlobMissing(f"blob {digest}: no readable copy ({'; '.join(errors) or 'no copies'})")
 
 

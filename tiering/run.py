@@ -112,13 +112,15 @@ class RunReport:
     resumed: list[MoveResult] = field(default_factory=list)
     results: list[MoveResult] = field(default_factory=list)
     dry_run: bool = False
-    unavailable: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # tiers that did not open
+    paused: dict[str, str] = field(default_factory=dict)  # tiers found unusable during the run: their moves wait
 
     def counts(self) -> dict[str, Any]:
         done = self.resumed + self.results
         return {"planned": len(self.planned), "planned_bytes": sum(m.bytes for m in self.planned),
                 "moved": sum(r.outcome == "moved" for r in done),
                 "failed": sum(r.outcome in ("failed", "refused") for r in done),
+                "paused": sum(r.outcome == "paused" for r in done),
                 "bytes_copied": sum(r.bytes for r in done), "resumed": len(self.resumed)}
 
 
@@ -161,10 +163,12 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
                     result = mover.move(move)
                     report.results.append(result)
                     hooks.study_done(result)
-                for backend in tiers.backends.values():
+                report.paused = dict(mover.unavailable)
+                for name, backend in tiers.backends.items():
                     # The run's last tape archive gets its catalog now, not at the next run's recovery: until
                     # then the cartridge would not read back with tar and the catalog alone.
-                    backend.seal()
+                    if name not in report.paused:
+                        backend.seal()
         finally:
             tiers.close()
     return report
@@ -188,6 +192,9 @@ def scheduled_main(config: Config) -> None:
             if result.bytes:
                 metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
         counts = report.counts()
+        for name, why in report.paused.items():
+            log.warning("tiering: moves to and from tier %s paused until the next run (in %.0fs): %s", name,
+                        config.tiering.schedule_s, why)
         if counts["moved"] or counts["failed"]:
             log.info("tiering: %(moved)d studies moved (%(bytes_copied)d bytes copied), %(failed)d failed, "
                      "%(resumed)d interrupted moves finished", counts)

@@ -27,7 +27,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 from appliance.config import Config
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, TierUnavailable
 from appliance.index.records import IMPLICIT_LE, part10_dataset_offset
 from appliance.services.context import WorkerContext
 from appliance.services.retrieve import Match
@@ -93,6 +93,8 @@ async def prepare(ctx: WorkerContext, match: Match, accepted: dict[str, int], pe
     if ts == match.transfer_syntax:
         try:
             first, rest = await loop.run_in_executor(readers, _open_dataset, ctx, match)
+        except TierUnavailable as exc:
+            raise SubOperationFailed(str(exc)) from None  # "object store X unreachable": already says it all
         except (ApplianceError, OSError) as exc:
             raise SubOperationFailed(f"stored instance not readable: {exc}") from None
         return Outgoing(context_id, ts, _stream(first, rest, readers))
@@ -195,6 +197,8 @@ def _convert(ctx: WorkerContext, match: Match, ts: str) -> bytes:
     """The instance's dataset in ``ts`` (Explicit or Implicit VR Little Endian), decompressed if need be."""
     try:
         blob = b"".join(_read_blob(ctx, match)[1])
+    except TierUnavailable as exc:
+        raise SubOperationFailed(str(exc)) from None
     except (ApplianceError, OSError) as exc:
         raise SubOperationFailed(f"stored instance not readable: {exc}") from None
     try:

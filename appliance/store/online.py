@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, BlobCorrupt, BlobMissing, Offline
+from appliance.errors import ApplianceError, BlobCorrupt, BlobMissing, Offline, TierUnavailable
 from appliance.index.db import IndexEntry, StudyIndex
 from appliance.index.records import read_header_blob
 from appliance.index.schema import COPY_SUSPECT, BlobRecord, Copy
@@ -95,6 +95,7 @@ class BlobStore:
         when the only copies are on an offline tier and ``allow_offline`` is not set (only the recaller sets
         it), ``BlobMissing`` when no copy can be read."""
         errors = []
+        unavailable: list[TierUnavailable] = []
         offline = False
         for copy in self.read_order(blob):
             if not allow_offline and self.is_offline(copy):
@@ -105,10 +106,16 @@ class BlobStore:
                 first = next(chunks, b"")
             except BlobMissing as exc:  # (BlobCorrupt of a one-chunk blob included: try the next copy)
                 errors.append(str(exc))
+                if isinstance(exc, TierUnavailable):
+                    unavailable.append(exc)
                 continue
             return _chain(first, chunks)
         if offline:
             raise Offline()
+        if unavailable and len(unavailable) == len(errors):
+            # Nothing is lost, a store is down: its own short message ("object store X unreachable") becomes the
+            # retrieve's Error Comment.
+            raise unavailable[0]
         raise BlobMissing(f"blob {digest}: no readable copy ({'; '.join(errors) or 'no copies'})")
 
     def read_all(self, digest: str, blob: BlobRecord, allow_offline: bool = False) -> bytes:
