@@ -1,10 +1,13 @@
-"""Migration throughput against the slower device's limit, and ingest's rate while a migration runs (issue 10).
+"""Migration throughput against the slower device's limit, and ingest's rate while a migration runs (issues 10, 11).
 
-One appliance (server running, fsync on) with a nearline tier on a second folder and a policy that moves CT
-studies (`modalities = ["CT"]`, any age, via ``APPLIANCE_TIER_NOW`` a year ahead). Steps, all on this machine:
+One appliance (server running, fsync on) with a nearline tier on a second folder, with ``--tier s3`` also an S3
+tier in a real SeaweedFS started here (bench/seaweed.py, data beside the appliance's), and one policy per tier that
+moves CT studies (`modalities = ["CT"]`, any age, via ``APPLIANCE_TIER_NOW`` a year ahead; each run names its
+policy). ``--tier`` chooses where the measured migrations go. Steps, all on this machine:
 
-1. **Device limit**: sequential writes of incompressible 8 MiB chunks with an fdatasync every 64 MiB into the
-   nearline folder (what an archive write does, without compression): MB/s.
+1. **Device limit**: nearline: sequential writes of incompressible 8 MiB chunks with an fdatasync every 64 MiB
+   into the nearline folder (what an archive write does, without compression); s3: multipart uploads of
+   incompressible 16 MiB parts into the bucket (what an archive upload does, without compression): MB/s.
 2. **Load**: ``--studies`` synthetic CT studies (bench/synth.py, ``--slices`` each) stored with DCMTK storescu.
 3. ``--repeats`` times, interleaved: an MR ingest burst alone (DCMTK storescu, 4 associations, new UIDs each
    time); ``appliance tier run --limit K`` alone, migrating the next K CT studies; then another MR burst while
@@ -13,11 +16,16 @@ studies (`modalities = ["CT"]`, any age, via ``APPLIANCE_TIER_NOW`` a year ahead
    Migration MB/s counts the original bytes moved per second of the run's wall time (process start included);
    ingest counts instances/s of the burst.
 
+4. Single-instance reads: C-GET (DCMTK getscu) of one CT instance from a study online, on nearline (and on S3),
+   interleaved; and the same instances read in-process through the tier backends (``BlobBackend.read`` of the
+   whole member: ranged reads of the archive, decompressed), without DICOM and process start.
+
 Medians are reported, as JSON and a Markdown table. The data of every run is kept until the end (deleting
 thousands of files on this VM's ext4 slows the next run's inode allocation).
 
     .venv/bin/python -m bench.migrate --out docs/results/tiering-<date>
     .venv/bin/python -m bench.migrate --studies 4 --slices 20 --mr 200 --repeats 1   # a smoke run
+    .venv/bin/python -m bench.migrate --tier s3 --out docs/results/s3-<date>
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any
 
 from bench import synth
 from bench.receivers import DCMTK_ENV, ApplianceReceiver
+from bench.seaweed import Seaweed
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -43,24 +52,35 @@ FUTURE = "2099-01-01"
 
 
 class TieredAppliance(ApplianceReceiver):
-    """The benchmark's appliance with a nearline tier (its own folder) and a CT-only policy."""
+    """The benchmark's appliance with a nearline tier "nas" (its own folder), with ``seaweed`` an S3 tier "cloud"
+    too, and one CT-only policy per tier ("ct-nas", "ct-cloud")."""
 
-    def __init__(self, workdir: Path, level: int) -> None:
+    def __init__(self, workdir: Path, level: int, seaweed: Seaweed | None = None) -> None:
         super().__init__(workdir, workers=0)
         self.level = level
         self.nearline = workdir / "nearline"
+        self.seaweed = seaweed
 
     def command(self) -> list[str]:
         cmd = super().command()
+        tiers = ["nas"]
         with open(self.config_path, "a") as fh:
             fh.write(f'[[tiers]]\nname = "nas"\nkind = "nearline"\ncompression_level = {self.level}\n'
                      f'volumes = [{{ name = "nas1", path = {json.dumps(str(self.nearline))} }}]\n'
-                     '[[policies]]\nname = "ct-down"\nfrom = "online"\nto = "nas"\nmodalities = ["CT"]\n'
+                     '[[policies]]\nname = "ct-nas"\nfrom = "online"\nto = "nas"\nmodalities = ["CT"]\n'
                      # getscu's default calling AE, allowed to C-GET (an unknown AE may only echo and store)
                      '[peers.getscu]\nae_title = "GETSCU"\nport = 1\nallow_receive = false\n')
+            if self.seaweed is not None:
+                creds = self.seaweed.credentials_file(self.workdir / "s3-credentials.toml")
+                fh.write(f'[[tiers]]\nname = "cloud"\nkind = "s3"\ncompression_level = {self.level}\n'
+                         f'endpoint = "{self.seaweed.endpoint}"\nbucket = "{self.seaweed.make_bucket("bench")}"\n'
+                         f'prefix = "node-a"\ncredentials_file = {json.dumps(str(creds))}\n'
+                         '[[policies]]\nname = "ct-cloud"\nfrom = "online"\nto = "cloud"\nmodalities = ["CT"]\n')
+                tiers.append("cloud")
         self.nearline.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "appliance", "tier", "init", "nas",
-                        "-c", str(self.config_path)], check=True, capture_output=True)
+        for tier in tiers:
+            subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "appliance", "tier", "init", tier,
+                            "-c", str(self.config_path)], check=True, capture_output=True)
         return cmd
 
 
@@ -85,6 +105,28 @@ def device_limit(folder: Path, total_bytes: int = 512 * MiB) -> float:
     return written / seconds / 1e6
 
 
+def s3_device_limit(seaweed: Seaweed, bucket: str, total_bytes: int = 512 * MiB, part_bytes: int = 16 * MiB
+                    ) -> float:
+    """MB/s of multipart uploads of incompressible parts into the bucket, one part at a time (the store's limit for
+    an archive upload on this machine, without compression). The objects are kept, like every run's data."""
+    client = seaweed.client()
+    chunk = os.urandom(part_bytes)
+    t0 = time.perf_counter()
+    sent = 0
+    for n in range(total_bytes // (64 * MiB)):
+        key = f"device-limit/{n}.bin"
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+        parts = []
+        for number in range(1, 64 * MiB // part_bytes + 1):
+            answer = client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number,
+                                        Body=chunk)
+            parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+            sent += len(chunk)
+        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                         MultipartUpload={"Parts": parts})
+    return sent / (time.perf_counter() - t0) / 1e6
+
+
 def store(app: TieredAppliance, folders: list[Path], timeout: float = 1800) -> float:
     """Send every folder on its own association (parallel storescu processes); returns the wall time."""
     t0 = time.perf_counter()
@@ -97,23 +139,37 @@ def store(app: TieredAppliance, folders: list[Path], timeout: float = 1800) -> f
     return time.perf_counter() - t0
 
 
-def migrate(app: TieredAppliance, studies: int, rate_mb_s: float) -> tuple[subprocess.Popen[str], float]:
+def migrate(app: TieredAppliance, studies: int, rate_mb_s: float, tier: str) -> tuple[subprocess.Popen[str], float]:
     cmd = [str(ROOT / ".venv/bin/python"), "-m", "appliance", "tier", "run", "--json", "--limit", str(studies),
-           "--rate", str(rate_mb_s), "-c", str(app.config_path)]
+           "--rate", str(rate_mb_s), "--policy", f"ct-{tier}", "-c", str(app.config_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "APPLIANCE_TIER_NOW": FUTURE})
     return proc, time.perf_counter()
 
 
-def wait_copying(app: TieredAppliance, proc: subprocess.Popen[str], timeout_s: float = 120.0) -> float:
-    """Wait until the mover is copying (an archive is being written in the tier's tmp folder), so the ingest
-    burst measures ingest beside a migration, not beside a Python process starting up. Returns the wait."""
+def _audit_lines(app: TieredAppliance) -> int:
+    path = app.workdir / "var" / "log" / "tiering-audit.jsonl"
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fh)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_copying(app: TieredAppliance, proc: subprocess.Popen[str], tier: str, audit_before: int,
+                 timeout_s: float = 120.0) -> float:
+    """Wait until the mover is copying, so the ingest burst measures ingest beside a migration, not beside a
+    Python process starting up: nearline, an archive is being written in the tier's tmp folder; s3 (an archive
+    smaller than a part goes up in one PUT at its sync, invisible before), the run's first move is audited.
+    Returns the wait."""
     t0 = time.perf_counter()
     tmp = app.nearline / "tmp"
     while time.perf_counter() - t0 < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError("tier run ended before the ingest burst started: make the batches larger")
-        if tmp.is_dir() and any(name.endswith(".partial") for name in os.listdir(tmp)):
+        if tier == "nas" and tmp.is_dir() and any(name.endswith(".partial") for name in os.listdir(tmp)):
+            return time.perf_counter() - t0
+        if tier == "cloud" and _audit_lines(app) > audit_before:
             return time.perf_counter() - t0
         time.sleep(0.005)
     raise RuntimeError("the mover did not start copying")
@@ -155,31 +211,76 @@ def _get_one(app: TieredAppliance, uids: tuple[str, str, str], out: Path) -> flo
     return seconds
 
 
-def retrieve_latency(app: TieredAppliance, moved: synth.Burst, reads: int, work: Path, cache: Path
+def retrieve_latency(app: TieredAppliance, moved: dict[str, synth.Burst], reads: int, work: Path, cache: Path
                      ) -> dict[str, Any]:
     """C-GET (DCMTK getscu, one instance per association, process start included) of single CT instances: from a
-    study that was moved to nearline, and from a study of the same kind stored now (online), interleaved."""
+    study moved to each tier of ``moved`` (tier -> its study), and from a study of the same kind stored now
+    (online), interleaved."""
     online = synth.load_or_generate(synth.ct_spec(reads, 512, seed=999), cache)
     store(app, [online.folder])
-    pairs = list(zip(_sop_uids(moved, reads), _sop_uids(online, reads), strict=False))
-    nearline_s, online_s = [], []
-    for i, (near, on) in enumerate(pairs):
-        nearline_s.append(_get_one(app, near, work / "get" / f"n{i}"))
-        online_s.append(_get_one(app, on, work / "get" / f"o{i}"))
-    return {"reads": len(pairs), "nearline_ms_p50": round(statistics.median(nearline_s) * 1000, 1),
-            "online_ms_p50": round(statistics.median(online_s) * 1000, 1),
-            "nearline_ms_max": round(max(nearline_s) * 1000, 1), "online_ms_max": round(max(online_s) * 1000, 1)}
+    uids = {"online": _sop_uids(online, reads), **{tier: _sop_uids(b, reads) for tier, b in moved.items()}}
+    count = min(len(v) for v in uids.values())
+    seconds: dict[str, list[float]] = {tier: [] for tier in uids}
+    for i in range(count):
+        for tier, sops in uids.items():
+            seconds[tier].append(_get_one(app, sops[i], work / "get" / f"{tier}{i}"))
+    out: dict[str, Any] = {"reads": count}
+    for tier, values in seconds.items():
+        out[f"{tier}_ms_p50"] = round(statistics.median(values) * 1000, 1)
+        out[f"{tier}_ms_max"] = round(max(values) * 1000, 1)
+    return out
+
+
+def read_latency(app: TieredAppliance, moved: dict[str, synth.Burst], reads: int) -> dict[str, Any]:
+    """In-process reads of whole single instances through each tier's backend (ranged reads of the archive, the
+    member decompressed; S3: ranged GETs over HTTP), interleaved; the index names the locations."""
+    from appliance.config import load_config
+    from appliance.index.db import StudyIndex
+    from tiering.tiers import open_tier
+
+    config = load_config(app.config_path)
+    index = StudyIndex(config.storage.index_path, config.storage.index_map_size, sync=False)
+    backends: dict[str, Any] = {}
+    locations: dict[str, list[str]] = {}
+    try:
+        for tier, burst in moved.items():
+            tier_config = config.tier(tier)
+            assert tier_config is not None
+            backends[tier] = open_tier(tier_config)
+            study_uid = _sop_uids(burst, 1)[0][0]
+            key = index.study_key(study_uid)
+            assert key is not None, study_uid
+            locations[tier] = [c.location for _sop, _d, blob, _i in index.study_blobs(key)[:reads]
+                               for c in blob.copies if c.backend == tier]
+        seconds: dict[str, list[float]] = {tier: [] for tier in moved}
+        for i in range(min(len(v) for v in locations.values())):
+            for tier, locs in locations.items():
+                t0 = time.perf_counter()
+                data = backends[tier].read(locs[i])
+                seconds[tier].append(time.perf_counter() - t0)
+                assert data
+    finally:
+        for backend in backends.values():
+            backend.close()
+        index.close()
+    out: dict[str, Any] = {"reads": len(next(iter(seconds.values())))}
+    for tier, values in seconds.items():
+        out[f"{tier}_ms_p50"] = round(statistics.median(values) * 1000, 2)
+        out[f"{tier}_ms_max"] = round(max(values) * 1000, 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.migrate", description=__doc__.split("\n")[0])
+    ap.add_argument("--tier", choices=("nearline", "s3"), default="nearline",
+                    help="where the measured migrations go (s3: a SeaweedFS started here)")
     ap.add_argument("--studies", type=int, default=12, help="CT studies loaded (split over the migration runs)")
     ap.add_argument("--slices", type=int, default=100, help="512x512 CT slices per study")
     ap.add_argument("--mr", type=int, default=1000, help="MR instances (256x256) per ingest burst")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--level", type=int, default=3, help="the nearline tier's zstd level")
+    ap.add_argument("--level", type=int, default=3, help="the tiers' zstd level")
     ap.add_argument("--rate", type=float, default=1000.0, help="tier run --rate (MB/s) for the runs")
-    ap.add_argument("--reads", type=int, default=20, help="single-instance C-GETs from nearline and online each")
+    ap.add_argument("--reads", type=int, default=20, help="single-instance reads from each tier and online")
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     ap.add_argument("--cache", type=Path, default=synth.DEFAULT_CACHE, help="synthetic instances cache")
     ap.add_argument("--tmp", type=Path, default=None, help="where the appliance's data goes (kept)")
@@ -188,19 +289,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.studies < 2 * runs:
         ap.error("--studies must be at least 2 x --repeats (one batch per migration run)")
     batch = args.studies // (2 * runs)
+    tier = "cloud" if args.tier == "s3" else "nas"
 
     work = Path(tempfile.mkdtemp(prefix="bench-migrate-", dir=args.tmp)).resolve()
     print(f"data under {work} (kept)", file=sys.stderr)
-    cts = [synth.load_or_generate(synth.ct_spec(args.slices, 512, seed=100 + i), args.cache) for i in range(args.studies)]
-    app = TieredAppliance(work / "appliance", args.level)
+    # With s3, one more study goes to nearline at the end, for the read comparison.
+    extra = 1 if tier == "cloud" else 0
+    cts = [synth.load_or_generate(synth.ct_spec(args.slices, 512, seed=100 + i), args.cache)
+           for i in range(args.studies + extra)]
+    seaweed = Seaweed(work / "seaweed").start() if tier == "cloud" else None
+    app = TieredAppliance(work / "appliance", args.level, seaweed)
     app.workdir.mkdir(parents=True)
-    results: dict[str, Any] = {"studies": args.studies, "slices": args.slices, "mr": args.mr, "repeats": runs,
-                               "level": args.level, "rate_mb_s": args.rate, "runs": []}
+    results: dict[str, Any] = {"tier": args.tier, "studies": args.studies, "slices": args.slices, "mr": args.mr,
+                               "repeats": runs, "level": args.level, "rate_mb_s": args.rate, "runs": []}
     app.start()
     try:
-        results["device_limit_mb_s"] = round(device_limit(app.nearline), 1)
+        if seaweed is not None:
+            results["device_limit_mb_s"] = round(s3_device_limit(seaweed, seaweed.make_bucket("device")), 1)
+        else:
+            results["device_limit_mb_s"] = round(device_limit(app.nearline), 1)
         print(f"device limit: {results['device_limit_mb_s']} MB/s", file=sys.stderr)
-        load_s = store(app, [b.folder for b in cts])
+        load_s = store(app, [b.folder for b in cts[: args.studies]])
         results["ct_bytes"] = sum(b.total_bytes for b in cts)
         print(f"loaded {args.studies} CT studies ({results['ct_bytes'] / 1e6:.0f} MB) in {load_s:.1f}s",
               file=sys.stderr)
@@ -211,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             t = store(app, folders)
             alone = {"kind": "ingest alone", "repeat": repeat, "inst_s": round(args.mr / t, 1)}
             usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            proc, started = migrate(app, batch, args.rate)
+            proc, started = migrate(app, batch, args.rate, tier)
             mig_alone = finish_migration(proc, started)
             usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the tier run process, reaped
             mover_cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
@@ -220,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                              if mig_alone["bytes"] else 0.0)
             burst2 = synth.load_or_generate(synth.mr_spec(args.mr, 256, seed=2000 + repeat), args.cache)
             folders2 = synth.split(burst2, 4)
-            proc, started = migrate(app, batch, args.rate)
-            copying_after_s = wait_copying(app, proc)
+            audit_before = _audit_lines(app)
+            proc, started = migrate(app, batch, args.rate, tier)
+            copying_after_s = wait_copying(app, proc, tier, audit_before)
             t2 = store(app, folders2)
             during_mig = finish_migration(proc, started)
             during = {"kind": "ingest during migration", "repeat": repeat, "inst_s": round(args.mr / t2, 1),
@@ -230,9 +340,17 @@ def main(argv: list[str] | None = None) -> int:
             for row in (alone, mig_alone, during):
                 results["runs"].append(row)
                 print(json.dumps(row), file=sys.stderr)
-        results["retrieve"] = retrieve_latency(app, cts[0], args.reads, work, args.cache)
+        moved = {tier: cts[0]}
+        if extra:
+            store(app, [cts[-1].folder])
+            finish_migration(*migrate(app, 1, args.rate, "nas"))
+            moved["nas"] = cts[-1]
+        results["retrieve"] = retrieve_latency(app, moved, args.reads, work, args.cache)
+        results["read"] = read_latency(app, moved, args.reads)
     finally:
         app.stop()
+        if seaweed is not None:
+            seaweed.stop()
 
     def med(kind: str, key: str) -> float:
         values = [r[key] for r in results["runs"] if r["kind"] == kind]
@@ -251,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     s["migration_vs_device"] = round(s["migration_alone_mb_s"] / s["device_limit_mb_s"], 2)
     s["ingest_kept"] = round(s["ingest_during_migration_inst_s"] / s["ingest_alone_inst_s"], 2) \
         if s["ingest_alone_inst_s"] else 0.0
+    device = ("multipart upload of incompressible 16 MiB parts into SeaweedFS" if tier == "cloud"
+              else "sequential write + fdatasync, incompressible")
     md = "\n".join([
         f"| measure (medians of {runs}) | value |", "|---|---|",
-        f"| device limit (sequential write + fdatasync, incompressible) | {s['device_limit_mb_s']} MB/s |",
-        f"| migration online -> nearline alone (zstd level {args.level}, original bytes) | "
+        f"| device limit ({device}) | {s['device_limit_mb_s']} MB/s |",
+        f"| migration online -> {args.tier} alone (zstd level {args.level}, original bytes) | "
         f"{s['migration_alone_mb_s']} MB/s ({s['migration_vs_device']:.0%} of the device) |",
         f"| mover CPU per GB moved (read, hash, compress, write, re-read, re-hash) | {s['mover_cpu_s_per_gb']} s |",
         f"| migration during the MR ingest burst | {s['migration_during_ingest_mb_s']} MB/s |",
@@ -262,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         f"| MR ingest during a migration (`--rate {args.rate:g}`) | {s['ingest_during_migration_inst_s']} inst/s "
         f"({s['ingest_kept']:.0%} kept) |",
     ])
-    r = results["retrieve"]
-    md += (f"\n| C-GET of one CT instance (getscu, process start included), p50 of {r['reads']} | online "
-           f"{r['online_ms_p50']} ms, nearline {r['nearline_ms_p50']} ms |")
+    r, rd = results["retrieve"], results["read"]
+    names = {"online": "online", "nas": "nearline", "cloud": "S3"}
+    md += (f"\n| C-GET of one CT instance (getscu, process start included), p50 of {r['reads']} | "
+           + ", ".join(f"{names[k]} {r[f'{k}_ms_p50']} ms" for k in ("online", "nas", "cloud") if f"{k}_ms_p50" in r)
+           + " |")
+    md += (f"\n| read of one CT instance through the tier backend (in-process), p50 of {rd['reads']} | "
+           + ", ".join(f"{names[k]} {rd[f'{k}_ms_p50']} ms" for k in ("nas", "cloud") if f"{k}_ms_p50" in rd)
+           + " |")
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

