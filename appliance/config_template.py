@@ -148,6 +148,14 @@ journal_path = "var/commitments"  # requests answered and not yet reported, take
 # volumes = [{name = "nas0", path = "/mnt/nas0", high_watermark = 0.95}]
 # compression_level = 3
 #
+# [[tiers]]                     # an S3 object store (SeaweedFS, Ceph RGW, MinIO, a cloud bucket): the same
+# name = "cloud"                # archives as objects; several appliances share one store, one prefix each
+# kind = "s3"
+# endpoint = "https://s3.example.org:8333"
+# bucket = "dicom-archive"
+# prefix = "site-a/node-1"
+# credentials_file = "/etc/appliance/s3-credentials.toml"  # mode 0600; else AWS_ACCESS_KEY_ID/... from the env
+#
 # [[tiers]]                     # LTO tape: large tar archives on cartridges (virtual | ltfs | st)
 # name = "tape"
 # kind = "tape"

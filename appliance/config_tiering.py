@@ -60,8 +60,8 @@ class TierConfig:
     uploads_parallel: int = 4  # parts of one upload in flight at once (memory: part_bytes x this)
     verify_upload: bool = True  # read each uploaded object back and compare its SHA-256 with what was sent
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    retries_max: int = 5  # attempts per request on throttling (503 SlowDown), 5xx and dropped connections
+    read_timeout_s: float = 20.0  # per socket read: with retries_max, how long a read waits on a hung store
+    retries_max: int = 3  # attempts per request on throttling (503 SlowDown), 5xx and dropped connections
     unreachable_retry_s: float = 30.0  # after the store could not be reached, fail at once for this long
     capacity_bytes: int = 0  # the bucket's quota for this tier, for tier status and watermark rules (0: none)
     # Not a TOML key: the appliance's AE title ([server] ae_title), written into the prefix's marker by `tier init`
