@@ -24,11 +24,8 @@ import hashlib
 import io
 import json
 import logging
-import os
-import stat
 import threading
 import time
-import tomllib
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -37,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from appliance.config_tiering import TierConfig
-from appliance.errors import BlobCorrupt, BlobMissing, ConfigError, TierUnavailable, VolumeError
+from appliance.errors import ApplianceError, BlobCorrupt, BlobMissing, TierUnavailable, VolumeError
 from appliance.store.backend import (
     BlobBackend,
     BlobMeta,
@@ -50,6 +47,7 @@ from appliance.store.backend import (
     Usage,
 )
 from tiering.archive import (
+    HEADER_BYTES_MAX,
     ArchiveTruncated,
     ArchiveWriter,
     Member,
@@ -63,13 +61,14 @@ from tiering.archive import (
     read_range,
     scan_archive,
 )
-from tiering.s3_errors import CircuitBreaker, map_error
+from tiering.s3_client import ARCHIVES, LIST_PAGE_KEYS, LIST_PAGES_MAX, MARKER, Bucket
+from tiering.s3_errors import map_error
 from tiering.s3_upload import ArchiveUpload
+
+__all__ = ["MARKER", "S3Backend", "init_tier", "open_s3"]
 
 log = logging.getLogger(__name__)
 
-MARKER = ".appliance-tier"
-ARCHIVES = "archives"
 SUFFIX = ".tar"
 FORMAT = "appliance-archive-v1"
 # Parsed member headers kept per backend (a ranged read would otherwise fetch and parse the header again for every
@@ -78,158 +77,14 @@ MEMBERS_CACHED_MAX = 8192
 # A member whose header and data together are at most this is fetched in ONE ranged GET (a CT or MR instance: a
 # retrieve costs one request per instance); a larger one has its header fetched, then its frames as needed.
 SINGLE_GET_BYTES_MAX = 8 << 20
-# Reader threads of a process that may read the tier at once (a worker's reader pool, the recaller): the HTTP
-# connection pool holds this many plus the upload threads, so that nobody waits for a connection.
-READER_CONNECTIONS = 16
-LIST_PAGE_KEYS = 1000  # the S3 API's page size; every listing loop is bounded by LIST_PAGES_MAX pages
-LIST_PAGES_MAX = 1_000_000
 COPY_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Credentials:
-    access_key_id: str
-    secret_access_key: str
-    session_token: str | None = None
-
-    def __repr__(self) -> str:  # never logged, never in a traceback's locals dump
-        return f"Credentials({self.access_key_id[:4]}...)"
-
-
-def load_credentials(path: os.PathLike[str] | str) -> Credentials:
-    """The keys of a credentials_file (TOML ``access_key_id``, ``secret_access_key``, optional ``session_token``).
-    Like an ssh key, a file that others may read, or that another user owns, is refused."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(f"credentials_file {path}: {exc.strerror}") from None
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ConfigError(f"credentials_file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets other users read the "
-                          f"object store's keys; `chmod 600 {path}`")
-    if st.st_uid != os.geteuid():
-        raise ConfigError(f"credentials_file {path}: owned by uid {st.st_uid}, not by the service user "
-                          f"(uid {os.geteuid()})")
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-        keys = Credentials(str(data["access_key_id"]), str(data["secret_access_key"]),
-                           str(data["session_token"]) if "session_token" in data else None)
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"credentials_file {path}: needs access_key_id and secret_access_key "
-                          f"({type(exc).__name__})") from None
-    return keys
-
-
-def make_client(tier: TierConfig) -> Any:
-    """A boto3 S3 client for the tier: path-style addressing (any S3-compatible store), the tier's timeouts and
-    retries, a connection pool for the reader threads and the parallel uploads, TLS verified against ca_file or
-    the system's CAs."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    config = BotoConfig(connect_timeout=tier.connect_timeout_s, read_timeout=tier.read_timeout_s,
-                        retries={"max_attempts": tier.retries_max, "mode": "standard"},
-                        s3={"addressing_style": "path"},
-                        max_pool_connections=READER_CONNECTIONS + tier.uploads_parallel,
-                        # We send our own SHA-256 where it matters; botocore's default CRC trailers (aws-chunked
-                        # bodies) are not understood by every S3-compatible store.
-                        request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required")
-    keys: dict[str, Any] = {}
-    if tier.credentials_file is not None:
-        creds = load_credentials(tier.credentials_file)
-        keys = {"aws_access_key_id": creds.access_key_id, "aws_secret_access_key": creds.secret_access_key,
-                "aws_session_token": creds.session_token}
-    verify: bool | str = str(tier.ca_file) if tier.ca_file is not None else tier.tls_verify
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=tier.endpoint or None, region_name=tier.region, config=config,
-                          verify=verify, **keys)
-
-
-class _Bucket:
-    """The tier's bucket and prefix behind one lazily made client, every call through the error mapping and the
-    circuit breaker. Thread-safe (boto3 clients are)."""
-
-    def __init__(self, tier: TierConfig) -> None:
-        self.tier = tier
-        self.name = tier.name
-        self.bucket = tier.bucket
-        self.breaker = CircuitBreaker(tier.unreachable_retry_s)
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def key(self, *parts: str) -> str:
-        return "/".join([self.tier.prefix, *parts] if self.tier.prefix else parts)
-
-    @property
-    def archives_prefix(self) -> str:
-        return self.key(ARCHIVES) + "/"
-
-    def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._client = make_client(self.tier)
-            return self._client
-
-    def call(self, operation: str, **params: Any) -> Any:
-        self.breaker.check(self.name)
-        try:
-            return getattr(self.client(), operation)(**params)
-        except Exception as exc:
-            raise map_error(exc, self.name, operation, self.breaker) from None
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of an object from ``offset``, short at its end (ReadAt's contract)."""
-        if length <= 0:
-            return b""
-        self.breaker.check(self.name)
-        try:
-            answer = self.client().get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
-            data: bytes = answer["Body"].read()
-        except Exception as exc:
-            mapped = map_error(exc, self.name, "get_object", self.breaker)
-            if getattr(mapped, "invalid_range", False):
-                return b""  # offset at or past the object's end
-            raise mapped from None
-        return data[:length]
-
-    def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """(key, size) of every object under ``prefix``, in key order, a page at a time."""
-        token: str | None = None
-        for _page in range(LIST_PAGES_MAX):
-            params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE_KEYS}
-            if token:
-                params["ContinuationToken"] = token
-            answer = self.call("list_objects_v2", **params)
-            for obj in answer.get("Contents", []):
-                yield str(obj["Key"]), int(obj["Size"])
-            token = answer.get("NextContinuationToken")
-            if not answer.get("IsTruncated") or not token:
-                return
-
-    def read_marker(self) -> dict[str, Any] | None:
-        try:
-            body = self.call("get_object", Bucket=self.bucket, Key=self.key(MARKER))["Body"].read()
-        except BlobMissing as exc:
-            if isinstance(exc, TierUnavailable):
-                raise
-            return None
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise VolumeError(f"object store tier {self.name}: unreadable marker s3://{self.bucket}/"
-                              f"{self.key(MARKER)}") from None
-        return data if isinstance(data, dict) else {}
-
-    def where(self) -> str:
-        return f"s3://{self.bucket}/{self.tier.prefix}"
 
 
 def init_tier(tier: TierConfig, adopt: bool = False) -> str:
     """Check the bucket (create it when it does not exist and the credentials may), then write the prefix's
     marker with this node's owner. A prefix marked by another owner is refused unless ``adopt`` (a replaced node
     taking over its predecessor's archives). Idempotent."""
-    bucket = _Bucket(tier)
+    bucket = Bucket(tier)
     lines = []
     try:
         bucket.call("head_bucket", Bucket=tier.bucket)
@@ -302,7 +157,7 @@ class S3Backend(BlobBackend):
         assert tier.kind == "s3"
         self.tier = tier
         self.name = tier.name
-        self.bucket = _Bucket(tier)
+        self.bucket = Bucket(tier)
         self._pending: list[_Pending] = []
         self._current: _Pending | None = None
         self._owner_checked = False
@@ -451,7 +306,7 @@ class S3Backend(BlobBackend):
                 self._members.move_to_end(key)
         if member is None:
             end = data + stored if with_data and data + stored - record <= SINGLE_GET_BYTES_MAX else data
-            if data - record > SINGLE_GET_BYTES_MAX:
+            if data - record > HEADER_BYTES_MAX:  # a bogus location must not make us fetch gigabytes
                 raise BlobMissing(f"{where}: no member record at {record}:{data}")
             window = _Window(record, read_at(record, end - record), read_at)
             member = member_at(window, record, data, where)
@@ -589,7 +444,7 @@ class S3Backend(BlobBackend):
         capacity = self.tier.capacity_bytes
         try:
             used = sum(size for _container, size in self.archives())
-        except TierUnavailable as exc:
+        except ApplianceError as exc:  # tier status and the planner go on with the other tiers
             log.warning("%s", exc)
             return (Usage(name, 0, capacity, False),)
         return (Usage(name, used, capacity, not capacity or used < capacity),)
