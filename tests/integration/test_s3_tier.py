@@ -432,3 +432,55 @@ def test_a_connection_cut_mid_part_is_retried_and_no_torn_object_is_ever_listed(
     fresh.recover(lambda _c: None)
     assert seaweed.uploads(s3_bucket) == []
     assert sorted(s.location for s in fresh.list()) == sorted(locations)
+
+
+# ---- the admin's commands ----------------------------------------------------------------------------------------
+
+
+def test_tier_init_adopt_and_status_from_the_command_line(seaweed: Any, s3_bucket: str, tmp_path: Path) -> None:
+    """`appliance tier init` writes the marker, refuses another appliance's prefix without --adopt; `tier status`
+    shows the bytes in the bucket and "no quota" (capacity_bytes 0 is not "full")."""
+    import json
+
+    from appliance.index.db import StudyIndex
+    from tests.integration.test_tier_cli import tier as run_tier
+    from tests.tier_rig import make_config
+
+    creds = seaweed.credentials_file(tmp_path / "s3.toml")
+    tiers = f"""
+[[tiers]]
+name = "s3t"
+kind = "s3"
+endpoint = "{seaweed.endpoint}"
+bucket = "{s3_bucket}"
+prefix = "site/node"
+credentials_file = "{creds}"
+connect_timeout_s = 2.0
+retries_max = 2
+"""
+    configs = {}
+    for node in ("NODE_A", "NODE_B"):
+        root = tmp_path / node
+        root.mkdir()
+        config = make_config(root, tiers=tiers)
+        path = root / "appliance.toml"
+        path.write_text(path.read_text().replace("[server]\n", f'[server]\nae_title = "{node}"\n', 1))
+        StudyIndex(config.storage.index_path).close()
+        configs[node] = path
+    assert "initialised (owner 'NODE_A')" in run_tier(configs["NODE_A"], "init", "s3t").stdout
+    refused = run_tier(configs["NODE_B"], "init", "s3t", check=False)
+    assert refused.returncode == 69 and "belongs to 'NODE_A'" in refused.stderr and "--adopt" in refused.stderr
+    adopted = run_tier(configs["NODE_B"], "init", "s3t", "--adopt")
+    assert "adopted from 'NODE_A'" in adopted.stdout
+    backend = open_s3(TierConfig(**{**seaweed.tier("s3t", s3_bucket, "site/node", creds), "owner": "NODE_B"}))
+    try:
+        put_archive(backend, [ODD])
+        stored = sum(size for _c, size in backend.archives())
+    finally:
+        backend.close()
+    status = json.loads(run_tier(configs["NODE_B"], "status", "--json").stdout)
+    (s3,) = [t for t in status["tiers"] if t["name"] == "s3t"]
+    assert s3["used_bytes"] == stored and s3["capacity_bytes"] == 0 and s3["fill"] is None and not s3["error"]
+    assert s3["volumes"][0]["accepting"] and s3["volumes"][0]["fill"] is None
+    human = run_tier(configs["NODE_B"], "status").stdout
+    assert "no quota" in human and f"s3://{s3_bucket}/site/node" in human
