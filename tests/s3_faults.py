@@ -6,7 +6,8 @@ Faults, each for the next ``count`` requests whose method and path+query match:
 
 - ``slow_down``: answer ``503 SlowDown`` with S3's XML error body (a throttling store), without reading the body;
 - ``cut``: accept the request, read half of its body, then reset the connection (a partial upload);
-- ``delay_s``: wait before forwarding (a slow store).
+- ``cut_answer``: forward the request, then pass on only half of the answer's body and reset the connection;
+- ``delay``: wait ``delay_s`` before forwarding (a slow store).
 
 ``refuse()`` closes the listening socket (connection refused: the store is down); ``accept()`` opens it again on the
 same port. Requests are counted per (method, query kind) in ``seen`` so tests can tell what the client did.
@@ -29,7 +30,7 @@ SLOW_DOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDow
 
 @dataclass
 class Fault:
-    kind: str  # "slow_down", "cut", "delay"
+    kind: str  # "slow_down", "cut", "cut_answer", "delay"
     count: int
     method: str = ""  # "" = any
     path_pattern: str = ""  # a regex searched in the request target ("" = any)
@@ -151,6 +152,14 @@ class FaultProxy:
                     return
                 upstream.sendall(chunk)
                 sent += len(chunk)
+            if fault is not None and fault.kind == "cut_answer":
+                answer = b""
+                while chunk := upstream.recv(1 << 20):
+                    answer += chunk
+                head_end = answer.find(b"\r\n\r\n") + 4
+                client.sendall(answer[: head_end + (len(answer) - head_end) // 2])
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
             while chunk := upstream.recv(1 << 20):
                 client.sendall(chunk)
 

@@ -126,16 +126,27 @@ class Bucket:
         """``length`` bytes of an object from ``offset``, short at its end (ReadAt's contract)."""
         if length <= 0:
             return b""
-        self.breaker.check(self.name)
-        try:
-            answer = self.client().get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
-            data: bytes = answer["Body"].read()
-        except Exception as exc:
-            mapped = map_error(exc, self.name, "get_object", self.breaker)
-            if getattr(mapped, "invalid_range", False):
-                return b""  # offset at or past the object's end
-            raise mapped from None
-        return data[:length]
+        from botocore.exceptions import ResponseStreamingError
+
+        # botocore retries a request until its answer's head, not a body cut afterwards: such a cut is retried here,
+        # as often as the tier's retries allow.
+        for attempt in range(self.tier.retries_max + 1):
+            self.breaker.check(self.name)
+            try:
+                answer = self.client().get_object(Bucket=self.bucket, Key=key,
+                                                  Range=f"bytes={offset}-{offset + length - 1}")
+                data: bytes = answer["Body"].read()
+            except ResponseStreamingError as exc:
+                if attempt < self.tier.retries_max:
+                    continue
+                raise map_error(exc, self.name, "get_object", self.breaker) from None
+            except Exception as exc:
+                mapped = map_error(exc, self.name, "get_object", self.breaker)
+                if getattr(mapped, "invalid_range", False):
+                    return b""  # offset at or past the object's end
+                raise mapped from None
+            return data[:length]
+        raise AssertionError("unreachable")
 
     def keys(self, prefix: str) -> Iterator[tuple[str, int]]:
         """(key, size) of every object under ``prefix``, in key order, a page at a time."""

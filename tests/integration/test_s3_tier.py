@@ -343,8 +343,9 @@ def test_a_hanging_store_fails_within_the_timeouts_then_at_once_until_retry(seaw
     print(f"hanging store: first read failed after {timed_out_s:.2f} s, the next in {fast_fail_s * 1000:.1f} ms")
     assert str(hung.value).startswith("object store s3t unreachable (read timeout")
     assert len(str(hung.value)) <= 64
-    # read_timeout x attempts plus the retry backoff (standard mode: at most 2^attempt s, jittered)
-    assert 1.0 <= timed_out_s < 1.0 * 2 + 3.0
+    # read_timeout x attempts (retries_max retries after the first) plus the backoff between them (standard mode:
+    # a jittered wait of at most 2^retry s: 1 + 2 here)
+    assert 1.0 <= timed_out_s < 1.0 * (2 + 1) + 3.0 + 0.5
     assert fast_fail_s < 0.05 and "unreachable" in str(fast.value) and "next try in" in str(fast.value)
     time.sleep(3.1)  # unreachable_retry_s: the breaker lets calls through again
     assert reader.read(first) == ODD and reader.read(second) == b"second"
@@ -369,8 +370,8 @@ def test_a_store_that_is_down_fails_fast_and_is_used_again_when_back(seaweed: An
         fast_s = time.monotonic() - t1
     finally:
         proxy.accept()
-    print(f"store down: refused after {refused_s:.2f} s (3 attempts), then failing in {fast_s * 1000:.1f} ms")
-    assert refused_s < tier.connect_timeout_s * tier.retries_max + 4.0 and fast_s < 0.05
+    print(f"store down: refused after {refused_s:.2f} s (4 attempts), then failing in {fast_s * 1000:.1f} ms")
+    assert refused_s < 1 + 2 + 4 + 0.5 and fast_s < 0.05  # refused at once: only the backoff of 3 retries
     time.sleep(2.1)
     assert reader.read(loc) == ODD
 
@@ -484,3 +485,17 @@ retries_max = 2
     assert s3["volumes"][0]["accepting"] and s3["volumes"][0]["fill"] is None
     human = run_tier(configs["NODE_B"], "status").stdout
     assert "no quota" in human and f"s3://{s3_bucket}/site/node" in human
+
+
+def test_an_answer_cut_mid_body_is_read_again(seaweed: Any, s3_bucket: str, tmp_path: Path, proxy: FaultProxy,
+                                              backends: list[S3Backend]) -> None:
+    tier = s3_tier(seaweed, s3_bucket, tmp_path)
+    init_tier(tier)
+    data = os.urandom(300_000)
+    (loc,) = put_archive(opened(backends, tier), [data])
+    reader = opened(backends, s3_tier(seaweed, s3_bucket, tmp_path, endpoint=proxy.endpoint, retries_max=2))
+    proxy.add("cut_answer", 2, method="GET")
+    assert reader.read(loc) == data and proxy.injected == 2
+    proxy.add("cut_answer", 100, method="GET")
+    with pytest.raises(TierUnavailable, match="connection dropped"):
+        opened(backends, reader.tier).read(loc)
