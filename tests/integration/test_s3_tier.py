@@ -560,3 +560,20 @@ received_days_min = 30
     status = json.loads(run_tier(path, "status", "--json").stdout)
     (cloud,) = [t for t in status["tiers"] if t["name"] == "cloud"]
     assert cloud["studies"] == 2 and cloud["instances"] == 5 and cloud["used_bytes"] > 0
+    verify = subprocess.run([sys.executable, "-m", "appliance", "verify", "--json", "--tier", "cloud", "-c", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+    checked = json.loads(verify.stdout)["tiers"]["cloud"]
+    assert checked["checked"] == 5 and checked["missing_count"] == 0 and checked["corrupt_count"] == 0, checked
+
+
+def test_a_tls_failure_is_unavailable_and_says_what_to_check(seaweed: Any, s3_bucket: str, tmp_path: Path,
+                                                            backends: list[S3Backend]) -> None:
+    """https:// to a port that speaks plain HTTP: the handshake fails, the tier says so (and fails fast after)."""
+    tier = s3_tier(seaweed, s3_bucket, tmp_path, endpoint=f"https://127.0.0.1:{seaweed.s3_port}", retries_max=1)
+    backend = opened(backends, tier)
+    with pytest.raises(TierUnavailable, match="TLS failed") as failed:
+        list(backend.list())
+    assert "tls_verify / ca_file" in str(failed.value)
+    with pytest.raises(TierUnavailable, match="next try in"):
+        list(backend.list())
