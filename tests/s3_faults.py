@@ -9,6 +9,7 @@ Faults, each for the next ``count`` requests whose method and path+query match:
 - ``cut_answer``: forward the request, then pass on only half of the answer's body and reset the connection;
 - ``delay``: wait ``delay_s`` before forwarding (a slow store).
 
+With ``tls`` (an SSLContext with a server certificate) it serves HTTPS in front of the plain-HTTP store.
 ``refuse()`` closes the listening socket (connection refused: the store is down); ``accept()`` opens it again on the
 same port. Requests are counted per (method, query kind) in ``seen`` so tests can tell what the client did.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -48,6 +50,7 @@ class FaultProxy:
     _listener: socket.socket | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: bool = False
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this context (the upstream stays plain HTTP)
 
     @property
     def endpoint(self) -> str:
@@ -108,6 +111,9 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket) -> None:
         try:
+            if self.tls is not None:
+                client.settimeout(30)
+                client = self.tls.wrap_socket(client, server_side=True)  # a failed handshake: ssl.SSLError
             with client:
                 client.settimeout(30)
                 head, rest = _read_head(client)

@@ -577,3 +577,31 @@ def test_a_tls_failure_is_unavailable_and_says_what_to_check(seaweed: Any, s3_bu
     assert "tls_verify / ca_file" in str(failed.value)
     with pytest.raises(TierUnavailable, match="next try in"):
         list(backend.list())
+
+
+def test_https_is_verified_against_ca_file(seaweed: Any, s3_bucket: str, tmp_path: Path,
+                                           backends: list[S3Backend]) -> None:
+    """An HTTPS endpoint (the proxy, with a certificate of a private CA): trusted through ca_file, refused without
+    it, accepted unverified only with tls_verify = false."""
+    import ssl
+
+    from tests.tls_pki import make_pki
+
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    tls_proxy = FaultProxy(seaweed.s3_port, tls=context).start()
+    try:
+        endpoint = f"https://127.0.0.1:{tls_proxy.port}"
+        tier = s3_tier(seaweed, s3_bucket, tmp_path, endpoint=endpoint, ca_file=pki.ca)
+        init_tier(tier)
+        (loc,) = put_archive(opened(backends, tier), [ODD])
+        assert opened(backends, tier).read(loc) == ODD
+        untrusted = opened(backends, s3_tier(seaweed, s3_bucket, tmp_path, endpoint=endpoint, retries_max=1))
+        with pytest.raises(TierUnavailable, match="TLS failed"):
+            untrusted.read(loc)
+        unverified = opened(backends, s3_tier(seaweed, s3_bucket, tmp_path, endpoint=endpoint, tls_verify=False))
+        assert unverified.read(loc) == ODD
+    finally:
+        tls_proxy.stop()
