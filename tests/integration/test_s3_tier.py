@@ -605,3 +605,30 @@ def test_https_is_verified_against_ca_file(seaweed: Any, s3_bucket: str, tmp_pat
         assert unverified.read(loc) == ODD
     finally:
         tls_proxy.stop()
+
+
+def test_the_real_store_stopped_then_started_again(seaweed: Any, s3_bucket: str, tmp_path: Path,
+                                                   backends: list[S3Backend]) -> None:
+    """SeaweedFS itself taken away (stop) and brought back on the same ports and data (start): the read fails
+    within the retries' backoff (connections are refused), the next at once, and reads work again after."""
+    tier = s3_tier(seaweed, s3_bucket, tmp_path, retries_max=2, unreachable_retry_s=2.0)
+    init_tier(tier)
+    (loc,) = put_archive(opened(backends, tier), [ODD])
+    reader = opened(backends, tier)
+    seaweed.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TierUnavailable, match="unreachable .connection refused") as down:
+            reader.read(loc)
+        down_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        with pytest.raises(TierUnavailable, match="next try in"):
+            reader.read(loc)
+        fast_s = time.monotonic() - t1
+    finally:
+        seaweed.start()
+    print(f"store stopped: read failed after {down_s:.2f} s, the next in {fast_s * 1000:.1f} ms")
+    assert str(down.value).startswith("object store s3t unreachable") and len(str(down.value)) <= 64
+    assert down_s < tier.connect_timeout_s * (tier.retries_max + 1) + 3.0 and fast_s < 0.05
+    assert read_when_back(reader, loc, 30.0) == ODD
+    assert [s.location for s in opened(backends, tier).list()] == [loc]
