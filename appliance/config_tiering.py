@@ -61,7 +61,7 @@ class TierConfig:
     verify_upload: bool = True  # read each uploaded object back and compare its SHA-256 with what was sent
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 20.0  # per socket read: with retries_max, how long a read waits on a hung store
-    retries_max: int = 3  # attempts per request on throttling (503 SlowDown), 5xx and dropped connections
+    retries_max: int = 2  # retries per request (after the first attempt) on 503 SlowDown, 5xx, dropped connections
     unreachable_retry_s: float = 30.0  # after the store could not be reached, fail at once for this long
     capacity_bytes: int = 0  # the bucket's quota for this tier, for tier status and watermark rules (0: none)
     # Not a TOML key: the appliance's AE title ([server] ae_title), written into the prefix's marker by `tier init`
@@ -282,6 +282,6 @@ def _validate_s3(tier: TierConfig, where: str) -> None:
     if tier.connect_timeout_s <= 0 or tier.read_timeout_s <= 0 or tier.unreachable_retry_s < 0:
         raise ConfigError(f"{where}: connect_timeout_s and read_timeout_s > 0, unreachable_retry_s >= 0")
     if not 1 <= tier.retries_max <= 20:
-        raise ConfigError(f"{where}.retries_max: 1 to 20 attempts")
+        raise ConfigError(f"{where}.retries_max: 1 to 20 retries")
     if tier.capacity_bytes < 0:
         raise ConfigError(f"{where}.capacity_bytes: 0 (no quota) or a positive number of bytes")
