@@ -132,7 +132,7 @@ def test_a_hung_store_pauses_migration_ingest_goes_on_and_retrieves_fail_clearly
     seaweed.resume()
     # Back: the next run finishes the move, and both studies read back byte for byte.
     code, report, err = tier_run(server)
-    assert code == 0 and report["moved"] == 1, (report, err)
+    assert code == 0 and report["moved"] == 2 and report["failed"] == 0, (report, err)  # study b and the burst's
     assert availability(server, study_b) == {"NEARLINE"}
     assert export(server, study_b, tmp_path / "b-after") == before_b
     # The server's readers wait out their unreachable_retry_s, then read the store again.
