@@ -445,6 +445,10 @@ def index_rebuild(
     try:
         cfg = _config(config)
         named = list(dict.fromkeys(from_tier or []))
+        for name in named:
+            if cfg.tier(name) is None:
+                known = ", ".join(t.name for t in cfg.tiers) or "none"
+                raise errors.ConfigError(f"no tier named {name!r} in the config (tiers: {known})")
         left_out = [t.name for t in cfg.tiers if t.name not in named]
         if left_out:
             read = "the online volumes" + "".join(f", {n}" for n in named)
