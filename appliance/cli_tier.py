@@ -126,8 +126,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 @tier_app.command("init")
 def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]")], config: ConfigOpt = None,
-         as_json: JsonOpt = False) -> None:
-    """Prepare a tier's media (volume markers, virtual cartridges)."""
+         as_json: JsonOpt = False,
+         adopt: Annotated[bool, typer.Option("--adopt", help="s3: take over a prefix another appliance owns (this "
+                                                             "node replaces it)")] = False) -> None:
+    """Prepare a tier's media (volume markers, virtual cartridges, an s3 bucket prefix's marker)."""
     from tiering.tiers import init_tier
 
     try:
@@ -136,7 +138,7 @@ def init(name: Annotated[str, typer.Argument(help="A tier's name from [[tiers]]"
         if tier is None:
             raise errors.ConfigError(f"no tier named {name!r} in [[tiers]] "
                                      f"(configured: {', '.join(t.name for t in cfg.tiers) or 'none'})")
-        done = init_tier(tier)
+        done = init_tier(tier, adopt=adopt)
         warnings = same_filesystem_warnings(cfg, name)
         for warning in warnings:
             typer.echo(f"warning: {warning}", err=True)
@@ -206,8 +208,9 @@ def status_data(cfg: Config, index: StudyIndex) -> dict[str, Any]:
     out_tiers = []
     for name, kind in kinds.items():
         counts = per_tier.get(name, {"studies": 0, "instances": 0, "bytes": 0, "partly_online": 0})
+        # capacity 0 = no quota (an s3 tier without capacity_bytes): no fill, not "full"
         vols: list[dict[str, Any]] = [{"name": u.name, "used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
-                 "fill": round(u.fill, 4), "accepting": u.accepting,
+                 "fill": round(u.fill, 4) if u.capacity_bytes else None, "accepting": u.accepting,
                  "error": volume_errors.get((name, u.name), "")} for u in usage.get(name, ())]
         used = sum(u.used_bytes for u in usage.get(name, ()))
         capacity = sum(u.capacity_bytes for u in usage.get(name, ()))
@@ -240,7 +243,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                 rows.append([f"  {v['name']}", "", "", "", "-", "-", "UNAVAILABLE (see below)"])
                 continue
             rows.append([f"  {v['name']}", "", "", "", f"{human_bytes(v['used_bytes'])} used",
-                         f"{v['fill']:.0%} of {human_bytes(v['capacity_bytes'])}",
+                         f"{v['fill']:.0%} of {human_bytes(v['capacity_bytes'])}" if v["capacity_bytes"] else "no quota",
                          "" if v["accepting"] else "not accepting"])
     human = _table(["tier", "kind", "studies", "instances", "bytes", "fill", "note"], rows)
     for t in data["tiers"]:

@@ -151,9 +151,9 @@ class Offline(BlobMissing):
 
 class TierUnavailable(BlobMissing):
     """A tier's storage cannot be used now (an object store down, slower than its timeouts, throttling beyond its
-    retries, or a bucket that refuses writes): nothing is known to be lost. A read falls back to other copies as for a lost one; a retrieve that
-    has none fails its sub-operation with this message as the Error Comment; the mover pauses its run (the
-    journaled move is finished by the next run) instead of failing study after study."""
+    retries, or a bucket that refuses writes): nothing is known to be lost. A read falls back to other copies as
+    for a lost one; a retrieve that has none fails its sub-operation with this message as the Error Comment; the
+    mover pauses its run (the journaled move is finished by the next run) instead of failing study after study."""
 
     exit_code = EXIT_UNAVAILABLE
 

@@ -215,6 +215,11 @@ _buckets = iter(range(1_000_000))
 
 
 @pytest.fixture
-def s3_bucket(seaweed: Any) -> str:
-    """A new, empty bucket on the session's SeaweedFS."""
-    return str(seaweed.make_bucket(f"test-{os.getpid()}-{next(_buckets)}"))
+def s3_bucket(seaweed: Any) -> Iterator[str]:
+    """A new, empty bucket on the session's SeaweedFS, deleted after the test (each bucket holds volumes)."""
+    name = str(seaweed.make_bucket(f"test-{os.getpid()}-{next(_buckets)}"))
+    yield name
+    try:
+        seaweed.drop_bucket(name)
+    except Exception:  # noqa: BLE001 - a test that left the store paused or stopped; the volumes stay
+        pass

@@ -94,8 +94,10 @@ class Seaweed:
                 f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
                 "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={self.workdir / 's3.json'}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports otherwise: two clusters collide
-                # Small volumes, so that a temp folder is not filled with preallocated 30 GB volume files.
-                "-master.volumeSizeLimitMB=256", "-volume.max=64"]
+                # Small volumes, so that a temp folder is not filled with preallocated 30 GB volume files. Each
+                # bucket is a collection that grows 7 volumes at its first write: room for ~70 buckets at once
+                # (the s3_bucket fixture deletes its bucket after the test).
+                "-master.volumeSizeLimitMB=256", "-volume.max=512"]
         with open(self.workdir / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -127,6 +129,16 @@ class Seaweed:
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def drop_bucket(self, name: str) -> None:
+        """Empty and delete a bucket (its SeaweedFS collection and volumes go with it)."""
+        client = self.client()
+        for key in self.uploads(name):
+            for upload in client.list_multipart_uploads(Bucket=name, Prefix=key).get("Uploads", []):
+                client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        for key in self.keys(name):
+            client.delete_object(Bucket=name, Key=key)
+        client.delete_bucket(Bucket=name)
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         out: list[str] = []

@@ -34,11 +34,13 @@ def open_tier(tier: TierConfig) -> BlobBackend:
     return backend
 
 
-def init_tier(tier: TierConfig) -> str:
-    """Prepare a tier's media (markers on nearline volumes, cartridges of a virtual library); returns what was
-    done, for the CLI to print. Refuses media that already belong to another tier."""
+def init_tier(tier: TierConfig, adopt: bool = False) -> str:
+    """Prepare a tier's media (markers on nearline volumes, cartridges of a virtual library, an s3 prefix's
+    marker); returns what was done, for the CLI to print. Refuses media that already belong to another tier, and
+    an s3 prefix of another appliance unless ``adopt`` (nearline and tape ignore it)."""
     module, _func = KINDS[tier.kind].split(":")
-    result: str = importlib.import_module(module).init_tier(tier)
+    init = importlib.import_module(module).init_tier
+    result: str = init(tier, adopt=adopt) if tier.kind == "s3" else init(tier)
     return result
 
 

@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,13 +147,37 @@ def tape_harness(tmp_path: Path) -> Harness:
                    raw_container=raw_container, corrupt=corrupt)
 
 
-HARNESSES: dict[str, Callable[[Path], Harness]] = {"segments": segments_harness, "nearline": nearline_harness,
-                                                   "tape": tape_harness}
+def s3_harness(tmp_path: Path, seaweed: Any, s3_bucket: str) -> Harness:
+    """An S3 tier on the session's SeaweedFS (tests/seaweed.py), a bucket per test, 5 MiB parts (the smallest the
+    API allows) and 64 KiB frames."""
+    from appliance.config_tiering import TierConfig
+    from tiering.archive import parse_location as archive_location
+    from tiering.s3 import S3Backend, init_tier, open_s3
+
+    tier = TierConfig(**{**seaweed.tier("s3t", s3_bucket, "node-a", seaweed.credentials_file(tmp_path / "s3.toml")),
+                         "part_bytes": 5 * MiB, "frame_bytes": 64 << 10, "owner": "CONFORMANCE"})
+    init_tier(tier)
+    (tmp_path / "spill").mkdir()
+
+    def raw_container(backend: BlobBackend, container: str) -> bytes:
+        assert isinstance(backend, S3Backend)
+        answer = seaweed.client().get_object(Bucket=s3_bucket, Key=backend.object_key(container))
+        return bytes(answer["Body"].read())
+
+    return Harness("s3", lambda _max: open_s3(tier), lambda loc: archive_location(loc)[0], tmp_path / "spill",
+                   raw_container=raw_container)
+
+
+HARNESSES: dict[str, Callable[..., Harness]] = {"segments": segments_harness, "nearline": nearline_harness,
+                                                "tape": tape_harness, "s3": s3_harness}
+# Fixtures a harness needs beyond tmp_path, by name (asked for only when that harness runs).
+HARNESS_FIXTURES: dict[str, tuple[str, ...]] = {"s3": ("seaweed", "s3_bucket")}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    h = HARNESSES[request.param](tmp_path)
+    fixtures = {name: request.getfixturevalue(name) for name in HARNESS_FIXTURES.get(request.param, ())}
+    h = HARNESSES[request.param](tmp_path, **fixtures)
     yield h
     for backend in h.opened:
         backend.close()
@@ -299,8 +324,8 @@ def container_bytes(h: Harness, backend: BlobBackend, container: str) -> bytes:
 
 
 def require_tail_recovery(h: Harness) -> None:
-    if h.kind == "nearline":
-        pytest.skip("a nearline archive is published whole at sync: no tail (the mover's journal names it)")
+    if h.kind in ("nearline", "s3"):
+        pytest.skip(f"a {h.kind} archive is published whole at sync: no tail (the mover's journal names it)")
 
 
 def test_recover_hands_back_whole_records_beyond_the_committed_end_and_cuts_a_torn_tail(harness: Harness) -> None:
