@@ -33,6 +33,12 @@ def open_sources(config: Config, names: list[str]) -> TierSources:
                 known = ", ".join(t.name for t in config.tiers) or "none"
                 raise ConfigError(f"no tier named {name!r} in the config (tiers: {known})")
             backends[name] = open_tier(tier)
+            # An object-store prefix is marked with its owner (`tier init`): a node rebuilt from another node's
+            # prefix would name objects that node's movers delete. A replaced node that takes the prefix over
+            # runs `tier init NAME --adopt` first.
+            check_owner = getattr(backends[name], "check_owner", None)
+            if check_owner is not None:
+                check_owner()
     except BaseException:
         close_sources(backends)
         raise

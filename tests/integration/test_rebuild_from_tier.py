@@ -65,11 +65,12 @@ def start(make_server: Callable[..., ServerHandle], tiers: str = TIERS) -> Serve
     return handle.start()
 
 
-def send_study(server: ServerHandle, folder: Path, count: int, patient_id: str) -> tuple[str, str]:
-    """``count`` CT instances of a new study over DICOM; (study UID, series UID)."""
+def send_study(server: ServerHandle, folder: Path, count: int, patient_id: str,
+               called: str = "APPLIANCE") -> tuple[str, str]:
+    """``count`` CT instances of a new study over DICOM to the AE ``called``; (study UID, series UID)."""
     files = ct_instances(folder, count, patient_id=patient_id)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), *map(str, files))
+    result = dcmtk("storescu", "-aet", "SCU", "-aec", called, "127.0.0.1", str(server.port), *map(str, files))
     assert result.returncode == 0, result.stderr
     return str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
 
