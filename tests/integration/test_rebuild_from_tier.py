@@ -181,7 +181,7 @@ def test_rebuild_in_place_names_dead_online_records_and_the_next_run_only_switch
     server.start()
     assert availability(server, study, series) == {"ONLINE"}
     assert tier_studies(server)["online"] == (1, 3)
-    again = tier_run(server, 40)
+    again: dict[str, Any] = tier_run(server, 40)
     assert again["moved"] == 1 and again["results"][0]["bytes"] == 0, again  # a switch, nothing copied
     assert availability(server, study, series) == {"NEARLINE"}
     assert export(server, study, tmp_path / "y") == reference
