@@ -9,10 +9,12 @@ functions of the tier model the rebuild needs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import pickle
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,9 @@ from appliance.store.online import replay_order
 RUN_ENTRIES = 20_000
 # Containers registered per index transaction while a tier is listed (a nearline tier has one per study moved).
 CONTAINER_BATCH = 1024
+# Member headers read at once from a tier with random reads (object store, nearline), and members per read batch.
+READERS = 16
+READ_BATCH = 512
 # Unreadable members listed by name (all are counted): a lost volume of a million must not fill memory.
 UNREADABLE_LISTED_MAX = 1000
 
@@ -120,38 +125,59 @@ def list_tier(name: str, backend: BlobBackend, sources: TierSources, spill: Repl
     counts = TierCounts()
     pending: dict[str, ContainerRecord] = {}
     previous = ""  # backends list a container's members together: a new name is a new container
+    to_read: list[tuple[StoredBlob, Copy]] = []
+    # An object store answers one small ranged GET per member in milliseconds: several in flight hide the
+    # latency (reads may come from any thread). A tape drive must not be asked to seek for several at once.
+    readers = READERS if backend.capabilities.random_read else 1
 
-    def flush() -> None:
-        register(list(pending.values()))
-        pending.clear()
-
-    for stored in backend.list():
-        counts.blobs += 1
-        meta, location = stored.meta, stored.location
+    def read(item: tuple[StoredBlob, Copy]) -> IndexEntry | str:
+        stored, copy = item
         try:
-            copy = sources.copy_of(backend, location, meta.received_ns)
-            end = sources.end_of(location)
-        except ApplianceError as exc:
-            unreadable.add(f"{name}:{location}: {exc}")
-            counts.unreadable += 1
-            continue
-        if copy.container != previous:
-            counts.containers += 1
-            previous = copy.container
-        rec = pending.get(copy.container)
-        if rec is None:
-            rec = pending[copy.container] = ContainerRecord(name, copy.container, meta.received_ns, end, 0, 0, True)
-        rec.end, rec.created_ns = max(rec.end, end), min(rec.created_ns, meta.received_ns)
-        if len(pending) >= CONTAINER_BATCH:
-            flush()
-        try:
-            if rehash and backend.sha256(location) != meta.digest:
+            if rehash and backend.sha256(stored.location) != stored.meta.digest:
                 raise ApplianceError("content does not match its name")
-            spill.add(tier_entry(backend, stored, copy))
+            return tier_entry(backend, stored, copy)
         except TierUnavailable:
             raise
         except (ApplianceError, OSError) as exc:
-            unreadable.add(f"{name}:{location}: {exc}")
-            counts.unreadable += 1
-    flush()
+            return f"{name}:{stored.location}: {exc}"
+
+    def read_batch(pool: ThreadPoolExecutor | None) -> None:
+        for result in (pool.map(read, to_read) if pool is not None else map(read, to_read)):
+            if isinstance(result, str):
+                unreadable.add(result)
+                counts.unreadable += 1
+            else:
+                spill.add(result)
+        to_read.clear()
+        register(list(pending.values()))  # the containers of what was just read, before the next batch
+        pending.clear()
+
+    with ThreadPoolExecutor(readers, thread_name_prefix=f"rebuild-{name}") if readers > 1 else _no_pool() as pool:
+        for stored in backend.list():
+            counts.blobs += 1
+            meta, location = stored.meta, stored.location
+            try:
+                copy = sources.copy_of(backend, location, meta.received_ns)
+                end = sources.end_of(location)
+            except ApplianceError as exc:
+                unreadable.add(f"{name}:{location}: {exc}")
+                counts.unreadable += 1
+                continue
+            if copy.container != previous:
+                counts.containers += 1
+                previous = copy.container
+            rec = pending.get(copy.container)
+            if rec is None:
+                rec = pending[copy.container] = ContainerRecord(name, copy.container, meta.received_ns, end, 0, 0,
+                                                                True)
+            rec.end, rec.created_ns = max(rec.end, end), min(rec.created_ns, meta.received_ns)
+            to_read.append((stored, copy))
+            if len(to_read) >= READ_BATCH or len(pending) >= CONTAINER_BATCH:
+                read_batch(pool)
+        read_batch(pool)
     return counts
+
+
+@contextlib.contextmanager
+def _no_pool() -> Iterator[None]:
+    yield None
