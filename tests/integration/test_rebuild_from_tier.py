@@ -99,6 +99,14 @@ def dump(index_path: Path) -> dict[str, list[tuple[str, Any]]]:
         index.close()
 
 
+def container_ends(server: ServerHandle, backend: str) -> dict[str, int]:
+    index = StudyIndex(server.root / "var" / "index", readonly=True)
+    try:
+        return {c.name: c.end for c in index.containers(backend)}
+    finally:
+        index.close()
+
+
 def canonical(rows: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """A dump's rows with each blob's copies in one order (the index keeps them in the order they came: the
     recall appended its online copy after the tape copy; a rebuild replays the online record first)."""
@@ -128,6 +136,8 @@ def test_node_replaced_from_nearline_and_tape(make_server: Callable[..., ServerH
     assert availability(server, new_study, new_series) == {"NEARLINE"}
     before = tier_studies(server)
     assert (before["nl"], before["tape"]) == ((1, 2), (1, 3))
+    tape_ends = container_ends(server, "tape")
+    assert tape_ends and all(end > 0 for end in tape_ends.values())
 
     server.kill()  # the node dies
     lose_index_and_volumes(server)
@@ -142,6 +152,8 @@ def test_node_replaced_from_nearline_and_tape(make_server: Callable[..., ServerH
     assert stats["tiers"]["tape"]["blobs"] == 3 and stats["tiers"]["tape"]["containers"] == 1, stats
     assert stats["studies_placed"] == {"nl": 1, "tape": 1}
 
+    # The tape archive's committed end is where the mover left it: a recovery keeps every member the index names.
+    assert container_ends(server, "tape") == tape_ends
     server.start()
     assert tier_studies(server) == before
     assert availability(server, new_study, new_series) == {"NEARLINE"}
