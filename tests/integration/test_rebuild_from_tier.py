@@ -205,3 +205,45 @@ def test_rebuild_without_a_tier_in_the_config_is_refused(make_server: Callable[.
     result = server.cli("index", "rebuild", "--from-tier", "cloud", check=False)
     assert result.returncode == 78 and "no tier named 'cloud'" in result.stderr and "tiers: none" in result.stderr
 
+
+
+def test_an_unreadable_member_is_named_and_the_rest_indexed(make_server: Callable[..., ServerHandle],
+                                                            tmp_path: Path) -> None:
+    from tiering.archive import parse_location
+    from tiering.nearline import open_nearline
+
+    server = start(make_server)
+    study, _series = send_study(server, tmp_path / "in", 3, "PA")
+    assert tier_run(server, 40)["moved"] == 1
+    server.stop()
+    index = StudyIndex(server.root / "var" / "index", readonly=True)
+    try:
+        (_key, rec), *_ = index.instances_under(study)
+        blob = index.blob(rec.digest)
+        assert blob is not None
+        [copy] = blob.copies
+    finally:
+        index.close()
+    tier = load_config(server.config_path).tier("nl")
+    assert tier is not None
+    nearline = open_nearline(tier)
+    container, _record, data, stored, _size = parse_location(copy.location)
+    path = nearline.archive_file(container)
+    nearline.close()
+    with open(path, "r+b") as fh:  # one byte of one instance's compressed data flipped (a failing disk)
+        fh.seek(data + stored // 2)
+        byte = fh.read(1)
+        fh.seek(data + stored // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    lose_index_and_volumes(server)
+
+    result = server.cli("index", "rebuild", "--from-tier", "nl", "--from-tier", "tape", "--json", check=False)
+    assert result.returncode == 1, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["instances"] == 2 and stats["unreadable_count"] == 1
+    assert stats["tiers"]["nl"] == {"blobs": 3, "containers": 1, "unreadable": 1}
+    [named] = stats["unreadable"]
+    assert named.startswith(f"nl:{copy.location}: ")
+    human = server.cli("index", "rebuild", "--from-tier", "nl", "--from-tier", "tape", "--into",
+                       str(tmp_path / "again"), check=False).stdout
+    assert "tier nl: 3 blob(s) in 1 container(s), 1 unreadable" in human and f"unreadable nl:{copy.location}" in human
