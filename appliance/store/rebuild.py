@@ -5,6 +5,9 @@ syntax), its name (the digest) and, in its pax header, the receive time and call
 receive-time order with the configured duplicate policy, which reproduces the live index: a record the live index
 never named (an identical re-send, a refused duplicate, an overwritten instance) is replayed and loses the same
 way it lost live.
+
+With ``--from-tier`` the members the named tiers list (nearline, tape and S3 archives, whose catalogs carry the
+same provenance) join the replay: node replacement (store/rebuild_tiers.py; docs/scale-out.md).
 """
 
 from __future__ import annotations
