@@ -25,6 +25,7 @@ from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 if TYPE_CHECKING:
     from appliance.index.db import StudyIndex
     from appliance.store.online import BlobStore
+    from appliance.store.rebuild import RebuildStats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
@@ -432,34 +433,72 @@ def index_rebuild(
     into: Annotated[Path | None, typer.Option(help="Build into this new folder instead of replacing the index")]
     = None,
     rehash: Annotated[bool, typer.Option(help="Also check every blob's content against its name")] = False,
+    from_tier: Annotated[list[str] | None, typer.Option(
+        "--from-tier", help="Also index every blob this tier holds (repeatable): node replacement")] = None,
     online_only: Annotated[bool, typer.Option(help="With [[tiers]] configured: replace the index all the same, "
-                                              "knowing that the studies on the tiers drop out of it")] = False,
+                                              "knowing that the studies on the tiers not named by --from-tier "
+                                              "drop out of it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recreate the index from the volumes alone (run with the server stopped unless --into is given)."""
-    from appliance.store.rebuild import rebuild_index, replace_index
-
+    """Recreate the index from the volumes, and the tiers named by --from-tier (run with the server stopped
+    unless --into is given)."""
     try:
         cfg = _config(config)
-        if cfg.tiers:
-            # The rebuild reads the online segments only (not yet the nearline archives nor the tape catalogs).
-            tiers = ", ".join(t.name for t in cfg.tiers)
-            lost = (f"index rebuild reads only the online volumes, not the tiers ({tiers}): the rebuilt index "
-                    "would not know the studies moved there (their archives stay, unnamed), and could list as online "
-                    "moved instances whose dead records compaction has not reclaimed yet")
+        named = list(dict.fromkeys(from_tier or []))
+        for name in named:
+            if cfg.tier(name) is None:
+                known = ", ".join(t.name for t in cfg.tiers) or "none"
+                raise errors.ConfigError(f"no tier named {name!r} in the config (tiers: {known})")
+        left_out = [t.name for t in cfg.tiers if t.name not in named]
+        if left_out:
+            read = "the online volumes" + "".join(f", {n}" for n in named)
+            lost = (f"index rebuild reads {read}, not the tiers {', '.join(left_out)}: the rebuilt index would not "
+                    "know the studies moved there (their archives stay, unnamed)"
+                    + ("" if named else ", and could list as online moved instances whose dead records compaction "
+                       "has not reclaimed yet"))
             if into is None and not online_only:
-                raise errors.ConfigError(f"{lost}. Nothing was changed. Build one to inspect with --into DIR, or "
-                                         "replace the index with --online-only if that is what you want")
+                raise errors.ConfigError(f"{lost}. Nothing was changed. Rebuild from them too with --from-tier NAME "
+                                         "(repeatable), build one to inspect with --into DIR, or replace the index "
+                                         "with --online-only if leaving them out is what you want")
             typer.echo(f"warning: {lost}", err=True)
-        stats = rebuild_index(cfg, into, rehash) if into is not None else replace_index(cfg, rehash)
+        stats = _rebuild(cfg, into, rehash, named)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
+    tiers = {name: {"blobs": c.blobs, "containers": c.containers, "unreadable": c.unreadable}
+             for name, c in stats.tiers.items()}
     data = {"blobs": stats.blobs, "instances": stats.indexed, "unreadable": stats.unreadable,
+            "unreadable_count": stats.unreadable_count, "tiers": tiers, "studies_placed": stats.placed,
             "index": str(into or cfg.storage.index_path)}
+    more = stats.unreadable_count - len(stats.unreadable)
     _emit(data, as_json, f"indexed {stats.indexed} instance(s) from {stats.blobs} blob(s) into {data['index']}"
-          + "".join(f"\n  unreadable {u}" for u in stats.unreadable))
-    if stats.unreadable:
+          + "".join(f"\n  tier {n}: {c['blobs']} blob(s) in {c['containers']} container(s), "
+                    f"{c['unreadable']} unreadable" for n, c in tiers.items())
+          + "".join(f"\n  studies on {t}: {n}" for t, n in sorted(stats.placed.items()))
+          + "".join(f"\n  unreadable {u}" for u in stats.unreadable)
+          + (f"\n  ... and {more} more unreadable" if more > 0 else ""))
+    if stats.unreadable_count:
         raise typer.Exit(errors.EXIT_FAILURE)
+
+
+def _rebuild(cfg: Config, into: Path | None, rehash: bool, from_tiers: list[str]) -> RebuildStats:
+    """The rebuild with the named tiers opened (the CLI is the composition root: node layers never import
+    tiering). In place, under the mover's lock too: no `tier run` changes the tiers while they are read."""
+    from appliance.store.rebuild import rebuild_index, replace_index
+
+    if not from_tiers and not cfg.tiers:
+        return rebuild_index(cfg, into, rehash) if into is not None else replace_index(cfg, rehash)
+    from tiering.rebuild import close_sources, open_sources
+    from tiering.run import tiering_lock
+
+    sources = open_sources(cfg, from_tiers) if from_tiers else None
+    try:
+        if into is not None:
+            return rebuild_index(cfg, into, rehash, sources)
+        with tiering_lock(cfg.storage.index_path, "appliance index rebuild"):
+            return replace_index(cfg, rehash, sources)
+    finally:
+        if sources is not None:
+            close_sources(sources.backends)
 
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -55,6 +55,21 @@ class ContainerIndex(IndexEnv):
         if self.lazy_meta:
             self.env.sync(True)  # once per segment: recovery must know the segment is ours
 
+    def register_containers(self, records: list[ContainerRecord]) -> None:
+        """Containers found on a tier by `index rebuild --from-tier`, with their end and seal, in one transaction:
+        a record already there keeps the larger end and the earlier creation (a container listed twice)."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for rec in records:
+                old = self._container(txn, rec.backend, rec.name)
+                if old is not None:
+                    old.end, old.sealed = max(old.end, rec.end), old.sealed or rec.sealed
+                    old.created_ns = min(old.created_ns, rec.created_ns)
+                    rec = old
+                self._put_container(txn, rec)
+
+        self._write(body)
+
     def seal_containers(self, backend: str, names: list[str]) -> None:
         def body(txn: lmdb.Transaction) -> None:
             for name in names:

@@ -140,12 +140,15 @@ class StudyIndex(TierIndex):
     def apply(self, entries: list[IndexEntry], policy: str,
               container_ends: dict[tuple[str, str], int] | None = None,
               sealed: list[tuple[str, str]] | None = None,
-              copy_exists: Callable[[Copy], bool] | None = None) -> list[ApplyResult]:
+              copy_exists: Callable[[Copy], bool] | None = None,
+              tier_of: Callable[[str], str] | None = None) -> list[ApplyResult]:
         """Index ``entries`` in one durable write transaction. ``container_ends`` gives, per (backend, container)
         written by this batch, the end of the last record written there: what recovery may not truncate.
         ``sealed`` lists containers whose seal this batch made durable. ``copy_exists`` (cheap, no read) lets an
         identical re-send of an instance whose every copy is lost name its own bytes instead, in this very
-        transaction (so the repair is as durable as the answer)."""
+        transaction (so the repair is as durable as the answer). ``tier_of`` (`index rebuild --from-tier`: the
+        tier of a backend name) keeps the copies of one blob found on several tiers: an identical entry on a tier
+        where the blob has no copy yet adds its copy (one copy per tier, as the movers leave them)."""
 
         def body(txn: lmdb.Transaction) -> list[ApplyResult]:
             for backend, name in sealed or ():
@@ -159,7 +162,7 @@ class StudyIndex(TierIndex):
                 if end > rec.end:
                     rec.end = end
                     self._put_container(txn, rec)
-            return [self._apply_one(txn, entry, entry.policy or policy, copy_exists) for entry in entries]
+            return [self._apply_one(txn, entry, entry.policy or policy, copy_exists, tier_of) for entry in entries]
 
         results: list[ApplyResult] = self._write(body)
         return results
@@ -186,7 +189,8 @@ class StudyIndex(TierIndex):
         return ""
 
     def _apply_one(self, txn: lmdb.Transaction, entry: IndexEntry, policy: str,
-                   copy_exists: Callable[[Copy], bool] | None = None) -> ApplyResult:
+                   copy_exists: Callable[[Copy], bool] | None = None,
+                   tier_of: Callable[[str], str] | None = None) -> ApplyResult:
         """One entry. Which version of a SOP instance wins is decided by receive time, never by commit order (two
         workers commit in either order, recovery re-applies records, `index rebuild` replays in receive order):
         keep-first keeps the earliest received, overwrite the latest received. Only ``reject`` answers by commit
@@ -202,7 +206,7 @@ class StudyIndex(TierIndex):
             old = self._instance(txn, inst_key)
             assert old is not None, f"uids names a missing instance {inst_key!r}"
             if old.digest == entry.digest:
-                return self._identical(txn, inst_key, old, entry, copy_exists)
+                return self._identical(txn, inst_key, old, entry, copy_exists, tier_of)
             stored_is_newer = old.received_ns > entry.received_ns
             if policy == "reject":
                 return ApplyResult(Outcome.REJECTED, False)
@@ -217,7 +221,8 @@ class StudyIndex(TierIndex):
         return ApplyResult(outcome, blob_is_new)
 
     def _identical(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord, entry: IndexEntry,
-                   copy_exists: Callable[[Copy], bool] | None) -> ApplyResult:
+                   copy_exists: Callable[[Copy], bool] | None,
+                   tier_of: Callable[[str], str] | None = None) -> ApplyResult:
         blob = self._blob(txn, entry.digest)
         assert blob is not None, f"an instance names a blob without a record: {entry.digest}"
         existing = list(blob.copies)
@@ -237,6 +242,14 @@ class StudyIndex(TierIndex):
             txn.put(inst_key.encode(), schema.encode(old), db=self.dbs["instances"])
             if self._name_earliest(txn, entry, blob):
                 return ApplyResult(Outcome.IDENTICAL, True, existing)
+        if tier_of is not None and tier_of(entry.copy.backend) not in {tier_of(c.backend) for c in blob.copies}:
+            # A rebuild from the tiers: the same bytes on another tier (moved down, or recalled with the tape copy
+            # kept) are a copy of their own, as the movers left them. Replayed in receive order, the first record of
+            # each tier is the earliest received: the one a live index names too.
+            blob.copies = [*blob.copies, entry.copy]
+            self._count_copy(txn, entry.digest, entry.copy, +1)
+            self._put_blob(txn, entry.digest, blob)
+            return ApplyResult(Outcome.IDENTICAL, True, existing)
         return ApplyResult(Outcome.IDENTICAL, False, existing)
 
     def _add_ref(self, txn: lmdb.Transaction, entry: IndexEntry) -> bool:

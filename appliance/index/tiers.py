@@ -246,6 +246,65 @@ class TierIndex(ContainerIndex):
         self.sync()  # durable before any source container is deleted
         return counts
 
+    # ---- `index rebuild --from-tier` -------------------------------------------------------------------
+
+    def place_rebuilt_studies(self, availability: Callable[[list[str]], str], tier_of: Callable[[str], str],
+                              order: list[str]) -> dict[str, int]:
+        """After a rebuild's replay (every instance ONLINE by default): each instance's availability from its blob's
+        copies, and each study's placement: the fastest tier holding the instances that have no online copy
+        (none: the study is online; some online, some not: placed on the tier and ``partly_online``, as a live
+        index has a study that received instances after its move). ``since_ns`` is the last reception among
+        those instances (the archives do not keep the time of the move). FACTS_BATCH studies per write
+        transaction. ``order``: tier names fastest first. Returns studies per tier."""
+        rank = {tier: i for i, tier in enumerate(order)}
+        placed: dict[str, int] = {}
+        after = b""
+
+        def body(txn: lmdb.Transaction) -> tuple[bytes, list[str]]:
+            cursor = txn.cursor(db=self.dbs["studies"])
+            found = cursor.set_range(after) if after else cursor.first()
+            keys: list[bytes] = []
+            while found and len(keys) < FACTS_BATCH:
+                if bytes(cursor.key()) != after:
+                    keys.append(bytes(cursor.key()))
+                found = cursor.next()
+            tiers = [self._place_rebuilt(txn, key.decode(), availability, tier_of, rank) for key in keys]
+            return (keys[-1] if keys else b""), tiers
+
+        while True:
+            last, tiers = self._write(body)
+            if not last:
+                return placed
+            for tier in tiers:
+                placed[tier] = placed.get(tier, 0) + 1
+            after = last
+
+    def _place_rebuilt(self, txn: lmdb.Transaction, study_key: str, availability: Callable[[list[str]], str],
+                       tier_of: Callable[[str], str], rank: dict[str, int]) -> str:
+        below: str | None = None
+        since_ns = 0
+        instances = [(key, schema.decode(InstanceRecord, raw))
+                     for key, raw in self._scan(txn, "instances", study_key + SEP)]
+        for key, inst in instances:
+            blob = self._blob(txn, inst.digest)
+            assert blob is not None, f"an instance names a blob without a record: {inst.digest}"
+            backends = [c.backend for c in blob.copies]
+            wanted = availability(backends)
+            if wanted != inst.availability:
+                inst.availability = wanted
+                txn.put(key.encode(), schema.encode(inst), db=self.dbs["instances"])
+            tiers = {tier_of(backend) for backend in backends}
+            if not tiers or ONLINE_TIER in tiers:
+                continue
+            fastest = min(tiers, key=lambda t: rank.get(t, len(rank)))
+            if below is None or rank.get(fastest, len(rank)) < rank.get(below, len(rank)):
+                below = fastest
+            since_ns = max(since_ns, inst.received_ns)
+        if below is None:
+            return ONLINE_TIER
+        txn.put(study_key.encode(), schema.encode(StudyPlacement(below, since_ns, 0)), db=self.dbs["placement"])
+        return below
+
     # ---- recalls ---------------------------------------------------------------------------------------
 
     def request_recall(self, study_key: str, by: str, queue_max: int = 10_000) -> bool:

@@ -5,6 +5,9 @@ syntax), its name (the digest) and, in its pax header, the receive time and call
 receive-time order with the configured duplicate policy, which reproduces the live index: a record the live index
 never named (an identical re-send, a refused duplicate, an overwritten instance) is replayed and loses the same
 way it lost live.
+
+With ``--from-tier`` the members the named tiers list (nearline, tape and S3 archives, whose catalogs carry the
+same provenance) join the replay: node replacement (store/rebuild_tiers.py; docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,8 @@ from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
 from appliance.store.compact import compaction_lock
-from appliance.store.online import BlobStore, entry_for, replay_order
+from appliance.store.online import BlobStore, entry_for
+from appliance.store.rebuild_tiers import ReplaySpill, TierCounts, TierSources, Unreadable, list_tier
 from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, committed_ends, created_ns, parse_location
 from appliance.store.volumes import fsync_dir
 
@@ -30,23 +35,65 @@ BATCH = 512
 class RebuildStats:
     blobs: int = 0
     indexed: int = 0
-    unreadable: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # the first UNREADABLE_LISTED_MAX
+    unreadable_count: int = 0
+    tiers: dict[str, TierCounts] = field(default_factory=dict)  # --from-tier: what each tier listed
+    placed: dict[str, int] = field(default_factory=dict)  # --from-tier: studies per tier ("online" included)
 
 
-def rebuild_index(config: Config, target: Path, rehash: bool = False) -> RebuildStats:
-    """Build a fresh index at ``target`` (which must not exist or be empty) from every segment of every volume."""
+def rebuild_index(config: Config, target: Path, rehash: bool = False,
+                  tiers: TierSources | None = None) -> RebuildStats:
+    """Build a fresh index at ``target`` (which must not exist or be empty) from every segment of every volume and,
+    with ``tiers``, every blob those tiers list.
+
+    Entries are replayed in receive order with their duplicate policy, held in memory RUN_ENTRIES at a time (the
+    rest in sorted runs on disk beside ``target``). A blob found on several tiers gets a copy on each (one per
+    tier); then each instance's availability follows its copies and each study is placed on the tier its copies
+    are on when it has none online (docs/tiering-internals.md "Node replacement")."""
     if target.exists() and any(target.iterdir()):
         raise ApplianceError(f"{target} exists and is not empty")
-    store = BlobStore.open(config)
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
     stats = RebuildStats()
-    entries: list[IndexEntry] = []
+    unreadable = Unreadable()
+    index = StudyIndex(target, config.storage.index_map_size, sync=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=target.name + ".replay-", dir=target.parent) as spill_dir:
+            spill = ReplaySpill(Path(spill_dir))
+            ends, sealed = _list_online(config, index, spill, stats, unreadable, rehash)
+            for name, backend in tiers.backends.items() if tiers is not None else ():
+                assert tiers is not None
+                stats.tiers[name] = list_tier(name, backend, tiers, spill, index.register_containers, unreadable,
+                                              rehash)
+                stats.blobs += stats.tiers[name].blobs
+            batch: list[IndexEntry] = []
+            tier_of = tiers.tier_of if tiers is not None else None
+            for entry in spill:
+                batch.append(entry)
+                if len(batch) >= BATCH:
+                    index.apply(batch, config.storage.duplicate_policy, tier_of=tier_of)
+                    batch = []
+            index.apply(batch, config.storage.duplicate_policy, ends, sealed, tier_of=tier_of)
+        if tiers is not None:
+            stats.placed = index.place_rebuilt_studies(tiers.availability, tiers.tier_of, tiers.order)
+        stats.indexed = index.counts()["instances"]
+    finally:
+        index.close()
+    stats.unreadable, stats.unreadable_count = unreadable.listed, unreadable.count
+    return stats
+
+
+def _list_online(config: Config, index: StudyIndex, spill: ReplaySpill, stats: RebuildStats,
+                 unreadable: Unreadable, rehash: bool) -> tuple[dict[tuple[str, str], int], list[tuple[str, str]]]:
+    """Every record of every online segment into ``spill``; the segments registered. Returns each segment's
+    committed end (the end of its last record, named or not) and the sealed ones."""
+    store = BlobStore.open(config)
+    ends: dict[tuple[str, str], int] = {}
     sealed: list[tuple[str, str]] = []
-    segments: list[tuple[str, str]] = []
     try:
         for name, backend in store.backends.items():
             assert isinstance(backend, SegmentBackend)
             for segment in backend.segments():
-                segments.append((name, segment))
+                index.register_container(name, segment, created_ns(segment))
                 size = os.path.getsize(os.path.join(backend.dir, segment))
                 for blob in backend.list_segment(segment):
                     stats.blobs += 1
@@ -56,26 +103,16 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False) -> Rebuild
                             raise ApplianceError("content does not match its name")
                         entry = entry_for(backend, blob)
                     except ApplianceError as exc:
-                        stats.unreadable.append(f"{name}/{segment}@{parse_location(location)[1]}: {exc}")
+                        unreadable.add(f"{name}/{segment}@{parse_location(location)[1]}: {exc}")
                         continue
-                    entries.append(entry)
+                    for key, end in committed_ends([entry.copy]).items():
+                        ends[key] = max(ends.get(key, 0), end)
+                    spill.add(entry)
                 if size >= len(END_OF_ARCHIVE) and _is_sealed(backend, segment, size):
                     sealed.append((name, segment))
     finally:
         store.close()
-    entries.sort(key=replay_order)
-    ends = committed_ends(entry.copy for entry in entries)
-    index = StudyIndex(target, config.storage.index_map_size, sync=True)
-    try:
-        for backend_name, segment in segments:
-            index.register_container(backend_name, segment, created_ns(segment))
-        for start in range(0, len(entries), BATCH):
-            index.apply(entries[start : start + BATCH], config.storage.duplicate_policy)
-        index.apply([], config.storage.duplicate_policy, ends, sealed)
-        stats.indexed = index.counts()["instances"]
-    finally:
-        index.close()
-    return stats
+    return ends, sealed
 
 
 def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
@@ -84,7 +121,7 @@ def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
         return fh.read() == END_OF_ARCHIVE
 
 
-def replace_index(config: Config, rehash: bool = False) -> RebuildStats:
+def replace_index(config: Config, rehash: bool = False, tiers: TierSources | None = None) -> RebuildStats:
     """Rebuild beside the live index, then swap it in (the old one is kept as ``<index>.old``). The serve lock is
     held from the start through the swap, so no server can start on the old index meanwhile."""
     live = config.storage.index_path
@@ -100,7 +137,7 @@ def replace_index(config: Config, rehash: bool = False) -> RebuildStats:
         shutil.rmtree(fresh, ignore_errors=True)
         # Not beside a compaction: it would see a record and its copy at once, and name the one about to go.
         with compaction_lock(live, wait=False, what="a compaction is running: wait for it, then rebuild"):
-            stats = rebuild_index(config, fresh, rehash)
+            stats = rebuild_index(config, fresh, rehash, tiers)
         shutil.rmtree(old, ignore_errors=True)
         os.rename(live, old)
         os.rename(fresh, live)

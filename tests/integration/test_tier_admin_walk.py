@@ -211,10 +211,11 @@ def test_index_rebuild_does_not_silently_drop_the_tiers(tmp_path: Path) -> None:
     config, data = nearline_site(tmp_path)
     tier(config, "run")  # 1.1, 1.2 -> nl
     refused = appliance(config, "index", "rebuild")
-    assert refused.returncode == 78 and "reads only the online volumes, not the tiers (nl)" in refused.stderr
-    assert "Nothing was changed" in refused.stderr and not (tmp_path / "index.old").exists()
+    assert refused.returncode == 78 and "reads the online volumes, not the tiers nl" in refused.stderr
+    assert "Nothing was changed" in refused.stderr and "--from-tier NAME" in refused.stderr
+    assert not (tmp_path / "index.old").exists()
     assert read_everything(config)[0] == data
     inspect = appliance(config, "index", "rebuild", "--into", str(tmp_path / "rebuilt"))
     # (the rig's instances are not real DICOM files, so this rebuild reports them unreadable: only the warning counts)
-    assert "warning: index rebuild reads only the online volumes" in inspect.stderr
+    assert "warning: index rebuild reads the online volumes, not the tiers nl" in inspect.stderr
     assert "indexed" in inspect.stdout and (tmp_path / "rebuilt").is_dir()
