@@ -168,8 +168,9 @@ class Mover:
             uid = study_key.split("\x00", 1)[1]
             planned = PlannedMove(study_key, uid, rec.source, rec.target, 0, 0, rec.policy, "resumed after a crash")
             try:
-                if rec.target in self.unavailable or rec.source in self.unavailable:
-                    raise TierUnavailable(self.unavailable.get(rec.target) or self.unavailable[rec.source])
+                for tier in (rec.target, rec.source):
+                    if tier in self.unavailable:
+                        raise TierUnavailable(self.unavailable[tier], tier)
                 if rec.container:
                     target.remove_container(rec.container)
                     self.index.forget_container(rec.target, rec.container)
@@ -282,6 +283,7 @@ class Mover:
                 # would need the store too); the next run's resume removes what was uploaded and redoes the move.
                 tier = self._mark_unavailable(exc, planned.target)
                 result.outcome, result.error = "paused", f"tier {tier}: {exc}"
+                self._drop_paused_container(target, container)
         except (ApplianceError, OSError) as exc:
             result.outcome, result.error = "failed", str(exc)
             if not switched:
@@ -290,6 +292,21 @@ class Mover:
             if not switched:
                 self._audit(planned, result, started)
         return result
+
+    def _drop_paused_container(self, target: BlobBackend, container: str) -> None:
+        """A paused move's half-written container must not stay pending in the target backend: the next move's
+        sync would finish it first and fail on its error (pausing a healthy target when the source was the tier
+        down, or a broken archive writer's ValueError ending the run). Removed best effort (the store may be the
+        one down); the journal and the container's index row stay, and the next run's resume removes it again."""
+        if not container:
+            return
+        try:
+            target.remove_container(container)
+        except (ApplianceError, OSError) as exc:
+            if isinstance(exc, StorageFault):
+                raise
+            log.info("tier run: the paused move's container %s/%s is left to the next run: %s", target.name,
+                     container, exc)
 
     def _sweep_unnamed(self) -> None:
         """Remove the tiers' sealed archives the index names nothing in: an overwrite (duplicate_policy overwrite)

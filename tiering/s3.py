@@ -467,6 +467,8 @@ class _Stream(io.RawIOBase):
 
 def _again(error: Exception, message: str) -> Exception:
     """The error an archive failed with, raised again (same class: an unavailable store stays TierUnavailable)."""
-    if isinstance(error, TierUnavailable | BlobCorrupt | VolumeError | ValueError):
+    if isinstance(error, TierUnavailable):
+        return TierUnavailable(f"{message}: {error}", error.tier)  # the tier that was down (maybe the source)
+    if isinstance(error, BlobCorrupt | VolumeError | ValueError):
         return type(error)(f"{message}: {error}")
     return TierUnavailable(f"{message}: {error}")

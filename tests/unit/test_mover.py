@@ -390,3 +390,28 @@ def test_a_suspect_copy_on_the_target_is_not_trusted(rig: Rig) -> None:
     for sop, _d, blob, _i in rig.index.study_blobs(key):
         assert [c.backend for c in blob.copies if c.state == COPY_OK] == ["tape"], blob.copies
         assert rig.read(sop) == rig.data[sop]
+
+
+def test_a_move_paused_by_its_source_mid_copy_leaves_nothing_pending_for_the_next_move(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source tier goes down while a blob is being copied into the target's archive: that move pauses (its
+    journal stays) and the target, which is fine, takes the next study; the half-written archive of the paused
+    move is not finished by the next sync."""
+    from appliance.errors import TierUnavailable
+
+    real = Mover.read_best
+
+    def source_down_mid_blob(self: Mover, digest: str, blob: object) -> Iterator[bytes]:
+        yield b"\0" * 100
+        raise TierUnavailable("object store tape unreachable (read timeout)", "tape")
+
+    monkeypatch.setattr(Mover, "read_best", source_down_mid_blob)
+    paused = rig.mover.move(rig.planned("1.1"))
+    assert paused.outcome == "paused" and "tape" in rig.mover.unavailable and "nl" not in rig.mover.unavailable
+    assert [m[0] for m in rig.index.moves()] == [f"P{SEP}1.1"]  # journaled: the next run finishes it
+    monkeypatch.setattr(Mover, "read_best", real)
+    moved = rig.mover.move(rig.planned("1.2"))
+    assert moved.outcome == "moved", moved.error
+    assert rig.availability("1.2") == {NEARLINE} and rig.availability("1.1") == {ONLINE}
+    for sop in ("1.2.1.0", "1.2.1.1"):
+        assert rig.read(sop) == rig.data[sop]
