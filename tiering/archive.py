@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, Protocol
 import msgspec
 import zstandard
 
-from appliance.errors import BlobCorrupt, BlobMissing
+from appliance.errors import BlobCorrupt, BlobMissing, TierUnavailable
 from appliance.store.backend import BlobMeta, Location
 
 __all__ = ["BLOCK", "CATALOG_NAME", "CODEC_NONE", "CODEC_ZSTD", "END_OF_ARCHIVE", "ArchiveTruncated",
@@ -574,3 +574,23 @@ def _catalog_members(data: bytes, where: str) -> list[Member]:
     if catalog.v != FORMAT_VERSION:
         raise BlobCorrupt(f"{where}: catalog version {catalog.v}, this software reads {FORMAT_VERSION}")
     return [_member_of(e, e.name, e.record_offset, e.data_offset, e.stored_bytes, where) for e in catalog.members]
+
+
+def delete_whole_archives(locations: list[Location], members_of: Callable[[str], list[Member]],
+                          remove_container: Callable[[str], None]) -> None:
+    """``BlobBackend.delete`` for per-study archive tiers (nearline, S3): a member cannot be cut out of an archive,
+    so an archive is removed only when the call names every member it holds; otherwise nothing is freed (the
+    mover removes whole containers). An archive already gone is skipped; a store that cannot be reached raises."""
+    by_container: dict[str, set[int]] = {}
+    for location in locations:
+        container, record, *_ = parse_location(location)
+        by_container.setdefault(container, set()).add(record)
+    for container, records in by_container.items():
+        try:
+            members = members_of(container)
+        except TierUnavailable:
+            raise
+        except BlobMissing:
+            continue  # already gone
+        if {m.record_offset for m in members} <= records:
+            remove_container(container)

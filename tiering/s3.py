@@ -53,6 +53,7 @@ from tiering.archive import (
     Member,
     MemberReader,
     ReadAt,
+    delete_whole_archives,
     iter_member,
     make_location,
     member_at,
@@ -381,19 +382,7 @@ class S3Backend(BlobBackend):
                 yield StoredBlob(make_location(container, member), member.meta)
 
     def delete(self, locations: builtins.list[Location]) -> None:
-        by_container: dict[str, set[int]] = {}
-        for location in locations:
-            container, record, *_ = parse_location(location)
-            by_container.setdefault(container, set()).add(record)
-        for container, records in by_container.items():
-            try:
-                members = self.members(container)
-            except TierUnavailable:
-                raise
-            except BlobMissing:
-                continue  # already gone
-            if {m.record_offset for m in members} <= records:
-                self.remove_container(container)
+        delete_whole_archives(locations, self.members, self.remove_container)
 
     def recover(self, committed_end: Callable[[str], int | None]) -> Recovery:
         """Abort every unfinished multipart upload under ``<prefix>/archives/`` (a crash or a close before sync;
