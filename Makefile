@@ -14,11 +14,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The real DICOM peers of the tests and the benchmarks: DCMTK (storescu, findscu, movescu, getscu, storescp, ...) and
-# Orthanc (queried, pulled from and moved to through its REST API). Debian packages; installed only when missing.
+# Orthanc (queried, pulled from and moved to through its REST API); Prometheus and promtool (the tests scrape a real
+# appliance and evaluate every dashboard and alert expression); systemd-analyze (the units are verified and scored).
+# Debian packages; installed only when missing. --no-install-recommends: Prometheus recommends a node exporter
+# and a web UI bundle the tests do not use.
 peers:
-	@{ command -v storescu >/dev/null 2>&1 && command -v Orthanc >/dev/null 2>&1; } || { \
+	@{ command -v storescu >/dev/null 2>&1 && command -v Orthanc >/dev/null 2>&1 && \
+	   command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && \
+	   command -v systemd-analyze >/dev/null 2>&1; } || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk orthanc >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk orthanc >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus systemd >/dev/null; }
 dcmtk: peers
 
 run: $(STAMP)

@@ -15,6 +15,7 @@ from typing import Any
 
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
+from appliance.config_ops import LOG_FORMATS, AuditConfig, validate_audit
 from appliance.config_template import DEFAULT_CONFIG_TOML  # noqa: F401  (re-exported: init, tests)
 from appliance.config_tiering import (
     PolicyConfig,
@@ -159,6 +160,13 @@ class ServerConfig:
     # 0 picks a free port (written to the --port-file), like port = 0 for DICOM.
     metrics_port: int = 9110
     log_level: str = "info"
+    # "text": "LEVEL name: message" lines, with a syslog <N> prefix when stderr goes to journald (JOURNAL_STREAM);
+    # "json": one JSON object per line (time, level, logger, pid, message). At info a busy node logs per
+    # association, never per instance.
+    log_format: str = "text"
+    # SIGTERM: stop accepting, let associations in progress finish for up to this long, then A-ABORT the rest
+    # (a second SIGTERM aborts at once). Keep below the unit's TimeoutStopSec.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -331,6 +339,7 @@ class Config:
     tiering: TieringConfig = field(default_factory=TieringConfig)
     tiers: tuple[TierConfig, ...] = ()
     policies: tuple[PolicyConfig, ...] = ()
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def tier(self, name: str) -> TierConfig | None:
         for tier in self.tiers:
@@ -460,7 +469,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
     known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment", "query", "tiering",
-             "tiers", "policies"}
+             "tiers", "policies", "audit"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -506,10 +515,14 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         commitment = dataclasses.replace(commitment, journal_path=base / commitment.journal_path)
     query = _build(QueryConfig, "query", raw.get("query", {}), base)
     tiering = parse_tiering(raw, base, _build, owner=server.ae_title)
+    audit = _build(AuditConfig, "audit", raw.get("audit", {}), base)
+    if not audit.path.is_absolute():
+        audit = dataclasses.replace(audit, path=base / audit.path)
     config = Config(server=server, storage=storage, dicom=dicom, volumes=volumes, peers=peers,
                     source=path, query=query, retrieve=retrieve, commitment=commitment, tls=tls,
-                    tiering=tiering.tiering, tiers=tiering.tiers, policies=tiering.policies)
+                    tiering=tiering.tiering, tiers=tiering.tiers, policies=tiering.policies, audit=audit)
     validate(config)
+    validate_audit(audit)
     validate_tiering(tiering, tuple(v.name for v in volumes))
     return config
 
@@ -547,6 +560,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"server.unknown_peer_rights: {right!r} is not one of {', '.join(RIGHTS)}")
     if s.log_level not in LOG_LEVELS:
         raise ConfigError(f"server.log_level: one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
+    if s.log_format not in LOG_FORMATS:
+        raise ConfigError(f"server.log_format: one of {', '.join(LOG_FORMATS)}, got {s.log_format!r}")
+    if not 0 < s.drain_timeout_s <= 3600:
+        raise ConfigError(f"server.drain_timeout_s: {s.drain_timeout_s} is outside (0, 3600]")
     st = config.storage
     if st.duplicate_policy not in DUPLICATE_POLICIES:
         raise ConfigError(f"storage.duplicate_policy: one of {', '.join(DUPLICATE_POLICIES)}, got {st.duplicate_policy!r}")

@@ -32,6 +32,8 @@ metrics_enabled = true          # Prometheus /metrics endpoint, aggregated over 
 metrics_host = "127.0.0.1"
 metrics_port = 9110
 log_level = "info"              # debug logs UIDs; patient data is never logged
+log_format = "text"             # text | json (one JSON object per line); journald priorities either way
+drain_timeout_s = 30.0          # SIGTERM: associations in progress get this long, then A-ABORT
 
 [storage]
 index_path = "var/index"        # LMDB index folder
@@ -182,4 +184,10 @@ journal_path = "var/commitments"  # requests answered and not yet reported, take
 # to = "tape"
 # accessed_days_min = 365
 # modalities = ["CT", "MR"]     # also: calling_aes = ["CT1"], study_bytes_min, study_bytes_max (bytes)
+
+[audit]                         # one JSON line per association and per study stored/queried/retrieved/moved/deleted
+destination = "file"            # file | journald | off
+path = "var/audit/audit.jsonl"  # destination = "file": rotated at file_bytes_max, files_max kept
+file_bytes_max = 67108864
+files_max = 10
 """

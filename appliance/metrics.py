@@ -174,6 +174,18 @@ class Metrics:
         self.failures.labels(f"0x{status:04X}", STATUS_NAMES.get(status, "unknown")).inc()
 
 
+def build_registry(config: Any) -> CollectorRegistry:
+    """The registry the supervisor serves on /metrics: the workers' and helpers' multi-process files, summed, plus
+    what is read at scrape time (volumes). ``config`` is the appliance Config (typed Any: config imports nothing
+    above it, and this module must not import the composition root)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(VolumeCollector([(v.name, str(v.path)) for v in config.volumes]))
+    return registry
+
+
 class VolumeCollector:
     """Free and total bytes per volume, read at scrape time by the supervisor."""
 

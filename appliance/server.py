@@ -4,7 +4,7 @@ The supervisor opens the volumes and the index, runs crash recovery, reserves th
 processes and serves /metrics (aggregated over the workers with prometheus-client's multi-process mode).
 Each worker has its own uvloop event loop, its own listening socket on the shared port (SO_REUSEPORT, so the
 kernel spreads connections), its own LMDB handle and group committer. SIGTERM drains: workers stop accepting,
-finish the associations in progress (up to ``DRAIN_SECONDS``), commit, and exit. A worker that dies is
+finish the associations in progress (up to ``server.drain_timeout_s``), commit, and exit. A worker that dies is
 restarted.
 """
 
@@ -33,7 +33,6 @@ from appliance.index.db import SERVE_LOCK, StudyIndex
 from appliance.store.online import BlobStore, recover
 
 log = logging.getLogger("appliance")
-DRAIN_SECONDS = 30.0
 # A worker exits with this code after a storage fault (failed fsync or LMDB I/O error): the supervisor then stops
 # the whole appliance instead of restarting the worker (sysexits' EX_IOERR).
 EXIT_STORAGE_FAULT = 74
@@ -160,7 +159,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     if tls_server is not None and tls_gate is not None:
         tls_server.close()
         tls_gate.close()
-    deadline = time.monotonic() + (0.0 if faults else DRAIN_SECONDS)
+    deadline = time.monotonic() + (0.0 if faults else config.server.drain_timeout_s)
     while endpoint.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for assoc in list(endpoint.connections):
@@ -449,7 +448,7 @@ class Supervisor:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
         for proc in self.workers:
-            proc.join(DRAIN_SECONDS + 10)
+            proc.join(self.config.server.drain_timeout_s + 10)
             if proc.is_alive():
                 proc.kill()
         if self.port_file is not None:
@@ -458,14 +457,11 @@ class Supervisor:
         log.info("stopped")
 
     def _start_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
+        from prometheus_client import start_http_server
 
-        from appliance.metrics import VolumeCollector
+        from appliance.metrics import build_registry
 
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        registry.register(VolumeCollector([(v.name, str(v.path)) for v in self.config.volumes]))
+        registry = build_registry(self.config)
         server, _thread = start_http_server(self.config.server.metrics_port, self.config.server.metrics_host,
                                             registry=registry)
         self.metrics_port = server.server_port
