@@ -146,6 +146,10 @@ def test_the_unit_keeps_the_agreed_interface() -> None:
     assert str(errors.EXIT_UNAVAILABLE) not in prevent  # 69: a volume mounted late; restarted, within StartLimit
     assert s["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"] == s["AmbientCapabilities"]
     assert s["User"] == ["appliance"] and s["UMask"] == ["0077"] and s["StateDirectory"] == ["appliance"]
+    # Startup waits for a running `appliance compact` (server.prepare takes the compaction lock): the compaction
+    # job stops with the server and starts after it, so that a restart never waits for it.
+    compact = _settings("appliance-compact.service")
+    assert compact["After"][-1] == compact["PartOf"][0] == "appliance.service"
 
 
 def test_timer_jobs_run_their_commands_beside_a_serving_appliance(make_server: Callable[..., ServerHandle],
@@ -264,4 +268,28 @@ def test_the_appliance_serves_without_writable_executable_memory(make_server: Ca
     assert found.returncode == 0, found.stderr + handle.log()
     assert "MDWE did not refuse" not in handle.log()
     assert handle.stop() == 0, handle.log()
+    # The timer jobs run under the same setting.
     assert handle.cli_json("status")["counts"]["instances"] == 2
+    assert handle.cli_json("verify")["ok"]
+    handle.cli("compact")
+    handle.cli("tier", "run")
+
+
+# Every compiled module the appliance and its tiers load (dlopen is where an executable stack or text relocations
+# would need writable+executable memory), imported under MDWE.
+_EXTENSIONS = ("ssl", "hashlib", "sqlite3", "lmdb", "zstandard", "uvloop", "msgspec", "libjpeg", "boto3", "botocore",
+               "pydicom", "pynetdicom", "prometheus_client", "typer", "rich")
+
+
+@pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux 6.3+)")
+def test_every_compiled_dependency_loads_without_writable_executable_memory() -> None:
+    imports = "import importlib, pkgutil, appliance, tiering\n" + "".join(
+        f"importlib.import_module({m!r})\n" for m in _EXTENSIONS) + (
+        "for pkg in (appliance, tiering):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if not info.name.endswith('__main__'):  # that one runs the CLI\n"
+        "            importlib.import_module(info.name)\n"
+        "print('loaded')\n")
+    script = _UNDER_MDWE.split("sys.argv = ")[0] + imports
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
