@@ -10,6 +10,7 @@ Why stderr must be empty: `systemd-analyze verify` exits 0 on an unknown key or 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 import re
 import shutil
@@ -227,37 +228,106 @@ def test_sysusers_and_tmpfiles_on_a_temporary_root(tmp_path: Path) -> None:
     assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o750, 0, gid)
 
 
-# ---- MemoryDenyWriteExecute=yes, checked by the kernel --------------------------------------------------------
+# ---- MemoryDenyWriteExecute= and SystemCallFilter=, enforced by the kernel ----------------------------------------
+#
+# systemd cannot run here, but the kernel can apply the same two restrictions to a plain process: prctl(PR_SET_MDWE)
+# refuses writable+executable memory as MemoryDenyWriteExecute=yes does, and a seccomp filter built with libseccomp
+# (what systemd itself uses) from systemd-analyze's own syscall groups allows what the unit's SystemCallFilter=
+# lines allow, and answers EPERM to the rest (SystemCallErrorNumber=EPERM). Both are inherited by the workers.
 
-PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
-# Sets the kernel's MDWE on this process (inherited by the workers it forks), checks that it holds, then runs the
-# appliance in it.
-_UNDER_MDWE = (
-    "import ctypes, mmap, runpy, sys\n"
-    "libc = ctypes.CDLL(None, use_errno=True)\n"
-    f"assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0, ctypes.get_errno()\n"
-    "try:\n"
-    "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
-    "    sys.exit('MDWE did not refuse a writable and executable mapping')\n"
-    "except PermissionError:\n"
-    "    pass\n"
-    "sys.argv = ['appliance', *sys.argv[1:]]\n"
-    "runpy.run_module('appliance', run_name='__main__')\n"
-)
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+SECCOMP = ctypes.util.find_library("seccomp")
+
+
+def _syscall_groups() -> dict[str, list[str]]:
+    """systemd-analyze's groups (@name -> its entries, which may be groups), as this systemd defines them."""
+    out = _analyze("syscall-filter", "--no-pager", cwd=ROOT).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.strip().startswith("#"):
+            continue
+        elif line.startswith("    ") and current is not None:
+            current.append(line.strip())
+        elif line.strip():
+            current = None
+    return groups
+
+
+def _expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
+    calls: set[str] = set()
+    for name in names:
+        calls |= _expand(groups[name], groups) if name.startswith("@") else {name}
+    return calls
+
+
+def _unit_syscalls() -> list[str]:
+    """The system calls appliance.service allows: its SystemCallFilter= lines in order (an allow list, then "~"
+    lines that take calls out of it)."""
+    groups = _syscall_groups()
+    allowed: set[str] = set()
+    for value in _settings("appliance.service")["SystemCallFilter"]:
+        if value.startswith("~"):
+            allowed -= _expand(value[1:].split(), groups)
+        else:
+            allowed |= _expand(value.split(), groups)
+    assert {"read", "write", "epoll_wait", "sendto", "fdatasync", "flock"} <= allowed
+    assert not {"setuid", "mount", "setrlimit", "sched_setaffinity"} & allowed
+    return sorted(allowed)
+
+
+# Run in the child before the appliance: MDWE, then the seccomp filter, then checks that both hold.
+_SANDBOX = """import ctypes, mmap, os, runpy, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl({mdwe}, {refuse}, 0, 0, 0) == 0, ctypes.get_errno()
+lib = ctypes.CDLL({lib!r})
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+ctx = lib.seccomp_init(0x00050000 | 1)  # SCMP_ACT_ERRNO(EPERM) for anything not allowed
+for name in {calls!r}:
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr >= 0:  # a name this architecture does not have
+        assert lib.seccomp_rule_add(ctx, 0x7FFF0000, nr, 0) == 0, name  # SCMP_ACT_ALLOW
+assert lib.seccomp_load(ctx) == 0
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    sys.exit("MDWE did not refuse a writable and executable mapping")
+except PermissionError:
+    pass
+try:
+    os.sched_setaffinity(0, os.sched_getaffinity(0))  # @resources: taken out of the allow list
+    sys.exit("the system call filter is not in force")
+except PermissionError:
+    pass
+"""
+_RUN_APPLIANCE = "sys.argv = ['appliance', *sys.argv[1:]]\nrunpy.run_module('appliance', run_name='__main__')\n"
+
+
+def _sandbox() -> str:
+    return _SANDBOX.format(mdwe=PR_SET_MDWE, refuse=PR_MDWE_REFUSE_EXEC_GAIN, lib=SECCOMP, calls=_unit_syscalls())
 
 
 def _mdwe_supported() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
-    return bool(libc.prctl(66, 0, 0, 0, 0) >= 0)  # PR_GET_MDWE: Linux 6.3+
+    return bool(libc.prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0)  # Linux 6.3+
 
 
-@pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux 6.3+)")
-def test_the_appliance_serves_without_writable_executable_memory(make_server: Callable[..., ServerHandle],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The unit sets MemoryDenyWriteExecute=yes: Python, uvloop, lmdb, zstandard, msgspec, OpenSSL must never ask
-    for W+X memory (ctypes/cffi callbacks or a JIT would). The kernel refuses such a mapping here the same way;
-    the appliance must still start, take DCMTK stores over several workers, answer a C-FIND and stop cleanly."""
-    monkeypatch.setattr(conftest, "APPLIANCE", [sys.executable, "-c", _UNDER_MDWE])
+kernel_sandbox = pytest.mark.skipif(not _mdwe_supported() or SECCOMP is None,
+                                    reason="needs Linux 6.3+ (PR_SET_MDWE) and libseccomp")
+
+
+@kernel_sandbox
+def test_the_appliance_serves_under_the_units_memory_and_syscall_limits(make_server: Callable[..., ServerHandle],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MemoryDenyWriteExecute=yes: Python, uvloop, lmdb, zstandard, msgspec, OpenSSL must never ask for W+X memory
+    (ctypes/cffi callbacks or a JIT would). SystemCallFilter=: nothing the appliance does may need a call outside
+    @system-service minus @privileged and @resources. Under both, the appliance must start, take DCMTK stores over
+    two workers, answer a C-FIND, drain on SIGTERM with exit 0, and the timer jobs' commands must work."""
+    monkeypatch.setattr(conftest, "APPLIANCE", [sys.executable, "-c", _sandbox() + _RUN_APPLIANCE])
     handle: ServerHandle = make_server(server={"workers": 2})
     ct = get_testdata_file("CT_small.dcm")
     mr = get_testdata_file("MR_small.dcm")
@@ -266,9 +336,10 @@ def test_the_appliance_serves_without_writable_executable_memory(make_server: Ca
     found = dcmtk("findscu", "-S", "-aec", "APPLIANCE", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
                   "127.0.0.1", str(handle.port))
     assert found.returncode == 0, found.stderr + handle.log()
-    assert "MDWE did not refuse" not in handle.log()
+    assert handle.metrics()  # the HTTP endpoint too
     assert handle.stop() == 0, handle.log()
-    # The timer jobs run under the same setting.
+    assert "Operation not permitted" not in handle.log() and "PermissionError" not in handle.log()
+    # The timer jobs run under the same settings.
     assert handle.cli_json("status")["counts"]["instances"] == 2
     assert handle.cli_json("verify")["ok"]
     handle.cli("compact")
@@ -281,8 +352,8 @@ _EXTENSIONS = ("ssl", "hashlib", "sqlite3", "lmdb", "zstandard", "uvloop", "msgs
                "pydicom", "pynetdicom", "prometheus_client", "typer", "rich")
 
 
-@pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux 6.3+)")
-def test_every_compiled_dependency_loads_without_writable_executable_memory() -> None:
+@kernel_sandbox
+def test_every_compiled_dependency_loads_under_the_units_memory_and_syscall_limits() -> None:
     imports = "import importlib, pkgutil, appliance, tiering\n" + "".join(
         f"importlib.import_module({m!r})\n" for m in _EXTENSIONS) + (
         "for pkg in (appliance, tiering):\n"
@@ -290,6 +361,6 @@ def test_every_compiled_dependency_loads_without_writable_executable_memory() ->
         "        if not info.name.endswith('__main__'):  # that one runs the CLI\n"
         "            importlib.import_module(info.name)\n"
         "print('loaded')\n")
-    script = _UNDER_MDWE.split("sys.argv = ")[0] + imports
+    script = _sandbox() + imports
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
