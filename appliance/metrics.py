@@ -83,6 +83,7 @@ def _outcome(status: int) -> str:
 # store/volumes.py's MARKER (a volume without it is detached), not imported: metrics sits below the storage layer
 # (lint-imports); tests/unit/test_metrics_names.py checks that the two agree.
 VOLUME_MARKER = ".appliance-volume"
+SCRUB_SUMMARY = "scrub-summary.json"  # tiering/scrub.py SUMMARY_FILE (tiering sits above metrics: not imported)
 # C-FIND answers in milliseconds to seconds; a retrieve sends whole studies (and may wait for a recall): longer.
 _QUERY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _RETRIEVE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -224,6 +225,7 @@ def build_registry(config: Any) -> CollectorRegistry:
     tls = getattr(config, "tls", None)
     if tls is not None and tls.enabled and tls.certificate is not None:
         registry.register(CertificateCollector(str(tls.certificate)))
+    registry.register(ScrubCollector(os.path.join(str(config.storage.index_path), SCRUB_SUMMARY)))
     registry.register(BuildInfoCollector())
     return registry
 
@@ -294,6 +296,38 @@ class CertificateCollector:
         if expiry is not None:
             family.add_metric(["server"], expiry)
         yield family
+
+
+class ScrubCollector:
+    """The last scrub's findings per tier and kind, and when it ended, from the summary `appliance verify` writes
+    (tiering/scrub.py write_summary): the scrub runs in its own process, whose counters nobody scrapes. No file (no
+    scrub yet): no samples."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Any:
+        import json
+
+        ended = GaugeMetricFamily("appliance_scrub_last_run_timestamp_seconds",
+                                  "Unix time at which the last `appliance verify` of the tier ended", labels=["tier"])
+        found = GaugeMetricFamily("appliance_scrub_last_errors",
+                                  "Copies the last `appliance verify` of the tier found missing or corrupt, and "
+                                  "orphan files (online), by kind", labels=["tier", "kind"])
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                tiers = json.load(fh).get("tiers", {})
+        except (OSError, ValueError, AttributeError):
+            tiers = {}
+        for tier, summary in sorted(tiers.items())[:64]:  # bounded: tiers are config entries, few
+            try:
+                ended.add_metric([tier], float(summary["ended"]))
+                for kind in ("missing", "corrupt", "orphan"):
+                    found.add_metric([tier, kind], float(summary.get(kind, 0)))
+            except (KeyError, TypeError, ValueError):
+                continue  # a summary from another version: skipped, not a failed scrape
+        yield ended
+        yield found
 
 
 class BuildInfoCollector:
