@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 import appliance
 from appliance.config import PeerConfig
-from appliance.metrics import (SCRUB_SUMMARY, VOLUME_MARKER, BuildInfoCollector, CertificateCollector, Metrics,
-                               ScrubCollector, VolumeCollector)
+from appliance.metrics import (
+    SCRUB_SUMMARY,
+    VOLUME_MARKER,
+    BuildInfoCollector,
+    CertificateCollector,
+    Metrics,
+    ScrubCollector,
+    VolumeCollector,
+)
 from appliance.net.service import UNKNOWN_AE, peer_label
 from appliance.store.volumes import MARKER
 from tiering.scrub import SUMMARY_FILE
@@ -58,7 +65,7 @@ def test_certificate_expiry_follows_the_file(tmp_path: Path) -> None:
     make(2)
     collector = CertificateCollector(str(cert))
     expiry = _values(collector)[("appliance_tls_certificate_expiry_timestamp_seconds", (("certificate", "server"),))]
-    assert abs(expiry - datetime.now(timezone.utc).timestamp() - 2 * 86400) < 120
+    assert abs(expiry - datetime.now(UTC).timestamp() - 2 * 86400) < 120
     make(30)  # renewed: read again (mtime or size changed)
     os.utime(cert, ns=(1, 1))
     renewed = _values(collector)[("appliance_tls_certificate_expiry_timestamp_seconds", (("certificate", "server"),))]
