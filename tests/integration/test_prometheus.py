@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(not (shutil.which("prometheus") and shutil.which
 # old text must be there, so that a changed rule fails here instead of silently not being lowered). ApplianceDown
 # is proven by stopping the appliance; the TLS alerts fire with their real thresholds (a 2-day certificate).
 LOWERED = {
-    "ApplianceVolumeAboveWatermark": ("> appliance_volume_high_watermark_ratio", "> 0 * appliance_volume_high_watermark_ratio"),
+    "ApplianceVolumeAboveWatermark": ("> appliance_volume_high_watermark_ratio",
+                                      "> 0 * appliance_volume_high_watermark_ratio"),
     "ApplianceNoVolumeAccepting": ("== 0", ">= 0"),
     "ApplianceIngestFailures": ("> 0.01", "> 0"),
     "ApplianceStoreLatencyHigh": ("> 1", "> 0"),
