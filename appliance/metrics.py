@@ -142,7 +142,7 @@ class Metrics:
         self.retrieve_seconds = Histogram(
             "appliance_retrieve_duration_seconds",
             "C-MOVE and C-GET duration, from the request to the final response (sub-operations and any recall "
-            "wait included), by operation (move, get) and outcome (success, warning, failure, cancel)",
+            "wait included), by operation (C-MOVE, C-GET) and outcome (success, warning, failure, cancel)",
             ["operation", "outcome"], buckets=_RETRIEVE_BUCKETS, **kw,
         )
         self.commitments = Counter(
@@ -205,9 +205,10 @@ class Metrics:
         self.failures.labels(f"0x{status:04X}", STATUS_NAMES.get(status, "unknown")).inc()
 
     def answered(self, operation: str, status: int, seconds: float) -> None:
-        """The final response of a C-FIND ("find"), C-MOVE ("move") or C-GET ("get") was sent ``seconds`` after
-        the request: one observation per request, never per instance."""
-        if operation == "find":
+        """The final response of a ``operation`` ("C-FIND", "C-MOVE" or "C-GET", the operation label of
+        appliance_retrieve_suboperations_total too) was sent ``seconds`` after the request: one observation per
+        request, never per instance."""
+        if operation == "C-FIND":
             self.query_seconds.labels(_outcome(status)).observe(seconds)
         else:
             self.retrieve_seconds.labels(operation, _outcome(status)).observe(seconds)

@@ -99,7 +99,7 @@ AWAIT_RQ, ESTABLISHED, REJECTED, CLOSED = "await-rq", "established", "rejected",
 
 
 # Requests timed from their (identifier's) arrival to their final response, for the metrics' duration histograms.
-_TIMED = {dimse.C_FIND_RQ: "find", dimse.C_MOVE_RQ: "move", dimse.C_GET_RQ: "get"}
+_TIMED = {dimse.C_FIND_RQ: "C-FIND", dimse.C_MOVE_RQ: "C-MOVE", dimse.C_GET_RQ: "C-GET"}
 
 
 class AssociationProtocol(asyncio.BufferedProtocol):

@@ -90,13 +90,13 @@ def test_build_info_and_operation_durations() -> None:
                                                                     ("version", appliance.__version__)))] == 1.0
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.answered("find", 0x0000, 0.01)
-    metrics.answered("find", 0xFE00, 0.01)
-    metrics.answered("move", 0xB000, 2.0)
-    metrics.answered("get", 0xA702, 1.0)
+    metrics.answered("C-FIND", 0x0000, 0.01)
+    metrics.answered("C-FIND", 0xFE00, 0.01)
+    metrics.answered("C-MOVE", 0xB000, 2.0)
+    metrics.answered("C-GET", 0xA702, 1.0)
     text = generate_latest(registry).decode()
     for line in ('appliance_query_duration_seconds_count{outcome="success"} 1.0',
                  'appliance_query_duration_seconds_count{outcome="cancel"} 1.0',
-                 'appliance_retrieve_duration_seconds_count{operation="move",outcome="warning"} 1.0',
-                 'appliance_retrieve_duration_seconds_count{operation="get",outcome="failure"} 1.0'):
+                 'appliance_retrieve_duration_seconds_count{operation="C-MOVE",outcome="warning"} 1.0',
+                 'appliance_retrieve_duration_seconds_count{operation="C-GET",outcome="failure"} 1.0'):
         assert line in text, line
