@@ -276,8 +276,10 @@ class CertificateCollector:
         self._expiry: float | None = None
 
     def expiry(self) -> float | None:
-        from cryptography import x509
-
+        try:
+            from cryptography import x509
+        except ImportError:  # a dependency (pyproject.toml), but an install without it must still serve /metrics
+            return None
         try:
             st = os.stat(self.path)
             key = (st.st_mtime_ns, st.st_size)
