@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
-from appliance.errors import STATUS_NAMES
+from appliance.errors import CANCEL, STATUS_NAMES, SUCCESS
 
 _SOP_NAMES = {str(uid): name for name, uid in _STORAGE_CLASSES.items()}
 FLUSH_SECONDS = 0.5
@@ -69,6 +69,26 @@ def sop_class_label(uid: str) -> str:
     return _SOP_NAMES.get(uid, "other")
 
 
+# Outcome label of a C-FIND / C-MOVE / C-GET from its final status (bounded: four values).
+def _outcome(status: int) -> str:
+    if status == SUCCESS:
+        return "success"
+    if status == CANCEL:
+        return "cancel"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:  # PS3.7 C.4: the Warning statuses
+        return "warning"
+    return "failure"
+
+
+# store/volumes.py's MARKER (a volume without it is detached), not imported: metrics sits below the storage layer
+# (lint-imports); tests/unit/test_metrics_names.py checks that the two agree.
+VOLUME_MARKER = ".appliance-volume"
+SCRUB_SUMMARY = "scrub-summary.json"  # tiering/scrub.py SUMMARY_FILE (tiering sits above metrics: not imported)
+# C-FIND answers in milliseconds to seconds; a retrieve sends whole studies (and may wait for a recall): longer.
+_QUERY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_RETRIEVE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
@@ -83,7 +103,7 @@ class Metrics:
             "appliance_instances_stored", "Instances acknowledged with Success", ["sop_class", "calling_ae"], **kw
         )
         self.bytes_stored = Counter(
-            "appliance_bytes_stored", "Bytes of acknowledged instances (Part-10 size)", ["sop_class", "calling_ae"],
+            "appliance_stored_bytes", "Bytes of acknowledged instances (Part-10 size)", ["sop_class", "calling_ae"],
             **kw,
         )
         self.store_seconds = Histogram(
@@ -113,6 +133,17 @@ class Metrics:
             "appliance_retrieve_suboperations",
             "C-STORE sub-operations of C-MOVE and C-GET (counted once per retrieve, at its end), by result: "
             "completed, failed, warning, not_sent (cancelled or stopped)", ["operation", "result"], **kw,
+        )
+        self.query_seconds = Histogram(
+            "appliance_query_duration_seconds",
+            "C-FIND duration, from its identifier received to its final response, by outcome (success, warning, "
+            "failure, cancel)", ["outcome"], buckets=_QUERY_BUCKETS, **kw,
+        )
+        self.retrieve_seconds = Histogram(
+            "appliance_retrieve_duration_seconds",
+            "C-MOVE and C-GET duration, from the request to the final response (sub-operations and any recall "
+            "wait included), by operation (C-MOVE, C-GET) and outcome (success, warning, failure, cancel)",
+            ["operation", "outcome"], buckets=_RETRIEVE_BUCKETS, **kw,
         )
         self.commitments = Counter(
             "appliance_storage_commitment",
@@ -173,37 +204,147 @@ class Metrics:
     def failure(self, status: int) -> None:
         self.failures.labels(f"0x{status:04X}", STATUS_NAMES.get(status, "unknown")).inc()
 
+    def answered(self, operation: str, status: int, seconds: float) -> None:
+        """The final response of a ``operation`` ("C-FIND", "C-MOVE" or "C-GET", the operation label of
+        appliance_retrieve_suboperations_total too) was sent ``seconds`` after the request: one observation per
+        request, never per instance."""
+        if operation == "C-FIND":
+            self.query_seconds.labels(_outcome(status)).observe(seconds)
+        else:
+            self.retrieve_seconds.labels(operation, _outcome(status)).observe(seconds)
+
 
 def build_registry(config: Any) -> CollectorRegistry:
     """The registry the supervisor serves on /metrics: the workers' and helpers' multi-process files, summed, plus
-    what is read at scrape time (volumes). ``config`` is the appliance Config (typed Any: config imports nothing
-    above it, and this module must not import the composition root)."""
+    what is read at scrape time (volumes, the TLS certificate, the build). ``config`` is the appliance Config (typed
+    Any: config imports nothing above it, and this module must not import the composition root)."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    registry.register(VolumeCollector([(v.name, str(v.path)) for v in config.volumes]))
+    registry.register(VolumeCollector([(v.name, str(v.path), float(v.high_watermark)) for v in config.volumes]))
+    tls = getattr(config, "tls", None)
+    if tls is not None and tls.enabled and tls.certificate is not None:
+        registry.register(CertificateCollector(str(tls.certificate)))
+    registry.register(ScrubCollector(os.path.join(str(config.storage.index_path), SCRUB_SUMMARY)))
+    registry.register(BuildInfoCollector())
     return registry
 
 
 class VolumeCollector:
-    """Free and total bytes per volume, read at scrape time by the supervisor."""
+    """Free and total bytes per volume, its high watermark and whether it takes writes, read at scrape time by the
+    supervisor (one statvfs per volume per scrape)."""
 
-    def __init__(self, volumes: list[tuple[str, str]]) -> None:
+    def __init__(self, volumes: list[tuple[str, str, float]]) -> None:
         self.volumes = volumes
 
     def collect(self) -> Any:
         free = GaugeMetricFamily("appliance_volume_free_bytes", "Bytes available on the volume", labels=["volume"])
         total = GaugeMetricFamily("appliance_volume_size_bytes", "Size of the volume's filesystem", labels=["volume"])
-        for name, root in self.volumes:
+        mark = GaugeMetricFamily("appliance_volume_high_watermark_ratio",
+                                 "Fraction of the filesystem in use above which the volume takes no new writes "
+                                 "([[volumes]] high_watermark)", labels=["volume"])
+        accepting = GaugeMetricFamily("appliance_volume_accepting",
+                                      "1 when the volume takes new writes (mounted, marker present, under its high "
+                                      "watermark), else 0", labels=["volume"])
+        for name, root, watermark in self.volumes:
+            mark.add_metric([name], watermark)
             try:
                 st = os.statvfs(root)
+                attached = os.path.isfile(os.path.join(root, VOLUME_MARKER))
             except OSError:
+                accepting.add_metric([name], 0.0)  # detached or unreadable: it takes nothing
                 continue
+            size = st.f_blocks * st.f_frsize
             free.add_metric([name], st.f_bavail * st.f_frsize)
-            total.add_metric([name], st.f_blocks * st.f_frsize)
+            total.add_metric([name], size)
+            used = 1.0 - st.f_bavail / st.f_blocks if st.f_blocks else 1.0  # as the store's Volume.fill()
+            accepting.add_metric([name], 1.0 if attached and used < watermark else 0.0)
         yield free
         yield total
+        yield mark
+        yield accepting
+
+
+class CertificateCollector:
+    """The notAfter of the TLS port's certificate (the first in [tls] certificate), read at scrape time so that a
+    renewed file shows without a restart; parsed again only when the file changes (mtime, size)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._expiry: float | None = None
+
+    def expiry(self) -> float | None:
+        try:
+            from cryptography import x509
+        except ImportError:  # a dependency (pyproject.toml), but an install without it must still serve /metrics
+            return None
+        try:
+            st = os.stat(self.path)
+            key = (st.st_mtime_ns, st.st_size)
+            if key != self._seen:
+                with open(self.path, "rb") as fh:
+                    cert = x509.load_pem_x509_certificate(fh.read())  # the first PEM block: ours
+                self._expiry, self._seen = cert.not_valid_after_utc.timestamp(), key
+        except (OSError, ValueError):
+            self._expiry, self._seen = None, None  # unreadable now: no sample, and "absent" alerts can fire
+        return self._expiry
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily("appliance_tls_certificate_expiry_timestamp_seconds",
+                                   "Unix time after which the TLS port's certificate is no longer valid (notAfter)",
+                                   labels=["certificate"])
+        expiry = self.expiry()
+        if expiry is not None:
+            family.add_metric(["server"], expiry)
+        yield family
+
+
+class ScrubCollector:
+    """The last scrub's findings per tier and kind, and when it ended, from the summary `appliance verify` writes
+    (tiering/scrub.py write_summary): the scrub runs in its own process, whose counters nobody scrapes. No file (no
+    scrub yet): no samples."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Any:
+        import json
+
+        ended = GaugeMetricFamily("appliance_scrub_last_run_timestamp_seconds",
+                                  "Unix time at which the last `appliance verify` of the tier ended", labels=["tier"])
+        found = GaugeMetricFamily("appliance_scrub_last_errors",
+                                  "Copies the last `appliance verify` of the tier found missing or corrupt, and "
+                                  "orphan files (online), by kind", labels=["tier", "kind"])
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                tiers = json.load(fh).get("tiers", {})
+        except (OSError, ValueError, AttributeError):
+            tiers = {}
+        for tier, summary in sorted(tiers.items())[:64]:  # bounded: tiers are config entries, few
+            try:
+                ended.add_metric([tier], float(summary["ended"]))
+                for kind in ("missing", "corrupt", "orphan"):
+                    found.add_metric([tier, kind], float(summary.get(kind, 0)))
+            except (KeyError, TypeError, ValueError):
+                continue  # a summary from another version: skipped, not a failed scrape
+        yield ended
+        yield found
+
+
+class BuildInfoCollector:
+    """appliance_build_info: constant 1, labelled with the version (the usual way to chart upgrades)."""
+
+    def collect(self) -> Any:
+        import platform
+
+        from appliance import __version__
+
+        info = GaugeMetricFamily("appliance_build_info", "The appliance's version and Python version (always 1)",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
 
 
 # Recall latency (request to online): from seconds (a recall already running) to hours (a cartridge to load).
@@ -225,8 +366,18 @@ class TieringMetrics:
         self.migration_bytes = Counter("appliance_tier_migration_bytes",
                                        "Bytes copied between tiers, by source and target tier (moves and recalls)",
                                        ["from_tier", "to_tier"], **kw)
-        self.recall_seconds = Histogram("appliance_recall_seconds", "Time from a recall's request to its study online",
-                                        buckets=_RECALL_BUCKETS, **kw)
+        self.recall_seconds = Histogram("appliance_recall_duration_seconds",
+                                        "Time from a recall's request to its study online", buckets=_RECALL_BUCKETS,
+                                        **kw)
+        self.recall_oldest = Gauge("appliance_recall_oldest_request_timestamp_seconds",
+                                   "Unix time of the oldest recall request still queued (0: the queue is empty)",
+                                   multiprocess_mode="mostrecent", **kw)
+        self.policy_run = Gauge("appliance_tier_policy_run_last_success_timestamp_seconds",
+                                "Unix time at which the server's last scheduled policy run ended without error",
+                                multiprocess_mode="mostrecent", **kw)
+        self.tier_paused = Gauge("appliance_tier_paused",
+                                 "1 when the last scheduled policy run paused moves to and from the tier (it did not "
+                                 "answer), else 0", ["tier"], multiprocess_mode="mostrecent", **kw)
         self.scrub_errors = Counter("appliance_scrub_errors", "Copies `verify` found missing or corrupt, by tier",
                                     ["tier", "kind"], **kw)
 

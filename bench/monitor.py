@@ -99,7 +99,7 @@ def metrics_delta(before: dict[Any, float], after: dict[Any, float]) -> dict[str
         "commits": int(commits),
         "batch_size_mean": round(d("appliance_commit_batch_size_sum") / commits, 3) if commits else None,
         "instances_stored": int(d("appliance_instances_stored_total")),
-        "bytes_stored": int(d("appliance_bytes_stored_total")),
+        "bytes_stored": int(d("appliance_stored_bytes_total")),
         "failures_by_status": {k: v for k, v in failures.items() if v},
     }
 

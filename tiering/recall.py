@@ -374,7 +374,7 @@ def refresh_gauges(config: Config, index: StudyIndex) -> None:
     """Bytes and studies per tier, and the recall queue depth, into the tiering gauges. Bytes come from the
     container records (one per segment or archive), studies from the placement table (one row per study that
     ever moved or was read): both far smaller than the instances, read every GAUGES_S at most."""
-    from appliance.index.schema import StudyPlacement, decode
+    from appliance.index.schema import RecallRecord, StudyPlacement, decode
     from appliance.metrics import tiering_metrics
     from tiering.tiers import tier_of_backend, tier_order
 
@@ -392,12 +392,16 @@ def refresh_gauges(config: Config, index: StudyIndex) -> None:
             placed += 1
         total = txn.stat(index.dbs["studies"])["entries"]
         queued = txn.stat(index.dbs["recalls"])["entries"]
+        # The oldest request: the queue holds tiering.recall_queue_max entries at most, so this scan is bounded.
+        oldest_ns = min((decode(RecallRecord, raw).requested_ns for _key, raw in txn.cursor(db=index.dbs["recalls"])),
+                        default=0)
     studies[ONLINE_TIER] += max(0, total - placed)  # never moved nor read: online
     for tier, nbytes in tier_bytes.items():
         metrics.tier_bytes.labels(tier).set(nbytes)
     for tier, count in studies.items():
         metrics.tier_studies.labels(tier).set(count)
     metrics.recall_queue.set(queued)
+    metrics.recall_oldest.set(oldest_ns / 1e9)
 
 
 POLL_S = 1.0  # how often the server's recaller looks at the queue (one short read transaction)

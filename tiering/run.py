@@ -191,6 +191,9 @@ def scheduled_main(config: Config) -> None:
         for result in report.resumed + report.results:
             if result.bytes:
                 metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
+        for name in tier_order(config)[1:]:  # a tier that answers again is unpaused by the next run
+            metrics.tier_paused.labels(name).set(1 if name in report.paused else 0)
+        metrics.policy_run.set(time.time())
         counts = report.counts()
         for name, why in report.paused.items():
             log.warning("tiering: moves to and from tier %s paused until the next run (in %.0fs): %s", name,

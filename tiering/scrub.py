@@ -135,6 +135,7 @@ def scrub(config: Config, index: StudyIndex, store: BlobStore, tiers: set[str] |
         if tier != ONLINE_TIER:
             _against_listing(index, store, tier, report.tiers[tier])
     _record(config, report)
+    write_summary(config, report, wanted)
     return report
 
 
@@ -236,3 +237,28 @@ def _record(config: Config, report: ScrubReport) -> None:
                     audit.write("scrub", tier=tier, finding=kind, what=finding)
             audit.write("scrub", tier=tier, checked=rep.checked, bytes=rep.bytes_read,
                         outcome="ok" if rep.ok else "problems")
+
+
+SUMMARY_FILE = "scrub-summary.json"  # in the index folder; read at scrape time by appliance/metrics.py
+
+
+def write_summary(config: Config, report: ScrubReport, tiers: list[str]) -> None:
+    """The counts of this scrub, for /metrics: `appliance verify` runs as its own process (a timer), whose
+    counters nobody scrapes, so the server reads this file at scrape time instead (ScrubCollector). Per tier
+    checked: the time it ended and the findings of each kind (0 included, so that a clean scrub is visible)."""
+    import json
+    import os
+
+    path = config.storage.index_path / SUMMARY_FILE
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    tiers_done = dict(previous.get("tiers", {})) if isinstance(previous, dict) else {}
+    for tier in tiers:
+        rep = report.tiers[tier]
+        tiers_done[tier] = {"ended": time.time(), "missing": rep.missing_count, "corrupt": rep.corrupt_count,
+                            "orphan": len(rep.orphans)}
+    tmp = path.with_name(SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps({"tiers": tiers_done}))
+    os.replace(tmp, path)  # whole or not at all: the scraper never reads half a file

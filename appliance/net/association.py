@@ -28,7 +28,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from appliance.config import Config, PeerConfig
-from appliance.net import dimse, pdu
+from appliance.net import dimse, pdu, service
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
 from appliance.net.service import AnswerOnce, Application, ChannelClosed, Handler, Request, Response
 from appliance.net.slots import SlotTable
@@ -98,6 +98,10 @@ def resolve_peer_hosts(config: Config) -> dict[str, frozenset[str]]:
 AWAIT_RQ, ESTABLISHED, REJECTED, CLOSED = "await-rq", "established", "rejected", "closed"
 
 
+# Requests timed from their (identifier's) arrival to their final response, for the metrics' duration histograms.
+_TIMED = {dimse.C_FIND_RQ: "C-FIND", dimse.C_MOVE_RQ: "C-MOVE", dimse.C_GET_RQ: "C-GET"}
+
+
 class AssociationProtocol(asyncio.BufferedProtocol):
     def __init__(self, endpoint: Endpoint) -> None:
         self.ep = endpoint
@@ -112,6 +116,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.command_buf = bytearray()
         self.command_context = 0  # the presentation context of the command being reassembled
         self.known_peer: PeerConfig | None = None  # the calling AE's [peers] entry, looked up once
+        self.ae_label = service.UNKNOWN_AE  # the calling_ae metric label: the AE title of a configured peer only
         self.receiving: Handler | None = None  # the handler whose dataset is arriving
         self.receiving_request: Request | None = None
         self.running: dict[int, Handler] = {}  # message id -> handler still answering (for C-CANCEL)
@@ -325,7 +330,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self.slot >= 0:
             self.ep.slots.give(self.slot)
             self.slot = -1
-            self.ep.metrics.associations_active.labels(self.calling_ae).dec()
+            self.ep.metrics.associations_active.labels(self.ae_label).dec()
 
     def _close(self) -> None:
         """Close after what is queued has been sent. The slot is free at once; the descriptor is freed when the
@@ -372,7 +377,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def _reject(self, rj: tuple[int, int, int], why: str) -> None:
         log.info("%s: association from %r rejected: %s", self.peer, self.calling_ae, why)
-        self.ep.metrics.associations_total.labels(self.calling_ae, "rejected").inc()
+        self.ep.metrics.associations_total.labels(self.ae_label, "rejected").inc()
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = rj
         out = A_ASSOCIATE_RJ()
@@ -392,11 +397,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         # Cheap checks on the fixed fields first: a peer we refuse costs no pynetdicom decode.
         head = read_request_header(raw)
         self.calling_ae = head.calling_ae
+        # Looked up before any check, so that a rejection of a configured peer is counted under its label.
+        self.known_peer = cfg.peer_by_ae(self.calling_ae)
+        self.ae_label = service.peer_label(self.known_peer)
         if not (head.protocol_version & 1):
             return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {head.protocol_version}")
         if head.called_ae != server.ae_title:
             return self._reject(RJ_CALLED_AE, f"called AE title {head.called_ae!r} is not ours")
-        self.known_peer = cfg.peer_by_ae(self.calling_ae)
         if server.refuse_unknown_calling_ae and self.known_peer is None:
             return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
         if (server.check_peer_host and self.known_peer is not None
@@ -428,8 +435,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._send(neg.ac_pdu)
         self.state = ESTABLISHED
         self.ep.accepted += 1
-        self.ep.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
-        self.ep.metrics.associations_active.labels(self.calling_ae).inc()
+        self.ep.metrics.associations_total.labels(self.ae_label, "accepted").inc()
+        self.ep.metrics.associations_active.labels(self.ae_label).inc()
         if self.tls:
             log.info("%s: association with %s accepted over TLS (%s), client certificate %s", self.peer,
                      self.calling_ae, self.tls_cipher, self.tls_subject or "none")
@@ -559,6 +566,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         stays bounded), then exactly one final response; a handler that ends without one is a bug of ours, and
         the peer still gets its answer (0xC211) instead of waiting for ever."""
         command = request.command
+        started = time.perf_counter()
         try:
             async for response in handler.responses():
                 if self.state == CLOSED:
@@ -573,6 +581,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                         return
                     self._send_response(request, response)
                 if not response.is_pending:
+                    operation = _TIMED.get(command.command_field)
+                    if operation is not None:  # a C-STORE costs this lookup only
+                        self.ep.metrics.answered(operation, response.status, time.perf_counter() - started)
                     return
             log.error("%s (%s): the handler of a 0x%04X request ended without a final response", self.peer,
                       self.calling_ae, command.command_field)

@@ -50,6 +50,17 @@ class PeerChannel(Protocol):
         ...
 
 
+UNKNOWN_AE = "unknown"  # the calling_ae metric label of every AE title that is not a configured [peers] ae_title
+
+
+def peer_label(peer: PeerConfig | None) -> str:
+    """The calling_ae metric label of an association: its [peers] entry's AE title, else "unknown". A calling AE
+    title is whatever the peer sends (16 bytes of its choosing): as a label it would grow the series without bound,
+    so only titles the operator configured become labels. ``peer`` is looked up in the config the association
+    uses, so a reload (SIGHUP) changes the label of the next association, never of a running one."""
+    return peer.ae_title if peer is not None else UNKNOWN_AE
+
+
 @dataclass(frozen=True)
 class Request:
     """One DIMSE request as the association received it."""
@@ -62,6 +73,10 @@ class Request:
     peer: PeerConfig | None  # the calling AE's [peers] entry, if any
     address: str  # source host of the connection (no port)
     channel: PeerChannel | None = None  # the association itself, for requests to the peer (None in unit tests)
+
+    @property
+    def ae_label(self) -> str:
+        return peer_label(self.peer)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from appliance.errors import ApplianceError
 from appliance.index.db import Outcome
 from appliance.index.records import HEAD_LIMIT, read_header, read_header_beyond_head
 from appliance.net.dimse import Command
+from appliance.net.service import peer_label
 from appliance.store.blobs import file_meta
 from appliance.store.commit import Submission
 from appliance.store.segments import SegmentBackend
@@ -71,6 +72,7 @@ class StoreOperation:
         self.dataset_bytes = 0
         self.max_bytes = ctx.config.storage.max_instance_bytes  # looked up once, not per PDV
         self.peer = peer
+        self.ae_label = peer_label(peer)  # the metrics' calling_ae: configured peers only (bounded cardinality)
         sop_class = command.affected_sop_class_uid
         # The peer's store right is checked once, by the dispatch (services/application.py), before this exists.
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
@@ -114,7 +116,7 @@ class StoreOperation:
         received_at = time.perf_counter()
         result = await self._finish()
         if result.status == errors.SUCCESS:
-            ctx.metrics.stored(self.command.affected_sop_class_uid, self.calling_ae, self.dataset_bytes,
+            ctx.metrics.stored(self.command.affected_sop_class_uid, self.ae_label, self.dataset_bytes,
                                received_at - self.started, time.perf_counter() - received_at)
         else:
             ctx.metrics.failure(result.status)

@@ -435,7 +435,9 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_with_two_workers(make_server: MakeServer) -> None:
-    server = make_server(server={"workers": 2})
+    # Two of the calling AE titles are configured peers: only they become calling_ae labels, the rest "unknown".
+    server = make_server(server={"workers": 2}, peers={"one": {"ae_title": "METRICS1", "port": 1},
+                                                       "bad": {"ae_title": "METRICS_BAD", "port": 1}})
     assert len(server.worker_pids()) == 2
     study = generate_uid()
     associations, per_association = 4, 5
@@ -469,8 +471,12 @@ def test_metrics_with_two_workers(make_server: MakeServer) -> None:
     samples = wait_for(settled, 30, interval=0.1, what="metrics to add up")
     assert total(samples, "appliance_instances_stored_total") == n
     assert total(samples, "appliance_instances_stored_total", calling_ae="METRICS1") == per_association
+    assert total(samples, "appliance_instances_stored_total", calling_ae="unknown") == n - per_association
+    assert total(samples, "appliance_stored_bytes_total", calling_ae="unknown") > 0
+    assert {labels["calling_ae"] for name in ("appliance_instances_stored_total", "appliance_associations_total")
+            for labels, _ in samples[name]} == {"METRICS1", "METRICS_BAD", "unknown"}
     assert total(samples, "appliance_instances_stored_total", sop_class="CTImageStorage") == n // 2
-    assert total(samples, "appliance_bytes_stored_total") == sent_bytes > 0
+    assert total(samples, "appliance_stored_bytes_total") == sent_bytes > 0
     for stage in ("receive", "fsync", "index", "total"):
         assert total(samples, "appliance_store_stage_seconds_count", stage=stage) == n, stage
         assert total(samples, "appliance_store_stage_seconds_bucket", stage=stage, le="+Inf") == n, stage
@@ -479,6 +485,7 @@ def test_metrics_with_two_workers(make_server: MakeServer) -> None:
     assert total(samples, "appliance_associations_total", result="accepted") == associations + 1
     assert total(samples, "appliance_associations_total", result="accepted", calling_ae="METRICS_BAD") == 1
     assert total(samples, "appliance_associations_total", result="rejected") == 1
+    assert total(samples, "appliance_associations_total", result="rejected", calling_ae="unknown") == 1
     assert total(samples, "appliance_store_failures_total") == 1
     assert total(samples, "appliance_store_failures_total", status="0xC001") == 1
     assert total(samples, "appliance_volume_free_bytes", volume="vol0") > 0

@@ -188,7 +188,7 @@ def test_online_nearline_tape_recall_and_back(make_server: Callable[..., ServerH
     assert any(line["event"] == "recall" and line.get("outcome") == "recalled" and line["from"] == "tape"
                for line in audit)
     metrics = server.metrics()
-    assert "appliance_recall_seconds_count 1.0" in metrics, metrics
+    assert "appliance_recall_duration_seconds_count 1.0" in metrics, metrics
     print(f"C-MOVE of a 4-instance study on virtual tape, recall included: {recall_s:.2f}s")
 
 

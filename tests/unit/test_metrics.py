@@ -43,7 +43,7 @@ def test_flushed_metrics_equal_direct_observation() -> None:
         assert abs(got[key] - value) < 1e-9, key
     assert _samples(registry, "appliance_instances_stored_total")[
         (("name", "appliance_instances_stored_total"), ("calling_ae", "CT01"), ("sop_class", "CTImageStorage"))] == 500
-    assert sum(v for k, v in _samples(registry, "appliance_bytes_stored_total").items()) == sum(
+    assert sum(v for k, v in _samples(registry, "appliance_stored_bytes_total").items()) == sum(
         1000 + i for i in range(500))
     assert _samples(registry, "appliance_commit_batch_size_count")[(("name", "appliance_commit_batch_size_count"),)] == 1
     stage_count = _samples(registry, "appliance_store_stage_seconds_count")

@@ -190,11 +190,11 @@ def test_tier_gauges_from_the_index(site: Site) -> None:
     assert value("appliance_tier_studies", tier="nas") == 0
     assert value("appliance_recall_queue_depth") == 1
     assert (value("appliance_tier_bytes", tier="online") or 0) > 0 and (value("appliance_tier_bytes", tier="lto") or 0) > 0
-    before = value("appliance_recall_seconds_count") or 0
+    before = value("appliance_recall_duration_seconds_count") or 0
     from tiering.recall import _observe
 
     _observe(recall_queued(site.config, site.index, site.store))
-    assert value("appliance_recall_seconds_count") == before + 1
+    assert value("appliance_recall_duration_seconds_count") == before + 1
     assert (value("appliance_tier_migration_bytes_total", from_tier="lto", to_tier="online") or 0) > 0
 
 
