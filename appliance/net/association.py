@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from appliance.audit import MINOR_FAILURE, NODE_AUTHENTICATION, Session, Sink
 from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
@@ -65,6 +66,7 @@ class Endpoint:
     accepted: int = 0  # associations accepted so far (the benchmark's discard receiver reports it)
 
     peer_addresses: dict[str, frozenset[str]] = field(default_factory=dict)  # peer name -> its host's addresses
+    audit: Sink = field(default_factory=Sink)  # this worker's audit trail (default: dropped)
 
     def __post_init__(self) -> None:
         if self.config.server.check_peer_host and not self.peer_addresses:
@@ -138,6 +140,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.send_lock = asyncio.Lock()  # one message (command + dataset) on the wire at a time
         self.writable: asyncio.Future[None] | None = None  # set while the transport's buffer is above its limit
         self.dropping_context = 0  # a response dataset from the peer is being read and dropped on this context
+        self.session: Session | None = None  # while associated: what it did, for the audit trail and log
+        self.released = False  # A-RELEASE-RP sent: the association ended normally
 
     # ---- transport callbacks ----------------------------------------------------------------------
 
@@ -237,6 +241,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_handlers()
         self.state = CLOSED
+        self._end_session()
         for handle in (self.timer, self.hard_abort):
             if handle is not None:
                 handle.cancel()
@@ -370,8 +375,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._send(pdu.abort_pdu(0x02, reason))
         self._close()
 
-    def _reject(self, rj: tuple[int, int, int], why: str) -> None:
+    def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False) -> None:
+        """``alert``: refused for who the peer is (AE titles, host), not for a limit: a security alert too."""
         log.info("%s: association from %r rejected: %s", self.peer, self.calling_ae, why)
+        peer = {"peer_ae": self.calling_ae, "peer_address": self.host, "tls": self.tls}
+        if alert:
+            self.ep.audit.emit("security_alert", MINOR_FAILURE, alert_type=NODE_AUTHENTICATION,
+                               reason=why, **peer)
+        self.ep.audit.emit("association", MINOR_FAILURE, result="rejected", reason=why, **peer)
         self.ep.metrics.associations_total.labels(self.calling_ae, "rejected").inc()
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = rj
@@ -395,14 +406,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if not (head.protocol_version & 1):
             return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {head.protocol_version}")
         if head.called_ae != server.ae_title:
-            return self._reject(RJ_CALLED_AE, f"called AE title {head.called_ae!r} is not ours")
+            return self._reject(RJ_CALLED_AE, f"called AE title {head.called_ae!r} is not ours", alert=True)
         self.known_peer = cfg.peer_by_ae(self.calling_ae)
         if server.refuse_unknown_calling_ae and self.known_peer is None:
-            return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
+            return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]", alert=True)
         if (server.check_peer_host and self.known_peer is not None
                 and _normal_address(self.host) not in self.ep.peer_addresses.get(self.known_peer.name, ())):
             return self._reject(RJ_CALLING_AE, f"calling AE title of peer {self.known_peer.name!r} from a host that is "
-                                               "not its configured one (server.check_peer_host)")
+                                               "not its configured one (server.check_peer_host)", alert=True)
         if head.presentation_contexts > server.max_presentation_contexts:
             return self._reject(RJ_NO_REASON, f"{head.presentation_contexts} presentation contexts "
                                               f"(server.max_presentation_contexts = {server.max_presentation_contexts})")
@@ -430,6 +441,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.ep.accepted += 1
         self.ep.metrics.associations_total.labels(self.calling_ae, "accepted").inc()
         self.ep.metrics.associations_active.labels(self.calling_ae).inc()
+        self.session = Session(self.ep.audit, self.calling_ae, self.host, self.tls)
         if self.tls:
             log.info("%s: association with %s accepted over TLS (%s), client certificate %s", self.peer,
                      self.calling_ae, self.tls_cipher, self.tls_subject or "none")
@@ -482,7 +494,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self._on_response(command, context_id)
             return
         request = Request(command, context_id, context[0], context[1], self.calling_ae, self.known_peer, self.host,
-                          self)
+                          self, self.session)
         handler = self.ep.app.handler(request)
         if handler is None:
             handler = AnswerOnce(Response(UNRECOGNIZED_OPERATION))
@@ -612,4 +624,31 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         """A-RELEASE-RP goes out only after every pending response has been sent."""
         if self.release_requested and not self.tasks and self.state == ESTABLISHED:
             self._send(pdu.RELEASE_RP_PDU)
+            self.released = True
             self._close()
+
+    # ---- the association's end: one info line and its audit lines ---------------------------------
+
+    def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        how = "released" if self.released else "aborted"
+        pending = [t for t in self.tasks if not t.done()]
+        if pending:
+            # An instance the group commit still holds is counted when its handler ends (bounded by the commit).
+            asyncio.get_running_loop().create_task(_end_after(pending, session, how))
+        else:
+            _end(session, how)
+
+
+def _end(session: Session, how: str) -> None:
+    # One info line per association, never one per instance, and no UIDs at info (docs/operations.md "Logs").
+    log.info("association from %s (%s): %d stored, %d failed, %.1f s, %s", session.peer_ae, session.peer_address,
+             session.stored, session.failed, session.duration_s, how)
+    session.end(how)
+
+
+async def _end_after(tasks: list[asyncio.Task[None]], session: Session, how: str) -> None:
+    await asyncio.wait(tasks, timeout=60)
+    _end(session, how)

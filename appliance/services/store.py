@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance import errors
+from appliance.audit import Session
 from appliance.config import PeerConfig
 from appliance.errors import ApplianceError
 from appliance.index.db import Outcome
@@ -58,7 +59,7 @@ class StoreOperation:
 
     def __init__(
         self, ctx: WorkerContext, command: Command, abstract_syntax: str, transfer_syntax: str, calling_ae: str,
-        peer: PeerConfig | None = None,
+        peer: PeerConfig | None = None, session: Session | None = None,
     ) -> None:
         self.ctx = ctx
         self.command = command
@@ -71,6 +72,8 @@ class StoreOperation:
         self.dataset_bytes = 0
         self.max_bytes = ctx.config.storage.max_instance_bytes  # looked up once, not per PDV
         self.peer = peer
+        self.session = session  # the association's audit counts (one dict increment per instance)
+        self.study_uid = ""  # known once the header is read
         sop_class = command.affected_sop_class_uid
         # The peer's store right is checked once, by the dispatch (services/application.py), before this exists.
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
@@ -116,9 +119,15 @@ class StoreOperation:
         if result.status == errors.SUCCESS:
             ctx.metrics.stored(self.command.affected_sop_class_uid, self.calling_ae, self.dataset_bytes,
                                received_at - self.started, time.perf_counter() - received_at)
+            if self.session is not None:
+                self.session.instance_stored(self.study_uid, self.dataset_bytes)
         else:
             ctx.metrics.failure(result.status)
-            log.info("C-STORE failed with 0x%04X: %s", result.status, result.comment)
+            if self.session is not None:
+                self.session.instance_failed(self.study_uid, result.status)
+            # Debug only: a flood of bad instances must not flood the log; the association's end line counts them.
+            log.debug("C-STORE of %s failed with 0x%04X: %s", self.command.affected_sop_instance_uid, result.status,
+                      result.comment)
         return result
 
     async def _finish(self) -> StoreResult:
@@ -142,6 +151,7 @@ class StoreOperation:
             spool.discard()
             return StoreResult(errors.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "SOP Class/Instance UID in dataset differ from the command")
+        self.study_uid = header.study.get("StudyInstanceUID", "")
         log.debug("received %s (%d bytes) from %s", cmd.affected_sop_instance_uid, spool.size, self.calling_ae)
         # Overwrite is a right given per peer ([peers.X] allow_overwrite); everyone else keeps the first instance.
         policy = self.ctx.config.duplicate_policy_for(self.peer)
