@@ -38,11 +38,10 @@ log = logging.getLogger("appliance")
 EXIT_STORAGE_FAULT = 74
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    from appliance.logs import configure  # text (syslog priorities under journald) or JSON: appliance/logs.py
+
+    configure(level, log_format)
     quiet_pydicom()
 
 
@@ -484,5 +483,5 @@ def serve(config: Config, port_file: Path | None = None) -> int:
     # Blobs, tmp files and the index hold PHI: whatever this process and its workers create is private to the
     # service account (0600 files, 0700 folders), whatever umask the shell or unit had.
     os.umask(0o077)
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     return Supervisor(config, port_file).run()
