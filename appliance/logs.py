@@ -5,7 +5,8 @@
 priority, "<6>", which journald turns into the entry's PRIORITY (so `journalctl -p warning` works), and carries no
 timestamp, since journald stamps every entry itself. Anywhere else: a timestamp first, as before.
 
-"json": one JSON object per line (time, level, logger, pid, message, then the record's extras). The standard
+"json": one JSON object per line (time, level, logger, pid, message, then the record's extras), with the same
+"<N>" prefix under journald (it goes into PRIORITY; the entry's MESSAGE is the JSON object). The standard
 library's json and logging do it in a few lines, so no dependency (python-json-logger would add a package to
 audit and update for what ``JsonFormatter.format`` below does).
 """
@@ -61,6 +62,10 @@ class JournalFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal  # "<N>" first: journald strips it into PRIORITY, the MESSAGE stays pure JSON
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
@@ -74,12 +79,13 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)  # one line: json escapes the newlines
+        text = json.dumps(line, default=str, ensure_ascii=False)  # one line: json escapes the newlines
+        return f"<{syslog_priority(record.levelno)}>{text}" if self.journal else text
 
 
 def formatter(log_format: str, stream: TextIO) -> logging.Formatter:
     if log_format == "json":
-        return JsonFormatter()
+        return JsonFormatter(journal=under_journald(stream))
     return JournalFormatter() if under_journald(stream) else logging.Formatter(TEXT_FORMAT)
 
 

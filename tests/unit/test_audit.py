@@ -326,6 +326,8 @@ def test_text_under_journald_has_syslog_priorities_and_no_timestamp(tmp_path: Pa
         assert formatter.format(record_of(logging.WARNING, "careful")).startswith("<4>WARNING [")
         assert formatter.format(record_of(logging.INFO, "fine")).startswith("<6>INFO")
         assert formatter.format(record_of(logging.ERROR, "a\nb")).split("\n")[1].startswith("<3>")
+        as_json = logs.formatter("json", stream).format(record_of(logging.WARNING, "careful"))
+        assert as_json.startswith("<4>{") and json.loads(as_json[3:])["level"] == "warning"
         # Inherited by a process writing elsewhere: timestamps again.
         other = io.StringIO()
         assert not logs.under_journald(other)
