@@ -304,8 +304,8 @@ class Session:
         self.peer_address = peer_address
         self.tls = tls
         self.started = time.monotonic()
-        self.studies: dict[str, list[int]] = {}  # study UID ("" unknown) -> [stored, failed, bytes]
-        self.other = [0, 0, 0]  # the studies beyond STUDIES_PER_ASSOCIATION_MAX, added up
+        self.studies: dict[str, list[int]] = {}  # study UID ("" unknown) -> [stored, failed, bytes, replaced]
+        self.other = [0, 0, 0, 0]  # the studies beyond STUDIES_PER_ASSOCIATION_MAX, added up
         self.stored = 0
         self.failed = 0
         self.statuses: dict[str, int] = {}  # failure status "0xA700" -> count (a handful of distinct values)
@@ -317,15 +317,18 @@ class Session:
         counts = self.studies.get(study_uid)
         if counts is None:
             if len(self.studies) < STUDIES_PER_ASSOCIATION_MAX:
-                counts = self.studies[study_uid] = [0, 0, 0]
+                counts = self.studies[study_uid] = [0, 0, 0, 0]
             else:
                 counts = self.other  # how many studies it holds is not kept: a set of them would be unbounded
         return counts
 
-    def instance_stored(self, study_uid: str, nbytes: int) -> None:
+    def instance_stored(self, study_uid: str, nbytes: int, replaced: bool = False) -> None:
+        """``replaced``: it overwrote a stored instance with other bytes (a peer with allow_overwrite): the old
+        version is deleted (compaction reclaims it), so the store line counts it."""
         counts = self._study(study_uid)
         counts[0] += 1
         counts[2] += nbytes
+        counts[3] += replaced
         self.stored += 1
 
     def instance_failed(self, study_uid: str, status: int) -> None:
@@ -362,12 +365,13 @@ class Session:
         if self.ended:
             return
         self.ended = True
-        for study_uid, (stored, failed, nbytes) in self.studies.items():
+        for study_uid, (stored, failed, nbytes, replaced) in self.studies.items():
             self.emit("store", _outcome(stored, failed), study_uid=study_uid or None, instances=stored, bytes=nbytes,
-                      failed=failed or None)
-        if self.other[0] or self.other[1]:
-            self.emit("store", _outcome(self.other[0], self.other[1]), instances=self.other[0], bytes=self.other[2],
-                      failed=self.other[1] or None, other_studies=True)
+                      failed=failed or None, replaced=replaced or None)
+        stored, failed, nbytes, replaced = self.other
+        if stored or failed:
+            self.emit("store", _outcome(stored, failed), instances=stored, bytes=nbytes, failed=failed or None,
+                      replaced=replaced or None, other_studies=True)
         self.emit("association", SUCCESS if how == "released" else MINOR_FAILURE, result=how,
                   instances=self.stored, failed=self.failed, studies=len(self.studies),
                   bytes=sum(c[2] for c in self.studies.values()) + self.other[2],

@@ -74,6 +74,7 @@ class StoreOperation:
         self.peer = peer
         self.session = session  # the association's audit counts (one dict increment per instance)
         self.study_uid = ""  # known once the header is read
+        self.replaced = False  # it superseded a stored version (the audit line counts it)
         sop_class = command.affected_sop_class_uid
         # The peer's store right is checked once, by the dispatch (services/application.py), before this exists.
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
@@ -120,7 +121,7 @@ class StoreOperation:
             ctx.metrics.stored(self.command.affected_sop_class_uid, self.calling_ae, self.dataset_bytes,
                                received_at - self.started, time.perf_counter() - received_at)
             if self.session is not None:
-                self.session.instance_stored(self.study_uid, self.dataset_bytes)
+                self.session.instance_stored(self.study_uid, self.dataset_bytes, self.replaced)
         else:
             ctx.metrics.failure(result.status)
             if self.session is not None:
@@ -157,6 +158,7 @@ class StoreOperation:
         policy = self.ctx.config.duplicate_policy_for(self.peer)
         result = await self.ctx.committer.submit(Submission(
             spool, backend, header, self.transfer_syntax, receive_time_ns(), self.calling_ae, policy))
+        self.replaced = result.outcome == Outcome.REPLACED
         if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.SUPERSEDED, Outcome.REJECTED):
             self.ctx.metrics.duplicates.labels(result.outcome.value).inc()
         return StoreResult(result.status, result.comment)

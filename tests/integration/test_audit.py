@@ -190,3 +190,21 @@ def test_a_tier_run_writes_migrate_and_delete_lines(tmp_path: Path) -> None:
     deleted = audit_lines(config, "--event", "delete")
     assert sorted((x["study_uid"], x["instances"], x["tier"], x["action"]) for x in deleted) == [
         ("1.1", 3, "online", "D"), ("1.2", 2, "online", "D")]
+
+
+def test_overwrites_are_counted_and_compaction_deletes_are_audited(make_server: Callable[..., ServerHandle]) -> None:
+    from tests.integration.test_compaction import OVERWRITER, _overwritten_archive
+
+    server = make_server(storage={"duplicate_policy": "overwrite", "segment_bytes_max": 1 << 20,
+                                  "compaction_interval_s": 0.0}, peers=OVERWRITER)
+    _overwritten_archive(server, count=20)  # two associations: 20 new, then the same 20 with other bytes
+    stores = wait_audit(server.config_path, lambda ls: len(ls) == 2, "--event", "store")
+    assert [(x["study_uid"], x["instances"], x.get("replaced")) for x in stores] == [
+        ("1.2.3.1", 20, None), ("1.2.3.1", 20, 20)]
+    server.stop()
+    server.start()  # recovery seals the segments: now compaction candidates
+    done = server.cli_json("compact")
+    assert done["segments_compacted"] >= 1
+    [delete] = audit_lines(server.config_path, "--event", "delete")
+    assert delete["why"] == "compaction" and delete["bytes"] == done["bytes_reclaimed"] > 0
+    assert delete["study_uid"] is None and delete["action"] == "D" and delete["outcome"] == 0

@@ -187,7 +187,7 @@ def test_session_writes_one_line_per_study_then_the_association(tmp_path: Path,
         session.instance_stored("1.1", 1000)
     session.instance_failed("1.1", 0xA700)
     for _ in range(5):
-        session.instance_stored("1.2", 10)
+        session.instance_stored("1.2", 10, replaced=True)
     session.instance_stored("1.3", 7)  # beyond the 2 studies counted one by one: the "other studies" line
     session.instance_failed("1.4", 0xC000)
     session.end("released")
@@ -197,7 +197,7 @@ def test_session_writes_one_line_per_study_then_the_association(tmp_path: Path,
     assert [(x["event"], x["study_uid"], x["instances"], x.get("failed"), x["outcome"]) for x in lines] == [
         ("store", "1.1", 300, 1, audit.MINOR_FAILURE), ("store", "1.2", 5, None, audit.SUCCESS),
         ("store", None, 1, 1, audit.MINOR_FAILURE), ("association", None, 306, 2, audit.SUCCESS)]
-    assert lines[2]["other_studies"] is True
+    assert lines[2]["other_studies"] is True and lines[1]["replaced"] == 5 and "replaced" not in lines[0]
     assoc = lines[-1]
     assert assoc["result"] == "released" and assoc["bytes"] == 300_000 + 50 + 7 and assoc["tls"] is True
     assert assoc["statuses"] == {"0xA700": 1, "0xC000": 1} and assoc["peer_address"] == "10.1.2.3"
