@@ -208,3 +208,27 @@ def test_overwrites_are_counted_and_compaction_deletes_are_audited(make_server: 
     [delete] = audit_lines(server.config_path, "--event", "delete")
     assert delete["why"] == "compaction" and delete["bytes"] == done["bytes_reclaimed"] > 0
     assert delete["study_uid"] is None and delete["action"] == "D" and delete["outcome"] == 0
+
+
+def test_a_flood_of_failed_stores_is_one_log_line_and_counted_in_the_audit(
+        make_server: Callable[..., ServerHandle]) -> None:
+    from tests.integration.test_cli_metrics import CT, make_instance, send
+
+    server = make_server(storage={"duplicate_policy": "reject"})
+    datasets = [make_instance(CT, "P1", "1.2.3.1", "1.2.3.1.1", number=i) for i in range(40)]
+    assert set(send(server.port, datasets)) == {0}
+    wait_for(lambda: "association from CLITEST" in server.log(), 30, what="the first association's line")
+    before = server.log().count("\n")
+    for ds in datasets:
+        ds.SeriesDescription = "other bytes"
+    statuses = send(server.port, datasets)  # every one refused: duplicate SOP Instance UID with other content
+    assert len(set(statuses)) == 1 and statuses[0] != 0
+    wait_for(lambda: server.log().count("association from CLITEST") == 2, 30, what="the second association's line")
+    new = server.log().splitlines()[before:]
+    assert len(new) == 1 and "0 stored, 40 failed" in new[0] and " INFO " in new[0], new
+    stores = audit_lines(server.config_path, "--event", "store")
+    assert [(x["instances"], x.get("failed"), x["outcome"]) for x in stores] == [(40, None, 0), (0, 40, 8)]
+    [assoc] = audit_lines(server.config_path, "--event", "association", "--outcome", "success", "--limit", "1")
+    assert assoc["statuses"] == {f"0x{statuses[0]:04X}": 40}
+    # The writer's counters reach /metrics through the supervisor's multi-process registry.
+    assert re.search(r'appliance_audit_events_total\{event="store"\} 2\.0', server.metrics())
