@@ -232,3 +232,24 @@ def test_a_flood_of_failed_stores_is_one_log_line_and_counted_in_the_audit(
     assert assoc["statuses"] == {f"0x{statuses[0]:04X}": 40}
     # The writer's counters reach /metrics through the supervisor's multi-process registry.
     assert re.search(r'appliance_audit_events_total\{event="store"\} 2\.0', server.metrics())
+
+
+def test_a_failed_tls_handshake_is_a_security_alert(make_server: Callable[..., ServerHandle],
+                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.integration.test_tls import tls_section
+    from tests.tls_pki import make_pki
+
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    server = make_server(tls=tls_section(pki))
+    # A client without a certificate, where one is required (DCMTK's anonymous TLS).
+    result = dcmtk("echoscu", "+tla", "+cf", str(pki.ca), "-aec", "APPLIANCE", "127.0.0.1", str(server.tls_port))
+    assert result.returncode != 0
+    [alert] = wait_audit(server.config_path, lambda ls: len(ls) == 1, "--event", "security_alert")
+    assert alert["tls"] is True and alert["peer_address"] == "127.0.0.1" and alert["alert_type"] == "DCM 110126"
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in alert["reason"] and alert["outcome"] == 4
+    # A good one over TLS: its association line says tls.
+    result = dcmtk("echoscu", "+tls", str(pki.client_key), str(pki.client_cert), "-pw", "+cf", str(pki.ca),
+                   "-aec", "APPLIANCE", "127.0.0.1", str(server.tls_port))
+    assert result.returncode == 0, result.stderr
+    [assoc] = wait_audit(server.config_path, lambda ls: len(ls) == 1, "--event", "association")
+    assert assoc["tls"] is True and assoc["result"] == "released"
