@@ -170,7 +170,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     if pending:
         await asyncio.wait(pending, timeout=5)
     await asyncio.to_thread(committer.close)
-    await asyncio.sleep(0)  # the association-end callbacks of the last stores write their audit lines
+    if endpoint.ending:  # associations whose last stores were in the commit: their log and audit lines
+        await asyncio.wait(endpoint.ending, timeout=5)
     await asyncio.to_thread(audit.close)
     flusher.cancel()
     metrics.flush()

@@ -67,6 +67,9 @@ class Endpoint:
 
     peer_addresses: dict[str, frozenset[str]] = field(default_factory=dict)  # peer name -> its host's addresses
     audit: Sink = field(default_factory=Sink)  # this worker's audit trail (default: dropped)
+    # Associations whose end waits for their last stores before its log and audit lines (referenced here so that
+    # the tasks are not collected; the worker waits for them before closing the audit sink).
+    ending: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.config.server.check_peer_host and not self.peer_addresses:
@@ -338,6 +341,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         for the output to drain forever)."""
         self.state = CLOSED
         self._give_slot()
+        self._end_session()  # over for us now, though the transport may take write_timeout to go
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.close()
@@ -347,6 +351,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _reset(self) -> None:
         self.state = CLOSED
         self._give_slot()
+        self._end_session()
         if self.transport is not None:
             self.transport.abort()
 
@@ -637,7 +642,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         pending = [t for t in self.tasks if not t.done()]
         if pending:
             # An instance the group commit still holds is counted when its handler ends (bounded by the commit).
-            asyncio.get_running_loop().create_task(_end_after(pending, session, how))
+            task = asyncio.get_running_loop().create_task(_end_after(pending, session, how))
+            self.ep.ending.add(task)
+            task.add_done_callback(self.ep.ending.discard)
         else:
             _end(session, how)
 

@@ -351,3 +351,24 @@ def test_json_log_lines(tmp_path: Path) -> None:
         rec.exc_info = sys.exc_info()
     out = formatter.format(rec)
     assert "\n" not in out and "ValueError: boom" in json.loads(out)["exception"]
+
+
+def test_a_recall_writes_its_line(tmp_path: Path) -> None:
+    from appliance.index.schema import ONLINE
+    from tests.tiering_site import Site
+    from tiering.recall import recall_queued
+
+    site = Site.open(tmp_path)
+    try:
+        study, _data = site.ingest(3)
+        site.to_tier(study, "lto")
+        key = site.index.study_key(study)
+        assert key is not None and site.index.request_recall(key, "cli")
+        recall_queued(site.config, site.index, site.store)
+        assert site.availability(study) == {ONLINE}
+    finally:
+        site.close()
+    [line] = lines_of(site.config.audit.path)
+    assert (line["event"], line["event_id"], line["action"], line["outcome"]) == ("recall", "DCM 110103", "U", 0)
+    assert (line["study_uid"], line["instances"], line["from_tier"], line["to_tier"]) == (study, 3, "lto", "online")
+    assert line["bytes"] > 0
