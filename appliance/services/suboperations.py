@@ -187,7 +187,9 @@ class RetrieveHandler:
         try:
             return await prepare(self.ctx, match, accepted, peer)
         except SubOperationFailed as exc:
-            log.warning("%s to %s: a sub-operation failed: %s", self.operation, peer, exc)
+            # The first at warning, the rest at debug: the final line counts them (no line per instance).
+            log.log(logging.DEBUG if self.comment else logging.WARNING, "%s to %s: a sub-operation failed: %s",
+                    self.operation, peer, exc)
             self.comment = str(exc)
             counts.fail(match)
             return None
