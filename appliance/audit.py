@@ -14,6 +14,7 @@ network layer, the services and tiering may all use it (pyproject.toml import-li
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import logging
@@ -197,6 +198,14 @@ class Sink:
     def close(self) -> None:
         pass
 
+    def rejected(self, peer_ae: str, peer_address: str, tls: bool, why: str, alert: bool) -> None:
+        """An association rejected; ``alert``: for who the peer is (AE titles, host), not for a limit, so a
+        Security Alert (Node Authentication) too."""
+        peer = {"peer_ae": peer_ae, "peer_address": peer_address, "tls": tls}
+        if alert:
+            self.emit("security_alert", MINOR_FAILURE, alert_type=NODE_AUTHENTICATION, reason=why, **peer)
+        self.emit("association", MINOR_FAILURE, result="rejected", reason=why, **peer)
+
     def _lost(self, reason: str, why: str) -> None:
         _metrics()[1].labels(reason).inc()
         self.unwarned += 1
@@ -360,11 +369,19 @@ class Session:
     def duration_s(self) -> float:
         return time.monotonic() - self.started
 
+    async def end_after(self, tasks: list[asyncio.Task[None]], how: str) -> None:
+        """``end`` once the association's handlers still running (stores in the group commit) are done."""
+        await asyncio.wait(tasks, timeout=60)
+        self.end(how)
+
     def end(self, how: str) -> None:
-        """``how``: "released" or "aborted". The store lines, then the association line; once."""
+        """``how``: "released" or "aborted". The log line, the store lines, then the association line; once."""
         if self.ended:
             return
         self.ended = True
+        # One info line per association, never one per instance, and no UIDs at info (docs/operations.md "Logs").
+        log.info("association from %s (%s): %d stored, %d failed, %.1f s, %s", self.peer_ae, self.peer_address,
+                 self.stored, self.failed, self.duration_s, how)
         for study_uid, (stored, failed, nbytes, replaced) in self.studies.items():
             self.emit("store", _outcome(stored, failed), study_uid=study_uid or None, instances=stored, bytes=nbytes,
                       failed=failed or None, replaced=replaced or None)

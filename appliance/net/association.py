@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from appliance.audit import MINOR_FAILURE, NODE_AUTHENTICATION, Session, Sink
+from appliance.audit import Session, Sink
 from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
@@ -383,11 +383,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False) -> None:
         """``alert``: refused for who the peer is (AE titles, host), not for a limit: a security alert too."""
         log.info("%s: association from %r rejected: %s", self.peer, self.calling_ae, why)
-        peer = {"peer_ae": self.calling_ae, "peer_address": self.host, "tls": self.tls}
-        if alert:
-            self.ep.audit.emit("security_alert", MINOR_FAILURE, alert_type=NODE_AUTHENTICATION,
-                               reason=why, **peer)
-        self.ep.audit.emit("association", MINOR_FAILURE, result="rejected", reason=why, **peer)
+        self.ep.audit.rejected(self.calling_ae, self.host, self.tls, why, alert)
         self.ep.metrics.associations_total.labels(self.calling_ae, "rejected").inc()
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = rj
@@ -642,20 +638,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         pending = [t for t in self.tasks if not t.done()]
         if pending:
             # An instance the group commit still holds is counted when its handler ends (bounded by the commit).
-            task = asyncio.get_running_loop().create_task(_end_after(pending, session, how))
+            task = asyncio.get_running_loop().create_task(session.end_after(pending, how))
             self.ep.ending.add(task)
             task.add_done_callback(self.ep.ending.discard)
         else:
-            _end(session, how)
-
-
-def _end(session: Session, how: str) -> None:
-    # One info line per association, never one per instance, and no UIDs at info (docs/operations.md "Logs").
-    log.info("association from %s (%s): %d stored, %d failed, %.1f s, %s", session.peer_ae, session.peer_address,
-             session.stored, session.failed, session.duration_s, how)
-    session.end(how)
-
-
-async def _end_after(tasks: list[asyncio.Task[None]], session: Session, how: str) -> None:
-    await asyncio.wait(tasks, timeout=60)
-    _end(session, how)
+            session.end(how)
