@@ -19,6 +19,7 @@ from appliance.cli_common import load_cli_config
 from appliance.config import Config
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_ALERTS = {"DCM 110126": "node-authentication", "DCM 110132": "restricted-function"}
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -110,7 +111,11 @@ def human(line: dict[str, Any]) -> str:
             counts.append(f"{key}={line[key]}")
     if line.get("from_tier") or line.get("to_tier"):
         counts.append(f"{line.get('from_tier') or '?'}->{line.get('to_tier') or '?'}")
-    detail = line.get("result") or line.get("alert_type") or line.get("level") or ""
+    detail = line.get("result") or _ALERTS.get(line.get("alert_type") or "", "") or line.get("level") or ""
+    if line.get("right"):
+        detail += f" ({line['right']})"
+    elif line.get("reason"):
+        detail += f" ({line['reason']})"
     result = "ok" if line.get("outcome") == 0 else f"FAILED({line.get('outcome')})"
     return (f"{stamp}  {line.get('event', '?'):<14} {peer:<28} {line.get('study_uid') or '-':<40} "
             f"{' '.join(counts):<24} {detail} {result}").rstrip()
