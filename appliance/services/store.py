@@ -124,11 +124,15 @@ class StoreOperation:
                 self.session.instance_stored(self.study_uid, self.dataset_bytes, self.replaced)
         else:
             ctx.metrics.failure(result.status)
+            # The first failure of an association at info (why), the others at debug: a flood of bad instances must
+            # not flood the log; the association's end line counts them, its audit line by status.
+            first = self.session is None or self.session.failed == 0
             if self.session is not None:
                 self.session.instance_failed(self.study_uid, result.status)
-            # Debug only: a flood of bad instances must not flood the log; the association's end line counts them.
-            log.debug("C-STORE of %s failed with 0x%04X: %s", self.command.affected_sop_instance_uid, result.status,
-                      result.comment)
+            log.log(logging.INFO if first else logging.DEBUG, "C-STORE from %s failed with 0x%04X: %s%s",
+                    self.calling_ae, result.status, result.comment, "" if self.session is None else
+                    " (further failures of this association at debug level)")
+            log.debug("the failed C-STORE was %s", self.command.affected_sop_instance_uid)
         return result
 
     async def _finish(self) -> StoreResult:
