@@ -210,7 +210,7 @@ def test_overwrites_are_counted_and_compaction_deletes_are_audited(make_server: 
     assert delete["study_uid"] is None and delete["action"] == "D" and delete["outcome"] == 0
 
 
-def test_a_flood_of_failed_stores_is_one_log_line_and_counted_in_the_audit(
+def test_a_flood_of_failed_stores_logs_the_first_and_a_summary_and_is_audited_by_status(
         make_server: Callable[..., ServerHandle]) -> None:
     from tests.integration.test_cli_metrics import CT, make_instance, send
 
