@@ -13,7 +13,8 @@ AUDIT_DESTINATIONS = ("file", "journald", "off")
 
 @dataclass(frozen=True)
 class AuditConfig:
-    # "file": JSON lines appended to ``path`` (rotated at file_bytes_max, files_max kept); "journald": the same JSON
+    # "file": JSON lines appended to ``path`` (rotated at file_bytes_max; files_max files in all, the current one
+    # included: appliance/audit.py FileDestination); "journald": the same JSON
     # lines to journald with SYSLOG_IDENTIFIER=appliance-audit; "off": nothing (not recommended for a PACS).
     destination: str = "file"
     # Relative to the config file's folder, like every other path.

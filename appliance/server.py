@@ -38,11 +38,10 @@ log = logging.getLogger("appliance")
 EXIT_STORAGE_FAULT = 74
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    from appliance.logs import configure  # text (syslog priorities under journald) or JSON: appliance/logs.py
+
+    configure(level, log_format)
     quiet_pydicom()
 
 
@@ -127,7 +126,10 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                               blobstore=blobstore, index=index, access=access,
                               spool_budget=SpoolBudget(st.spool_memory_bytes, st.spool_memory_total_bytes),
                               client_tls=client_context(config.tls) if any(p.tls for p in config.peers) else None)
-    endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker)
+    from appliance.audit import open_sink
+
+    audit = open_sink(config.audit, config.server.ae_title)  # its writer thread; closed after the drain (issue 12)
+    endpoint = Endpoint(config, StorageApplication(ctx), metrics, slots=slots, worker=worker, audit=audit)
     resume_commitments(ctx, worker, config.effective_workers())  # reports a previous run answered but never sent
     sock = _listen_socket(config.server.host, port, listen=True)
     server = await loop.create_server(lambda: AssociationProtocol(endpoint), sock=sock)
@@ -137,7 +139,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
 
         # The same Endpoint and Application as the plain port: only the handshake in front differs.
         tls_gate = TlsGate(config.tls, server_context(config.tls), lambda: AssociationProtocol(endpoint), metrics,
-                           early_bytes_max=config.server.max_associate_rq_bytes)
+                           early_bytes_max=config.server.max_associate_rq_bytes, audit=audit)
         tls_server = await loop.create_server(tls_gate.protocol,
                                               sock=_listen_socket(config.server.host, tls_port, listen=True))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -168,6 +170,9 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     if pending:
         await asyncio.wait(pending, timeout=5)
     await asyncio.to_thread(committer.close)
+    if endpoint.ending:  # associations whose last stores were in the commit: their log and audit lines
+        await asyncio.wait(endpoint.ending, timeout=5)
+    await asyncio.to_thread(audit.close)
     flusher.cancel()
     metrics.flush()
     try:
@@ -479,5 +484,5 @@ def serve(config: Config, port_file: Path | None = None) -> int:
     # Blobs, tmp files and the index hold PHI: whatever this process and its workers create is private to the
     # service account (0600 files, 0700 folders), whatever umask the shell or unit had.
     os.umask(0o077)
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     return Supervisor(config, port_file).run()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from appliance.config import Config, StorageConfig, VolumeConfig
+from appliance.config_ops import AuditConfig
 from appliance.config_tiering import TierConfig, TieringConfig, TierVolumeConfig
 from appliance.index.db import IndexEntry, StudyIndex
 from appliance.index.records import read_header_blob
@@ -49,6 +50,7 @@ def make_config(root: Path, **tiering: object) -> Config:
     tiers = (TierConfig("nas", "nearline", volumes=(TierVolumeConfig("nas", root / "nas"),)),
              TierConfig("lto", "tape", path=root / "lto"))
     return Config(storage=storage, volumes=(VolumeConfig("vol0", root / "vol0", 0.999),), tiers=tiers,
+                  audit=AuditConfig(path=root / "var/audit/audit.jsonl"),  # not the default, relative to the cwd
                   tiering=replace(TieringConfig(audit_log=root / "audit.jsonl"), **tiering))  # type: ignore[arg-type]
 
 

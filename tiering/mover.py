@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from appliance.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, write_once
 from appliance.config import Config
 from appliance.config_tiering import ONLINE_TIER
 from appliance.errors import ApplianceError, BlobMissing, StorageFault, TierUnavailable
@@ -353,6 +354,19 @@ class Mover:
         self.audit.write("move", study=planned.study_uid, policy=planned.policy, **tiers, instances=result.instances,
                          bytes=result.bytes, seconds=round(result.seconds, 3), outcome=result.outcome,
                          error=result.error, resumed=planned.reason.startswith("resumed"))
+        # The appliance's audit trail too (appliance/audit.py): a migrate line, and a delete line for the source
+        # copies the switch dropped (their containers go now or at the next run's garbage collection).
+        moved = result.outcome == "moved"
+        outcome = SUCCESS if moved or result.outcome in ("vanished", "skipped") else \
+            (MINOR_FAILURE if result.outcome == "paused" else SERIOUS_FAILURE)
+        node = self.config.server.ae_title
+        write_once(self.config.audit, node, "migrate", outcome, study_uid=planned.study_uid,
+                   instances=result.instances, bytes=result.bytes, from_tier=planned.source, to_tier=planned.target,
+                   policy=planned.policy, result=result.outcome, reason=result.error or None,
+                   duration_s=round(result.seconds, 3))
+        if moved:
+            write_once(self.config.audit, node, "delete", SUCCESS, study_uid=planned.study_uid,
+                       instances=result.instances, tier=planned.source, scope="copies", why="migrated")
 
     def _abandon(self, planned: PlannedMove, target: BlobBackend, container: str) -> None:
         """A failed move: its container holds nothing named; remove it and the journal (the study stays where it

@@ -293,6 +293,14 @@ def append_audit(config: Config, record: dict[str, object]) -> None:
     event = str(fields.pop("event"))
     with AuditLog(config.tiering.audit_log) as audit:
         audit.write(event, **fields)
+    # The appliance's audit trail (appliance/audit.py) gets the same recall, in its own fields.
+    from appliance.audit import SERIOUS_FAILURE, SUCCESS, write_once
+
+    ok = fields.get("outcome") == "recalled"
+    write_once(config.audit, config.server.ae_title, "recall", SUCCESS if ok else SERIOUS_FAILURE,
+               study_uid=fields.get("study"), instances=fields.get("instances"), bytes=fields.get("bytes"),
+               from_tier=fields.get("from"), to_tier=fields.get("to"), duration_s=fields.get("seconds"),
+               reason=fields.get("error"))
 
 
 def recall_queued(config: Config, index: StudyIndex, store: BlobStore, retry_failed: bool = False,

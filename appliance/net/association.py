@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from appliance.audit import Session, Sink
 from appliance.config import Config, PeerConfig
 from appliance.net import dimse, pdu, service
 from appliance.net.negotiation import APPLICATION_CONTEXT, Negotiator, read_request_header
@@ -65,6 +66,10 @@ class Endpoint:
     accepted: int = 0  # associations accepted so far (the benchmark's discard receiver reports it)
 
     peer_addresses: dict[str, frozenset[str]] = field(default_factory=dict)  # peer name -> its host's addresses
+    audit: Sink = field(default_factory=Sink)  # this worker's audit trail (default: dropped)
+    # Associations whose end waits for their last stores before its log and audit lines (referenced here so that
+    # the tasks are not collected; the worker waits for them before closing the audit sink).
+    ending: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.config.server.check_peer_host and not self.peer_addresses:
@@ -143,6 +148,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.send_lock = asyncio.Lock()  # one message (command + dataset) on the wire at a time
         self.writable: asyncio.Future[None] | None = None  # set while the transport's buffer is above its limit
         self.dropping_context = 0  # a response dataset from the peer is being read and dropped on this context
+        self.session: Session | None = None  # while associated: what it did, for the audit trail and log
+        self.released = False  # A-RELEASE-RP sent: the association ended normally
 
     # ---- transport callbacks ----------------------------------------------------------------------
 
@@ -242,6 +249,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_handlers()
         self.state = CLOSED
+        self._end_session()
         for handle in (self.timer, self.hard_abort):
             if handle is not None:
                 handle.cancel()
@@ -338,6 +346,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         for the output to drain forever)."""
         self.state = CLOSED
         self._give_slot()
+        self._end_session()  # over for us now, though the transport may take write_timeout to go
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.close()
@@ -347,6 +356,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _reset(self) -> None:
         self.state = CLOSED
         self._give_slot()
+        self._end_session()
         if self.transport is not None:
             self.transport.abort()
 
@@ -375,8 +385,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._send(pdu.abort_pdu(0x02, reason))
         self._close()
 
-    def _reject(self, rj: tuple[int, int, int], why: str) -> None:
+    def _reject(self, rj: tuple[int, int, int], why: str, alert: bool = False) -> None:
+        """``alert``: refused for who the peer is (AE titles, host), not for a limit: a security alert too."""
         log.info("%s: association from %r rejected: %s", self.peer, self.calling_ae, why)
+        self.ep.audit.rejected(self.calling_ae, self.host, self.tls, why, alert)
         self.ep.metrics.associations_total.labels(self.ae_label, "rejected").inc()
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = rj
@@ -403,13 +415,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if not (head.protocol_version & 1):
             return self._reject(RJ_PROTOCOL_VERSION, f"protocol version {head.protocol_version}")
         if head.called_ae != server.ae_title:
-            return self._reject(RJ_CALLED_AE, f"called AE title {head.called_ae!r} is not ours")
+            return self._reject(RJ_CALLED_AE, f"called AE title {head.called_ae!r} is not ours", alert=True)
         if server.refuse_unknown_calling_ae and self.known_peer is None:
-            return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]")
+            return self._reject(RJ_CALLING_AE, "calling AE title not in [peers]", alert=True)
         if (server.check_peer_host and self.known_peer is not None
                 and _normal_address(self.host) not in self.ep.peer_addresses.get(self.known_peer.name, ())):
             return self._reject(RJ_CALLING_AE, f"calling AE title of peer {self.known_peer.name!r} from a host that is "
-                                               "not its configured one (server.check_peer_host)")
+                                               "not its configured one (server.check_peer_host)", alert=True)
         if head.presentation_contexts > server.max_presentation_contexts:
             return self._reject(RJ_NO_REASON, f"{head.presentation_contexts} presentation contexts "
                                               f"(server.max_presentation_contexts = {server.max_presentation_contexts})")
@@ -437,6 +449,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.ep.accepted += 1
         self.ep.metrics.associations_total.labels(self.ae_label, "accepted").inc()
         self.ep.metrics.associations_active.labels(self.ae_label).inc()
+        self.session = Session(self.ep.audit, self.calling_ae, self.host, self.tls)
         if self.tls:
             log.info("%s: association with %s accepted over TLS (%s), client certificate %s", self.peer,
                      self.calling_ae, self.tls_cipher, self.tls_subject or "none")
@@ -489,7 +502,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self._on_response(command, context_id)
             return
         request = Request(command, context_id, context[0], context[1], self.calling_ae, self.known_peer, self.host,
-                          self)
+                          self, self.session)
         handler = self.ep.app.handler(request)
         if handler is None:
             handler = AnswerOnce(Response(UNRECOGNIZED_OPERATION))
@@ -623,4 +636,21 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         """A-RELEASE-RP goes out only after every pending response has been sent."""
         if self.release_requested and not self.tasks and self.state == ESTABLISHED:
             self._send(pdu.RELEASE_RP_PDU)
+            self.released = True
             self._close()
+
+    # ---- the association's end: one info line and its audit lines ---------------------------------
+
+    def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        how = "released" if self.released else "aborted"
+        pending = [t for t in self.tasks if not t.done()]
+        if pending:
+            # An instance the group commit still holds is counted when its handler ends (bounded by the commit).
+            task = asyncio.get_running_loop().create_task(session.end_after(pending, how))
+            self.ep.ending.add(task)
+            task.add_done_callback(self.ep.ending.discard)
+        else:
+            session.end(how)

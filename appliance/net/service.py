@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from appliance.audit import Session
 from appliance.config import PeerConfig
 from appliance.net.dimse import Command
 
@@ -73,6 +74,7 @@ class Request:
     peer: PeerConfig | None  # the calling AE's [peers] entry, if any
     address: str  # source host of the connection (no port)
     channel: PeerChannel | None = None  # the association itself, for requests to the peer (None in unit tests)
+    session: Session | None = None  # the association's audit counts and lines (appliance/audit.py)
 
     @property
     def ae_label(self) -> str:

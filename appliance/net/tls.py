@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from appliance.audit import MINOR_FAILURE, NODE_AUTHENTICATION, Sink
 from appliance.config import TlsConfig
 from appliance.errors import ConfigError
 
@@ -237,8 +238,9 @@ class TlsGate:
     handshake is done (``make_protocol``: the same association protocol as the plain port's)."""
 
     def __init__(self, tls: TlsConfig, context: ssl.SSLContext, make_protocol: Callable[[], asyncio.BufferedProtocol],
-                 metrics: Metrics, early_bytes_max: int) -> None:
+                 metrics: Metrics, early_bytes_max: int, audit: Sink | None = None) -> None:
         self.tls = tls
+        self.audit = audit if audit is not None else Sink()  # TLS failures are Security Alerts
         self.context = context
         self.make_protocol = make_protocol
         self.metrics = metrics
@@ -327,4 +329,7 @@ class TlsHandshake(asyncio.Protocol):
     def _failed(self, transport: Any, result: str, reason: str) -> None:
         log.info("%s: TLS handshake %s: %s", self.peer, "timed out" if result == "timeout" else "failed", reason)
         self.gate.metrics.tls_handshakes.labels(result).inc()
+        if result != "timeout":  # a port scan or a slow client is not an authentication failure
+            self.gate.audit.emit("security_alert", MINOR_FAILURE, alert_type=NODE_AUTHENTICATION, tls=True,
+                                 peer_address=self.peer.rpartition(":")[0] or None, reason=f"TLS handshake: {reason}")
         transport.abort()

@@ -21,7 +21,7 @@ class StoreHandler:
 
     def __init__(self, ctx: WorkerContext, request: Request) -> None:
         self.op = StoreOperation(ctx, request.command, request.abstract_syntax, request.transfer_syntax,
-                                 request.calling_ae, request.peer)
+                                 request.calling_ae, request.peer, request.session)
         self.finishing = False
 
     def feed(self, data: memoryview) -> None:

@@ -26,6 +26,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import decode, encode
 
 from appliance import errors
+from appliance.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS
 from appliance.config import CommitmentConfig, PeerConfig
 from appliance.dicom.uids import STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_PUSH_INSTANCE
 from appliance.index.schema import COPY_OK, Copy
@@ -216,6 +217,10 @@ class Commitments:
         metrics.labels("failed").inc(len(outcome.failed))
         log.info("storage commitment for %s: %d committed, %d failed", pending.calling_ae, len(outcome.committed),
                  len(outcome.failed))
+        session = pending.request.session if pending.request is not None else None
+        if session is not None:  # (a request taken up at start has no association left to name)
+            session.emit("commitment", (MINOR_FAILURE if outcome.committed else SERIOUS_FAILURE) if outcome.failed
+                         else SUCCESS, instances=len(outcome.committed), failed=len(outcome.failed) or None)
         log.debug("storage commitment transaction %s: failed %s", pending.transaction_uid,
                   [(ref.sop_instance_uid, hex(reason)) for ref, reason in outcome.failed])
         await self.report(pending, outcome)

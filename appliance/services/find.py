@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from appliance import errors
+from appliance.audit import MINOR_FAILURE, SUCCESS
 from appliance.dicom.uids import FIND_MODELS
 from appliance.net import dimse
 from appliance.net.service import Request, Response
@@ -78,6 +79,7 @@ class FindHandler:
         if not self.request.command.has_dataset:
             yield Response(errors.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "C-FIND without an identifier")
             return
+        started = time.monotonic()
         ts = self.request.transfer_syntax
         encoding = (ts == IMPLICIT_LE, ts != EXPLICIT_BE, ts == DEFLATED)
         options = SearchOptions(self.ctx.config.server.ae_title, cfg.batch_rows_max,
@@ -88,6 +90,7 @@ class FindHandler:
             search = await in_query_thread(cfg.threads_max, Search, self.ctx.index, query, options)
         except QueryError as exc:
             log.info("C-FIND from %s refused: %s", self.request.calling_ae, exc.comment)
+            self._audit(started, "", 0, exc.status)
             yield Response(exc.status, exc.comment)
             return
         self.identifier = bytearray()
@@ -122,7 +125,18 @@ class FindHandler:
             final = Response(errors.CANCEL)
         log.debug("C-FIND from %s: %d match(es), final 0x%04X, %s", self.request.calling_ae, sent, final.status,
                   describe(search))
+        self._audit(started, query.level, sent, final.status)
         yield final
+
+    def _audit(self, started: float, level: str, matches: int, status: int) -> None:
+        """One Query line per C-FIND: the level and the number of matches, never the keys (they can hold names)."""
+        session = self.request.session
+        if session is None:
+            return
+        session.request("C-FIND")
+        outcome = SUCCESS if status in (errors.SUCCESS, errors.CANCEL) else MINOR_FAILURE
+        session.emit("query", outcome, level=level or None, matches=matches, status=f"0x{status:04X}",
+                     sop_class=self.request.abstract_syntax, duration_s=round(time.monotonic() - started, 3))
 
     @staticmethod
     def _batch(search: Search, query: Query, encoding: tuple[bool, bool, bool]) -> tuple[list[bytes], bool]:

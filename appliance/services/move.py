@@ -54,6 +54,9 @@ class MoveHandler(RetrieveHandler):
         super().__init__(ctx, request)
         self.destination: PeerConfig | None = None
 
+    def destination_ae(self) -> str | None:
+        return self.request.command.move_destination or None
+
     def check(self) -> None:
         ae = self.request.command.move_destination
         peer = self.ctx.config.peer_by_ae(ae)

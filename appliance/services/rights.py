@@ -19,6 +19,11 @@ def refusal(config: Config, request: Request, right: str) -> Response | None:
     if config.allows(request.peer, right):
         return None
     who = f"peer {request.peer.name!r}" if request.peer is not None else "an AE title not under [peers]"
-    log.warning("%s (%s, %s) is not allowed to %s: refused", request.calling_ae, who, request.address,
-                right.replace("_", " "))
+    session = request.session
+    # Once per right and association at warning: a peer without the store right sending a CT is one line.
+    first = session is None or right not in session.refusals
+    log.log(logging.WARNING if first else logging.DEBUG, "%s (%s, %s) is not allowed to %s: refused",
+            request.calling_ae, who, request.address, right.replace("_", " "))
+    if session is not None:
+        session.refused(right, errors.NOT_AUTHORIZED)
     return Response(errors.NOT_AUTHORIZED, f"{request.calling_ae} may not {right.replace('_', ' ')}")

@@ -102,7 +102,8 @@ async def prepare(ctx: WorkerContext, match: Match, accepted: dict[str, int], pe
     if match.size > limit:
         raise SubOperationFailed(f"too large to convert ({match.size} bytes > retrieve.transcode_bytes_max) to "
                                  f"{_name(ts)} for {peer}")
-    log.info("converting a %s instance from %s to %s for %s", _name(match.sop_class_uid),
+    # Debug: a move of a compressed CT to a peer that takes only uncompressed converts every instance.
+    log.debug("converting a %s instance from %s to %s for %s", _name(match.sop_class_uid),
              _name(match.transfer_syntax), _name(ts), peer)
     data = await loop.run_in_executor(readers, _convert, ctx, match, ts)
     return Outgoing(context_id, ts, _pieces(data))

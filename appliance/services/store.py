@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance import errors
+from appliance.audit import Session
 from appliance.config import PeerConfig
 from appliance.errors import ApplianceError
 from appliance.index.db import Outcome
@@ -59,7 +60,7 @@ class StoreOperation:
 
     def __init__(
         self, ctx: WorkerContext, command: Command, abstract_syntax: str, transfer_syntax: str, calling_ae: str,
-        peer: PeerConfig | None = None,
+        peer: PeerConfig | None = None, session: Session | None = None,
     ) -> None:
         self.ctx = ctx
         self.command = command
@@ -73,6 +74,9 @@ class StoreOperation:
         self.max_bytes = ctx.config.storage.max_instance_bytes  # looked up once, not per PDV
         self.peer = peer
         self.ae_label = peer_label(peer)  # the metrics' calling_ae: configured peers only (bounded cardinality)
+        self.session = session  # the association's audit counts (one dict increment per instance)
+        self.study_uid = ""  # known once the header is read
+        self.replaced = False  # it superseded a stored version (the audit line counts it)
         sop_class = command.affected_sop_class_uid
         # The peer's store right is checked once, by the dispatch (services/application.py), before this exists.
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
@@ -118,9 +122,19 @@ class StoreOperation:
         if result.status == errors.SUCCESS:
             ctx.metrics.stored(self.command.affected_sop_class_uid, self.ae_label, self.dataset_bytes,
                                received_at - self.started, time.perf_counter() - received_at)
+            if self.session is not None:
+                self.session.instance_stored(self.study_uid, self.dataset_bytes, self.replaced)
         else:
             ctx.metrics.failure(result.status)
-            log.info("C-STORE failed with 0x%04X: %s", result.status, result.comment)
+            # The first failure of an association at info (why), the others at debug: a flood of bad instances must
+            # not flood the log; the association's end line counts them, its audit line by status.
+            first = self.session is None or self.session.failed == 0
+            if self.session is not None:
+                self.session.instance_failed(self.study_uid, result.status)
+            log.log(logging.INFO if first else logging.DEBUG, "C-STORE from %s failed with 0x%04X: %s%s",
+                    self.calling_ae, result.status, result.comment, "" if self.session is None else
+                    " (further failures of this association at debug level)")
+            log.debug("the failed C-STORE was %s", self.command.affected_sop_instance_uid)
         return result
 
     async def _finish(self) -> StoreResult:
@@ -144,11 +158,13 @@ class StoreOperation:
             spool.discard()
             return StoreResult(errors.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "SOP Class/Instance UID in dataset differ from the command")
+        self.study_uid = header.study.get("StudyInstanceUID", "")
         log.debug("received %s (%d bytes) from %s", cmd.affected_sop_instance_uid, spool.size, self.calling_ae)
         # Overwrite is a right given per peer ([peers.X] allow_overwrite); everyone else keeps the first instance.
         policy = self.ctx.config.duplicate_policy_for(self.peer)
         result = await self.ctx.committer.submit(Submission(
             spool, backend, header, self.transfer_syntax, receive_time_ns(), self.calling_ae, policy))
+        self.replaced = result.outcome == Outcome.REPLACED
         if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.SUPERSEDED, Outcome.REJECTED):
             self.ctx.metrics.duplicates.labels(result.outcome.value).inc()
         return StoreResult(result.status, result.comment)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import errors
+from appliance.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS
 from appliance.net import dimse
 from appliance.net.service import Request, Response
 from appliance.services.context import WorkerContext
@@ -41,6 +42,9 @@ class Counts:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    # Study UID -> [completed, failed, warning, bytes], for the audit lines (the matches are bounded by
+    # retrieve.matches_max, so are the studies).
+    by_study: dict[str, list[int]] = field(default_factory=dict)
 
     def snapshot(self) -> tuple[int, int, int, int]:
         return self.remaining, self.completed, self.failed, self.warning
@@ -48,12 +52,20 @@ class Counts:
     def done(self, match: Match, status: int) -> None:
         """One sub-operation answered with ``status`` (a C-STORE response status)."""
         self.remaining -= 1
+        study = self.by_study.get(match.study_key)
+        if study is None:
+            study = self.by_study[match.study_key] = [0, 0, 0, 0]
         if status == errors.SUCCESS:
             self.completed += 1
+            study[0] += 1
+            study[3] += match.size
         elif status & 0xF000 == 0xB000:  # C-STORE warnings (coercion, elements discarded): stored all the same
             self.warning += 1
+            study[2] += 1
+            study[3] += match.size
         else:
             self.failed += 1
+            study[1] += 1
             self.failed_uids.append(match.sop_instance_uid)
 
     def fail(self, match: Match) -> None:
@@ -79,6 +91,7 @@ class RetrieveHandler:
         self.identifier_too_large = False
         self.cancelled = False
         self.task: asyncio.Task[None] | None = None
+        self.level = ""  # the identifier's QueryRetrieveLevel, for the audit line
         self.comment = ""  # why sub-operations failed or stopped: goes into the final response's Error Comment
 
     # ---- Handler ----
@@ -118,11 +131,13 @@ class RetrieveHandler:
             matches = await self._matches()
         except RetrieveRefused as exc:
             log.info("%s from %s refused: %s", self.operation, self.request.calling_ae, exc.comment)
+            self._audit(Counts(0), exc.status)
             yield Response(exc.status, exc.comment)
             return
         counts = Counts(len(matches))
         log.info("%s from %s: %d instances", self.operation, self.request.calling_ae, len(matches))
         if not matches:
+            self._audit(counts, errors.SUCCESS)
             yield Response(errors.SUCCESS, extra=dimse.sub_operation_counts(None, 0, 0, 0))
             return
         if self.ctx.access is not None:  # last access, for the policies (batched: appliance/services/access.py)
@@ -137,6 +152,7 @@ class RetrieveHandler:
                                               tiering.recall_queue_max, lambda: self.cancelled, self._run)
             except RetrieveRefused as exc:
                 log.info("%s from %s: %s", self.operation, self.request.calling_ae, exc.comment)
+                self._audit(counts, exc.status)
                 yield Response(exc.status, exc.comment)
                 return
         refused: RetrieveRefused | None = None
@@ -171,7 +187,9 @@ class RetrieveHandler:
         try:
             return await prepare(self.ctx, match, accepted, peer)
         except SubOperationFailed as exc:
-            log.warning("%s to %s: a sub-operation failed: %s", self.operation, peer, exc)
+            # The first at warning, the rest at debug: the final line counts them (no line per instance).
+            log.log(logging.DEBUG if self.comment else logging.WARNING, "%s to %s: a sub-operation failed: %s",
+                    self.operation, peer, exc)
             self.comment = str(exc)
             counts.fail(match)
             return None
@@ -216,8 +234,29 @@ class RetrieveHandler:
         loop = asyncio.get_running_loop()
         ds = await loop.run_in_executor(pool(self.ctx.config), parse_identifier, identifier,
                                         self.request.transfer_syntax)
+        self.level = str(ds.get("QueryRetrieveLevel", "") or "")[:16]
         return await loop.run_in_executor(pool(self.ctx.config), select, self.ctx.index, self.request.abstract_syntax,
                                           ds, self.cfg.matches_max)
+
+    def destination_ae(self) -> str | None:
+        """Where the sub-operations go when it is not the requester (C-MOVE)."""
+        return None
+
+    def _audit(self, counts: Counts, status: int) -> None:
+        """One line per study retrieved (C-GET) or moved (C-MOVE), with its counts; one without a study when the
+        request was refused or matched nothing."""
+        session = self.request.session
+        if session is None:
+            return
+        session.request(self.operation)
+        event = "move" if self.operation == "C-MOVE" else "retrieve"
+        common = {"destination_ae": self.destination_ae(), "status": f"0x{status:04X}", "level": self.level or None}
+        if not counts.by_study:
+            session.emit(event, SUCCESS if status == errors.SUCCESS else SERIOUS_FAILURE, instances=0, **common)
+        for key, (completed, failed, warning, nbytes) in counts.by_study.items():
+            outcome = SUCCESS if not failed else (MINOR_FAILURE if completed + warning else SERIOUS_FAILURE)
+            session.emit(event, outcome, study_uid=key.rpartition("\x00")[2] or None, instances=completed + warning,
+                         bytes=nbytes, failed=failed or None, warning=warning or None, **common)
 
     def _final(self, counts: Counts, refused: RetrieveRefused | None) -> Response:
         remaining = counts.remaining if self.cancelled else None
@@ -236,6 +275,7 @@ class RetrieveHandler:
                           ("not_sent", counts.remaining)):
             if n:
                 self.ctx.metrics.retrieve_suboperations.labels(self.operation, result).inc(n)
+        self._audit(counts, status)
         dataset = failed_identifier(counts.failed_uids, self.request.transfer_syntax) if counts.failed_uids else None
         return Response(status, comment, dataset=dataset,
                         extra=dimse.sub_operation_counts(remaining, counts.completed, counts.failed, counts.warning))

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.audit import SUCCESS, write_once
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing
 from appliance.index.db import StudyIndex
@@ -124,6 +125,11 @@ def compact(config: Config, index: StudyIndex, dry_run: bool = False, segments_m
                 _seal_output(index, store.segment_backend(name))
         finally:
             store.close()
+    if report.segments_compacted:
+        # Dead records (overwritten instances, identical re-sends) are deleted for good here: one audit line per
+        # run. They belong to no study the index still names, so the line has none.
+        write_once(config.audit, config.server.ae_title, "delete", SUCCESS, bytes=report.bytes_reclaimed,
+                   scope="dead records", why="compaction", segments=report.segments_compacted)
     return report
 
 
