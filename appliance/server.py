@@ -22,15 +22,20 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.context import ForkProcess
 from pathlib import Path
 from typing import Any
 
+from appliance import notify
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
+from appliance.health import volume_reasons
 from appliance.index.db import SERVE_LOCK, StudyIndex
 from appliance.store.online import BlobStore, recover
+from appliance.store.volumes import VolumeSet
 
 log = logging.getLogger("appliance")
 # A worker exits with this code after a storage fault (failed fsync or LMDB I/O error): the supervisor then stops
@@ -74,8 +79,13 @@ def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
 # ---- worker -----------------------------------------------------------------------------------------
 
 
-def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
+def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0,
+                 updates: Connection | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
+    # A `kill -HUP` to the whole process group must not kill a worker (the default action): reloads reach the worker
+    # through ``updates``. SIGUSR2 is the supervisor's "abort the drain now"; until the loop handles it, ignore it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
     # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
     sys.setswitchinterval(float(os.environ.get("APPLIANCE_SWITCH_INTERVAL", "0.0005")))
@@ -90,13 +100,21 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop works too
         pass
-    asyncio.run(_worker(config, port, ready, slots, worker, tls_port))
+    asyncio.run(_worker(config, port, ready, slots, worker, tls_port, updates))
 
 
-async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
+# A systemd stop with the default KillMode=control-group sends SIGTERM to every process of the unit, and the
+# supervisor forwards its own: two copies of one stop request reach a worker within milliseconds. Only a SIGTERM
+# this long after the first means "abort the drain now".
+SECOND_SIGTERM_AFTER_S = 0.5
+
+
+async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0,
+                  updates: Connection | None = None) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, Endpoint
     from appliance.net.tls import client_context
+    from appliance.reload import ConfigFollower
     from appliance.services.access import AccessRecorder, flush_periodically
     from appliance.services.application import StorageApplication
     from appliance.services.commitment import resume_commitments
@@ -114,6 +132,8 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     access = AccessRecorder(index)  # last access of the studies retrieved, flushed in batches
     metrics = Metrics()
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second SIGTERM (or the supervisor's SIGUSR2): abort what the drain waits for
+    stop_at: list[float] = []
     faults: list[str] = []
 
     def on_fault(reason: str) -> None:
@@ -140,7 +160,22 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                            early_bytes_max=config.server.max_associate_rq_bytes)
         tls_server = await loop.create_server(tls_gate.protocol,
                                               sock=_listen_socket(config.server.host, tls_port, listen=True))
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    def on_sigterm() -> None:
+        now = time.monotonic()
+        if not stop_at:
+            stop_at.append(now)
+        elif now - stop_at[0] >= SECOND_SIGTERM_AFTER_S and not hurry.is_set():
+            log.warning("second SIGTERM: aborting the associations still open")
+            hurry.set()
+        stop.set()
+
+    def on_hurry() -> None:
+        hurry.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGUSR2, on_hurry)
+    follower = ConfigFollower(updates, endpoint, ctx) if updates is not None else None
     ready.put(os.getpid())
 
     async def flush_metrics() -> None:
@@ -159,11 +194,18 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     if tls_server is not None and tls_gate is not None:
         tls_server.close()
         tls_gate.close()
-    deadline = time.monotonic() + (0.0 if faults else config.server.drain_timeout_s)
-    while endpoint.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    if follower is not None:
+        follower.close()
+    deadline = time.monotonic() + (0.0 if faults else endpoint.config.server.drain_timeout_s)
+    while endpoint.connections and time.monotonic() < deadline and not hurry.is_set():
+        try:
+            await asyncio.wait_for(hurry.wait(), 0.05)
+        except TimeoutError:
+            pass
+    if endpoint.connections:
+        log.warning("drain: %d connection(s) still open, aborting them", len(endpoint.connections))
     for assoc in list(endpoint.connections):
-        assoc.abort(0x00, "shutting down")
+        assoc.abort(0x00, "shutting down", metric="shutdown")
     pending = [t for a in endpoint.connections for t in a.tasks]
     if pending:
         await asyncio.wait(pending, timeout=5)
@@ -204,6 +246,9 @@ def _compact_main(config: Config) -> None:
 
 
 RECALLER_RESTART_S = 10.0
+# /healthz says 503 when the supervisor loop (which turns every 0.2 s, and beats while it waits for workers) has
+# not turned for this long.
+HEARTBEAT_STALE_S = 5.0
 
 
 class Supervisor:
@@ -229,6 +274,17 @@ class Supervisor:
         self.mover: ForkProcess | None = None  # tiering.schedule_s > 0: a policy run every schedule_s
         self.next_tier_run = time.monotonic() + config.tiering.schedule_s
         self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
+        # The write end of each worker's config pipe (created before its fork): a reload sends the new Config there.
+        self.updates: list[Connection | None] = []
+        self.ready_pids: set[int] = set()  # workers that reported they listen
+        self.reload_requested = False
+        self.hurried = False  # a second SIGTERM/SIGINT: the drain is cut short
+        self.heartbeat = time.monotonic()  # the supervisor loop's last turn (/healthz)
+        self.watchdog_s = notify.watchdog_interval_s()
+        self.watchdog_at = 0.0
+        self.http: Any = None
+        self.volumes: VolumeSet | None = None  # the supervisor's own view of the volumes, for /readyz
+        self._volumes_lock = threading.Lock()
 
     def prepare(self) -> dict[str, int]:
         from appliance.store.compact import compaction_lock
@@ -253,10 +309,19 @@ class Supervisor:
         return stats
 
     def _spawn(self, worker: int) -> ForkProcess:
+        # Always the config in force: a worker restarted after a reload starts with the reloaded one.
+        receive, send = self.mp.Pipe(duplex=False)
         proc = self.mp.Process(target=_worker_main,
-                               args=(self.config, self.port, self.ready, self.slots, worker, self.tls_port),
+                               args=(self.config, self.port, self.ready, self.slots, worker, self.tls_port, receive),
                                name="appliance-worker", daemon=False)
         proc.start()
+        receive.close()
+        while len(self.updates) <= worker:
+            self.updates.append(None)
+        old = self.updates[worker]
+        if old is not None:
+            old.close()
+        self.updates[worker] = send
         return proc
 
     def run(self) -> int:
@@ -276,6 +341,7 @@ class Supervisor:
         # Handlers first: a SIGTERM during start-up must still stop the workers, never orphan them.
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
         try:
             self.workers = [self._spawn(i) for i in range(count)]
             self._await_ready(count)
@@ -286,10 +352,16 @@ class Supervisor:
                     raise ApplianceError(f"server.metrics_port {cfg.server.metrics_port} on "
                                          f"{cfg.server.metrics_host}: {exc.strerror}") from None
             self._write_port_file()
+            self.volumes = VolumeSet.open(cfg)  # prepare() created them: /readyz reads their fill and markers
+            notify.ready(self._status())
             log.info("AE %s listening on %s:%d%s with %d worker(s); metrics on %s", cfg.server.ae_title,
                      cfg.server.host, self.port, f" and TLS port {self.tls_port}" if self.tls_port else "", count,
                      f"http://{cfg.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
             while not self.stopping:
+                self._beat()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self._reload()
                 for i, proc in enumerate(self.workers):
                     if not proc.is_alive() and not self.stopping:
                         if proc.exitcode == EXIT_STORAGE_FAULT:
@@ -301,8 +373,10 @@ class Supervisor:
                         log.error("worker %d exited with %s; %d association slot(s) released; restarting it",
                                   proc.pid, proc.exitcode, freed)
                         self._release_worker(proc)
+                        self.ready_pids.discard(proc.pid or 0)
                         self.workers[i] = self._spawn(i)
                         self._await_ready(1)
+                        notify.status(self._status())
                 self._maybe_compact()
                 self._keep_recaller()
                 self._maybe_run_policies()
@@ -381,8 +455,9 @@ class Supervisor:
         """Wait for ``count`` workers to report that they listen; fail fast if one dies meanwhile."""
         deadline = time.monotonic() + timeout
         while count:
+            self._beat()
             try:
-                self.ready.get(timeout=0.2)
+                self.ready_pids.add(self.ready.get(timeout=0.2))
                 count -= 1
                 continue
             except queue.Empty:
@@ -431,9 +506,80 @@ class Supervisor:
             server_context(self.config.tls, warn=log.warning)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stopping = True
+        if signum == signal.SIGHUP:
+            self.reload_requested = True  # done by the loop: a handler must not read files or write pipes
+        elif self.stopping:
+            self._hurry()
+        else:
+            self.stopping = True
+
+    def _hurry(self) -> None:
+        """A second SIGTERM/SIGINT during the drain: the workers abort what is still open at once (SIGUSR2, which a
+        worker takes as "abort now" however soon after the first SIGTERM it comes)."""
+        if self.hurried:
+            return
+        self.hurried = True
+        for proc in self.workers:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGUSR2)
+
+    def _beat(self) -> None:
+        """One turn of the supervisor loop: the heartbeat /healthz reads, and WATCHDOG=1 when it is due. Only from
+        the loop (never from a thread), so that a stuck loop stops both and systemd restarts the service."""
+        now = time.monotonic()
+        self.heartbeat = now
+        if self.watchdog_s and now - self.watchdog_at >= self.watchdog_s:
+            self.watchdog_at = now
+            notify.watchdog()
+
+    def _status(self) -> str:
+        alive = sum(1 for p in self.workers if p.is_alive())
+        return f"serving: {alive}/{len(self.workers)} worker(s) on port {self.port}"
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read and validate the config file; apply what can change live, name what needs a restart."""
+        from appliance.reload import reread
+
+        notify.reloading()
+        change = reread(self.config)
+        if isinstance(change, str):
+            notify.ready(f"reload refused: {change[:200]}")
+            return
+        if change.applied:
+            self.config = change.config
+            logging.getLogger().setLevel(getattr(logging, self.config.server.log_level.upper()))
+            if self.config.tiering.schedule_s:
+                self.next_tier_run = min(self.next_tier_run, time.monotonic() + self.config.tiering.schedule_s)
+            for i, send in enumerate(self.updates):
+                if send is None:
+                    continue
+                try:
+                    send.send(self.config)
+                except OSError as exc:  # that worker is dying: its restart takes self.config anyway
+                    log.warning("reload: worker %d did not take the new configuration: %s", i, exc)
+        notify.ready(self._status() + (f"; restart needed for {len(change.needs_restart)} setting(s)"
+                                       if change.needs_restart else ""))
+
+    def readiness(self) -> list[str]:
+        """Why the appliance would not take work now ([] when it would). Called from the HTTP threads."""
+        reasons: list[str] = []
+        if self.stopping:
+            reasons.append("draining: the appliance is stopping")
+        if self.exit_code == EXIT_STORAGE_FAULT:
+            reasons.append("storage fault")
+        for i, proc in enumerate(list(self.workers)):
+            if proc.pid not in self.ready_pids or not proc.is_alive():
+                reasons.append(f"worker {i} is not listening")
+        if not (self.config.storage.index_path / "data.mdb").is_file():
+            reasons.append("index: no data.mdb")
+        if self.volumes is None:
+            return [*reasons, "volumes not open yet"]
+        with self._volumes_lock:  # Volume caches its statvfs: one reader at a time
+            return reasons + volume_reasons(self.volumes)
 
     def _shutdown(self) -> None:
+        self.stopping = True
+        notify.stopping("draining associations")
         log.info("draining associations and stopping workers")
         if self.compactor is not None and self.compactor.is_alive():
             self.compactor.kill()  # crash-safe at every step; the next run finishes its job
@@ -447,24 +593,38 @@ class Supervisor:
         for proc in self.workers:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
+        # The workers drain for up to drain_timeout_s, then abort, flush and close LMDB (at most a few seconds).
+        # The loop keeps beating meanwhile: the drain is the supervisor working, not stuck.
+        deadline = time.monotonic() + self.config.server.drain_timeout_s + 10
+        while any(p.is_alive() for p in self.workers) and time.monotonic() < deadline:
+            self._beat()
+            for proc in self.workers:
+                proc.join(0.1)
         for proc in self.workers:
-            proc.join(self.config.server.drain_timeout_s + 10)
             if proc.is_alive():
+                log.error("worker %d did not stop within the drain timeout: killing it", proc.pid)
                 proc.kill()
+                proc.join(5)
+        for send in self.updates:
+            if send is not None:
+                send.close()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
         if self.port_file is not None:
             self.port_file.unlink(missing_ok=True)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("stopped")
 
     def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
+        from appliance import health
         from appliance.metrics import build_registry
 
-        registry = build_registry(self.config)
-        server, _thread = start_http_server(self.config.server.metrics_port, self.config.server.metrics_host,
-                                            registry=registry)
-        self.metrics_port = server.server_port
+        cfg = self.config.server
+        self.http = health.start(cfg.metrics_host, cfg.metrics_port, build_registry(self.config),
+                                 alive=lambda: time.monotonic() - self.heartbeat < HEARTBEAT_STALE_S,
+                                 readiness=self.readiness)
+        self.metrics_port = self.http.server_port
 
     def _write_port_file(self) -> None:
         if self.port_file is None:
