@@ -4,6 +4,9 @@ A small ThreadingHTTPServer instead of prometheus_client.start_http_server, whic
 at most ``THREADS_MAX`` requests are served at once (one more connection is closed unanswered: a scraper retries),
 each socket has a timeout so a client that sends nothing cannot hold a thread, and only GET/HEAD without a body are
 read (http.server caps the request line and the header count itself).
+
+Nothing here imports prometheus_client at module level: server.py imports this module before it sets
+PROMETHEUS_MULTIPROC_DIR.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from appliance.store.volumes import VolumeSet
 
 log = logging.getLogger("appliance.health")
@@ -38,24 +40,24 @@ class HealthServer(ThreadingHTTPServer):
         self.registry = registry
         self.alive = alive
         self.readiness = readiness  # the reasons the appliance is not ready ([]: ready)
-        self._threads = threading.BoundedSemaphore(THREADS_MAX)
+        self._busy = threading.BoundedSemaphore(THREADS_MAX)
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._threads.acquire(blocking=False):
+        if not self._busy.acquire(blocking=False):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._threads.release()
+            self._busy.release()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._threads.release()
+            self._busy.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -69,6 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
+            # Imported here: prometheus-client picks its multi-process value storage at first import, which must
+            # come after the supervisor sets PROMETHEUS_MULTIPROC_DIR (see appliance/metrics.py).
+            from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
             self._reply(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             ok = self.server.alive()
