@@ -103,12 +103,6 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int 
     asyncio.run(_worker(config, port, ready, slots, worker, tls_port, updates))
 
 
-# A systemd stop with the default KillMode=control-group sends SIGTERM to every process of the unit, and the
-# supervisor forwards its own: two copies of one stop request reach a worker within milliseconds. Only a SIGTERM
-# this long after the first means "abort the drain now".
-SECOND_SIGTERM_AFTER_S = 0.5
-
-
 async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0,
                   updates: Connection | None = None) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
@@ -132,8 +126,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     access = AccessRecorder(index)  # last access of the studies retrieved, flushed in batches
     metrics = Metrics()
     stop = asyncio.Event()
-    hurry = asyncio.Event()  # a second SIGTERM (or the supervisor's SIGUSR2): abort what the drain waits for
-    stop_at: list[float] = []
+    hurry = asyncio.Event()  # the supervisor's SIGUSR2 (it got a second SIGTERM): abort what the drain waits for
     faults: list[str] = []
 
     def on_fault(reason: str) -> None:
@@ -160,20 +153,16 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                            early_bytes_max=config.server.max_associate_rq_bytes)
         tls_server = await loop.create_server(tls_gate.protocol,
                                               sock=_listen_socket(config.server.host, tls_port, listen=True))
-    def on_sigterm() -> None:
-        now = time.monotonic()
-        if not stop_at:
-            stop_at.append(now)
-        elif now - stop_at[0] >= SECOND_SIGTERM_AFTER_S and not hurry.is_set():
-            log.warning("second SIGTERM: aborting the associations still open")
-            hurry.set()
-        stop.set()
-
     def on_hurry() -> None:
+        if not hurry.is_set():
+            log.warning("second stop request: aborting the associations still open")
         hurry.set()
         stop.set()
 
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    # SIGTERM only ever means "drain", however many arrive: a systemd stop with the default KillMode=control-group
+    # sends it to every process of the unit and the supervisor forwards its own, so a worker gets two copies of one
+    # stop. The supervisor counts the stop requests it gets and sends SIGUSR2 for "abort now".
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, on_hurry)
     follower = ConfigFollower(updates, endpoint, ctx) if updates is not None else None
     ready.put(os.getpid())
@@ -514,8 +503,8 @@ class Supervisor:
             self.stopping = True
 
     def _hurry(self) -> None:
-        """A second SIGTERM/SIGINT during the drain: the workers abort what is still open at once (SIGUSR2, which a
-        worker takes as "abort now" however soon after the first SIGTERM it comes)."""
+        """A second SIGTERM/SIGINT during the drain: the workers abort what is still open at once (SIGUSR2: a
+        worker takes any SIGTERM as "drain", since it may get several copies of one stop)."""
         if self.hurried:
             return
         self.hurried = True

@@ -164,7 +164,8 @@ def test_second_sigterm_aborts_the_drain_at_once(make_server: MakeServer, tmp_pa
 
 def test_sigterm_to_the_whole_group_still_drains(make_server: MakeServer) -> None:
     """systemd's default KillMode=control-group sends SIGTERM to the supervisor and its workers at once, and the
-    supervisor forwards its own: the worker gets two SIGTERMs within milliseconds, which is one stop, not two."""
+    supervisor forwards its own: the worker gets two SIGTERMs, which is one stop, not a second one (only the
+    supervisor's SIGUSR2 aborts a worker's drain)."""
     server = make_server(server={"drain_timeout_s": 30.0})
     ae = AE(ae_title="GROUPSTOP")
     ae.add_requested_context(CTImageStorage)
