@@ -22,7 +22,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkProcess
@@ -32,15 +31,12 @@ from typing import Any
 from appliance import notify
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
-from appliance.health import volume_reasons
 from appliance.index.db import SERVE_LOCK, StudyIndex
+from appliance.lifecycle import EXIT_STORAGE_FAULT, Lifecycle
 from appliance.store.online import BlobStore, recover
 from appliance.store.volumes import VolumeSet
 
 log = logging.getLogger("appliance")
-# A worker exits with this code after a storage fault (failed fsync or LMDB I/O error): the supervisor then stops
-# the whole appliance instead of restarting the worker (sysexits' EX_IOERR).
-EXIT_STORAGE_FAULT = 74
 
 
 def setup_logging(level: str) -> None:
@@ -240,7 +236,7 @@ RECALLER_RESTART_S = 10.0
 HEARTBEAT_STALE_S = 5.0
 
 
-class Supervisor:
+class Supervisor(Lifecycle):
     def __init__(self, config: Config, port_file: Path | None = None) -> None:
         self.config = config
         self.port_file = port_file
@@ -263,17 +259,8 @@ class Supervisor:
         self.mover: ForkProcess | None = None  # tiering.schedule_s > 0: a policy run every schedule_s
         self.next_tier_run = time.monotonic() + config.tiering.schedule_s
         self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
-        # The write end of each worker's config pipe (created before its fork): a reload sends the new Config there.
-        self.updates: list[Connection | None] = []
-        self.ready_pids: set[int] = set()  # workers that reported they listen
-        self.reload_requested = False
-        self.hurried = False  # a second SIGTERM/SIGINT: the drain is cut short
-        self.heartbeat = time.monotonic()  # the supervisor loop's last turn (/healthz)
-        self.watchdog_s = notify.watchdog_interval_s()
-        self.watchdog_at = 0.0
         self.http: Any = None
-        self.volumes: VolumeSet | None = None  # the supervisor's own view of the volumes, for /readyz
-        self._volumes_lock = threading.Lock()
+        self._init_lifecycle()
 
     def prepare(self) -> dict[str, int]:
         from appliance.store.compact import compaction_lock
@@ -311,6 +298,7 @@ class Supervisor:
         if old is not None:
             old.close()
         self.updates[worker] = send
+        self.config_behind.discard(worker)  # it starts with self.config
         return proc
 
     def run(self) -> int:
@@ -351,6 +339,8 @@ class Supervisor:
                 if self.reload_requested:
                     self.reload_requested = False
                     self._reload()
+                if self.config_behind:
+                    self._push_config()
                 for i, proc in enumerate(self.workers):
                     if not proc.is_alive() and not self.stopping:
                         if proc.exitcode == EXIT_STORAGE_FAULT:
@@ -493,78 +483,6 @@ class Supervisor:
             client_context(self.config.tls)  # the files our outgoing TLS associations present and trust
         if self.config.tls.enabled:
             server_context(self.config.tls, warn=log.warning)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGHUP:
-            self.reload_requested = True  # done by the loop: a handler must not read files or write pipes
-        elif self.stopping:
-            self._hurry()
-        else:
-            self.stopping = True
-
-    def _hurry(self) -> None:
-        """A second SIGTERM/SIGINT during the drain: the workers abort what is still open at once (SIGUSR2: a
-        worker takes any SIGTERM as "drain", since it may get several copies of one stop)."""
-        if self.hurried:
-            return
-        self.hurried = True
-        for proc in self.workers:
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGUSR2)
-
-    def _beat(self) -> None:
-        """One turn of the supervisor loop: the heartbeat /healthz reads, and WATCHDOG=1 when it is due. Only from
-        the loop (never from a thread), so that a stuck loop stops both and systemd restarts the service."""
-        now = time.monotonic()
-        self.heartbeat = now
-        if self.watchdog_s and now - self.watchdog_at >= self.watchdog_s:
-            self.watchdog_at = now
-            notify.watchdog()
-
-    def _status(self) -> str:
-        alive = sum(1 for p in self.workers if p.is_alive())
-        return f"serving: {alive}/{len(self.workers)} worker(s) on port {self.port}"
-
-    def _reload(self) -> None:
-        """SIGHUP: re-read and validate the config file; apply what can change live, name what needs a restart."""
-        from appliance.reload import reread
-
-        notify.reloading()
-        change = reread(self.config)
-        if isinstance(change, str):
-            notify.ready(f"reload refused: {change[:200]}")
-            return
-        if change.applied:
-            self.config = change.config
-            logging.getLogger().setLevel(getattr(logging, self.config.server.log_level.upper()))
-            if self.config.tiering.schedule_s:
-                self.next_tier_run = min(self.next_tier_run, time.monotonic() + self.config.tiering.schedule_s)
-            for i, send in enumerate(self.updates):
-                if send is None:
-                    continue
-                try:
-                    send.send(self.config)
-                except OSError as exc:  # that worker is dying: its restart takes self.config anyway
-                    log.warning("reload: worker %d did not take the new configuration: %s", i, exc)
-        notify.ready(self._status() + (f"; restart needed for {len(change.needs_restart)} setting(s)"
-                                       if change.needs_restart else ""))
-
-    def readiness(self) -> list[str]:
-        """Why the appliance would not take work now ([] when it would). Called from the HTTP threads."""
-        reasons: list[str] = []
-        if self.stopping:
-            reasons.append("draining: the appliance is stopping")
-        if self.exit_code == EXIT_STORAGE_FAULT:
-            reasons.append("storage fault")
-        for i, proc in enumerate(list(self.workers)):
-            if proc.pid not in self.ready_pids or not proc.is_alive():
-                reasons.append(f"worker {i} is not listening")
-        if not (self.config.storage.index_path / "data.mdb").is_file():
-            reasons.append("index: no data.mdb")
-        if self.volumes is None:
-            return [*reasons, "volumes not open yet"]
-        with self._volumes_lock:  # Volume caches its statvfs: one reader at a time
-            return reasons + volume_reasons(self.volumes)
 
     def _shutdown(self) -> None:
         self.stopping = True
