@@ -1,11 +1,13 @@
 """Composition root: the supervisor process and its workers.
 
 The supervisor opens the volumes and the index, runs crash recovery, reserves the port, starts ``workers``
-processes and serves /metrics (aggregated over the workers with prometheus-client's multi-process mode).
-Each worker has its own uvloop event loop, its own listening socket on the shared port (SO_REUSEPORT, so the
-kernel spreads connections), its own LMDB handle and group committer. SIGTERM drains: workers stop accepting,
-finish the associations in progress (up to ``server.drain_timeout_s``), commit, and exit. A worker that dies is
-restarted.
+processes and serves /metrics (aggregated over the workers with prometheus-client's multi-process mode), /healthz
+and /readyz (health.py). Each worker has its own uvloop event loop, its own listening socket on the shared port
+(SO_REUSEPORT, so the kernel spreads connections), its own LMDB handle and group committer. SIGTERM drains: workers
+stop accepting, finish the associations in progress (up to ``server.drain_timeout_s``), abort the rest, commit,
+close LMDB and exit; a second SIGTERM aborts at once. SIGHUP reloads what can change live (reload.py) through a
+pipe per worker. A worker that dies is restarted, with the config in force. Signals, the reload, the heartbeat and
+systemd notifications are the supervisor's Lifecycle mixin (lifecycle.py).
 """
 
 from __future__ import annotations
