@@ -305,6 +305,9 @@ class Supervisor(Lifecycle):
 
     def run(self) -> int:
         cfg = self.config
+        # A SIGHUP during recovery (which can take a while) must not kill the supervisor (the default action): it is
+        # remembered and done once the loop runs.
+        signal.signal(signal.SIGHUP, self._on_signal)
         if not cfg.storage.fsync:
             log.warning("storage.fsync is false: acknowledged instances are NOT durable (benchmarking only)")
         self._check_tls()
@@ -320,7 +323,6 @@ class Supervisor(Lifecycle):
         # Handlers first: a SIGTERM during start-up must still stop the workers, never orphan them.
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)
         try:
             self.workers = [self._spawn(i) for i in range(count)]
             self._await_ready(count)
