@@ -1,11 +1,13 @@
 """Composition root: the supervisor process and its workers.
 
 The supervisor opens the volumes and the index, runs crash recovery, reserves the port, starts ``workers``
-processes and serves /metrics (aggregated over the workers with prometheus-client's multi-process mode).
-Each worker has its own uvloop event loop, its own listening socket on the shared port (SO_REUSEPORT, so the
-kernel spreads connections), its own LMDB handle and group committer. SIGTERM drains: workers stop accepting,
-finish the associations in progress (up to ``server.drain_timeout_s``), commit, and exit. A worker that dies is
-restarted.
+processes and serves /metrics (aggregated over the workers with prometheus-client's multi-process mode), /healthz
+and /readyz (health.py). Each worker has its own uvloop event loop, its own listening socket on the shared port
+(SO_REUSEPORT, so the kernel spreads connections), its own LMDB handle and group committer. SIGTERM drains: workers
+stop accepting, finish the associations in progress (up to ``server.drain_timeout_s``), abort the rest, commit,
+close LMDB and exit; a second SIGTERM aborts at once. SIGHUP reloads what can change live (reload.py) through a
+pipe per worker. A worker that dies is restarted, with the config in force. Signals, the reload, the heartbeat and
+systemd notifications are the supervisor's Lifecycle mixin (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ import socket
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.context import ForkProcess
 from pathlib import Path
 from typing import Any
 
+from appliance import notify
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, StudyIndex
+from appliance.lifecycle import EXIT_STORAGE_FAULT, Lifecycle
 from appliance.store.online import BlobStore, recover
+from appliance.store.volumes import VolumeSet
 
 log = logging.getLogger("appliance")
-# A worker exits with this code after a storage fault (failed fsync or LMDB I/O error): the supervisor then stops
-# the whole appliance instead of restarting the worker (sysexits' EX_IOERR).
-EXIT_STORAGE_FAULT = 74
 
 
 def setup_logging(level: str, log_format: str = "text") -> None:
@@ -73,8 +76,13 @@ def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
 # ---- worker -----------------------------------------------------------------------------------------
 
 
-def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
+def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0,
+                 updates: Connection | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
+    # A `kill -HUP` to the whole process group must not kill a worker (the default action): reloads reach the worker
+    # through ``updates``. SIGUSR2 is the supervisor's "abort the drain now"; until the loop handles it, ignore it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
     # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
     sys.setswitchinterval(float(os.environ.get("APPLIANCE_SWITCH_INTERVAL", "0.0005")))
@@ -89,13 +97,15 @@ def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop works too
         pass
-    asyncio.run(_worker(config, port, ready, slots, worker, tls_port))
+    asyncio.run(_worker(config, port, ready, slots, worker, tls_port, updates))
 
 
-async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0) -> None:
+async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0,
+                  updates: Connection | None = None) -> None:
     from appliance.metrics import FLUSH_SECONDS, Metrics
     from appliance.net.association import AssociationProtocol, Endpoint
     from appliance.net.tls import client_context
+    from appliance.reload import ConfigFollower
     from appliance.services.access import AccessRecorder, flush_periodically
     from appliance.services.application import StorageApplication
     from appliance.services.commitment import resume_commitments
@@ -113,6 +123,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     access = AccessRecorder(index)  # last access of the studies retrieved, flushed in batches
     metrics = Metrics()
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # the supervisor's SIGUSR2 (it got a second SIGTERM): abort what the drain waits for
     faults: list[str] = []
 
     def on_fault(reason: str) -> None:
@@ -142,7 +153,18 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
                            early_bytes_max=config.server.max_associate_rq_bytes, audit=audit)
         tls_server = await loop.create_server(tls_gate.protocol,
                                               sock=_listen_socket(config.server.host, tls_port, listen=True))
+    def on_hurry() -> None:
+        if not hurry.is_set():
+            log.warning("second stop request: aborting the associations still open")
+        hurry.set()
+        stop.set()
+
+    # SIGTERM only ever means "drain", however many arrive: a systemd stop with the default KillMode=control-group
+    # sends it to every process of the unit and the supervisor forwards its own, so a worker gets two copies of one
+    # stop. The supervisor counts the stop requests it gets and sends SIGUSR2 for "abort now".
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, on_hurry)
+    follower = ConfigFollower(updates, endpoint, ctx) if updates is not None else None
     ready.put(os.getpid())
 
     async def flush_metrics() -> None:
@@ -161,11 +183,18 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     if tls_server is not None and tls_gate is not None:
         tls_server.close()
         tls_gate.close()
-    deadline = time.monotonic() + (0.0 if faults else config.server.drain_timeout_s)
-    while endpoint.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    if follower is not None:
+        follower.close()
+    deadline = time.monotonic() + (0.0 if faults else endpoint.config.server.drain_timeout_s)
+    while endpoint.connections and time.monotonic() < deadline and not hurry.is_set():
+        try:
+            await asyncio.wait_for(hurry.wait(), 0.05)
+        except TimeoutError:
+            pass
+    if endpoint.connections:
+        log.warning("drain: %d connection(s) still open, aborting them", len(endpoint.connections))
     for assoc in list(endpoint.connections):
-        assoc.abort(0x00, "shutting down")
+        assoc.abort(0x00, "shutting down", metric="shutdown")
     pending = [t for a in endpoint.connections for t in a.tasks]
     if pending:
         await asyncio.wait(pending, timeout=5)
@@ -209,9 +238,12 @@ def _compact_main(config: Config) -> None:
 
 
 RECALLER_RESTART_S = 10.0
+# /healthz says 503 when the supervisor loop (which turns every 0.2 s, and beats while it waits for workers) has
+# not turned for this long.
+HEARTBEAT_STALE_S = 5.0
 
 
-class Supervisor:
+class Supervisor(Lifecycle):
     def __init__(self, config: Config, port_file: Path | None = None) -> None:
         self.config = config
         self.port_file = port_file
@@ -234,6 +266,8 @@ class Supervisor:
         self.mover: ForkProcess | None = None  # tiering.schedule_s > 0: a policy run every schedule_s
         self.next_tier_run = time.monotonic() + config.tiering.schedule_s
         self.next_compaction = time.monotonic() + config.storage.compaction_interval_s
+        self.http: Any = None
+        self._init_lifecycle()
 
     def prepare(self) -> dict[str, int]:
         from appliance.store.compact import compaction_lock
@@ -258,14 +292,27 @@ class Supervisor:
         return stats
 
     def _spawn(self, worker: int) -> ForkProcess:
+        # Always the config in force: a worker restarted after a reload starts with the reloaded one.
+        receive, send = self.mp.Pipe(duplex=False)
         proc = self.mp.Process(target=_worker_main,
-                               args=(self.config, self.port, self.ready, self.slots, worker, self.tls_port),
+                               args=(self.config, self.port, self.ready, self.slots, worker, self.tls_port, receive),
                                name="appliance-worker", daemon=False)
         proc.start()
+        receive.close()
+        while len(self.updates) <= worker:
+            self.updates.append(None)
+        old = self.updates[worker]
+        if old is not None:
+            old.close()
+        self.updates[worker] = send
+        self.config_behind.discard(worker)  # it starts with self.config
         return proc
 
     def run(self) -> int:
         cfg = self.config
+        # A SIGHUP during recovery (which can take a while) must not kill the supervisor (the default action): it is
+        # remembered and done once the loop runs.
+        signal.signal(signal.SIGHUP, self._on_signal)
         if not cfg.storage.fsync:
             log.warning("storage.fsync is false: acknowledged instances are NOT durable (benchmarking only)")
         self._check_tls()
@@ -291,10 +338,18 @@ class Supervisor:
                     raise ApplianceError(f"server.metrics_port {cfg.server.metrics_port} on "
                                          f"{cfg.server.metrics_host}: {exc.strerror}") from None
             self._write_port_file()
+            self.volumes = VolumeSet.open(cfg)  # prepare() created them: /readyz reads their fill and markers
+            notify.ready(self._status())
             log.info("AE %s listening on %s:%d%s with %d worker(s); metrics on %s", cfg.server.ae_title,
                      cfg.server.host, self.port, f" and TLS port {self.tls_port}" if self.tls_port else "", count,
                      f"http://{cfg.server.metrics_host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
             while not self.stopping:
+                self._beat()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self._reload()
+                if self.config_behind:
+                    self._push_config()
                 for i, proc in enumerate(self.workers):
                     if not proc.is_alive() and not self.stopping:
                         if proc.exitcode == EXIT_STORAGE_FAULT:
@@ -306,8 +361,10 @@ class Supervisor:
                         log.error("worker %d exited with %s; %d association slot(s) released; restarting it",
                                   proc.pid, proc.exitcode, freed)
                         self._release_worker(proc)
+                        self.ready_pids.discard(proc.pid or 0)
                         self.workers[i] = self._spawn(i)
                         self._await_ready(1)
+                        notify.status(self._status())
                 self._maybe_compact()
                 self._keep_recaller()
                 self._maybe_run_policies()
@@ -386,8 +443,9 @@ class Supervisor:
         """Wait for ``count`` workers to report that they listen; fail fast if one dies meanwhile."""
         deadline = time.monotonic() + timeout
         while count:
+            self._beat()
             try:
-                self.ready.get(timeout=0.2)
+                self.ready_pids.add(self.ready.get(timeout=0.2))
                 count -= 1
                 continue
             except queue.Empty:
@@ -435,10 +493,9 @@ class Supervisor:
         if self.config.tls.enabled:
             server_context(self.config.tls, warn=log.warning)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stopping = True
-
     def _shutdown(self) -> None:
+        self.stopping = True
+        notify.stopping("draining associations")
         log.info("draining associations and stopping workers")
         if self.compactor is not None and self.compactor.is_alive():
             self.compactor.kill()  # crash-safe at every step; the next run finishes its job
@@ -452,24 +509,38 @@ class Supervisor:
         for proc in self.workers:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
+        # The workers drain for up to drain_timeout_s, then abort, flush and close LMDB (at most a few seconds).
+        # The loop keeps beating meanwhile: the drain is the supervisor working, not stuck.
+        deadline = time.monotonic() + self.config.server.drain_timeout_s + 10
+        while any(p.is_alive() for p in self.workers) and time.monotonic() < deadline:
+            self._beat()
+            for proc in self.workers:
+                proc.join(0.1)
         for proc in self.workers:
-            proc.join(self.config.server.drain_timeout_s + 10)
             if proc.is_alive():
+                log.error("worker %d did not stop within the drain timeout: killing it", proc.pid)
                 proc.kill()
+                proc.join(5)
+        for send in self.updates:
+            if send is not None:
+                send.close()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
         if self.port_file is not None:
             self.port_file.unlink(missing_ok=True)
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("stopped")
 
     def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
+        from appliance import health
         from appliance.metrics import build_registry
 
-        registry = build_registry(self.config)
-        server, _thread = start_http_server(self.config.server.metrics_port, self.config.server.metrics_host,
-                                            registry=registry)
-        self.metrics_port = server.server_port
+        cfg = self.config.server
+        self.http = health.start(cfg.metrics_host, cfg.metrics_port, build_registry(self.config),
+                                 alive=lambda: time.monotonic() - self.heartbeat < HEARTBEAT_STALE_S,
+                                 readiness=self.readiness)
+        self.metrics_port = self.http.server_port
 
     def _write_port_file(self) -> None:
         if self.port_file is None:
