@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config_ops import AuditConfig
+from appliance.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Sink:
     def emit(self, event: str, outcome: int = SUCCESS, **fields: Any) -> None:
         """Never raises, never blocks."""
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         pass
 
     def rejected(self, peer_ae: str, peer_address: str, tls: bool, why: str, alert: bool) -> None:
@@ -284,7 +285,32 @@ def open_sink(config: AuditConfig, node: str, threaded: bool = True) -> Sink:
             return WriterSink(JournalDestination(), node, config.queue_max, threaded)
     except OSError as exc:
         log.error("audit: cannot open %s (%s): audit lines will be lost", config.path, exc)
+        return UnavailableSink(node, f"destination unavailable: {exc.strerror or exc}")
     return Sink(node)
+
+
+class UnavailableSink(Sink):
+    """A destination that could not be opened: every line is counted as dropped (reason "unavailable"), so the
+    loss shows on /metrics and in a rate-limited warning instead of a silent trail."""
+
+    def __init__(self, node: str, why: str) -> None:
+        super().__init__(node)
+        self.why = why
+
+    def emit(self, event: str, outcome: int = SUCCESS, **fields: Any) -> None:
+        self._lost("unavailable", self.why)
+
+
+def check_destination(config: AuditConfig) -> None:
+    """At start, before any worker: a trail that cannot be written is a configuration for a person to fix (a path
+    under the read-only /etc of the systemd unit, a missing folder permission), not a loss to find out later."""
+    if config.destination != "file":
+        return
+    try:
+        FileDestination(config.path, config.file_bytes_max, config.files_max).close()
+    except OSError as exc:
+        raise ConfigError(f"audit.path {config.path}: {exc.strerror or exc} (destination = \"off\" runs without "
+                          "an audit trail)") from None
 
 
 def write_once(config: AuditConfig, node: str, event: str, outcome: int = SUCCESS, **fields: Any) -> None:

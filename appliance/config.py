@@ -466,6 +466,10 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"config file {path} does not exist (appliance init writes one)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8; a Latin-1 byte from an old editor lands here
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+        except OSError as exc:  # a folder, no permission, an I/O error: one line, not a traceback
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
         base = path.resolve().parent
     _env_overrides(raw, dict(os.environ) if environ is None else environ)
     known = {"server", "storage", "dicom", "volumes", "peers", "tls", "retrieve", "commitment", "query", "tiering",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import pickle
 import signal
 import struct
 import termios
@@ -97,7 +98,11 @@ class Lifecycle:
         from appliance.reload import reread
 
         notify.reloading()
-        change = reread(self.config)
+        try:
+            change = reread(self.config)
+        except Exception as exc:  # whatever goes wrong in a reload must not stop a serving appliance
+            log.exception("reload refused, the configuration in force stays")
+            change = f"{type(exc).__name__}: {exc}"
         if isinstance(change, str):
             notify.ready(f"reload refused: {change[:200]}")
             return
@@ -121,8 +126,16 @@ class Lifecycle:
                 unread = struct.unpack("i", fcntl.ioctl(send.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
                 if unread:
                     continue
+                data = pickle.dumps(self.config)
+                # Connection.send adds a 4-byte length (8 beyond 2 GiB); into an empty pipe at least this big the
+                # write completes at once, so a stuck worker can never block the supervisor (and its watchdog).
+                if len(data) + 8 > fcntl.fcntl(send.fileno(), fcntl.F_GETPIPE_SZ):
+                    log.error("reload: the configuration (%d bytes pickled) is larger than the pipe to worker %d: "
+                              "restart the appliance to apply it", len(data), i)
+                    self.config_behind.discard(i)
+                    continue
                 try:
-                    send.send(self.config)
+                    send.send_bytes(data)
                 except OSError as exc:  # that worker is dying: its restart takes self.config anyway
                     log.warning("reload: worker %d did not take the new configuration: %s", i, exc)
             self.config_behind.discard(i)

@@ -84,6 +84,7 @@ def _outcome(status: int) -> str:
 # (lint-imports); tests/unit/test_metrics_names.py checks that the two agree.
 VOLUME_MARKER = ".appliance-volume"
 SCRUB_SUMMARY = "scrub-summary.json"  # tiering/scrub.py SUMMARY_FILE (tiering sits above metrics: not imported)
+TIER_RUN_SUMMARY = "tier-run-summary.json"  # tiering/run.py RUN_SUMMARY_FILE
 # C-FIND answers in milliseconds to seconds; a retrieve sends whole studies (and may wait for a recall): longer.
 _QUERY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _RETRIEVE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -227,6 +228,7 @@ def build_registry(config: Any) -> CollectorRegistry:
     if tls is not None and tls.enabled and tls.certificate is not None:
         registry.register(CertificateCollector(str(tls.certificate)))
     registry.register(ScrubCollector(os.path.join(str(config.storage.index_path), SCRUB_SUMMARY)))
+    registry.register(TierRunCollector(os.path.join(str(config.storage.index_path), TIER_RUN_SUMMARY)))
     registry.register(BuildInfoCollector())
     return registry
 
@@ -301,6 +303,36 @@ class CertificateCollector:
         yield family
 
 
+class TierRunCollector:
+    """When the last policy run ended and which tiers it paused, from the summary every run writes (tiering/run.py
+    write_run_summary): `appliance tier run` from a timer and the server's scheduled run alike, and it outlives a
+    restart (a gauge in a run's own process would be lost with it, and a timer's run is never scraped). No file
+    (no run yet): no samples."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Any:
+        import json
+
+        ended = GaugeMetricFamily("appliance_tier_policy_run_last_success_timestamp_seconds",
+                                  "Unix time at which the last policy run (`appliance tier run` or the server's "
+                                  "schedule) ended without error")
+        paused = GaugeMetricFamily("appliance_tier_paused",
+                                   "1 when the last policy run paused moves to and from the tier (it did not "
+                                   "answer), else 0", labels=["tier"])
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            ended.add_metric([], float(data["ended"]))
+            for tier, flag in dict(data.get("paused", {})).items():
+                paused.add_metric([str(tier)], 1.0 if flag else 0.0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # no run yet, or a file from elsewhere: no samples rather than a failed scrape
+        yield ended
+        yield paused
+
+
 class ScrubCollector:
     """The last scrub's findings per tier and kind, and when it ended, from the summary `appliance verify` writes
     (tiering/scrub.py write_summary): the scrub runs in its own process, whose counters nobody scrapes. No file (no
@@ -372,12 +404,6 @@ class TieringMetrics:
         self.recall_oldest = Gauge("appliance_recall_oldest_request_timestamp_seconds",
                                    "Unix time of the oldest recall request still queued (0: the queue is empty)",
                                    multiprocess_mode="mostrecent", **kw)
-        self.policy_run = Gauge("appliance_tier_policy_run_last_success_timestamp_seconds",
-                                "Unix time at which the server's last scheduled policy run ended without error",
-                                multiprocess_mode="mostrecent", **kw)
-        self.tier_paused = Gauge("appliance_tier_paused",
-                                 "1 when the last scheduled policy run paused moves to and from the tier (it did not "
-                                 "answer), else 0", ["tier"], multiprocess_mode="mostrecent", **kw)
         self.scrub_errors = Counter("appliance_scrub_errors", "Copies `verify` found missing or corrupt, by tier",
                                     ["tier", "kind"], **kw)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,8 @@ LIVE_FIELDS: dict[str, frozenset[str]] = {
     "tiering": frozenset({"schedule_s", "rate_bytes_per_s", "run_studies_max", "study_instances_max",
                           "scrub_bytes_per_s"}),
 }
-LIVE_EXCEPT = frozenset({"retrieve.read_threads"})
+# Thread pools sized once per worker.
+LIVE_EXCEPT = frozenset({"retrieve.read_threads", "query.threads_max"})
 IGNORED = frozenset({"source"})  # the same file by construction
 
 
@@ -104,14 +106,32 @@ def reread(current: Config) -> Reload | str:
         if current.source is None:
             raise ApplianceError("no config file to re-read (serve was started with the built-in defaults)")
         new = load_config(current.source)
+        change = split_reload(current, new)
+        check_in_force(change.config)
     except ApplianceError as exc:
         log.error("reload refused, the configuration in force stays: %s", exc)
         return str(exc)
-    change = split_reload(current, new)
     if change.needs_restart:
         log.warning("reload: changed but not applied, needs a restart: %s", ", ".join(change.needs_restart))
     log.info("configuration reloaded: %s", ", ".join(change.applied) if change.applied else "nothing changed")
     return change
+
+
+def check_in_force(config: Config) -> None:
+    """The config that would be in force after a reload is the old one's restart-only parts with the new file's live
+    parts: validate that combination as a whole (a policy naming a tier the file adds, which only a restart opens,
+    must be refused, not handed to the next policy run), and check the client certificates when a peer uses TLS
+    (the workers build their client context from them at the reload)."""
+    from appliance.config import validate
+    from appliance.config_tiering import TieringSections, validate_tiering
+
+    validate(config)
+    validate_tiering(TieringSections(config.tiering, config.tiers, config.policies),
+                     tuple(v.name for v in config.volumes))
+    if any(peer.tls for peer in config.peers):
+        from appliance.net.tls import client_context
+
+        client_context(config.tls)
 
 
 class ConfigFollower:
@@ -153,11 +173,26 @@ class ConfigFollower:
         # Resolve the peers' hosts off the loop (a slow DNS server must not stall the associations), then swap
         # everything between two callbacks of the loop: an association sees the old config or the new, never half.
         addresses = await asyncio.to_thread(resolve_peer_hosts, new) if new.server.check_peer_host else {}
+        client_tls = self.ctx.client_tls
+        if client_tls is None and any(peer.tls for peer in new.peers):
+            from appliance.net.tls import client_context
+
+            # A peer that gained tls = true: our outgoing associations to it (C-MOVE, Storage Commitment reports)
+            # need the client context a worker builds at start only when some peer had TLS. The supervisor checked
+            # the files before sending this config.
+            try:
+                client_tls = await asyncio.to_thread(client_context, new.tls)
+            except Exception as exc:  # the files changed since the supervisor's check: keep the old config
+                log.error("reload not applied in this worker: TLS client certificates: %s", exc)
+                return
         if mine != self.generation:
             return  # a later reload arrived meanwhile: it wins
+        self.ctx.client_tls = client_tls
         self.endpoint.config = new
         self.endpoint.negotiator.config = new
         self.endpoint.peer_addresses = addresses
         self.ctx.config = new
         logging.getLogger().setLevel(getattr(logging, new.server.log_level.upper()))
-        log.debug("configuration reloaded in this worker")
+        # What an operator (and the tests) wait for: the supervisor's "configuration reloaded" says the file was
+        # accepted; this line, one per worker, says new associations on that worker now get it.
+        log.info("configuration in force in worker %d", os.getpid())

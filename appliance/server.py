@@ -76,13 +76,36 @@ def _listen_socket(host: str, port: int, listen: bool) -> socket.socket:
 # ---- worker -----------------------------------------------------------------------------------------
 
 
+CONFIG_PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size: what an unprivileged process may ask
+
+
+def _widen_pipe(conn: Connection) -> None:
+    """A reloaded Config is written to an empty pipe only if it fits whole (lifecycle._push_config), so that the
+    write never blocks the supervisor: 1 MiB holds a config with thousands of peers (~110 bytes each pickled)."""
+    try:
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, CONFIG_PIPE_BYTES)
+    except OSError:  # a lower pipe-max-size: the 64 KiB default stays, and a larger config needs a restart
+        pass
+
+
+# After its drain, a worker has this long to finish its handlers, audit lines and last-access notes (the group
+# commit's close is waited for in full: it holds acknowledged instances). The supervisor kills a worker still
+# alive at drain_timeout_s + WORKER_TAIL_S + 8 s; the unit's TimeoutStopSec must stay above that (60 s: 30 + 20).
+WORKER_TAIL_S = 12.0
+
+
 def _worker_main(config: Config, port: int, ready: Any, slots: Any, worker: int = 0, tls_port: int = 0,
                  updates: Connection | None = None) -> None:
+    # SIGTERM (drain) and SIGUSR2 (the supervisor's "abort the drain now") stay blocked, so pending, until the event
+    # loop's handlers are in place: a stop during start-up is then taken by the loop, not lost to the supervisor's
+    # handler inherited through fork (nor discarded, as SIG_IGN would). The threads started meanwhile inherit the
+    # mask, so these signals go to the loop's thread only.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
     # A `kill -HUP` to the whole process group must not kill a worker (the default action): reloads reach the worker
-    # through ``updates``. SIGUSR2 is the supervisor's "abort the drain now"; until the loop handles it, ignore it.
+    # through ``updates``.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # The event loop hands work to the commit and fsync threads many times per instance; with the default 5 ms
     # GIL switch interval a thread woken from a syscall can wait that long for the interpreter.
     sys.setswitchinterval(float(os.environ.get("APPLIANCE_SWITCH_INTERVAL", "0.0005")))
@@ -164,6 +187,7 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
     # stop. The supervisor counts the stop requests it gets and sends SIGUSR2 for "abort now".
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, on_hurry)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR2})  # pending ones arrive now
     follower = ConfigFollower(updates, endpoint, ctx) if updates is not None else None
     ready.put(os.getpid())
 
@@ -195,17 +219,23 @@ async def _worker(config: Config, port: int, ready: Any, slots: Any, worker: int
         log.warning("drain: %d connection(s) still open, aborting them", len(endpoint.connections))
     for assoc in list(endpoint.connections):
         assoc.abort(0x00, "shutting down", metric="shutdown")
+    # Everything after the drain shares one budget (WORKER_TAIL_S), so the supervisor knows when to give up on us.
+    tail_end = time.monotonic() + WORKER_TAIL_S
+
+    def left(most: float) -> float:
+        return max(0.1, min(most, tail_end - time.monotonic()))
+
     pending = [t for a in endpoint.connections for t in a.tasks]
     if pending:
-        await asyncio.wait(pending, timeout=5)
-    await asyncio.to_thread(committer.close)
+        await asyncio.wait(pending, timeout=left(5))
+    await asyncio.to_thread(committer.close)  # the last acknowledged instances' commit: never cut short
     if endpoint.ending:  # associations whose last stores were in the commit: their log and audit lines
-        await asyncio.wait(endpoint.ending, timeout=5)
-    await asyncio.to_thread(audit.close)
+        await asyncio.wait(endpoint.ending, timeout=left(3))
+    await asyncio.to_thread(audit.close, left(3))
     flusher.cancel()
     metrics.flush()
     try:
-        await asyncio.wait_for(access_flusher, 10)  # the last notes, after the last retrieve
+        await asyncio.wait_for(access_flusher, left(5))  # the last notes, after the last retrieve
     except Exception:  # last access is a hint for the policies: never a reason to fail a shutdown
         log.exception("writing the last access notes")
     blobstore.close()
@@ -294,6 +324,7 @@ class Supervisor(Lifecycle):
     def _spawn(self, worker: int) -> ForkProcess:
         # Always the config in force: a worker restarted after a reload starts with the reloaded one.
         receive, send = self.mp.Pipe(duplex=False)
+        _widen_pipe(send)
         proc = self.mp.Process(target=_worker_main,
                                args=(self.config, self.port, self.ready, self.slots, worker, self.tls_port, receive),
                                name="appliance-worker", daemon=False)
@@ -316,6 +347,9 @@ class Supervisor(Lifecycle):
         if not cfg.storage.fsync:
             log.warning("storage.fsync is false: acknowledged instances are NOT durable (benchmarking only)")
         self._check_tls()
+        from appliance.audit import check_destination
+
+        check_destination(cfg.audit)
         self._lock_index()
         self.prepare()
         self.metrics_dir = tempfile.mkdtemp(prefix="appliance-metrics-")
@@ -432,12 +466,17 @@ class Supervisor(Lifecycle):
         self.compactor.start()
 
     def _release_worker(self, proc: ForkProcess) -> None:
-        """What a dead worker held: its spill files (its association slots are the network layer's)."""
+        """What a dead worker held: its spill files (its association slots are the network layer's), and its
+        live gauges (associations open): without this a crashed worker's associations stay "active" on /metrics."""
         from appliance.store.spool import clear_tmp
 
         for vc in self.config.volumes:
             if proc.pid is not None:
                 clear_tmp(str(vc.path / "tmp"), pid=proc.pid)
+        if proc.pid is not None and self.metrics_dir:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
 
     def _await_ready(self, count: int, timeout: float = 60.0) -> None:
         """Wait for ``count`` workers to report that they listen; fail fast if one dies meanwhile."""
@@ -511,7 +550,7 @@ class Supervisor(Lifecycle):
                 os.kill(proc.pid, signal.SIGTERM)
         # The workers drain for up to drain_timeout_s, then abort, flush and close LMDB (at most a few seconds).
         # The loop keeps beating meanwhile: the drain is the supervisor working, not stuck.
-        deadline = time.monotonic() + self.config.server.drain_timeout_s + 10
+        deadline = time.monotonic() + self.config.server.drain_timeout_s + WORKER_TAIL_S + 8
         while any(p.is_alive() for p in self.workers) and time.monotonic() < deadline:
             self._beat()
             for proc in self.workers:

@@ -169,9 +169,29 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
                     # then the cartridge would not read back with tar and the catalog alone.
                     if name not in report.paused:
                         backend.seal()
+            write_run_summary(config, report)
         finally:
             tiers.close()
     return report
+
+
+RUN_SUMMARY_FILE = "tier-run-summary.json"  # appliance/metrics.py TIER_RUN_SUMMARY reads it at scrape time
+
+
+def write_run_summary(config: Config, report: RunReport) -> None:
+    """When this run ended and which tiers it paused, beside the index, for /metrics (TierRunCollector): a run from
+    `appliance tier run` (a timer) has no scraped process, and a gauge would not outlive a restart. Written only by a
+    run that got this far without raising; a failed write is logged, never a reason to fail the run."""
+    import json
+
+    path = config.storage.index_path / RUN_SUMMARY_FILE
+    tmp = path.with_name(RUN_SUMMARY_FILE + ".tmp")
+    body = {"ended": time.time(), "paused": {name: name in report.paused for name in tier_order(config)[1:]}}
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)  # whole or not at all: the scraper never reads half a file
+    except OSError as exc:
+        log.warning("tiering: could not write %s: %s", path, exc)
 
 
 STORAGE_FAULT_EXIT = 74  # the server's EXIT_STORAGE_FAULT (appliance/server.py): the supervisor stops the appliance
@@ -191,9 +211,6 @@ def scheduled_main(config: Config) -> None:
         for result in report.resumed + report.results:
             if result.bytes:
                 metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
-        for name in tier_order(config)[1:]:  # a tier that answers again is unpaused by the next run
-            metrics.tier_paused.labels(name).set(1 if name in report.paused else 0)
-        metrics.policy_run.set(time.time())
         counts = report.counts()
         for name, why in report.paused.items():
             log.warning("tiering: moves to and from tier %s paused until the next run (in %.0fs): %s", name,

@@ -128,7 +128,10 @@ def test_sigterm_during_a_storescu_burst_loses_nothing_acknowledged(make_server:
     if drain_s < 1:
         assert any(p.returncode != 0 for p in procs), "0.5 s cannot be enough for 4 x 300 instances: aborts expected"
         assert "aborting association: shutting down" in server.log()
-    assert "drain" in server.log()
+    else:  # 20 s is ample for what was left: the drain let every association finish, none was aborted
+        assert [p.returncode for p in procs] == [0] * len(procs)
+        assert total_acked == sum(map(len, bursts))
+        assert "aborting association: shutting down" not in server.log()
 
 
 def test_drain_timeout_aborts_a_slow_association_and_exits_zero(make_server: MakeServer, tmp_path: Path) -> None:

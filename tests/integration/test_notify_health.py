@@ -96,7 +96,9 @@ def test_sd_notify_ready_watchdog_reloading_stopping(make_server: MakeServer, no
         # WATCHDOG=1 about every second (half of WATCHDOG_USEC), from the supervisor's loop.
         wait_for(lambda: listener.count("WATCHDOG=1") >= 3, 10, interval=0.05, what="three WATCHDOG=1")
         beats = [t for t, lines, _a in listener.messages if "WATCHDOG=1" in lines]
-        assert all(0.5 < b - a < 1.8 for a, b in zip(beats[1:], beats[2:], strict=False)), beats
+        gaps = sorted(b - a for a, b in zip(beats[1:], beats[2:], strict=False))
+        # About every second (not flooding), and never as late as WATCHDOG_USEC (2 s), when systemd would kill us.
+        assert 0.8 < gaps[len(gaps) // 2] < 1.5 and gaps[-1] < 2.0, gaps
 
         assert server.proc is not None
         before = len(listener.messages)

@@ -20,6 +20,7 @@ from tests.conftest import ServerHandle, dcmtk, wait_for, write_config
 from tests.peers import CT
 
 MakeServer = Callable[..., ServerHandle]
+IN_FORCE = "configuration in force in worker"
 
 
 def find(server: ServerHandle, calling_ae: str) -> str:
@@ -37,10 +38,15 @@ def find_ok(server: ServerHandle, calling_ae: str) -> bool:
 def reload(server: ServerHandle, expect: str) -> str:
     """SIGHUP, then wait for the next log line containing ``expect``; that line."""
     before = server.log().count(expect)
+    in_force = server.log().count(IN_FORCE)
     assert server.proc is not None
     server.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: server.log().count(expect) > before, 20, interval=0.05, what=expect)
-    return [line for line in server.log().splitlines() if expect in line][-1]
+    line = [line for line in server.log().splitlines() if expect in line][-1]
+    if "configuration reloaded" in line and "nothing changed" not in line:
+        # The supervisor accepted the file; the worker swaps it in on its own loop: wait for that, not a sleep.
+        wait_for(lambda: server.log().count(IN_FORCE) > in_force, 20, interval=0.05, what="the worker taking it")
+    return line
 
 
 def new_ct() -> Any:
@@ -162,6 +168,8 @@ def test_two_sighups_in_a_row_while_a_worker_restarts(make_server: MakeServer) -
     wait_for(lambda: server.log().count("configuration reloaded") > before, 20, interval=0.05, what="the reload")
     wait_for(lambda: len(server.worker_pids()) == 2 and pids[0] not in server.worker_pids(), 30, interval=0.05,
              what="the worker restarted")
+    # The surviving worker swaps the config in on its loop; the restarted one starts with it.
+    wait_for(lambda: f"{IN_FORCE} {pids[1]}" in server.log(), 20, interval=0.05, what="the surviving worker")
     wait_for(lambda: find_ok(server, "WS1"), 30, interval=0.1, what="the new worker listening")
     # Every worker has the new rights: enough associations that the kernel spreads them over both.
     for _ in range(8):

@@ -141,7 +141,7 @@ def test_the_unit_keeps_the_agreed_interface() -> None:
     assert "KillMode" not in s  # control-group: the supervisor forwards SIGTERM; SIGKILL is the backstop
     assert s["KillSignal"] == ["SIGTERM"] and s["Restart"] == ["on-failure"]
     stop_s = int(s["TimeoutStopSec"][0].removesuffix("s"))
-    assert stop_s > ServerConfig().drain_timeout_s + 15
+    assert stop_s > ServerConfig().drain_timeout_s + 20
     prevent = set(s["RestartPreventExitStatus"][0].split())
     assert prevent == {"74", "78"} and str(errors.EXIT_CONFIG) in prevent
     assert str(errors.EXIT_UNAVAILABLE) not in prevent  # 69: a volume mounted late; restarted, within StartLimit
