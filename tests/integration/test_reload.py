@@ -176,3 +176,33 @@ def test_two_sighups_in_a_row_while_a_worker_restarts(make_server: MakeServer) -
         assert find_ok(server, "WS1")
     assert "is not allowed to find" not in server.log()
     assert server.stop() == 0
+
+
+def test_reread_refuses_what_cannot_be_read_or_would_not_validate_in_force(tmp_path: Path) -> None:
+    """What a reload meets on disk: a file saved in Latin-1, a folder where the file was, and a file that validates
+    alone but not merged with the restart-only parts in force (a policy to a tier only a restart would open). Each
+    is refused with a reason (the supervisor keeps its config); none raises out of reread."""
+    from appliance.config import load_config
+    from appliance.reload import reread
+
+    path = tmp_path / "appliance.toml"
+    path.write_text('[server]\nport = 0\n\n[[volumes]]\nname = "vol0"\npath = "v0"\n')
+    current = load_config(path)
+
+    path.write_bytes(b'[server]\nport = 0\nae_title = "CAF\xc9"\n')
+    refused = reread(current)
+    assert isinstance(refused, str) and "UTF-8" in refused
+
+    path.unlink()
+    path.mkdir()
+    refused = reread(current)
+    assert isinstance(refused, str) and str(path) in refused
+    path.rmdir()
+
+    (tmp_path / "nl").mkdir()
+    path.write_text('[server]\nport = 0\n\n[[volumes]]\nname = "vol0"\npath = "v0"\n\n'
+                    '[[tiers]]\nname = "nearline"\nkind = "nearline"\nvolumes = [{name = "nl0", path = "nl"}]\n\n'
+                    '[[policies]]\nname = "down"\nfrom = "online"\nto = "nearline"\nreceived_days_min = 1\n')
+    load_config(path)  # valid on its own
+    refused = reread(current)
+    assert isinstance(refused, str) and "nearline" in refused, refused
