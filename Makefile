@@ -54,6 +54,11 @@ lint: $(STAMP)
 	$(BIN)/mypy appliance bench tiering
 	$(BIN)/lint-imports
 
+# docs/conformance.md is the conformance statement of the built-in defaults (tests/unit/test_conformance.py checks it).
+.PHONY: conformance
+conformance: $(STAMP)
+	$(BIN)/python -m appliance.conformance > docs/conformance.md
+
 bench: $(STAMP) dcmtk
 	$(BIN)/python -m bench.compare
 

@@ -537,6 +537,10 @@ cli_recall.register(tier_app)  # `tier recall` (the rest of `tier` is appliance/
 
 cli_audit.register(app)  # `audit`: read the audit trail
 
+from appliance import conformance  # noqa: E402  (beside its one use: a hunk of its own when branches merge)
+
+conformance.register(app)  # `conformance`: the DICOM conformance statement (PS3.2)
+
 
 def main() -> None:
     try:
