@@ -117,12 +117,17 @@ def _roles(uid: str, retrieves: bool) -> list[str]:
     return ["SCP"]
 
 
-def _statuses(table: tuple[tuple[int, str], ...]) -> list[dict[str, Any]]:
+# Codes whose meaning differs for a Query/Retrieve identifier (PS3.4 C.4) from a C-STORE dataset (PS3.4 B.2.3).
+_QR_NAMES = {errors.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: "Identifier does not match SOP Class",
+             errors.UNABLE_TO_PROCESS: "Unable to process"}
+
+
+def _statuses(table: tuple[tuple[int, str], ...], overrides: dict[int, str] | None = None) -> list[dict[str, Any]]:
     names = {**errors.STATUS_NAMES, errors.PENDING: "Pending", errors.PENDING_WARNING: "Pending (optional keys "
              "not supported)", errors.CANCEL: "Cancel", errors.OUT_OF_RESOURCES_MATCHES: "Out of resources (number "
              "of matches)", errors.OUT_OF_RESOURCES_SUB_OPERATIONS: "Out of resources (sub-operations)",
              errors.MOVE_DESTINATION_UNKNOWN: "Move Destination unknown", errors.SUB_OPERATIONS_WITH_FAILURES:
-             "Sub-operations complete, one or more failures"}
+             "Sub-operations complete, one or more failures", **(overrides or {})}
     return [{"status": code, "name": names.get(code, ""), "when": when} for code, when in table]
 
 
@@ -175,8 +180,8 @@ def statement(cfg: Config) -> dict[str, Any]:
         },
         "statuses": {
             "store": _statuses(STORE_STATUSES),
-            "find": _statuses(FIND_STATUSES) if find_models else [],
-            "retrieve": _statuses(RETRIEVE_STATUSES) if retrieves else [],
+            "find": _statuses(FIND_STATUSES, _QR_NAMES) if find_models else [],
+            "retrieve": _statuses(RETRIEVE_STATUSES, _QR_NAMES) if retrieves else [],
             "storage_commitment": _statuses(COMMITMENT_STATUSES) if uids.STORAGE_COMMITMENT_PUSH in accepted else [],
         },
         "tls": {"enabled": cfg.tls.enabled, "port": cfg.tls.port, "min_version": cfg.tls.min_version,
@@ -259,12 +264,14 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
                else f"any; a title not under `[peers]` has the rights: {unknown}")
     if pol["check_peer_host"]:
         calling += "; a `[peers]` title only from that peer's host"
+    if pol["refuse_unknown_calling_ae"] or pol["check_peer_host"]:
+        calling += " (else A-ASSOCIATE-RJ, calling AE title not recognized)"
     out += _table([
         ("Application context", f"`{pol['application_context']}` only (anything else: A-ASSOCIATE-RJ, permanent, "
          "application context not supported)"),
         ("Called AE title", f"must be `{pol['called_ae_title']}` (else A-ASSOCIATE-RJ, called AE title not "
          "recognized)"),
-        ("Calling AE title", calling + " (else A-ASSOCIATE-RJ, calling AE title not recognized)"),
+        ("Calling AE title", calling),
         ("Associations", f"at most {pol['max_associations']} at once (`server.max_associations`), "
          f"{pol['max_associations_per_ae']} per calling AE title and {pol['max_associations_per_host']} per "
          "address; beyond: A-ASSOCIATE-RJ transient, local limit exceeded"),
@@ -316,19 +323,23 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
                 "group. Sequence matching is not supported: a sequence key with values makes the matches Pending "
                 "0xFF01.",
                 "- **Keys** the index holds at each level are matched and returned; other requested keys come back "
-                "zero-length. At any level: " + ", ".join(qr["any_level_keys"]) + ".", ""]
+                "zero-length. At any level: " + ", ".join(qr["any_level_keys"]) + " (ONLINE, NEARLINE or OFFLINE, from "
+                "the index). The counts, ModalitiesInStudy and SOPClassesInStudy are computed.", ""]
         out += _table([(level, ", ".join(keys)) for level, keys in qr["keys"].items()], ("Level", "Keys"))
         out += ["", *_status_table(statuses["find"]), ""]
     if statuses["retrieve"]:
         out += ["### C-MOVE and C-GET", "",
-                "Selection by the unique keys of the level (lists of UIDs at STUDY, SERIES, IMAGE). C-MOVE "
+                "Selection by the unique keys of the level (lists of UIDs at STUDY, SERIES, IMAGE); keys of the levels "
+                "above must agree with what is stored when given. C-MOVE "
                 "destinations are `[peers]` entries with `allow_receive`, reached on up to "
                 "`retrieve.move_associations` parallel associations (each C-STORE-RQ carries Move Originator AE "
                 "Title and Message ID). C-GET sends on the requester's association, on the storage contexts for "
                 "which role selection made the requester the Storage SCP. Each sub-operation goes in the stored "
                 "transfer syntax when the destination accepted it, else converted to Explicit VR Little Endian, "
-                "else Implicit VR Little Endian; nothing is ever sent in a syntax that was not accepted. Instances "
-                "on tape are recalled first (docs/tiering.md).", "", *_status_table(statuses["retrieve"]), ""]
+                "else Implicit VR Little Endian (pixel data decompressed with pylibjpeg); nothing is ever compressed "
+                "or sent in a syntax that was not accepted. NEARLINE instances are sent like ONLINE ones; OFFLINE "
+                "ones (on tape) are recalled first, with one Pending response meanwhile (docs/tiering.md).", "",
+                *_status_table(statuses["retrieve"]), ""]
     if "storage-commitment" in services:
         out += ["## 7. Storage Commitment Push Model SCP", "",
                 "Details: [storage-commitment.md](storage-commitment.md). N-ACTION (Action Type 1) is answered at "
@@ -337,8 +348,9 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
                 "committed, 2 some failed, Failure Reason 0x0112 no such instance, 0x0119 class-instance conflict, "
                 "0x0110 processing failure) goes on the same association while it is open, otherwise on a new "
                 "association to the requester's `[peers]` host and port (we propose the SOP class with SCP/SCU role "
-                "selection, SCP role), retried `commitment.report_attempts_max` times. Delivery is at least once "
-                "(journaled before Success). N-ACTION statuses:", "", *_status_table(statuses["storage_commitment"]),
+                "selection, SCP role), retried `commitment.report_attempts_max` times. Answered requests are "
+                "journaled (fsync'd) before Success and reported after a restart: delivery is at least once. "
+                "N-ACTION statuses:", "", *_status_table(statuses["storage_commitment"]),
                 ""]
 
     out += ["## 8. Communication profiles and security", "",

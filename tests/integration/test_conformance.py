@@ -121,3 +121,26 @@ def test_cli_json_matches_the_running_config(server: ServerHandle) -> None:
     st = json.loads(out.stdout)
     assert st["application_entity"]["ae_title"] == "APPLIANCE"
     assert st == json.loads(json.dumps(_statement(server)))
+
+
+def test_role_selection_as_stated(server: ServerHandle) -> None:
+    """SCP/SCU role selection: granted as proposed for a storage SOP class (what C-GET needs), not for the
+    others (the default roles stay), as the statement says."""
+    from pynetdicom import build_role
+
+    st = _statement(server)
+    assert st["role_selection"]["accepted_for"] == "storage"
+    find = "1.2.840.10008.5.1.4.1.2.2.1"
+    ae = AE(ae_title="CONFTEST")
+    ae.add_requested_context(CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.1"])
+    ae.add_requested_context(find, ["1.2.840.10008.1.2.1"])
+    roles = [build_role(CT_IMAGE_STORAGE, scu_role=True, scp_role=True), build_role(find, scu_role=True,
+                                                                                    scp_role=True)]
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="APPLIANCE", ext_neg=roles)
+    assert assoc.is_established
+    try:
+        by_class = {str(cx.abstract_syntax): cx for cx in assoc.accepted_contexts}
+        assert by_class[CT_IMAGE_STORAGE].as_scp and by_class[CT_IMAGE_STORAGE].as_scu  # we may send to it (C-GET)
+        assert by_class[find].as_scu and not by_class[find].as_scp  # default: the requestor is only the SCU
+    finally:
+        assoc.release()
