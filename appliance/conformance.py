@@ -193,6 +193,18 @@ def statement(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _overview(classes: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """PS3.2's summary of network services: one row per service, whether we use it and provide it."""
+    rows: list[tuple[str, ...]] = []
+    for service, label in (("verification", "Verification"), ("storage", "Storage"),
+                           ("query-retrieve", "Query/Retrieve"), ("storage-commitment", "Storage Commitment Push")):
+        mine = [c for c in classes if c["service"] == service]
+        if mine:
+            scu = "Yes (C-MOVE/C-GET sub-operations)" if any("SCU" in c["roles"] for c in mine) else "No"
+            rows.append((label, str(len(mine)), scu, "Yes"))
+    return rows
+
+
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
     def row(cells: tuple[str, ...]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
@@ -229,6 +241,14 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
         "statement of yours (`--json`: the raw values). The behaviour stated here is exercised by the integration "
         "tests (docs/testing.md) against DCMTK, Orthanc and pynetdicom; tests/integration/test_conformance.py "
         "checks every SOP class and transfer syntax listed here against a real association.",
+        "",
+        "## Overview",
+        "",
+        *_table(_overview(classes), ("Network service", "SOP classes", "User of service (SCU)",
+                                     "Provider of service (SCP)")),
+        "",
+        "Media interchange (PS3.10 media, DICOMDIR): none. Files are exported with `appliance export` as Part-10 "
+        "files, byte for byte as received.",
         "",
         "## 1. Implementation model",
         "",
@@ -287,6 +307,13 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
             f"Accepted for the {st['role_selection']['sop_classes']} storage SOP classes (a C-GET requester acts "
             "as Storage SCP: both roles are granted as proposed); for every other SOP class the item is ignored and "
             "the default roles stay.", "",
+            "### Association initiation policy", "",
+            "Associations are opened only for the C-STORE sub-operations of C-MOVE (to the destination's `[peers]` "
+            "host and port, calling AE title " + f"`{ae['ae_title']}`" + "; one context per SOP class and stored "
+            "transfer syntax, most instances first, then Explicit and Implicit VR Little Endian for each class, 128 "
+            "contexts at most) and for Storage Commitment reports that cannot go on the requester's association "
+            "(Storage Commitment Push Model in Explicit or Implicit VR Little Endian, with SCP/SCU role selection "
+            "asking the SCP role). With `tls = true` on the peer they use TLS.", "",
             "### Extended negotiation", "",
             "None is accepted: " + ", ".join(st["extended_negotiation"]["not_accepted"]) + " items are not "
             "returned in the A-ASSOCIATE-AC, so queries and retrieves are hierarchical and the window is 1.", ""]
@@ -369,6 +396,11 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
                 + (", BCP 195 cipher suites (ECDHE with AES-GCM or ChaCha20-Poly1305)" if default else "")
                 + ", client certificates required by default.", ""]
 
+    out += ["### Network interface and configuration", "",
+            "TCP/IP over IPv4 or IPv6, on the address `server.host` "
+            f"(`{ae['host']}` here: loopback is the default, set `0.0.0.0` or `::` to serve modalities). The "
+            "AE title, ports, limits and lists above are all read from the config file (docs/configuration.md); "
+            "peers that may query, retrieve or receive are `[peers]` entries (AE title, host, port, rights).", ""]
     out += ["## 9. Character sets", "",
             "Storage: any Specific Character Set (0008,0005), stored as received; the index decodes the values it "
             "keeps. C-FIND: the identifier is decoded with its own (0008,0005) (default ISO_IR 6); responses are "
