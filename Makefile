@@ -54,7 +54,7 @@ lint: $(STAMP)
 	$(BIN)/mypy appliance bench tiering
 	$(BIN)/lint-imports
 
-# docs/conformance.md is the conformance statement of the built-in defaults (tests/unit/test_conformance.py checks it).
+# docs/conformance.md: the conformance statement of the built-in defaults (tests/unit/test_conformance_statement.py).
 .PHONY: conformance
 conformance: $(STAMP)
 	$(BIN)/python -m appliance.conformance > docs/conformance.md

@@ -1,7 +1,8 @@
 """The DICOM conformance statement (PS3.2), built from the code and the running configuration: what an integrator
 reads before pointing a modality at us. ``statement(cfg)`` gives the raw values (``appliance conformance --json``),
 ``markdown(...)`` the document in the order of PS3.2 (``appliance conformance``; docs/conformance.md is its output
-for the built-in defaults, regenerated with ``make conformance`` and kept in sync by tests/unit/test_conformance.py).
+for the built-in defaults, regenerated with ``make conformance`` and kept in sync by
+tests/unit/test_conformance_statement.py).
 
 Every value that can change comes from where the code takes it (the config, the UID constants, the negotiator's
 rules, the error table, the query keys), so that the document cannot drift; the prose around it is fixed text.
@@ -239,8 +240,9 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
         "In the order of PS3.2 (the parts a PACS integrator needs to connect a modality, a workstation or another "
         "archive), for the configuration it was printed from: `appliance conformance -c CONFIG` prints the "
         "statement of yours (`--json`: the raw values). The behaviour stated here is exercised by the integration "
-        "tests (docs/testing.md) against DCMTK, Orthanc and pynetdicom; tests/integration/test_conformance.py "
-        "checks every SOP class and transfer syntax listed here against a real association.",
+        "tests (docs/testing.md) against DCMTK, Orthanc and pynetdicom; "
+        "tests/integration/test_conformance_statement.py checks every SOP class and transfer syntax listed here "
+        "against a real association.",
         "",
         "## Overview",
         "",

@@ -39,7 +39,7 @@ def _negotiate(port: int, pairs: list[tuple[str, str]]) -> Iterator[tuple[str, s
         ae.add_requested_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
         assoc = ae.associate("127.0.0.1", port, ae_title="APPLIANCE")
         assert assoc.is_established
-        accepted = {int(cx.context_id): cx for cx in assoc.accepted_contexts}
+        accepted = {cx.context_id: cx for cx in assoc.accepted_contexts}
         # Context ids are 1, 3, 5, ... in the order proposed.
         for i, (abstract, ts) in enumerate(pairs[start:start + BATCH]):
             got = accepted.get(2 * i + 1)
@@ -134,7 +134,7 @@ def test_role_selection_as_stated(server: ServerHandle) -> None:
     ae = AE(ae_title="CONFTEST")
     ae.add_requested_context(CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.1"])
     ae.add_requested_context(find, ["1.2.840.10008.1.2.1"])
-    roles = [build_role(CT_IMAGE_STORAGE, scu_role=True, scp_role=True), build_role(find, scu_role=True,
+    roles: list[Any] = [build_role(CT_IMAGE_STORAGE, scu_role=True, scp_role=True), build_role(find, scu_role=True,
                                                                                     scp_role=True)]
     assoc = ae.associate("127.0.0.1", server.port, ae_title="APPLIANCE", ext_neg=roles)
     assert assoc.is_established
