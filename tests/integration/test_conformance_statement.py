@@ -86,28 +86,54 @@ def _dcmtk_profile(path: Path, syntaxes: list[str]) -> None:
                     "[[Profiles]]\n[Conformance]\nPresentationContexts = All\n")
 
 
-def test_storescu_proposing_every_transfer_syntax(server: ServerHandle, tmp_path: Path) -> None:
+def _storescu_every_syntax(port: int, st: dict[str, Any], tmp_path: Path, *options: str) -> None:
     """DCMTK's storescu proposes CT Image Storage once per transfer syntax (the statement's and two others), then
     sends a CT: its A-ASSOCIATE-AC (storescu -d) accepts exactly the statement's syntaxes, and the C-STORE
     succeeds."""
-    st = _statement(server)
     listed = [t["uid"] for t in st["transfer_syntaxes"]]
     proposed = [*listed, *UNLISTED_SYNTAXES]
     cfg = tmp_path / "storescu.cfg"
     _dcmtk_profile(cfg, proposed)
     ct = ct_instances(tmp_path / "in", 1)[0]
-    result = dcmtk("storescu", "-d", "-aec", "APPLIANCE", "-aet", "CONFTEST", "-xf", str(cfg), "Conformance",
-                   "127.0.0.1", str(server.port), str(ct))
+    result = dcmtk("storescu", "-d", *options, "-aec", "APPLIANCE", "-aet", "CONFTEST", "-xf", str(cfg),
+                   "Conformance", "127.0.0.1", str(port), str(ct))
     assert result.returncode == 0, result.stdout + result.stderr
     log = result.stdout + result.stderr
     ac = log[log.index("BEGIN A-ASSOCIATE-AC"):log.index("END A-ASSOCIATE-AC")]
-    # Each context of the AC: "Context ID: N (Accepted|...)" ... "Accepted Transfer Syntax: =Name or UID"
+    # Each context of the AC: "Context ID: N (Accepted|Transfer Syntaxes Not Supported|...)"
     results = dict(re.findall(r"Context ID:\s+(\d+) \(([^)]+)\)", ac))
     for i, ts in enumerate(proposed):
         assert (results[str(2 * i + 1)] == "Accepted") == (ts in listed), (ts, results[str(2 * i + 1)])
     assert results[str(2 * len(proposed) + 1)] == "Accepted"  # Verification
     assert results[str(2 * len(proposed) + 3)] != "Accepted"  # Modality Worklist
     assert re.search(r"C-STORE RSP.*?DIMSE Status\s*: 0x0000: Success", log, re.S), log[-2000:]
+
+
+def test_storescu_proposing_every_transfer_syntax(server: ServerHandle, tmp_path: Path) -> None:
+    _storescu_every_syntax(server.port, _statement(server), tmp_path)
+
+
+def test_tls_as_stated(make_server: Any, tmp_path: Path) -> None:
+    """With [tls] enabled the statement says so, storescu over TLS negotiates exactly as on the plain port, and a
+    TLS 1.2 association uses one of the cipher suites the statement lists."""
+    import ssl
+
+    from tests.integration.test_tls import client_context, dcmtk_tls, tls_associate, tls_section
+    from tests.tls_pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    handle = make_server(tls=tls_section(pki))
+    st = _statement(handle)
+    assert st["tls"]["enabled"] and st["tls"]["require_client_certificate"]
+    assert st["application_entity"]["tls_port"] is not None
+    _storescu_every_syntax(handle.tls_port, st, tmp_path, *dcmtk_tls(pki))
+    assoc = tls_associate(handle, client_context(pki, maximum=ssl.TLSVersion.TLSv1_2))
+    assert assoc.is_established
+    try:
+        cipher = assoc.dul.socket.socket.cipher()  # type: ignore[union-attr]
+        assert cipher[0] in st["tls"]["ciphers"], cipher
+    finally:
+        assoc.release()
 
 
 def test_cli_json_matches_the_running_config(server: ServerHandle) -> None:
