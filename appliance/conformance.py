@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydicom.charset import python_encoding
 from pydicom.uid import UID
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from appliance import errors
 from appliance.config import BCP195_CIPHERS, Config, all_storage_sop_classes, load_config
 from appliance.dicom import uids
-from appliance.query.identifier import ANY_LEVEL_KEYS, KEYS_OF
+from appliance.query.identifier import ANY_LEVEL_KEYS, DEFAULT_CHARSET, KEYS_OF, UTF8
 from appliance.query.matching import RANGE_VRS, WILDCARD_VRS
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the same as appliance.net.negotiation's (net is not imported here)
@@ -98,6 +99,12 @@ NOT_SUPPORTED = (
 def uid_name(uid: str) -> str:
     name = UID(uid).name
     return name if name != uid else _KEYWORDS.get(uid, uid)
+
+
+def _defined_terms() -> list[str]:
+    """The Specific Character Set defined terms (PS3.3 C.12.1.1.2) an identifier can be decoded with: pydicom's,
+    without its own aliases (an empty value is the default repertoire, ISO_IR 6)."""
+    return sorted(t for t in python_encoding if t.startswith(("ISO_IR ", "ISO 2022 IR ")) or t in ("GB18030", "GBK"))
 
 
 def _service(uid: str) -> str:
@@ -188,8 +195,8 @@ def statement(cfg: Config) -> dict[str, Any]:
         "tls": {"enabled": cfg.tls.enabled, "port": cfg.tls.port, "min_version": cfg.tls.min_version,
                 "ciphers": cfg.tls.ciphers.split(":"),
                 "require_client_certificate": cfg.tls.require_client_certificate},
-        "character_sets": {"stored": "as received", "query_default": "ISO_IR 6",
-                           "query_fallback": "ISO_IR 192"},
+        "character_sets": {"stored": "as received", "query_default": DEFAULT_CHARSET, "query_fallback": UTF8,
+                           "query_decoded": _defined_terms()},
         "not_supported": NOT_SUPPORTED,
     }
 
@@ -405,9 +412,11 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
             "peers that may query, retrieve or receive are `[peers]` entries (AE title, host, port, rights).", ""]
     out += ["## 9. Character sets", "",
             "Storage: any Specific Character Set (0008,0005), stored as received; the index decodes the values it "
-            "keeps. C-FIND: the identifier is decoded with its own (0008,0005) (default ISO_IR 6); responses are "
-            "encoded in the requester's character set when every value fits it, else in ISO_IR 192 (UTF-8) with "
-            "(0008,0005) saying so. Tested with ISO_IR 100, ISO_IR 192 and ISO 2022 IR 87 across each other.", "",
+            "keeps. C-FIND: the identifier is decoded with its own (0008,0005) (default "
+            f"{st['character_sets']['query_default']}); responses are encoded in the requester's character set when "
+            f"every value fits it, else in {st['character_sets']['query_fallback']} (UTF-8) with (0008,0005) saying "
+            "so. Defined terms understood: " + ", ".join(st["character_sets"]["query_decoded"]) + ".",
+            "Tested with ISO_IR 100, ISO_IR 192 and ISO 2022 IR 87 across each other.", "",
             "## 10. Not supported", "", st["not_supported"], ""]
     return "\n".join(out)
 
