@@ -171,6 +171,8 @@ def statement(cfg: Config) -> dict[str, Any]:
                         for uid in accepted],
         "transfer_syntaxes": [{"uid": uid, "name": uid_name(uid)} for uid in cfg.dicom.transfer_syntaxes],
         "transfer_syntax_selection": "requestor's first choice among the accepted",
+        "storage": {"duplicate_policy": cfg.storage.duplicate_policy,
+                    "max_instance_bytes": cfg.storage.max_instance_bytes},
         "role_selection": {"accepted_for": "storage", "sop_classes": sum(uid in _STORAGE for uid in accepted)},
         "extended_negotiation": {"accepted": [], "not_accepted": [
             "SOP Class Extended Negotiation", "SOP Class Common Extended Negotiation", "User Identity Negotiation",
@@ -213,6 +215,15 @@ def _overview(classes: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _duplicates(policy: str) -> str:
+    if policy == "reject":
+        return "A re-sent SOP Instance UID with other bytes is refused (0x0111); the first version stays."
+    first = "A re-sent SOP Instance UID with other bytes keeps the first version (`storage.duplicate_policy`)"
+    if policy == "overwrite":
+        return first + " except from peers given `allow_overwrite`, whose version replaces it."
+    return first + "."
+
+
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
     def row(cells: tuple[str, ...]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
@@ -224,6 +235,8 @@ def _seconds(value: float) -> str:
 
 
 def _bytes(value: int) -> str:
+    if value and value % (1 << 30) == 0:
+        return f"{value >> 30} GiB"
     if value and value % 1_048_576 == 0:
         return f"{value // 1_048_576} MiB"
     if value and value % 1024 == 0:
@@ -317,7 +330,8 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
             "as Storage SCP: both roles are granted as proposed); for every other SOP class the item is ignored and "
             "the default roles stay.", "",
             "### Association initiation policy", "",
-            "Associations are opened only for the C-STORE sub-operations of C-MOVE (to the destination's `[peers]` "
+            "Associations are opened only for the C-STORE sub-operations of C-MOVE, when offered (to the "
+            "destination's `[peers]` "
             "host and port, calling AE title " + f"`{ae['ae_title']}`" + "; one context per SOP class and stored "
             "transfer syntax, most instances first, then Explicit and Implicit VR Little Endian for each class, 128 "
             "contexts at most) and for Storage Commitment reports that cannot go on the requester's association "
@@ -339,9 +353,8 @@ def markdown(st: dict[str, Any]) -> str:  # noqa: C901 - one section after the o
     out += ["## 5. Verification and Storage SCP", "",
             "C-ECHO: Success, or 0x0124 for a peer without the echo right. C-STORE statuses (`appliance/errors.py`, "
             "one table for the whole appliance):", "", *_status_table(statuses["store"]), "",
-            "A re-sent SOP Instance UID with other bytes keeps the first version (`keep-first`, the default); "
-            "`overwrite` applies only to peers given `allow_overwrite`. The dataset is stored byte for byte as "
-            "received, with our File Meta in front.", ""]
+            _duplicates(st["storage"]["duplicate_policy"]) + " The dataset is stored byte for byte as received, "
+            f"with our File Meta in front; at most {_bytes(st['storage']['max_instance_bytes'])} per instance.", ""]
 
     if qr["models"]:
         out += ["## 6. Query/Retrieve SCP", "", "Hierarchical only, answered from the index without opening any "
