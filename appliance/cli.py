@@ -2,7 +2,8 @@
 commands ``echo|find|move|get`` (cli_scu.py).
 
 Human output by default, ``--json`` for scripts. Exit codes (appliance/errors.py): 0 ok, 1 failure (or
-verify found problems), 2 usage, 3 not found, 69 unavailable (volume detached...), 78 configuration error.
+verify found problems), 2 usage, 3 not found, 66 a configured volume refused (missing, no marker, another's),
+69 unavailable (volume detached...), 78 configuration error.
 """
 
 from __future__ import annotations
