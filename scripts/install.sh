@@ -23,6 +23,10 @@ UNITS=$(cd systemd && ls -- *.service *.timer)
 # The live system only: not under DESTDIR (a staging root for a package or a test), and as root.
 live=no
 if [ -z "$DESTDIR" ] && [ "$(id -u)" = 0 ]; then live=yes; fi
+if [ -z "$DESTDIR" ] && [ "$(id -u)" != 0 ]; then
+    echo "error: make $action on this system needs root (or DESTDIR=/some/root to stage the files)" >&2
+    exit 77  # EX_NOPERM
+fi
 # systemctl only where systemd is the init system (not in a container or a chroot).
 systemd_runs=no
 if [ -d /run/systemd/system ]; then systemd_runs=yes; fi

@@ -84,15 +84,18 @@ def test_make_install_into_a_destdir_then_uninstall_keeps_config_and_data(tmp_pa
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make missing")
-def test_make_install_never_overwrites_an_admins_config(tmp_path: Path) -> None:
+def test_make_install_never_overwrites_an_admins_config_and_follows_prefix(tmp_path: Path) -> None:
     dest = tmp_path / "root"
     config = dest / "etc/appliance/appliance.toml"
     config.parent.mkdir(parents=True)
     config.write_text('[server]\nport = 104\n')
-    # --no-deps: only the package itself (fast); the config step is what this test is about.
-    done = _make(dest, "install", PIP_ARGS="--no-deps")
+    # --no-deps: only the package itself (fast); the config step and the paths are what this test is about.
+    done = _make(dest, "install", PIP_ARGS="--no-deps", PREFIX="/opt/dicom")
     assert done.returncode == 0, done.stderr[-3000:]
     assert config.read_text() == '[server]\nport = 104\n' and "kept the existing" in done.stdout
+    unit = (dest / "etc/systemd/system/appliance.service").read_text()
+    assert "ExecStart=/opt/dicom/.venv/bin/appliance serve" in unit and "/opt/appliance/" not in unit
+    assert (dest / "opt/dicom/.venv/bin/appliance").read_text().startswith("#!/opt/dicom/.venv/bin/python")
 
 
 def test_init_data_dir_puts_every_data_path_under_it(tmp_path: Path) -> None:
