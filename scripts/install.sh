@@ -88,7 +88,11 @@ else
     "$DESTDIR$VENV/bin/python" -m appliance init -c "$config" --data-dir "$DATADIR" --config-only
     chmod 0640 "$config"
     wrote_config=yes
-    if [ "$live" = yes ]; then chown root:appliance "$DESTDIR$CONFDIR" "$config"; fi
+    # root:appliance (the service reads it, cannot change it) wherever the group exists: on the live system
+    # (sysusers made it above), and under a DESTDIR staged by root on a machine that has it.
+    if [ "$(id -u)" = 0 ] && getent group appliance >/dev/null 2>&1; then
+        chown root:appliance "$DESTDIR$CONFDIR" "$config"
+    fi
 fi
 
 if [ "$live" = yes ]; then
