@@ -168,8 +168,11 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         for vc in cfg.volumes:
             # "why" says what stops a volume from taking writes, so that status never shows a refused one as fine.
             why = volume_problem(vc)
+            refused = bool(why)
+            if cfg.volumes_builtin and not vc.path.exists():  # `make run` before its first start: not a fault
+                why, refused = "not created yet: serve creates the built-in default volume at its first start", False
             entry: dict[str, Any] = {"name": vc.name, "path": str(vc.path), "high_watermark": vc.high_watermark,
-                                     "attached": (vc.path / MARKER).is_file(), "refused": bool(why)}
+                                     "attached": (vc.path / MARKER).is_file(), "refused": refused}
             if vc.path.exists():
                 st = os.statvfs(vc.path)
                 total = st.f_blocks * st.f_frsize
