@@ -51,6 +51,9 @@ fi
 # what it installs: the unit makes /opt read-only, so Python could not write its caches at run time.
 # --clear: a reinstall starts from an empty venv (nothing of an older version left behind).
 "$PYTHON" -m venv --clear "$DESTDIR$VENV"
+# pip builds the wheel in this tree: setuptools' build/ keeps modules deleted since an earlier build, which would
+# be installed again, so it starts empty.
+rm -rf build
 # shellcheck disable=SC2086
 "$DESTDIR$VENV/bin/pip" install --quiet --no-warn-script-location $PIP_ARGS .
 if [ -n "$DESTDIR" ]; then
