@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-slow fuzz lint bench dcmtk peers clean
+.PHONY: run test test-slow fuzz lint bench dcmtk peers clean install uninstall
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,22 @@ conformance: $(STAMP)
 
 bench: $(STAMP) dcmtk
 	$(BIN)/python -m bench.compare
+
+# On a server, as root (docs/operations.md "Install on a server"): the program in its own venv under PREFIX (no
+# dev tools), the units, the sysusers.d/tmpfiles.d snippets, /etc/appliance/appliance.toml (only if absent) with
+# the data under /var/lib/appliance. DESTDIR=/some/root stages the same tree without touching the system.
+# `make uninstall` keeps /etc/appliance and /var/lib/appliance. Logic in scripts/install.sh.
+DESTDIR     ?=
+PREFIX      ?= /opt/appliance
+UNITDIR     ?= /etc/systemd/system
+SYSUSERSDIR ?= /etc/sysusers.d
+TMPFILESDIR ?= /etc/tmpfiles.d
+INSTALL_ENV  = DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' UNITDIR='$(UNITDIR)' SYSUSERSDIR='$(SYSUSERSDIR)' \
+               TMPFILESDIR='$(TMPFILESDIR)' PYTHON='$(PYTHON)' PIP_ARGS='$(PIP_ARGS)'
+install:
+	$(INSTALL_ENV) sh scripts/install.sh install
+uninstall:
+	$(INSTALL_ENV) sh scripts/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

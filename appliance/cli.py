@@ -2,7 +2,8 @@
 commands ``echo|find|move|get`` (cli_scu.py).
 
 Human output by default, ``--json`` for scripts. Exit codes (appliance/errors.py): 0 ok, 1 failure (or
-verify found problems), 2 usage, 3 not found, 69 unavailable (volume detached...), 78 configuration error.
+verify found problems), 2 usage, 3 not found, 66 a configured volume refused (missing, no marker, another's),
+69 unavailable (volume detached...), 78 configuration error.
 """
 
 from __future__ import annotations
@@ -89,34 +90,67 @@ def serve(
 def init(
     path: Annotated[Path, typer.Option("--config", "-c", help="Where to write the config")] = Path("appliance.toml"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing config file")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Put every data path (index, volume, commitments, audit) under this folder, absolute; "
+             "default: ./var beside the config (refused for a config under /etc)")] = None,
+    config_only: Annotated[bool, typer.Option(
+        help="Write the config only; create no volume or index (make install: the service user does that)")] = False,
 ) -> None:
     """Write a commented default config, and initialise its volumes and index."""
+    from appliance.config_template import config_for_data_dir
     from appliance.index.db import StudyIndex
     from appliance.store.volumes import init_volume
 
     if path.exists() and not force:
         typer.echo(f"error: {path} exists (use --force to overwrite)", err=True)
         raise typer.Exit(errors.EXIT_USAGE)
-    path.write_text(DEFAULT_CONFIG_TOML)
+    if data_dir is None and path.resolve().is_relative_to("/etc"):
+        # Relative data paths are taken from the config's folder: /etc/appliance/var/... is not where data goes
+        # (and the unit makes /etc read-only for the service).
+        typer.echo(f"error: {path} is under /etc: give --data-dir (e.g. --data-dir /var/lib/appliance) so that the "
+                   "data does not go next to the config", err=True)
+        raise typer.Exit(errors.EXIT_USAGE)
+    text = DEFAULT_CONFIG_TOML if data_dir is None else config_for_data_dir(str(data_dir.absolute()))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         cfg = load_config(path)
-        for vc in cfg.volumes:
-            init_volume(vc.path, vc.name)
-        StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size).close()
+        if not config_only:
+            for vc in cfg.volumes:
+                init_volume(vc.path, vc.name)
+            StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size).close()
+    except OSError as exc:
+        raise _fail(errors.ApplianceError(f"{path}: {exc.strerror or exc}")) from None
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
+    if config_only:
+        typer.echo(f"wrote {path} (data under {cfg.storage.index_path.parent}); nothing else created")
+        return
     typer.echo(f"wrote {path}; volumes and index initialised. Start with: appliance serve -c {path}")
 
 
 @volume_app.command("init")
 def volume_init(
     path: Path,
-    name: Annotated[str, typer.Option(help="Volume name, as in [[volumes]] name")] = "vol0",
+    name: Annotated[str | None, typer.Option(
+        help="Volume name; default: the [[volumes]] name of PATH in the config (required when PATH is not in it)")
+    ] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Mark a folder (a mounted filesystem) as a volume, so the appliance will write into it."""
     from appliance.store.volumes import init_volume
 
     try:
+        cfg = _config(config)
+        target = path.absolute().resolve()
+        configured = [vc.name for vc in cfg.volumes if vc.path.absolute().resolve() == target]
+        if configured and name is not None and name != configured[0]:
+            raise errors.ConfigError(f"{path} is volume {configured[0]!r} in the config, not {name!r}: drop --name "
+                                     "or change [[volumes]]")
+        if not configured and name is None:
+            raise errors.ConfigError(f"{path} is not a [[volumes]] path of the config: give -c CONFIG (the one "
+                                     "that lists it) or --name")
+        name = name or configured[0]
         volume_id = init_volume(path, name)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
@@ -126,22 +160,28 @@ def volume_init(
 @app.command()
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Volumes (attached, free, fill), instance counts, index size, the peers and their rights."""
-    from appliance.store.volumes import MARKER
+    from appliance.store.volumes import MARKER, volume_problem
 
     try:
         cfg = _config(config)
         vols = []
         for vc in cfg.volumes:
+            # "why" says what stops a volume from taking writes, so that status never shows a refused one as fine.
+            why = volume_problem(vc)
+            refused = bool(why)
+            if cfg.volumes_builtin and not vc.path.exists():  # `make run` before its first start: not a fault
+                why, refused = "not created yet: serve creates the built-in default volume at its first start", False
             entry: dict[str, Any] = {"name": vc.name, "path": str(vc.path), "high_watermark": vc.high_watermark,
-                                     "attached": (vc.path / MARKER).is_file()}
+                                     "attached": (vc.path / MARKER).is_file(), "refused": refused}
             if vc.path.exists():
                 st = os.statvfs(vc.path)
                 total = st.f_blocks * st.f_frsize
                 entry.update(free_bytes=st.f_bavail * st.f_frsize, size_bytes=total,
                              fill=round(1 - st.f_bavail / max(1, st.f_blocks), 4))
-                entry["accepting"] = entry["attached"] and entry["fill"] < vc.high_watermark
-            else:
-                entry["accepting"] = False
+                if not why and entry["fill"] >= vc.high_watermark:
+                    why = f"{entry['fill'] * 100:.1f}% full, at or above its high watermark {vc.high_watermark:.0%}"
+            entry["accepting"] = not why
+            entry["why"] = why
             vols.append(entry)
         counts: dict[str, int] = {}
         if (cfg.storage.index_path / "data.mdb").exists():
@@ -155,13 +195,13 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         raise _fail(exc) from None
     lines = [f"AE {cfg.server.ae_title} on port {cfg.server.port}; index {cfg.storage.index_path}"]
     for v in vols:
-        state = "accepting" if v["accepting"] else ("DETACHED" if not v["attached"] else "FULL (above watermark)")
+        state = "accepting" if v["accepting"] else f"NOT ACCEPTING: {v['why']}"
         fill = f"{v['fill'] * 100:.1f}% used, {v['free_bytes'] / 1e9:.1f} GB free" if "fill" in v else "missing"
         lines.append(f"  volume {v['name']:<10} {v['path']}  {fill}  [{state}]")
     lines.append("  " + ", ".join(f"{n} {k}" for k, n in counts.items()) if counts else "  index empty")
     lines += cli_scu.describe_peers(cfg, data["peers"])
     _emit(data, as_json, "\n".join(lines))
-    if any(not v["attached"] for v in vols):
+    if any(v["refused"] for v in vols):  # serve would refuse to start (missing, detached, another's marker)
         raise typer.Exit(errors.EXIT_UNAVAILABLE)
 
 

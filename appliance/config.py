@@ -340,6 +340,9 @@ class Config:
     tiers: tuple[TierConfig, ...] = ()
     policies: tuple[PolicyConfig, ...] = ()
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # True when the file has no [[volumes]]: the built-in default volume, which `serve` may create (`make run`);
+    # a configured volume it never creates (appliance/store/volumes.py).
+    volumes_builtin: bool = False
 
     def tier(self, name: str) -> TierConfig | None:
         for tier in self.tiers:
@@ -524,7 +527,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         audit = dataclasses.replace(audit, path=base / audit.path)
     config = Config(server=server, storage=storage, dicom=dicom, volumes=volumes, peers=peers,
                     source=path, query=query, retrieve=retrieve, commitment=commitment, tls=tls,
-                    tiering=tiering.tiering, tiers=tiering.tiers, policies=tiering.policies, audit=audit)
+                    tiering=tiering.tiering, tiers=tiering.tiers, policies=tiering.policies, audit=audit,
+                    volumes_builtin=volumes_raw is None)
     validate(config)
     validate_audit(audit)
     validate_tiering(tiering, tuple(v.name for v in volumes))

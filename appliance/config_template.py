@@ -191,3 +191,34 @@ path = "var/audit/audit.jsonl"  # destination = "file": rotated at file_bytes_ma
 file_bytes_max = 67108864
 files_max = 10
 """
+
+
+# The relative data paths of DEFAULT_CONFIG_TOML and where each goes under `appliance init --data-dir DIR`.
+DATA_PATHS = (
+    ('index_path = "var/index"', 'index_path = {index}'),
+    ('path = "var/volumes/vol0"', 'path = {volume}'),
+    ('journal_path = "var/commitments"', 'journal_path = {commitments}'),
+    ('path = "var/audit/audit.jsonl"', 'path = {audit}'),
+    # [tiering] is commented out in the template; its audit log is the one data path it holds, so it is written
+    # out (the rest of [tiering] keeps its defaults), else it would land next to the config.
+    ('# [tiering]\n', '[tiering]\n'),
+    ('# audit_log = "var/log/tiering-audit.jsonl"', 'audit_log = {tiering_audit}'),
+)
+
+
+def config_for_data_dir(data_dir: str) -> str:
+    """DEFAULT_CONFIG_TOML with every data path absolute under ``data_dir`` (the layout of systemd/tmpfiles.d)."""
+    import json
+
+    def quoted(path: str) -> str:
+        return json.dumps(path)  # a JSON string is a TOML basic string for any path
+
+    values = {"index": quoted(f"{data_dir}/index"), "volume": quoted(f"{data_dir}/volumes/vol0"),
+              "commitments": quoted(f"{data_dir}/commitments"), "audit": quoted(f"{data_dir}/audit/audit.jsonl"),
+              "tiering_audit": quoted(f"{data_dir}/audit/tiering-audit.jsonl")}
+    text = DEFAULT_CONFIG_TOML
+    for old, new in DATA_PATHS:
+        # Exactly once each: a template edit that moves one fails the tests instead of leaving a relative path.
+        assert text.count(old) == 1, old
+        text = text.replace(old, new.format(**values))
+    return text

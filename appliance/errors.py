@@ -78,6 +78,9 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: volume detached, index locked, ...
+# EX_NOINPUT: a configured volume is missing, not marked (an unmounted mount point) or marked as another volume.
+# Only a person can fix it, so systemd does not restart on it (RestartPreventExitStatus in appliance.service).
+EXIT_VOLUME_REFUSED = 66
 
 
 class ApplianceError(Exception):
@@ -100,6 +103,13 @@ class VolumeError(ApplianceError):
 
     status = OUT_OF_RESOURCES
     exit_code = EXIT_UNAVAILABLE
+
+
+class VolumeRefused(VolumeError):
+    """A configured volume is not there as configured (no folder, no marker, another volume's marker): never created
+    or written into by ``serve``; a person mounts it or runs ``appliance volume init``."""
+
+    exit_code = EXIT_VOLUME_REFUSED
 
 
 class OutOfSpace(ApplianceError):

@@ -51,7 +51,7 @@ LIVE_FIELDS: dict[str, frozenset[str]] = {
 }
 # Thread pools sized once per worker.
 LIVE_EXCEPT = frozenset({"retrieve.read_threads", "query.threads_max"})
-IGNORED = frozenset({"source"})  # the same file by construction
+IGNORED = frozenset({"source", "volumes_builtin"})  # the same file by construction; "volumes" names the other
 
 
 @dataclasses.dataclass(frozen=True)

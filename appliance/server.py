@@ -307,7 +307,7 @@ class Supervisor(Lifecycle):
         with compaction_lock(cfg.storage.index_path, wait=True):
             index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
             try:
-                store = BlobStore.open(cfg, index=index, create_missing=True)
+                store = BlobStore.open(cfg, index=index, create_missing=cfg.volumes_builtin)
                 try:
                     stats = recover(store, index, cfg.storage.duplicate_policy)
                 finally:

@@ -4,8 +4,9 @@ A volume is a folder holding ``.appliance-volume`` (a marker written once by ``v
 (append-only tar segments, store/segments.py) and ``tmp/`` (spill files of large instances being received).
 A folder without the marker is never written into: an empty mount point whose filesystem did not mount looks
 exactly like that, and writing there would fill the root filesystem with data nobody finds later.
-The one exception is a volume folder that does not exist at all, which ``serve`` creates and marks on first
-use so that a fresh install works with no set-up step.
+A configured volume (a ``[[volumes]]`` table) is never created by ``serve``: a path inside an unmounted mount point
+does not exist either, and creating it would fill the root disk all the same. ``appliance init`` and ``volume init``
+create volumes; ``serve`` creates only the built-in default's (a config without ``[[volumes]]``: ``make run``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.config import Config, VolumeConfig
-from appliance.errors import VolumeError
+from appliance.errors import VolumeError, VolumeRefused
 
 MARKER = ".appliance-volume"
 
@@ -113,24 +114,33 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def open_volume(vc: VolumeConfig, create_missing: bool) -> Volume:
+def volume_problem(vc: VolumeConfig) -> str:
+    """Why a configured volume cannot be opened as configured ("" when it can): missing, no marker, another's."""
     root = vc.path
-    if not root.exists():
-        if not create_missing:
-            raise VolumeError(f"volume {vc.name}: {root} does not exist")
-        init_volume(root, vc.name)
+    if not root.is_dir():
+        return f"{root} does not exist (is its filesystem mounted?)"
     marker = root / MARKER
     if not marker.is_file():
-        raise VolumeError(
-            f"volume {vc.name}: {root} has no {MARKER} marker. If it is a mount point, its filesystem is "
-            f"probably not mounted; if it is a new volume, run `appliance volume init {root} --name {vc.name}`"
-        )
+        return (f"{root} has no {MARKER} marker. If it is a mount point, its filesystem is probably not mounted; "
+                f"if it is a new volume, run `appliance volume init {root} -c CONFIG`")
     try:
         data = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:
-        raise VolumeError(f"volume {vc.name}: unreadable marker {marker}: {exc}") from None
+        return f"unreadable marker {marker}: {exc}"
     if data.get("name") != vc.name:
-        raise VolumeError(f"volume {vc.name}: {root} is marked as volume {data.get('name')!r}")
+        return f"{root} is marked as volume {data.get('name')!r} (id {data.get('id', '?')}), not {vc.name!r}"
+    return ""
+
+
+def open_volume(vc: VolumeConfig, create_missing: bool) -> Volume:
+    """``create_missing``: only for the built-in default volume (no ``[[volumes]]`` in the config)."""
+    root = vc.path
+    if create_missing and not root.exists():
+        init_volume(root, vc.name)
+    problem = volume_problem(vc)
+    if problem:
+        raise VolumeRefused(f"volume {vc.name}: {problem}")
+    data = json.loads((root / MARKER).read_text())
     old = root / "blobs"
     if old.is_dir() and any(old.iterdir()):
         raise VolumeError(

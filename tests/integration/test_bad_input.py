@@ -578,7 +578,11 @@ def test_artim_closes_a_silent_connection(make_server: MakeServer) -> None:
 
 
 def test_volume_over_high_watermark_refuses(make_server: MakeServer) -> None:
-    server = make_server(volumes=[{"name": "vol0", "path": "var/volumes/vol0", "high_watermark": 0.0001}])
+    from appliance.store.volumes import init_volume
+
+    server = make_server(start=False, volumes=[{"name": "vol0", "path": "var/volumes/vol0", "high_watermark": 0.0001}])
+    init_volume(server.volume, "vol0")  # a configured volume is never created by serve (issue 13)
+    server.start()
     with association(server) as keeper:
         before = snapshot(server)
         ds = new_instance()

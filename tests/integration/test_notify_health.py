@@ -19,6 +19,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from appliance.store.volumes import init_volume
 from tests.conftest import ServerHandle, wait_for
 
 MakeServer = Callable[..., ServerHandle]
@@ -140,7 +141,9 @@ def test_healthz_readyz_and_metrics_side_by_side(make_server: MakeServer) -> Non
 
 
 def test_readyz_503_when_the_only_volume_is_above_its_watermark(make_server: MakeServer) -> None:
-    server = make_server(volumes=[{"name": "vol0", "path": "var/volumes/vol0", "high_watermark": 0.0001}])
+    server = make_server(start=False, volumes=[{"name": "vol0", "path": "var/volumes/vol0", "high_watermark": 0.0001}])
+    init_volume(server.volume, "vol0")  # a configured volume is never created by serve (issue 13)
+    server.start()
     code, body = http(server, "/readyz")
     assert code == 503
     answer: dict[str, Any] = json.loads(body)

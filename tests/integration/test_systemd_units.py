@@ -143,8 +143,9 @@ def test_the_unit_keeps_the_agreed_interface() -> None:
     stop_s = int(s["TimeoutStopSec"][0].removesuffix("s"))
     assert stop_s > ServerConfig().drain_timeout_s + 20
     prevent = set(s["RestartPreventExitStatus"][0].split())
-    assert prevent == {"74", "78"} and str(errors.EXIT_CONFIG) in prevent
-    assert str(errors.EXIT_UNAVAILABLE) not in prevent  # 69: a volume mounted late; restarted, within StartLimit
+    # A person must act on a refused volume (issue 13), a storage fault, a bad config: no restart loop.
+    assert prevent == {"66", "74", "78"} and {str(errors.EXIT_CONFIG), str(errors.EXIT_VOLUME_REFUSED)} <= prevent
+    assert str(errors.EXIT_UNAVAILABLE) not in prevent  # 69: the index locked, a tier down; restarted, within StartLimit
     assert s["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"] == s["AmbientCapabilities"]
     assert s["User"] == ["appliance"] and s["UMask"] == ["0077"] and s["StateDirectory"] == ["appliance"]
     # Startup waits for a running `appliance compact` (server.prepare takes the compaction lock): the compaction

@@ -1,0 +1,116 @@
+#!/bin/sh
+# `make install` / `make uninstall` (docs/operations.md "Install on a server"). Run from the repository's root.
+#   scripts/install.sh install|uninstall
+# Environment (the Makefile passes its variables): DESTDIR (a staging root, empty for the real system), PREFIX
+# (/opt/appliance: the program's venv and docs), UNITDIR, SYSUSERSDIR, TMPFILESDIR, PYTHON, PIP_ARGS.
+# The config folder /etc/appliance and the data folder /var/lib/appliance are fixed: the unit names them
+# (ConfigurationDirectory=, StateDirectory=).
+set -eu
+
+action=${1:?usage: scripts/install.sh install|uninstall}
+DESTDIR=${DESTDIR:-}
+PREFIX=${PREFIX:-/opt/appliance}
+UNITDIR=${UNITDIR:-/etc/systemd/system}
+SYSUSERSDIR=${SYSUSERSDIR:-/etc/sysusers.d}
+TMPFILESDIR=${TMPFILESDIR:-/etc/tmpfiles.d}
+PYTHON=${PYTHON:-python3}
+PIP_ARGS=${PIP_ARGS:-}
+CONFDIR=/etc/appliance
+DATADIR=/var/lib/appliance
+VENV=$PREFIX/.venv
+UNITS=$(cd systemd && ls -- *.service *.timer)
+
+# The live system only: not under DESTDIR (a staging root for a package or a test), and as root.
+live=no
+if [ -z "$DESTDIR" ] && [ "$(id -u)" = 0 ]; then live=yes; fi
+if [ -z "$DESTDIR" ] && [ "$(id -u)" != 0 ]; then
+    echo "error: make $action on this system needs root (or DESTDIR=/some/root to stage the files)" >&2
+    exit 77  # EX_NOPERM
+fi
+# systemctl only where systemd is the init system (not in a container or a chroot).
+systemd_runs=no
+if [ -d /run/systemd/system ]; then systemd_runs=yes; fi
+
+if [ "$action" = uninstall ]; then
+    if [ "$live" = yes ] && [ "$systemd_runs" = yes ]; then
+        # shellcheck disable=SC2086
+        systemctl disable --now $UNITS 2>/dev/null || true
+    fi
+    rm -rf "$DESTDIR$PREFIX"
+    for unit in $UNITS; do rm -f "$DESTDIR$UNITDIR/$unit"; done
+    rm -f "$DESTDIR$SYSUSERSDIR/appliance.conf" "$DESTDIR$TMPFILESDIR/appliance.conf"
+    if [ "$live" = yes ] && [ "$systemd_runs" = yes ]; then systemctl daemon-reload; fi
+    echo "removed $DESTDIR$PREFIX, the units and the sysusers.d/tmpfiles.d snippets."
+    echo "kept: $DESTDIR$CONFDIR (the config), $DESTDIR$DATADIR (the images, index, audit trail) and the user" \
+         "'appliance' that owns them; remove them yourself if the data is to go."
+    exit 0
+fi
+[ "$action" = install ] || { echo "error: unknown action $action" >&2; exit 2; }
+
+# The program: its own venv, a plain (non-editable, no dev tools) install of this source tree. pip byte-compiles
+# what it installs: the unit makes /opt read-only, so Python could not write its caches at run time.
+# --clear: a reinstall starts from an empty venv (nothing of an older version left behind).
+"$PYTHON" -m venv --clear "$DESTDIR$VENV"
+# pip builds the wheel in this tree: setuptools' build/ keeps modules deleted since an earlier build, which would
+# be installed again, so it starts empty.
+rm -rf build
+# shellcheck disable=SC2086
+"$DESTDIR$VENV/bin/pip" install --quiet --no-warn-script-location $PIP_ARGS .
+if [ -n "$DESTDIR" ]; then
+    # A venv records its own absolute path (script shebangs, activate, pyvenv.cfg): built under DESTDIR it names
+    # DESTDIR. Rewritten to the final path, so that the tree copied to / runs as built (only text files hold it;
+    # the .pyc files keep the build path as their source file name, which only shows in a traceback).
+    grep -rlI -- "$DESTDIR$VENV" "$DESTDIR$VENV/bin" "$DESTDIR$VENV/pyvenv.cfg" |
+        while read -r file; do sed -i "s#$DESTDIR$VENV#$VENV#g" "$file"; done
+fi
+
+install -d "$DESTDIR$PREFIX/docs" "$DESTDIR$PREFIX/systemd/drop-ins"
+install -m 0644 README.md docs/*.md "$DESTDIR$PREFIX/docs/"
+install -m 0644 systemd/drop-ins/*.conf "$DESTDIR$PREFIX/systemd/drop-ins/"  # examples, not active
+install -d "$DESTDIR$UNITDIR" "$DESTDIR$SYSUSERSDIR" "$DESTDIR$TMPFILESDIR"
+for unit in $UNITS; do
+    sed "s#/opt/appliance/#$PREFIX/#g" "systemd/$unit" > "$DESTDIR$UNITDIR/$unit"
+    chmod 0644 "$DESTDIR$UNITDIR/$unit"
+done
+install -m 0644 systemd/sysusers.d/appliance.conf "$DESTDIR$SYSUSERSDIR/appliance.conf"
+install -m 0644 systemd/tmpfiles.d/appliance.conf "$DESTDIR$TMPFILESDIR/appliance.conf"
+
+if [ "$live" = yes ]; then
+    systemd-sysusers "$SYSUSERSDIR/appliance.conf"  # the user and group 'appliance'
+    systemd-tmpfiles --create "$TMPFILESDIR/appliance.conf"  # /var/lib/appliance/..., /etc/appliance
+fi
+
+# The config: written once, never over an admin's. Data paths absolute under /var/lib/appliance (the folder of a
+# relative path would be /etc/appliance, read-only for the service).
+config=$DESTDIR$CONFDIR/appliance.toml
+wrote_config=no
+if [ -e "$config" ]; then
+    echo "kept the existing $config"
+else
+    install -d -m 0750 "$DESTDIR$CONFDIR"
+    "$DESTDIR$VENV/bin/python" -m appliance init -c "$config" --data-dir "$DATADIR" --config-only
+    chmod 0640 "$config"
+    wrote_config=yes
+    # root:appliance (the service reads it, cannot change it) wherever the group exists: on the live system
+    # (sysusers made it above), and under a DESTDIR staged by root on a machine that has it.
+    if [ "$(id -u)" = 0 ] && getent group appliance >/dev/null 2>&1; then
+        chown root:appliance "$DESTDIR$CONFDIR" "$config"
+    fi
+fi
+
+if [ "$live" = yes ]; then
+    if [ "$wrote_config" = yes ]; then
+        # The default config's volume, as the service user: its name comes from the config.
+        runuser -u appliance -- "$VENV/bin/appliance" volume init "$DATADIR/volumes/vol0" -c "$config"
+    fi
+    if [ "$systemd_runs" = yes ]; then systemctl daemon-reload; fi
+    echo "installed. Next: edit $config ([server] host and port, [peers], [[volumes]]: $PREFIX/docs/operations.md),"
+    echo "  appliance volume init PATH -c $config   for each other volume (as the user appliance), then"
+    echo "  systemctl enable --now appliance.service"
+    echo "  systemctl enable --now appliance-tier-run.timer appliance-compact.timer appliance-scrub.timer"
+    echo "    (with storage.compaction_interval_s = 0 in the config: one scheduler, not two)"
+else
+    echo "installed under '$DESTDIR' (not the live system). On the target, as root: systemd-sysusers," \
+         "systemd-tmpfiles --create, chown root:appliance $CONFDIR/appliance.toml, then" \
+         "runuser -u appliance -- $VENV/bin/appliance volume init $DATADIR/volumes/vol0 -c $CONFDIR/appliance.toml"
+fi
