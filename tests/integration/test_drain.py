@@ -72,6 +72,11 @@ class SlowSender(threading.Thread):
                 if "Status" in status and status.Status == 0:
                     self.acknowledged.append(ds)
                 time.sleep(self.pace)  # pacing of a slow modality, not a wait for a condition
+            # pynetdicom's reactor thread clears is_established before it sets is_aborted / is_released: poll for
+            # the outcome (seen in CI under load: the flag read a moment too early).
+            deadline = time.monotonic() + 5
+            while not (assoc.is_aborted or assoc.is_released) and time.monotonic() < deadline:
+                time.sleep(0.01)
             self.aborted = assoc.is_aborted
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
