@@ -45,6 +45,7 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "recall": ("DCM 110103", "DICOM Instances Accessed", "U"),  # back online from a tier
     "delete": ("DCM 110103", "DICOM Instances Accessed", "D"),  # copies removed on purpose (after a migrate)
     "security_alert": ("DCM 110113", "Security Alert", "E"),
+    "hold": ("DCM 110103", "DICOM Instances Accessed", "U"),  # a legal hold placed or released (cli_delete.py)
 }
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
 
