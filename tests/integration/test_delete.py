@@ -5,7 +5,10 @@ and export no longer find them; the audit trail says who; compaction reclaims th
 from __future__ import annotations
 
 import getpass
+import json
+import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,3 +154,44 @@ def test_legal_hold_blocks_delete(stored: tuple[ServerHandle, list[Path]]) -> No
     assert _delete(server, study, "--yes").returncode == 0
     holds = audit_lines(server.config_path, "--event", "hold")
     assert [x.get("released", False) for x in holds] == [False, True] and holds[0]["reason"] == "litigation 42"
+
+
+RETENTION = '\n[[policies]]\nname = "expire-10y"\nto = "delete"\nreceived_days_min = 3650\nmodalities = ["CT", "MR"]\n'
+
+
+def test_retention_deletes_expired_studies_but_not_held_ones(make_server: MakeServer, tmp_path: Path) -> None:
+    ct = write_folder("ct", 3, 24, "none", tmp_path / "ct", size=32)
+    mr = write_folder("mr", 2, 25, "none", tmp_path / "mr", size=32)
+    server = make_server(start=False, peers=PEERS)
+    with open(server.config_path, "a") as fh:
+        fh.write(RETENTION)
+    server.start()
+    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
+                   *map(str, ct + mr))
+    assert result.returncode == 0, result.stderr
+    ct_study, mr_study = _uid(ct[0], "StudyInstanceUID"), _uid(mr[0], "StudyInstanceUID")
+    server.cli("hold", mr_study, "--reason", "litigation")
+
+    def tier(*args: str, days_later: int) -> dict[str, object]:
+        env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + days_later * 86_400 * 10**9)}
+        done = subprocess.run([*APPLIANCE, "tier", *args, "--json", "-c", str(server.config_path)],
+                              capture_output=True, text=True, cwd=server.root, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    assert tier("run", "--dry-run", days_later=30)["moves"] == []  # nothing has expired yet
+    plan = tier("run", "--dry-run", days_later=3651)
+    assert [(m["study"], m["to"], m["policy"]) for m in plan["moves"]] == [  # type: ignore[union-attr]
+        (ct_study, "delete", "expire-10y")]
+    assert server.cli("show", ct_study).returncode == 0  # a dry run deletes nothing
+    done = tier("run", days_later=3651)
+    assert done["deleted"] == 1 and done["failed"] == 0
+    assert server.cli("show", ct_study, check=False).returncode == 3
+    found = _find_studies(server)
+    assert ct_study not in found and mr_study in found
+    [line] = [x for x in audit_lines(server.config_path, "--event", "delete") if x.get("why") == "retention"]
+    assert line["study_uid"] == ct_study and line["policy"] == "expire-10y" and line["instances"] == len(ct)
+    # Released, the held study goes at the next run.
+    server.cli("hold", "--release", mr_study)
+    assert tier("run", days_later=3651)["deleted"] == 1
+    assert mr_study not in _find_studies(server)
