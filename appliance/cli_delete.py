@@ -64,8 +64,8 @@ def _index(cfg: Config) -> Iterator[StudyIndex]:
 
 def describe(d: Deletion, verb: str) -> str:
     copies = ", ".join(f"{n} on {backend}" for backend, n in sorted(d.copies.items())) or "none"
-    return (f"{verb} {d.level} {d.uid} (study {d.study_uid}): {d.instances} instance(s), {human_bytes(d.bytes)}; "
-            f"copies: {copies}")
+    within = "" if d.level == "study" else f" (study {d.study_uid})"
+    return f"{verb} {d.level} {d.uid}{within}: {d.instances} instance(s), {human_bytes(d.bytes)}; copies: {copies}"
 
 
 def delete_uid(cfg: Config, index: StudyIndex, uid: str, user: str, reason: str, why: str) -> Deletion:
