@@ -195,3 +195,35 @@ def test_retention_deletes_expired_studies_but_not_held_ones(make_server: MakeSe
     server.cli("hold", "--release", mr_study)
     assert tier("run", days_later=3651)["deleted"] == 1
     assert mr_study not in _find_studies(server)
+
+
+def test_delete_of_studies_on_a_nearline_tier(tmp_path: Path) -> None:
+    """Copies on a tier: the index forgets them at once, verify reports no error, the next tier run removes the
+    archive the delete emptied; an archive still holding a live instance keeps its dead members."""
+    from tests.tier_rig import nearline_site
+
+    config, _data = nearline_site(tmp_path)
+    base = [*APPLIANCE, "-c", str(config)]
+
+    def cli(*args: str) -> dict[str, object]:
+        done = subprocess.run([*base[:3], *args, *base[3:], "--json"], capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    assert cli("tier", "run")["moved"] == 2  # 1.1 (3 instances) and 1.2 (2) go to "nl"
+    archives = sorted((tmp_path / "nl0").rglob("*.tar"))
+    assert len(archives) == 2
+    study = cli("delete", "1.1", "--yes")
+    assert study["copies"] == {"nl": 3} and study["instances"] == 3
+    one = cli("delete", "1.2.1.0", "--yes")  # one instance of 1.2: its archive still holds the other
+    assert one["copies"] == {"nl": 1}
+    assert cli("verify")["ok"]
+    assert cli("tier", "run")["moved"] == 0
+    left = sorted((tmp_path / "nl0").rglob("*.tar"))
+    assert len(left) == 1 and left[0] in archives
+    assert cli("verify")["ok"]
+    exported = subprocess.run([*base[:3], "export", "1.2", str(tmp_path / "out"), *base[3:]], capture_output=True,
+                              text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    assert len(list((tmp_path / "out").iterdir())) == 1
