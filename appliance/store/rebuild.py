@@ -13,11 +13,14 @@ same provenance) join the replay: node replacement (store/rebuild_tiers.py; docs
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import lmdb
 
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
@@ -27,6 +30,8 @@ from appliance.store.online import BlobStore, entry_for
 from appliance.store.rebuild_tiers import ReplaySpill, TierCounts, TierSources, Unreadable, list_tier
 from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, committed_ends, created_ns, parse_location
 from appliance.store.volumes import fsync_dir
+
+log = logging.getLogger(__name__)
 
 BATCH = 512
 
@@ -75,6 +80,7 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
             index.apply(batch, config.storage.duplicate_policy, ends, sealed, tier_of=tier_of)
         if tiers is not None:
             stats.placed = index.place_rebuilt_studies(tiers.availability, tiers.tier_of, tiers.order)
+        _carry_holds(config.storage.index_path, index)
         stats.indexed = index.counts()["instances"]
     finally:
         index.close()
@@ -119,6 +125,26 @@ def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
     with open(os.path.join(backend.dir, segment), "rb") as fh:
         fh.seek(size - len(END_OF_ARCHIVE))
         return fh.read() == END_OF_ARCHIVE
+
+
+def _carry_holds(live: Path, fresh: StudyIndex) -> None:
+    """Legal holds are an operator's decisions, in no segment or archive: the rebuilt index takes them from the
+    live one when it can still be opened (a lost index loses them: docs/operations.md "Legal hold")."""
+    if not (live / "data.mdb").exists():
+        return
+    try:
+        old = StudyIndex(live, readonly=True)
+    except (lmdb.Error, ApplianceError) as exc:
+        log.warning("rebuild: the legal holds of %s cannot be read (%s): place them again", live, exc)
+        return
+    try:
+        holds = old.holds()
+    finally:
+        old.close()
+    for study_uid, record in holds:
+        fresh.hold(study_uid, record)
+    if holds:
+        log.info("rebuild: %d legal hold(s) carried over from %s", len(holds), live)
 
 
 def replace_index(config: Config, rehash: bool = False, tiers: TierSources | None = None) -> RebuildStats:
