@@ -229,3 +229,32 @@ def test_delete_of_studies_on_a_nearline_tier(tmp_path: Path) -> None:
                               text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr
     assert len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_delete_beside_ingest_and_a_running_mover(make_server: MakeServer, tmp_path: Path) -> None:
+    """LMDB takes one writer at a time across processes: a delete between the server's group commits loses none of
+    them. While a mover holds tiering.lock, a delete is refused (exit 69, one line) and changes nothing."""
+    from appliance.config import load_config
+    from appliance.errors import EXIT_UNAVAILABLE
+    from tiering.run import tiering_lock
+
+    old = write_folder("mr", 3, 26, "none", tmp_path / "old", size=32)
+    new = write_folder("ct", 40, 27, "none", tmp_path / "new", size=32)
+    server = make_server(peers=PEERS)
+    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), *map(str, old))
+    assert result.returncode == 0, result.stderr
+    old_study, new_study = _uid(old[0], "StudyInstanceUID"), _uid(new[0], "StudyInstanceUID")
+    cfg = load_config(server.config_path)
+    with tiering_lock(cfg.storage.index_path, "a test standing in for tier run"):
+        busy = _delete(server, old_study, "--yes")
+    assert busy.returncode == EXIT_UNAVAILABLE and "another mover" in busy.stderr and busy.stderr.count("\n") == 1
+    sender = subprocess.Popen(["storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
+                               *map(str, new)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deleted = _delete(server, old_study, "--yes", "--json")
+    finally:
+        _out, err = sender.communicate(timeout=120)
+    assert deleted.returncode == 0, deleted.stderr
+    assert sender.returncode == 0, err
+    assert server.cli("show", old_study, check=False).returncode == EXIT_NOT_FOUND
+    assert server.cli_json("show", new_study)["NumberOfInstances"] == len(new)
