@@ -23,6 +23,7 @@ placement      pk NUL study_uid                           StudyPlacement: tier, 
 moves          pk NUL study_uid                           MoveRecord: the journal of a move in progress
 recalls        pk NUL study_uid                           RecallRecord: a queued recall
 holds          study_uid                                  HoldRecord: a legal hold (deletion.py)
+tombstones     sop_uid                                    when it was deleted (ns, decimal): rebuild skips it
 meta           "schema"                                   schema version (5; 2 to 4 are upgraded on open)
 =============  =========================================  ==================================================
 

@@ -9,11 +9,18 @@ no longer names them).
 
 ``holds`` (schema 5): Study Instance UID -> HoldRecord. Checked inside the deleting transaction, so a hold placed
 by another process is never raced past.
+
+``tombstones`` (schema 5): SOP Instance UID -> when it was deleted. The dead records stay in the segments (and
+archives) until compaction, and `index rebuild` replays every record: it skips each record of a tombstoned
+instance received before its delete (whatever version: an older overwritten one too), so a delete sticks; an
+instance sent again after the delete is received later and stored again. One small row per deleted instance,
+kept for good (which records are gone from every segment and tier is not known cheaply).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import lmdb
@@ -94,7 +101,9 @@ class DeletionIndex(TierIndex):
             if txn.get(result.study_uid.encode(), db=self.dbs["holds"]) is not None:
                 raise OnHold(f"study {result.study_uid} is under legal hold (appliance hold --release first)")
             emptied: set[tuple[str, str]] = set()
+            deleted_ns = str(time.time_ns()).encode()
             for key, inst in rows:
+                txn.put(key.rsplit(SEP, 1)[1].encode(), deleted_ns, db=self.dbs["tombstones"])
                 blob = self._blob(txn, inst.digest)
                 if blob is not None and blob.refs == 1:
                     emptied.update((c.backend, c.container) for c in blob.copies)
@@ -143,3 +152,18 @@ class DeletionIndex(TierIndex):
     def held(self, study_uid: str) -> bool:
         with self.env.begin() as txn:
             return txn.get(study_uid.encode(), db=self.dbs["holds"]) is not None
+
+    # ---- tombstones ------------------------------------------------------------------------------------
+
+    def tombstones(self) -> list[tuple[str, int]]:
+        with self.env.begin() as txn:
+            return [(bytes(k).decode(), int(bytes(v))) for k, v in txn.cursor(db=self.dbs["tombstones"])]
+
+    def put_tombstones(self, rows: Iterable[tuple[str, int]]) -> None:
+        """`index rebuild`: the live index's tombstones, carried over before the replay."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for sop_uid, deleted_ns in rows:
+                txn.put(sop_uid.encode(), str(deleted_ns).encode(), db=self.dbs["tombstones"])
+
+        self._write(body)

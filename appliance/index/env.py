@@ -16,7 +16,7 @@ from appliance.index.schema import BlobRecord, ContainerRecord, InstanceRecord, 
 
 DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid", "idx_accession",
             "idx_studydate", "idx_patientname", "idx_modality", "blobs", "containers", "contents", "gc", "placement",
-            "moves", "recalls", "holds", "meta")
+            "moves", "recalls", "holds", "tombstones", "meta")
 SEP = "\x00"
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 # Versions an index is upgraded from in place when opened for writing (StudyIndex._upgrade).

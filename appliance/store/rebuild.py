@@ -25,6 +25,7 @@ import lmdb
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
+from appliance.index.deletion import HoldRecord
 from appliance.store.compact import compaction_lock
 from appliance.store.online import BlobStore, entry_for
 from appliance.store.rebuild_tiers import ReplaySpill, TierCounts, TierSources, Unreadable, list_tier
@@ -44,6 +45,7 @@ class RebuildStats:
     unreadable_count: int = 0
     tiers: dict[str, TierCounts] = field(default_factory=dict)  # --from-tier: what each tier listed
     placed: dict[str, int] = field(default_factory=dict)  # --from-tier: studies per tier ("online" included)
+    deleted: int = 0  # records of instances deleted on purpose (tombstones) before compaction reclaimed them
 
 
 def rebuild_index(config: Config, target: Path, rehash: bool = False,
@@ -62,6 +64,8 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
     unreadable = Unreadable()
     index = StudyIndex(target, config.storage.index_map_size, sync=True)
     try:
+        holds, tombstones = _decisions(config.storage.index_path)
+        index.put_tombstones(tombstones.items())
         with tempfile.TemporaryDirectory(prefix=target.name + ".replay-", dir=target.parent) as spill_dir:
             spill = ReplaySpill(Path(spill_dir))
             ends, sealed = _list_online(config, index, spill, stats, unreadable, rehash)
@@ -73,6 +77,9 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
             batch: list[IndexEntry] = []
             tier_of = tiers.tier_of if tiers is not None else None
             for entry in spill:
+                if tombstones.get(entry.header.sop_instance_uid, 0) > entry.received_ns:
+                    stats.deleted += 1  # deleted on purpose after it was received: the delete sticks
+                    continue
                 batch.append(entry)
                 if len(batch) >= BATCH:
                     index.apply(batch, config.storage.duplicate_policy, tier_of=tier_of)
@@ -80,7 +87,8 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
             index.apply(batch, config.storage.duplicate_policy, ends, sealed, tier_of=tier_of)
         if tiers is not None:
             stats.placed = index.place_rebuilt_studies(tiers.availability, tiers.tier_of, tiers.order)
-        _carry_holds(config.storage.index_path, index)
+        for study_uid, record in holds:
+            index.hold(study_uid, record)
         stats.indexed = index.counts()["instances"]
     finally:
         index.close()
@@ -127,24 +135,21 @@ def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
         return fh.read() == END_OF_ARCHIVE
 
 
-def _carry_holds(live: Path, fresh: StudyIndex) -> None:
-    """Legal holds are an operator's decisions, in no segment or archive: the rebuilt index takes them from the
-    live one when it can still be opened (a lost index loses them: docs/operations.md "Legal hold")."""
+def _decisions(live: Path) -> tuple[list[tuple[str, HoldRecord]], dict[str, int]]:
+    """The legal holds and the tombstones of the live index: an operator's decisions, in no segment or archive, that
+    the rebuilt index keeps (when the live one can still be opened: a lost index loses them, docs/operations.md
+    "Deleting studies")."""
     if not (live / "data.mdb").exists():
-        return
+        return [], {}
     try:
         old = StudyIndex(live, readonly=True)
     except (lmdb.Error, ApplianceError) as exc:
-        log.warning("rebuild: the legal holds of %s cannot be read (%s): place them again", live, exc)
-        return
+        log.warning("rebuild: the legal holds and deletes of %s cannot be read (%s)", live, exc)
+        return [], {}
     try:
-        holds = old.holds()
+        return old.holds(), dict(old.tombstones())
     finally:
         old.close()
-    for study_uid, record in holds:
-        fresh.hold(study_uid, record)
-    if holds:
-        log.info("rebuild: %d legal hold(s) carried over from %s", len(holds), live)
 
 
 def replace_index(config: Config, rehash: bool = False, tiers: TierSources | None = None) -> RebuildStats:

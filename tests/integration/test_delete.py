@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from appliance import cli_delete
 from appliance.cli import app
 from appliance.errors import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE
+from appliance.index.db import StudyIndex
 from bench.synth import write_folder
 from tests.conftest import APPLIANCE, ServerHandle, dcmtk
 from tests.integration.test_audit import audit_lines
@@ -91,6 +92,15 @@ def test_delete_instance_series_study_on_a_running_server(make_server: MakeServe
     assert all(x["user"] == getpass.getuser() and x["action"] == "D" and x["time"] for x in lines)
     assert lines[0]["reason"] == "sent to the wrong patient" and lines[0]["study_uid"] == ct_study
 
+    # Before compaction the records are still in the segments: a rebuild skips them (tombstones), the delete sticks.
+    server.cli("index", "rebuild", "--into", str(tmp_path / "rebuilt"))
+    rebuilt = StudyIndex(tmp_path / "rebuilt", readonly=True)
+    try:
+        assert all(rebuilt.lookup(uid) is None for uid in (one, ct_series, ct_study, mr_study))
+        assert rebuilt.counts()["instances"] == 0 and len(rebuilt.tombstones()) == len(ct) + len(mr)
+    finally:
+        rebuilt.close()
+
     # The server still takes the same study again (a re-send after a wrong delete), then compaction reclaims the
     # dead bytes once the segments are sealed (at the restart: the active segment is never rewritten).
     server.stop()
@@ -104,6 +114,11 @@ def test_delete_instance_series_study_on_a_running_server(make_server: MakeServe
     result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), *map(str, mr))
     assert result.returncode == 0, result.stderr
     assert mr_study in _find_studies(server)
+    # Sent again after its delete, the study is received later than its tombstones: a rebuild keeps it.
+    server.stop()
+    server.cli("index", "rebuild")
+    assert server.cli_json("show", mr_study)["NumberOfInstances"] == len(mr)
+    assert server.cli("show", ct_study, check=False).returncode == EXIT_NOT_FOUND
 
 
 @pytest.fixture
