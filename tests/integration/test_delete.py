@@ -273,3 +273,27 @@ def test_delete_beside_ingest_and_a_running_mover(make_server: MakeServer, tmp_p
     assert sender.returncode == 0, err
     assert server.cli("show", old_study, check=False).returncode == EXIT_NOT_FOUND
     assert server.cli_json("show", new_study)["NumberOfInstances"] == len(new)
+
+
+def test_delete_of_a_study_on_tape(tmp_path: Path) -> None:
+    """Tape is append-only: the index forgets the copies, the data stays on the cartridge (verify counts it as
+    unnamed, not as an error), and nothing reads it again."""
+    from tests.tier_rig import NEARLINE_THEN_TAPE, nearline_site
+
+    config, _data = nearline_site(tmp_path, policies=NEARLINE_THEN_TAPE, tape=True)
+
+    def cli(*args: str) -> dict[str, object]:
+        done = subprocess.run([*APPLIANCE, *args, "-c", str(config), "--json"], capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    assert cli("tier", "run")["moved"] == 2  # online -> nl
+    assert cli("tier", "run")["moved"] == 2  # nl -> tape
+    study = cli("delete", "1.1", "--yes", "--reason", "retention by hand")
+    assert study["copies"] == {"tape": 3}
+    assert cli("tier", "run")["failed"] == 0
+    assert cli("verify")["ok"]
+    gone = subprocess.run([*APPLIANCE, "show", "1.1", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == EXIT_NOT_FOUND
+    assert cli("show", "1.2")["NumberOfInstances"] == 2
