@@ -43,8 +43,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "commitment": ("DCM 110103", "DICOM Instances Accessed", "R"),  # Storage Commitment request answered
     "migrate": ("DCM 110103", "DICOM Instances Accessed", "U"),  # tiering mover: the study's copies changed tier
     "recall": ("DCM 110103", "DICOM Instances Accessed", "U"),  # back online from a tier
-    "delete": ("DCM 110103", "DICOM Instances Accessed", "D"),  # copies removed on purpose (after a migrate)
+    "delete": ("DCM 110103", "DICOM Instances Accessed", "D"),  # after a migrate, `appliance delete`, retention
     "security_alert": ("DCM 110113", "Security Alert", "E"),
+    "hold": ("DCM 110103", "DICOM Instances Accessed", "U"),  # a legal hold placed or released (cli_delete.py)
 }
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
 

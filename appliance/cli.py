@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from appliance import cli_audit, cli_recall, cli_scu, cli_tape, errors
+from appliance import cli_audit, cli_delete, cli_recall, cli_scu, cli_tape, errors
 from appliance.cli_common import emit, human_bytes, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
@@ -576,6 +576,7 @@ cli_scu.register(app)  # echo, find, move, get: SCU commands towards other AEs
 cli_recall.register(tier_app)  # `tier recall` (the rest of `tier` is appliance/cli_tier.py)
 
 cli_audit.register(app)  # `audit`: read the audit trail
+cli_delete.register(app)  # `delete`, `hold`: deleting on purpose, legal holds
 
 from appliance import conformance  # noqa: E402  (beside its one use: a hunk of its own when branches merge)
 

@@ -349,9 +349,10 @@ def run(
         c = report.counts()
         human = (f"moved {c['moved']} studies ({human_bytes(c['bytes_copied'])} copied), {c['failed']} failed"
                  + (f", {c['resumed']} interrupted moves finished" if c["resumed"] else "")
-                 + (f", {c['paused']} paused" if c["paused"] else ""))
+                 + (f", {c['paused']} paused" if c["paused"] else "")
+                 + (f", {c['deleted']} expired studies deleted" if c["deleted"] else ""))
         for r in done:
-            if r.outcome not in ("moved", "vanished", "paused"):  # paused: one line per tier below
+            if r.outcome not in ("moved", "vanished", "paused", "deleted"):  # paused: one line per tier below
                 human += f"\n  {r.outcome}: {r.study_uid} {r.source} -> {r.target}: {r.error}"
     for name, error in report.unavailable.items():
         human += f"\n  tier {name} unavailable: {error}"

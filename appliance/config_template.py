@@ -184,6 +184,11 @@ journal_path = "var/commitments"  # requests answered and not yet reported, take
 # to = "tape"
 # accessed_days_min = 365
 # modalities = ["CT", "MR"]     # also: calling_aes = ["CT1"], study_bytes_min, study_bytes_max (bytes)
+#
+# [[policies]]                  # retention: expired studies are deleted (never one under `appliance hold`)
+# name = "expire-10y"
+# to = "delete"                 # without `from`: on every tier
+# received_days_min = 3650
 
 [audit]                         # one JSON line per association and per study stored/queried/retrieved/moved/deleted
 destination = "file"            # file | journald | off

@@ -12,6 +12,10 @@ from typing import Any
 from appliance.errors import ConfigError
 
 ONLINE_TIER = "online"  # the [[volumes]]: reserved, a [[tiers]] entry may not take the name
+# `to = "delete"`: a retention rule (expired studies are deleted, tiering/expire.py); reserved like ONLINE_TIER.
+# Without `from`, the rule applies on every tier (ANY_TIER).
+DELETE = "delete"
+ANY_TIER = ""
 TIER_KINDS = ("nearline", "s3", "tape")
 # Where a kind stands from fastest to slowest (after online = 0): reads try copies in this order and policies only
 # move studies to a higher rank. S3 is nearline in latency (a read starts in milliseconds to seconds) but sits
@@ -76,8 +80,8 @@ class PolicyConfig:
     and moves the least recently accessed matching studies until the tier is under ``low_watermark``."""
 
     name: str
-    source: str  # TOML key "from": "online" or a tier name
-    target: str  # TOML key "to": a tier name
+    source: str  # TOML key "from": "online" or a tier name (ANY_TIER: a retention rule without `from`)
+    target: str  # TOML key "to": a tier name, or DELETE (a retention rule)
     received_days_min: float = 0.0  # days since the study's last instance was received
     accessed_days_min: float = 0.0  # days since it was last retrieved or exported (else since received)
     modalities: tuple[str, ...] = ()  # any of these in ModalitiesInStudy
@@ -137,6 +141,8 @@ def parse_tiering(raw: dict[str, Any], base: Path, build: Build, owner: str = ""
         for toml_key, name in (("from", "source"), ("to", "target")):
             if toml_key in table:
                 table[name] = table.pop(toml_key)
+        if table.get("target") == DELETE:
+            table.setdefault("source", ANY_TIER)
         policies.append(build(PolicyConfig, f"policies[{i}]", table, base))
     sections = TieringSections(tiering, tuple(tiers), tuple(policies))
     validate_tiering(sections)
@@ -181,8 +187,8 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
         where = f"tiers[{i}] ({tier.name})"
         if not tier.name or not tier.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"tiers[{i}].name: letters, digits, - and _ only, got {tier.name!r}")
-        if tier.name == ONLINE_TIER or tier.name in names or tier.name in volume_names:
-            raise ConfigError(f"{where}.name: {tier.name!r} is taken (by 'online', a volume or another tier)")
+        if tier.name in (ONLINE_TIER, DELETE) or tier.name in names or tier.name in volume_names:
+            raise ConfigError(f"{where}.name: {tier.name!r} is taken (by 'online', 'delete', a volume or another tier)")
         names.add(tier.name)
         if tier.kind not in TIER_KINDS:
             raise ConfigError(f"{where}.kind: one of {', '.join(TIER_KINDS)}, got {tier.kind!r}")
@@ -222,6 +228,9 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
         if not p.name or p.name in pnames:
             raise ConfigError(f"policies[{i}].name: missing or used twice")
         pnames.add(p.name)
+        if p.target == DELETE:
+            _validate_retention(p, where, places)
+            continue
         if p.source not in places or p.target not in names:
             raise ConfigError(f"{where}: from must be 'online' or a tier, to a tier (tiers: "
                               f"{', '.join(sorted(names)) or 'none configured'}); got {p.source!r} -> {p.target!r}")
@@ -244,6 +253,18 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
                 raise ConfigError(f"{where}: a watermark rule needs 0 < low_watermark < high_watermark <= 1")
         elif p.low_watermark:
             raise ConfigError(f"{where}: low_watermark without high_watermark")
+
+
+def _validate_retention(p: PolicyConfig, where: str, places: set[str]) -> None:
+    """A retention rule deletes: it must name an age, and never runs on fill (space is never a reason to delete)."""
+    if p.source != ANY_TIER and p.source not in places:
+        raise ConfigError(f"{where}: from must be 'online' or a tier (or left out: every tier); got {p.source!r}")
+    if p.received_days_min <= 0:
+        raise ConfigError(f"{where}: a retention rule (to = \"delete\") needs received_days_min > 0")
+    if p.high_watermark or p.low_watermark:
+        raise ConfigError(f"{where}: a retention rule cannot be a watermark rule (fill is never a reason to delete)")
+    if p.accessed_days_min < 0 or p.study_bytes_min < 0 or p.study_bytes_max < 0:
+        raise ConfigError(f"{where}: ages and sizes are >= 0")
 
 
 S3_PART_BYTES_MIN = 5 << 20  # the S3 API's smallest part (but the last)

@@ -203,3 +203,9 @@ STATUS_NAMES = {
     RESOURCE_LIMITATION: "Resource limitation",
     UNRECOGNIZED_OPERATION: "Unrecognized operation",
 }
+
+
+class OnHold(ApplianceError):
+    """A study under legal hold: no delete and no retention rule removes it (`appliance hold --release` first)."""
+
+    exit_code = EXIT_FAILURE

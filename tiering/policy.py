@@ -12,15 +12,18 @@ Rules (docs/tiering.md, "Policies"):
   ``modalities`` and ``calling_aes`` match when any of the study's values is listed; sizes are bytes;
 - a watermark rule (``high_watermark`` > 0) runs only while its source tier is fuller than ``high_watermark``, and
   takes the least recently accessed matching studies until the projected fill is under ``low_watermark``. Every
-  planned move updates the projected fill of both tiers, so later rules see the plan's effect.
+  planned move updates the projected fill of both tiers, so later rules see the plan's effect;
+- a retention rule (``to = "delete"``) plans deletes of the matching studies on its ``from`` tier (any tier
+  without one), never of a study under legal hold (``held``): no rule overrides a hold. A move keeps the data, so
+  a held study still moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from appliance.config_tiering import ONLINE_TIER, PolicyConfig
+from appliance.config_tiering import ANY_TIER, DELETE, ONLINE_TIER, PolicyConfig
 from appliance.index.schema import StudyFacts
 from appliance.store.backend import Usage
 
@@ -74,6 +77,8 @@ def days(ns: int) -> float:
 def source_of(study: StudyFacts, policy: PolicyConfig, order: Sequence[str]) -> str | None:
     """The tier ``policy`` would take ``study`` from, or None when the policy cannot apply to it (another tier, or
     not a move down)."""
+    if policy.target == DELETE:
+        return study.tier if policy.source in (ANY_TIER, study.tier) else None
     rank = {name: i for i, name in enumerate(order)}
     if policy.target not in rank or study.tier not in rank:
         return None
@@ -118,7 +123,7 @@ def filter_reasons(study: StudyFacts, policy: PolicyConfig, now_ns: int) -> list
 
 
 def plan(studies: Iterable[StudyFacts], fills: dict[str, TierFill], policies: Sequence[PolicyConfig],
-         order: Sequence[str], now_ns: int) -> list[PlannedMove]:
+         order: Sequence[str], now_ns: int, held: Collection[str] = frozenset()) -> list[PlannedMove]:
     """The ordered list of moves the ``policies`` make of ``studies``, given each tier's ``fills`` (not modified)
     and the tier ``order`` (fastest first). Within a policy, the least recently accessed study comes first, so a
     run cut short by a limit moves the coldest studies."""
@@ -135,7 +140,7 @@ def plan(studies: Iterable[StudyFacts], fills: dict[str, TierFill], policies: Se
                 continue
             start_fill = source_fill.fill
         for study in candidates:
-            if study.key in taken:
+            if study.key in taken or (policy.target == DELETE and study.uid in held):
                 continue
             if watermark:
                 assert source_fill is not None

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config
-from appliance.config_tiering import ONLINE_TIER
+from appliance.config_tiering import DELETE, ONLINE_TIER
 from appliance.errors import EXIT_UNAVAILABLE, ApplianceError, ConfigError, StorageFault
 from appliance.index.db import StudyIndex
 from appliance.store.backend import BlobBackend, Usage
 from appliance.store.online import BlobStore
 from tiering.audit import AuditLog
+from tiering.expire import expire
 from tiering.mover import Mover, MoveResult, TokenBucket
 from tiering.policy import PlannedMove, TierFill, apply_limit, plan, tier_fill
 from tiering.tiers import open_tier, tier_order
@@ -103,7 +104,8 @@ def make_plan(config: Config, index: StudyIndex, tier_fills: dict[str, TierFill]
     if policy_name is not None and not policies:
         raise ConfigError(f"no policy named {policy_name!r} (configured: "
                           f"{', '.join(p.name for p in config.policies) or 'none'})")
-    return plan(index.study_facts(), tier_fills, policies, tier_order(config), now_ns)
+    held = {uid for uid, _hold in index.holds()}  # retention never deletes a held study
+    return plan(index.study_facts(), tier_fills, policies, tier_order(config), now_ns, held)
 
 
 @dataclass
@@ -119,6 +121,7 @@ class RunReport:
         done = self.resumed + self.results
         return {"planned": len(self.planned), "planned_bytes": sum(m.bytes for m in self.planned),
                 "moved": sum(r.outcome == "moved" for r in done),
+                "deleted": sum(r.outcome == "deleted" for r in done),
                 "failed": sum(r.outcome in ("failed", "refused") for r in done),
                 "paused": sum(r.outcome == "paused" for r in done),
                 "bytes_copied": sum(r.bytes for r in done), "resumed": len(self.resumed)}
@@ -157,12 +160,17 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
                 report.resumed = mover.resume()
                 planned = apply_limit(make_plan(config, index, fills(tiers.usage()), now_ns, policy_name),
                                       limit, bytes_max)
-                report.planned = [m for m in planned if m.target in tiers.backends]
+                report.planned = [m for m in planned if m.target in tiers.backends or m.target == DELETE]
                 hooks.planned(report.planned)
                 for move in report.planned:
-                    result = mover.move(move)
+                    result = expire(config, index, move, who) if move.target == DELETE else mover.move(move)
                     report.results.append(result)
                     hooks.study_done(result)
+                if any(r.outcome == "deleted" for r in report.results):
+                    try:
+                        mover.collect_garbage()  # the tier archives the deletes emptied
+                    except (OSError, ApplianceError) as exc:  # their gc rows stay: the next run deletes them
+                        log.warning("tiering: garbage collection after retention deletes: %s", exc)
                 report.paused = dict(mover.unavailable)
                 for name, backend in tiers.backends.items():
                     # The run's last tape archive gets its catalog now, not at the next run's recovery: until

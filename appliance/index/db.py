@@ -22,7 +22,9 @@ gc             backend NUL container                      empty: container to de
 placement      pk NUL study_uid                           StudyPlacement: tier, since, last access (tiers.py)
 moves          pk NUL study_uid                           MoveRecord: the journal of a move in progress
 recalls        pk NUL study_uid                           RecallRecord: a queued recall
-meta           "schema"                                   schema version (4; 2 and 3 are upgraded on open)
+holds          study_uid                                  HoldRecord: a legal hold (deletion.py)
+tombstones     sop_uid                                    when it was deleted (ns, decimal): rebuild skips it
+meta           "schema"                                   schema version (5; 2 to 4 are upgraded on open)
 =============  =========================================  ==================================================
 
 ``name_key`` folds case and keeps a bounded prefix, so ``DOE*`` or ``doe*`` is a range scan; the query layer
@@ -50,6 +52,7 @@ from typing import Any
 import lmdb
 
 from appliance.index import schema
+from appliance.index.deletion import DeletionIndex, HoldRecord
 from appliance.index.env import DB_NAMES, SEP
 from appliance.index.records import Header
 from appliance.index.schema import (
@@ -63,8 +66,7 @@ from appliance.index.schema import (
     RecallRecord,
     StudyPlacement,
 )
-from appliance.index.tiers import TierIndex
-from appliance.index.upgrade import upgrade_from_2, upgrade_from_3
+from appliance.index.upgrade import upgrade_from_2, upgrade_from_3, upgrade_from_4
 
 LEVELS = ("patients", "studies", "series", "instances")
 MAX_KEY_BYTES = 511  # LMDB's default maximum key size
@@ -131,9 +133,9 @@ class ApplyResult:
     reason: str = ""  # CONFLICT: what clashed (no UID in it: it goes to the peer and to the log)
 
 
-class StudyIndex(TierIndex):
+class StudyIndex(DeletionIndex):
     """The study index (module docstring); the environment, the record codecs, the container accounting and the
-    tiering tables are in env.py, containers.py and tiers.py."""
+    tiering tables are in env.py, containers.py and tiers.py, deletes and holds in deletion.py."""
 
     # ---- write path -------------------------------------------------------------------------------
 
@@ -369,8 +371,10 @@ class StudyIndex(TierIndex):
     def _upgrade(self, version: bytes) -> None:
         if version == b"2":  # 2 -> 3 writes the current version too: the tiering tables start empty
             self._write(lambda txn: upgrade_from_2(self.dbs, txn, self._secondary))
-        else:
+        elif version == b"3":
             self._write(lambda txn: upgrade_from_3(self.dbs, txn))
+        else:
+            self._write(lambda txn: upgrade_from_4(self.dbs, txn))
 
     def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord) -> None:
         """Take an instance out of the tree and the aggregates, and drop its blob reference."""
@@ -510,7 +514,8 @@ class StudyIndex(TierIndex):
         per copy (state, time) is history, not content: left out unless ``verification``."""
         typed: dict[str, type] = {"instances": InstanceRecord, "blobs": BlobRecord, "containers": ContainerRecord,
                                   "patients": LevelRecord, "studies": LevelRecord, "series": LevelRecord,
-                                  "placement": StudyPlacement, "moves": MoveRecord, "recalls": RecallRecord}
+                                  "placement": StudyPlacement, "moves": MoveRecord, "recalls": RecallRecord,
+                                  "holds": HoldRecord}
         with self.env.begin() as txn:
             out: dict[str, list[tuple[str, Any]]] = {}
             for name in DB_NAMES:

@@ -16,11 +16,11 @@ from appliance.index.schema import BlobRecord, ContainerRecord, InstanceRecord, 
 
 DB_NAMES = ("patients", "studies", "series", "instances", "uids", "idx_patientid", "idx_accession",
             "idx_studydate", "idx_patientname", "idx_modality", "blobs", "containers", "contents", "gc", "placement",
-            "moves", "recalls", "meta")
+            "moves", "recalls", "holds", "tombstones", "meta")
 SEP = "\x00"
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 # Versions an index is upgraded from in place when opened for writing (StudyIndex._upgrade).
-UPGRADABLE = (b"2", b"3")
+UPGRADABLE = (b"2", b"3", b"4")
 
 
 def container_key(backend: str, container: str) -> bytes:
@@ -55,7 +55,7 @@ class IndexEnv:
             self.env.close()
             raise SchemaMismatch(
                 f"the index at {path} has schema version {bytes(version).decode()}, this appliance needs "
-                f"{SCHEMA_VERSION.decode()}: schemas 2 and 3 are upgraded when opened for writing "
+                f"{SCHEMA_VERSION.decode()}: schemas 2 to 4 are upgraded when opened for writing "
                 "(appliance serve does); "
                 "the one-file-per-instance layout (schema 1) has no migration: start from an empty index and volumes")
         self.dbs = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}

@@ -1,4 +1,4 @@
-"""Typed index records (schema version 4), encoded with msgspec's MessagePack.
+"""Typed index records (schema version 5), encoded with msgspec's MessagePack.
 
 The index never parses a backend's location: a copy carries its container (a segment, an archive, a tape
 file set) and the bytes it occupies there, which is all that space accounting and compaction need.
@@ -13,7 +13,8 @@ import msgspec
 # 3: studies carry PatientName and their SOP classes; idx_patientname and idx_modality (C-FIND). A version 2 index
 # is upgraded in place when opened for writing (index/upgrade.py).
 # 4: tiering: placement, moves and recalls (index/tiers.py); a version 3 index gains the empty tables in place.
-SCHEMA_VERSION = b"4"
+# 5: legal holds (index/deletion.py); a version 4 index gains the empty table in place.
+SCHEMA_VERSION = b"5"
 
 # Instance Availability (PS3.4 C.4.1.1.3.2): what C-FIND reports and what decides whether a retrieve must recall.
 ONLINE, NEARLINE, OFFLINE = "ONLINE", "NEARLINE", "OFFLINE"

@@ -1,4 +1,7 @@
-"""In-place upgrades. Schema 3 -> 4 (tiering) only adds the empty ``placement``, ``moves`` and ``recalls`` tables
+"""In-place upgrades. Schema 4 -> 5 (deletes, legal holds) only adds the empty ``holds`` and ``tombstones``
+tables.
+
+Schema 3 -> 4 (tiering) only adds the empty ``placement``, ``moves`` and ``recalls`` tables
 (opening the index creates them) and writes the version: every study is then online and never moved, which is
 what an absent placement row means.
 
@@ -54,6 +57,14 @@ def upgrade_from_2(dbs: dict[str, Any], txn: lmdb.Transaction,
 
 def upgrade_from_3(dbs: dict[str, Any], txn: lmdb.Transaction) -> None:
     """The tiering tables exist (created empty when the environment opened them) and stay empty."""
-    for name in ("placement", "moves", "recalls"):
+    for name in ("placement", "moves", "recalls", "holds", "tombstones"):
         assert txn.stat(dbs[name])["entries"] == 0, f"a schema 3 index with a non-empty {name} table"
+    txn.put(b"schema", schema.SCHEMA_VERSION, db=dbs["meta"])
+
+
+def upgrade_from_4(dbs: dict[str, Any], txn: lmdb.Transaction) -> None:
+    """Schema 4 -> 5 only adds the empty ``holds`` and ``tombstones`` tables (created when the environment opened
+    them)."""
+    for name in ("holds", "tombstones"):
+        assert txn.stat(dbs[name])["entries"] == 0, f"a schema 4 index with a non-empty {name} table"
     txn.put(b"schema", schema.SCHEMA_VERSION, db=dbs["meta"])

@@ -13,20 +13,26 @@ same provenance) join the replay: node replacement (store/rebuild_tiers.py; docs
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
+
 from appliance.config import Config
 from appliance.errors import ApplianceError, IndexInUse
 from appliance.index.db import SERVE_LOCK, IndexEntry, StudyIndex
+from appliance.index.deletion import HoldRecord
 from appliance.store.compact import compaction_lock
 from appliance.store.online import BlobStore, entry_for
 from appliance.store.rebuild_tiers import ReplaySpill, TierCounts, TierSources, Unreadable, list_tier
 from appliance.store.segments import END_OF_ARCHIVE, SegmentBackend, committed_ends, created_ns, parse_location
 from appliance.store.volumes import fsync_dir
+
+log = logging.getLogger(__name__)
 
 BATCH = 512
 
@@ -39,6 +45,7 @@ class RebuildStats:
     unreadable_count: int = 0
     tiers: dict[str, TierCounts] = field(default_factory=dict)  # --from-tier: what each tier listed
     placed: dict[str, int] = field(default_factory=dict)  # --from-tier: studies per tier ("online" included)
+    deleted: int = 0  # records of instances deleted on purpose (tombstones) before compaction reclaimed them
 
 
 def rebuild_index(config: Config, target: Path, rehash: bool = False,
@@ -57,6 +64,8 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
     unreadable = Unreadable()
     index = StudyIndex(target, config.storage.index_map_size, sync=True)
     try:
+        holds, tombstones = _decisions(config.storage.index_path)
+        index.put_tombstones(tombstones.items())
         with tempfile.TemporaryDirectory(prefix=target.name + ".replay-", dir=target.parent) as spill_dir:
             spill = ReplaySpill(Path(spill_dir))
             ends, sealed = _list_online(config, index, spill, stats, unreadable, rehash)
@@ -68,6 +77,9 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
             batch: list[IndexEntry] = []
             tier_of = tiers.tier_of if tiers is not None else None
             for entry in spill:
+                if tombstones.get(entry.header.sop_instance_uid, 0) > entry.received_ns:
+                    stats.deleted += 1  # deleted on purpose after it was received: the delete sticks
+                    continue
                 batch.append(entry)
                 if len(batch) >= BATCH:
                     index.apply(batch, config.storage.duplicate_policy, tier_of=tier_of)
@@ -75,6 +87,8 @@ def rebuild_index(config: Config, target: Path, rehash: bool = False,
             index.apply(batch, config.storage.duplicate_policy, ends, sealed, tier_of=tier_of)
         if tiers is not None:
             stats.placed = index.place_rebuilt_studies(tiers.availability, tiers.tier_of, tiers.order)
+        for study_uid, record in holds:
+            index.hold(study_uid, record)
         stats.indexed = index.counts()["instances"]
     finally:
         index.close()
@@ -119,6 +133,23 @@ def _is_sealed(backend: SegmentBackend, segment: str, size: int) -> bool:
     with open(os.path.join(backend.dir, segment), "rb") as fh:
         fh.seek(size - len(END_OF_ARCHIVE))
         return fh.read() == END_OF_ARCHIVE
+
+
+def _decisions(live: Path) -> tuple[list[tuple[str, HoldRecord]], dict[str, int]]:
+    """The legal holds and the tombstones of the live index: an operator's decisions, in no segment or archive, that
+    the rebuilt index keeps (when the live one can still be opened: a lost index loses them, docs/operations.md
+    "Deleting studies")."""
+    if not (live / "data.mdb").exists():
+        return [], {}
+    try:
+        old = StudyIndex(live, readonly=True)
+    except (lmdb.Error, ApplianceError) as exc:
+        log.warning("rebuild: the legal holds and deletes of %s cannot be read (%s)", live, exc)
+        return [], {}
+    try:
+        return old.holds(), dict(old.tombstones())
+    finally:
+        old.close()
 
 
 def replace_index(config: Config, rehash: bool = False, tiers: TierSources | None = None) -> RebuildStats:

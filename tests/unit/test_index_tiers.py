@@ -9,6 +9,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from appliance.index import schema
 from appliance.index.db import SEP, StudyIndex
 from appliance.index.schema import NEARLINE, OFFLINE, ONLINE, Copy, MoveRecord
 from tests.unit.test_index import entry, header
@@ -184,7 +185,7 @@ def test_schema_3_is_upgraded_to_4(tmp_path: Path) -> None:
     try:
         assert index.dump() == expected
         with index.env.begin() as txn:
-            assert bytes(txn.get(b"schema", db=index.dbs["meta"])) == b"4"
+            assert bytes(txn.get(b"schema", db=index.dbs["meta"])) == schema.SCHEMA_VERSION
         assert next(index.study_facts()).tier == "online"
     finally:
         index.close()

@@ -51,7 +51,7 @@ def test_schema_2_is_upgraded_in_place(tmp_path: Path) -> None:
     try:
         assert index.dump() == expected
         with index.env.begin() as txn:
-            assert bytes(txn.get(b"schema", db=index.dbs["meta"])) == b"4"
+            assert bytes(txn.get(b"schema", db=index.dbs["meta"])) == schema.SCHEMA_VERSION
         assert len(rows(index, "idx_modality")) == 100 and len(rows(index, "idx_patientname")) == 100
     finally:
         index.close()

@@ -155,5 +155,6 @@ def test_the_default_config_tiering_example_is_valid_once_uncommented(tmp_path: 
     example = "\n".join(re.sub(r"^# ?", "", line) for line in DEFAULT_CONFIG_TOML[start:].split("\n"))
     (tmp_path / "a.toml").write_text(DEFAULT_CONFIG_TOML[:start] + example)
     config = load_config(tmp_path / "a.toml")
-    assert [p.name for p in config.policies] == ["old-to-nearline", "online-full", "cold-to-tape"]
+    assert [p.name for p in config.policies] == ["old-to-nearline", "online-full", "cold-to-tape",
+                                                     "expire-10y"]
     assert [t.name for t in config.tiers] == ["nearline", "cloud", "tape"]
