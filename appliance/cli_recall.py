@@ -96,8 +96,7 @@ def register(tier_app: typer.Typer) -> None:
             finally:
                 index.close()
         except errors.ApplianceError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise exc from None  # cli_common.RootGroup: one line (JSON with --json) and its exit code
         online = [u for u in uids if u not in left and u not in nearline]
         data = {"online": online, "nearline": nearline, "queued": left,
                 "errors": {u: errors_by_uid[u] for u in left if u in errors_by_uid}}

@@ -354,8 +354,7 @@ def _run(config: Path | None, verbose: bool, body: Callable[[Config], tuple[Any,
     try:
         data, human = body(load_cli_config(config))
     except errors.ApplianceError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise exc from None  # cli_common.RootGroup: one line (JSON with --json) and its exit code
     emit(data, as_json, human)
 
 

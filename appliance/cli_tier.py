@@ -91,9 +91,9 @@ def now_ns() -> int:
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
-def _fail(exc: errors.ApplianceError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
+    """Raised as is: cli_common.RootGroup prints it (one line, or JSON with --json) and exits with its code."""
+    return exc
 
 
 @contextmanager
