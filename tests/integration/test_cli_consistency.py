@@ -17,7 +17,10 @@ from typer.testing import CliRunner
 from appliance import errors
 from appliance.cli import app
 from tests.conftest import APPLIANCE, write_config
-from tests.integration.test_cli_metrics import Archive, archive, ls  # noqa: F401 - the module's fixture
+from tests.integration import test_cli_metrics
+from tests.integration.test_cli_metrics import Archive, ls
+
+archive = test_cli_metrics.archive  # its module-scoped fixture: two patients, three studies, nine instances
 
 UNKNOWN = "1.2.826.0.1.3680043.8.498.999999"
 
