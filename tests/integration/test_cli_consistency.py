@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from appliance import errors
 from appliance.cli import app
-from tests.conftest import APPLIANCE, write_config
+from tests.conftest import APPLIANCE, ServerHandle, wait_for, write_config
 from tests.integration import test_cli_metrics
 from tests.integration.test_cli_metrics import Archive, ls
 
@@ -177,3 +178,27 @@ def test_show_and_ls_human_times_and_sizes(archive: Archive) -> None:
     assert human["size"].endswith((" kB", " KB", " MB")) and str(raw["size"]) not in human["size"]
     table = server.cli("ls", "instances", "--series", archive.uids["R1"]).stdout
     assert str(raw["size"]) not in table and (" KB" in table or " kB" in table)
+
+
+# ---- a re-sent instance is never silent ---------------------------------------------------------------
+
+
+def test_a_re_sent_instance_is_counted_in_the_end_line_and_the_audit(
+        make_server: Callable[..., ServerHandle]) -> None:
+    from tests.integration.test_audit import wait_audit
+    from tests.integration.test_cli_metrics import CT, make_instance, send
+
+    server = make_server()  # duplicate_policy keep-first (the default): the first version stays
+    datasets = [make_instance(CT, "P1", "1.2.3.1", "1.2.3.1.1", number=i) for i in range(3)]
+    assert send(server.port, datasets) == [0, 0, 0]
+    wait_for(lambda: "association from CLITEST" in server.log(), 30, what="the first association's line")
+    for ds in datasets[:2]:
+        ds.SeriesDescription = "other bytes"
+    assert send(server.port, datasets) == [0, 0, 0]  # Success for all three: DICOM wants it so (PS3.4 B.2.3)
+    wait_for(lambda: server.log().count("association from CLITEST") == 2, 30, what="the second association's line")
+    first, second = [line for line in server.log().splitlines() if "association from CLITEST" in line]
+    assert "re-sent" not in first
+    assert second.endswith("; re-sent: 1 identical, 2 kept-first"), second
+    assocs = wait_audit(server.config_path, lambda lines: len(lines) == 2, "--event", "association")
+    assert [x.get("duplicates") for x in assocs] == [None, {"identical": 1, "kept-first": 2}]
+    assert server.cli_json("status")["counts"]["instances"] == 3
