@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import cli_audit, cli_recall, cli_scu, cli_tape, errors
-from appliance.cli_common import RootGroup, date_range, emit, human_bytes, humanize, load_cli_config
+from appliance.cli_common import RootGroup, check_uid, date_range, emit, human_bytes, human_key, humanize, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
@@ -200,8 +200,9 @@ def ls(
     accession: Annotated[str | None, typer.Option(help="AccessionNumber")] = None,
     date: Annotated[str | None, typer.Option(help="StudyDate: YYYY, YYYYMM or YYYYMMDD, or a range A-B, A-, -B")]
     = None,
-    study: Annotated[str | None, typer.Option(help="Study Instance UID (for series/instances)")] = None,
-    series: Annotated[str | None, typer.Option(help="Series Instance UID (for instances)")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID", callback=check_uid)] = None,
+    series: Annotated[str | None, typer.Option(help="Series Instance UID (for series and instances)",
+                                               callback=check_uid)] = None,
     modality: Annotated[str | None, typer.Option(help="Modality (patients, studies: in a study; series, "
                                                  "instances: of the series)")] = None,
     limit: Annotated[int, typer.Option(min=0, help="At most this many rows (0 = all)")] = 0,
@@ -299,7 +300,8 @@ def _select(index: Any, level: str, patient_id: str | None, accession: str | Non
 
 
 @app.command()
-def show(uid: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def show(uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID", callback=check_uid)],
+         config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Everything the index holds for a Study, Series or SOP Instance UID."""
     try:
         cfg = _config(config)
@@ -311,12 +313,12 @@ def show(uid: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         raise _fail(exc) from None
     level, _key, record = found
     data = {"level": level, "uid": uid, **{k: v for k, v in record.items() if not k.startswith("_")}}
-    _emit(data, as_json, "\n".join(f"{k:>24}: {_cell(humanize(k, v))}" for k, v in sorted(data.items())))
+    _emit(data, as_json, "\n".join(f"{human_key(k):>24}: {_cell(humanize(k, v))}" for k, v in sorted(data.items())))
 
 
 @app.command()
 def export(
-    uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID")],
+    uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID", callback=check_uid)],
     dest: Annotated[Path, typer.Argument(help="Folder to write Part-10 files into")],
     config: ConfigOpt = None,
     as_json: JsonOpt = False,

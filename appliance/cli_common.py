@@ -92,6 +92,20 @@ class RootGroup(TyperGroup):
             raise typer.Exit(errors.EXIT_USAGE) from None
 
 
+# ---- arguments --------------------------------------------------------------------------------------------------
+
+UID_MAX = 256  # PS3.5 9.1 says 64; what a broken modality sent is still found, up to what the index can key
+
+
+def check_uid(value: Any) -> Any:
+    """A typer callback for UID arguments and options (one or a list): an empty or absurdly long value is refused
+    as a usage error, before it reaches the index (whose keys it cannot be)."""
+    for uid in value if isinstance(value, list) else [value]:
+        if uid is not None and (not uid.strip() or len(uid.encode()) > UID_MAX):
+            raise typer.BadParameter(f"{uid[:70]!r}{'...' if len(uid) > 70 else ''} is not a UID")
+    return value
+
+
 # ---- human units and times --------------------------------------------------------------------------------------
 
 def human_ns(ns: int) -> str:
@@ -101,13 +115,18 @@ def human_ns(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
 
 
+def human_key(key: str) -> str:
+    """The label of a humanized field: ``received_ns`` shows as ``received``."""
+    return key[:-3] if key.endswith("_ns") else key
+
+
 def humanize(key: str, value: Any) -> Any:
     """One record field as people read it: ``*_ns`` times as local ISO time, ``size``/``*_bytes`` in decimal units.
     Raw values stay in ``--json``."""
     if isinstance(value, int) and not isinstance(value, bool):
         if key.endswith("_ns"):
             return human_ns(value)
-        if key == "size" or key.endswith("_bytes") or key.endswith("Bytes"):
+        if key in ("size", "Size") or key.endswith("_bytes") or key.endswith("Bytes"):
             return human_bytes(value)
     return value
 

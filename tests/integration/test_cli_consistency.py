@@ -159,9 +159,15 @@ def test_errors_as_json(archive: Archive, tmp_path: Path) -> None:
 
 
 def test_usage_errors_keep_exit_2(tmp_path: Path) -> None:
-    for args in (["audit", "--since", "yesterday-ish"], ["show"], ["ls", "studies", "--limit", "x"]):
+    # An empty or absurd UID is refused before it reaches the index (LMDB raised BadValsizeError, a traceback).
+    for args in (["audit", "--since", "yesterday-ish"], ["show"], ["ls", "studies", "--limit", "x"], ["show", ""],
+                 ["show", "1" * 300], ["export", "", "out"], ["tier", "recall", "1.2", ""],
+                 ["ls", "series", "--study", ""]):
         result = subprocess.run([*APPLIANCE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         one_error_line(result, errors.EXIT_USAGE)
+    result = subprocess.run([*APPLIANCE, "show", "", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert "is not a UID" in json_error(result, errors.EXIT_USAGE)
 
 
 # ---- human units and times, raw in --json ------------------------------------------------------------
@@ -173,7 +179,7 @@ def test_show_and_ls_human_times_and_sizes(archive: Archive) -> None:
     raw = server.cli_json("show", ds.SOPInstanceUID)
     assert isinstance(raw["received_ns"], int) and isinstance(raw["size"], int)
     human = dict(line.strip().split(": ", 1) for line in server.cli("show", ds.SOPInstanceUID).stdout.splitlines())
-    when = datetime.fromisoformat(human["received_ns"])
+    when = datetime.fromisoformat(human["received"])
     assert when.tzinfo is not None and abs(when.timestamp() - raw["received_ns"] / 1e9) < 1
     assert human["size"].endswith((" kB", " KB", " MB")) and str(raw["size"]) not in human["size"]
     table = server.cli("ls", "instances", "--series", archive.uids["R1"]).stdout
