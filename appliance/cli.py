@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from appliance.store.online import BlobStore
     from appliance.store.rebuild import RebuildStats
 
-app = typer.Typer(cls=RootGroup, add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
+# A bug's traceback shows no local variables: they could hold patient data (a dataset, a C-FIND identifier).
+app = typer.Typer(cls=RootGroup, add_completion=False, no_args_is_help=True, help="DICOM storage appliance.",
+                  pretty_exceptions_show_locals=False)
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, datasheet, ...")

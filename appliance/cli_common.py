@@ -3,6 +3,7 @@ JSON. Kept apart so that the command modules do not import each other."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -83,6 +84,8 @@ class RootGroup(TyperGroup):
             error_line(str(exc), exc.exit_code, as_json)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise  # `appliance ls | head`: click leaves quietly, as a pipe's reader expects
             error_line(os_error_message(exc), os_error_exit(exc), as_json)
             raise typer.Exit(os_error_exit(exc)) from None
         except _USAGE_ERROR as exc:
