@@ -99,7 +99,7 @@ def select(lines: Iterator[dict[str, Any]], since: datetime | None = None, until
 
 def human(line: dict[str, Any]) -> str:
     when = line_time(line)
-    stamp = when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else "?"
+    stamp = when.astimezone().isoformat(timespec="seconds") if when else "?"  # as every human time of the CLI
     peer = line.get("peer_ae") or "-"
     if line.get("peer_address"):
         peer += f"@{line['peer_address']}"

@@ -93,3 +93,11 @@ def test_human_values() -> None:
     assert humanize("size", 39_212) == "39.2 KB" and humanize("Size", 2_500_000) == "2.5 MB"
     assert humanize("used_bytes", 999) == "999 B" and humanize("NumberOfInstances", 3) == 3
     assert humanize("size", True) is True and humanize("PatientID", "P1") == "P1"
+
+
+def test_audit_human_time_is_local_iso() -> None:
+    from appliance.cli_audit import human
+
+    stamp = human({"time": "2026-11-26T08:00:00.123Z", "event": "store", "outcome": 0}).split()[0]
+    when = datetime.fromisoformat(stamp)
+    assert when.tzinfo is not None and when.timestamp() == datetime.fromisoformat("2026-11-26T08:00:00+00:00").timestamp()
