@@ -162,7 +162,8 @@ def test_usage_errors_keep_exit_2(tmp_path: Path) -> None:
     # An empty or absurd UID is refused before it reaches the index (LMDB raised BadValsizeError, a traceback).
     for args in (["audit", "--since", "yesterday-ish"], ["show"], ["ls", "studies", "--limit", "x"], ["show", ""],
                  ["show", "1" * 300], ["export", "", "out"], ["tier", "recall", "1.2", ""],
-                 ["ls", "series", "--study", ""]):
+                 ["ls", "series", "--study", ""], ["find", "PACS", "--limit", "-1"],
+                 ["move", "--host", "127.0.0.1", "--port", "99999", "--aet", "X", "-k", "StudyInstanceUID=1"]):
         result = subprocess.run([*APPLIANCE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         one_error_line(result, errors.EXIT_USAGE)
     result = subprocess.run([*APPLIANCE, "show", "", "--json"], cwd=tmp_path, capture_output=True, text=True,
