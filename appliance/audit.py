@@ -332,7 +332,7 @@ class Session:
     net/service.py Request.session; the association (net/association.py) opens and ends it."""
 
     __slots__ = ("sink", "peer_ae", "peer_address", "tls", "started", "studies", "other",
-                 "stored", "failed", "statuses", "requests", "refusals", "ended")
+                 "stored", "failed", "statuses", "requests", "refusals", "duplicates", "ended")
 
     def __init__(self, sink: Sink, peer_ae: str, peer_address: str, tls: bool) -> None:
         self.sink = sink
@@ -347,6 +347,10 @@ class Session:
         self.statuses: dict[str, int] = {}  # failure status "0xA700" -> count (a handful of distinct values)
         self.requests: dict[str, int] = {}  # "C-FIND" -> count
         self.refusals: dict[str, int] = {}  # right refused ("store") -> count
+        # Re-sent SOP Instance UIDs answered Success without storing new bytes ("kept-first", "identical",
+        # "superseded") or replacing the stored ones ("replaced"): never silent (issue 13), in the end line and the
+        # association's audit line.
+        self.duplicates: dict[str, int] = {}
         self.ended = False
 
     def _study(self, study_uid: str) -> list[int]:
@@ -358,14 +362,17 @@ class Session:
                 counts = self.other  # how many studies it holds is not kept: a set of them would be unbounded
         return counts
 
-    def instance_stored(self, study_uid: str, nbytes: int, replaced: bool = False) -> None:
+    def instance_stored(self, study_uid: str, nbytes: int, replaced: bool = False, duplicate: str = "") -> None:
         """``replaced``: it overwrote a stored instance with other bytes (a peer with allow_overwrite): the old
-        version is deleted (compaction reclaims it), so the store line counts it."""
+        version is deleted (compaction reclaims it), so the store line counts it. ``duplicate``: the index's
+        outcome for a re-sent instance ("" for a new one)."""
         counts = self._study(study_uid)
         counts[0] += 1
         counts[2] += nbytes
         counts[3] += replaced
         self.stored += 1
+        if duplicate:
+            self.duplicates[duplicate] = self.duplicates.get(duplicate, 0) + 1
 
     def instance_failed(self, study_uid: str, status: int) -> None:
         self._study(study_uid)[1] += 1
@@ -407,8 +414,9 @@ class Session:
             return
         self.ended = True
         # One info line per association, never one per instance, and no UIDs at info (docs/operations.md "Logs").
-        log.info("association from %s (%s): %d stored, %d failed, %.1f s, %s", self.peer_ae, self.peer_address,
-                 self.stored, self.failed, self.duration_s, how)
+        dups = "".join(f", {n} {kind}" for kind, n in sorted(self.duplicates.items()))
+        log.info("association from %s (%s): %d stored, %d failed, %.1f s, %s%s", self.peer_ae, self.peer_address,
+                 self.stored, self.failed, self.duration_s, how, f"; re-sent:{dups[1:]}" if dups else "")
         for study_uid, (stored, failed, nbytes, replaced) in self.studies.items():
             self.emit("store", _outcome(stored, failed), study_uid=study_uid or None, instances=stored, bytes=nbytes,
                       failed=failed or None, replaced=replaced or None)
@@ -420,6 +428,7 @@ class Session:
                   instances=self.stored, failed=self.failed, studies=len(self.studies),
                   bytes=sum(c[2] for c in self.studies.values()) + self.other[2],
                   requests=self.requests or None, statuses=self.statuses or None, refused=self.refusals or None,
+                  duplicates=self.duplicates or None,
                   duration_s=round(self.duration_s, 3))
 
 

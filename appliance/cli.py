@@ -3,7 +3,9 @@ commands ``echo|find|move|get`` (cli_scu.py).
 
 Human output by default, ``--json`` for scripts. Exit codes (appliance/errors.py): 0 ok, 1 failure (or
 verify found problems), 2 usage, 3 not found, 66 a configured volume refused (missing, no marker, another's),
-69 unavailable (volume detached...), 78 configuration error.
+69 unavailable (the index locked...), 78 configuration error.
+A failure is one line (``error: ...`` on stderr; with ``--json`` ``{"error": ..., "exit": N}`` on stdout): see
+cli_common.RootGroup, the safety net every command runs under.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import cli_audit, cli_delete, cli_recall, cli_scu, cli_tape, errors
-from appliance.cli_common import emit, human_bytes, load_cli_config
+from appliance.cli_common import RootGroup, check_uid, date_range, emit, human_bytes, human_key, humanize, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
@@ -28,7 +30,9 @@ if TYPE_CHECKING:
     from appliance.store.online import BlobStore
     from appliance.store.rebuild import RebuildStats
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="DICOM storage appliance.")
+# A bug's traceback shows no local variables: they could hold patient data (a dataset, a C-FIND identifier).
+app = typer.Typer(cls=RootGroup, add_completion=False, no_args_is_help=True, help="DICOM storage appliance.",
+                  pretty_exceptions_show_locals=False)
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, datasheet, ...")
@@ -48,9 +52,25 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")
 _config = load_cli_config
 
 
-def _fail(exc: errors.ApplianceError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
+    """Raised as is: RootGroup prints it (one line, or JSON with --json) and exits with its code."""
+    return exc
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"appliance {version('dicom-appliance')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit")] = False,
+) -> None:
+    """DICOM storage appliance."""
 
 
 _emit = emit
@@ -220,21 +240,27 @@ def ls(
     config: ConfigOpt = None,
     patient_id: Annotated[str | None, typer.Option(help="PatientID")] = None,
     accession: Annotated[str | None, typer.Option(help="AccessionNumber")] = None,
-    date: Annotated[str | None, typer.Option(help="StudyDate YYYYMMDD or range YYYYMMDD-YYYYMMDD")] = None,
-    study: Annotated[str | None, typer.Option(help="Study Instance UID (for series/instances)")] = None,
-    series: Annotated[str | None, typer.Option(help="Series Instance UID (for instances)")] = None,
-    modality: Annotated[str | None, typer.Option(help="Modality (studies: in study; series: of series)")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows (0 = all)")] = 0,
+    date: Annotated[str | None, typer.Option(help="StudyDate: YYYY, YYYYMM or YYYYMMDD, or a range A-B, A-, -B")]
+    = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID", callback=check_uid)] = None,
+    series: Annotated[str | None, typer.Option(help="Series Instance UID (for series and instances)",
+                                               callback=check_uid)] = None,
+    modality: Annotated[str | None, typer.Option(help="Modality (patients, studies: in a study; series, "
+                                                 "instances: of the series)")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many rows (0 = all)")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """List patients, studies, series or instances, with filters that use the secondary indexes."""
     if level not in LS_COLUMNS:
-        typer.echo(f"error: level must be one of {', '.join(LS_COLUMNS)}", err=True)
-        raise typer.Exit(errors.EXIT_USAGE)
+        raise typer.BadParameter(f"level must be one of {', '.join(LS_COLUMNS)}", param_hint="LEVEL")
+    if series is not None and level in ("patients", "studies"):
+        raise typer.BadParameter(f"applies to series and instances, not {level} (try --study)",
+                                 param_hint="--series")
+    dates = date_range(date) if date is not None else None
     try:
         cfg = _config(config)
         with _open_index(cfg) as index:
-            rows = _select(index, level, patient_id, accession, date, study, series, modality)
+            rows = _select(index, level, patient_id, accession, dates, study, series, modality)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
     if limit:
@@ -243,7 +269,7 @@ def ls(
         _emit(rows, True, "")
         return
     cols = LS_COLUMNS[level]
-    table = [cols] + [tuple(_cell(r.get(c, "")) for c in cols) for r in rows]
+    table = [cols] + [tuple(_cell(humanize(c, r.get(c, ""))) for c in cols) for r in rows]
     widths = [min(64, max(len(row[i]) for row in table)) for i in range(len(cols))]
     for row in table:
         typer.echo("  ".join(cell[:64].ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -253,40 +279,60 @@ def _cell(value: Any) -> str:
     return "\\".join(value) if isinstance(value, list) else str(value)
 
 
-def _select(index: Any, level: str, patient_id: str | None, accession: str | None, date: str | None,
+def _select(index: Any, level: str, patient_id: str | None, accession: str | None, dates: tuple[str, str] | None,
             study: str | None, series: str | None, modality: str | None) -> list[dict[str, Any]]:
+    """The rows of ``level`` that pass every filter given (they combine with AND). The study filters go through
+    the secondary indexes; patients are those with a matching study; --modality is a study's ModalitiesInStudy
+    for patients and studies, the series' Modality for series and instances."""
     from appliance.index.db import SEP
 
     def public(rec: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in rec.items() if not k.startswith("_")}
 
-    if level == "patients":
-        rows = [public(r) for k, r in index.items("patients", patient_id or "") if patient_id is None or
-                r.get("PatientID") == patient_id]
-        return rows
-    study_keys: list[str] | None = None
+    found_sets: list[set[str]] = []
+    if patient_id is not None:
+        found_sets.append(set(index.studies_by("idx_patientid", patient_id)))
     if accession is not None:
-        study_keys = index.studies_by("idx_accession", accession)
-    elif date is not None:
-        start, _, end = date.partition("-")
-        study_keys = index.studies_in_date_range(start, end or start)
-    elif patient_id is not None:
-        study_keys = index.studies_by("idx_patientid", patient_id)
-    elif study is not None:
+        found_sets.append(set(index.studies_by("idx_accession", accession)))
+    if dates is not None:
+        found_sets.append(set(index.studies_in_date_range(*dates)))
+    if study is not None:
         found = index.lookup(study)
-        study_keys = [found[1]] if found and found[0] == "studies" else []
-    if level == "studies":
+        found_sets.append({found[1]} if found and found[0] == "studies" else set())
+    study_keys = set.intersection(*found_sets) if found_sets else None
+    if level in ("patients", "studies"):
         pairs = (index.items("studies") if study_keys is None else
-                 [p for k in study_keys for p in index.items("studies", k) if p[0] == k])
-        return [public(r) for _, r in pairs if modality is None or modality in r.get("ModalitiesInStudy", [])]
-    prefixes = [""] if study_keys is None else [k + SEP for k in study_keys]
+                 [p for k in sorted(study_keys) for p in index.items("studies", k) if p[0] == k])
+        pairs = [(k, r) for k, r in pairs if modality is None or modality in r.get("ModalitiesInStudy", [])]
+        if level == "studies":
+            return [public(r) for _, r in pairs]
+        if study_keys is None and modality is None:
+            return [public(r) for _, r in index.items("patients")]
+        wanted = {k.split(SEP, 1)[0] for k, _ in pairs}
+        return [public(r) for k, r in index.items("patients") if k in wanted]
+    prefixes = [""] if study_keys is None else [k + SEP for k in sorted(study_keys)]
+    series_key = None
     if series is not None:
         found = index.lookup(series)
-        prefixes = [found[1] + (SEP if level == "instances" else "")] if found and found[0] == "series" else []
+        series_key = found[1] if found and found[0] == "series" else None
+        in_studies = series_key is not None and (study_keys is None or series_key.rsplit(SEP, 1)[0] in study_keys)
+        prefixes = [series_key + SEP] if series_key is not None and in_studies else []
+    if level == "series":
+        # The series themselves: the prefix is their study (or the one series' key).
+        prefixes = [p[:-len(SEP)] if series_key is not None else p for p in prefixes]
+    of_modality: set[str] | None = None
+    if level == "instances" and modality is not None:
+        # One scan of the series table: it is small next to the instances, and keyed by study, not modality.
+        of_modality = {k for k, r in index.items("series") if r.get("Modality") == modality}
     out = []
     for prefix in prefixes:
         for key, rec in index.items("series" if level == "series" else "instances", prefix):
-            if level == "series" and modality is not None and rec.get("Modality") != modality:
+            if level == "series":
+                if series_key is not None and key != series_key:
+                    continue  # a longer UID that only starts with the one asked for
+                if modality is not None and rec.get("Modality") != modality:
+                    continue
+            elif of_modality is not None and key.rsplit(SEP, 1)[0] not in of_modality:
                 continue
             row = public(rec)
             if level == "series":
@@ -296,7 +342,8 @@ def _select(index: Any, level: str, patient_id: str | None, accession: str | Non
 
 
 @app.command()
-def show(uid: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def show(uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID", callback=check_uid)],
+         config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Everything the index holds for a Study, Series or SOP Instance UID."""
     try:
         cfg = _config(config)
@@ -308,12 +355,12 @@ def show(uid: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         raise _fail(exc) from None
     level, _key, record = found
     data = {"level": level, "uid": uid, **{k: v for k, v in record.items() if not k.startswith("_")}}
-    _emit(data, as_json, "\n".join(f"{k:>24}: {_cell(v)}" for k, v in sorted(data.items())))
+    _emit(data, as_json, "\n".join(f"{human_key(k):>24}: {_cell(humanize(k, v))}" for k, v in sorted(data.items())))
 
 
 @app.command()
 def export(
-    uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID")],
+    uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance UID", callback=check_uid)],
     dest: Annotated[Path, typer.Argument(help="Folder to write Part-10 files into")],
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -328,6 +375,8 @@ def export(
     from appliance.store.online import BlobStore
     from tiering.recall import open_tiers
 
+    if dest.exists() and not dest.is_dir():
+        raise typer.BadParameter(f"{dest} exists and is not a folder", param_hint="DEST")
     try:
         cfg = _config(config)
         with _open_index(cfg) as index:
@@ -459,11 +508,11 @@ def compact(
     data = {"dry_run": report.dry_run, "candidates": report.candidates,
             "segments_compacted": report.segments_compacted, "records_moved": report.records_moved,
             "bytes_copied": report.bytes_copied, "bytes_reclaimed": report.bytes_reclaimed}
-    lines = [f"  {c['volume']}/{c['segment']}: {c['size']} bytes, {c['live_records']} live records, "
+    lines = [f"  {c['volume']}/{c['segment']}: {human_bytes(int(str(c['size'])))}, {c['live_records']} live records, "
              f"{float(str(c['dead_share'])):.0%} dead" for c in report.candidates]
     head = (f"{len(report.candidates)} segment(s) would be compacted" if dry_run else
             f"compacted {report.segments_compacted} segment(s): {report.records_moved} records moved, "
-            f"{report.bytes_copied} bytes copied, {report.bytes_reclaimed} bytes reclaimed")
+            f"{human_bytes(report.bytes_copied)} copied, {human_bytes(report.bytes_reclaimed)} reclaimed")
     _emit(data, as_json, "\n".join([head, *lines]))
 
 

@@ -99,7 +99,7 @@ def select(lines: Iterator[dict[str, Any]], since: datetime | None = None, until
 
 def human(line: dict[str, Any]) -> str:
     when = line_time(line)
-    stamp = when.astimezone().strftime("%Y-%m-%d %H:%M:%S") if when else "?"
+    stamp = when.astimezone().isoformat(timespec="seconds") if when else "?"  # as every human time of the CLI
     peer = line.get("peer_ae") or "-"
     if line.get("peer_address"):
         peer += f"@{line['peer_address']}"
@@ -144,13 +144,11 @@ def register(app: typer.Typer) -> None:
         try:
             cfg: Config = load_cli_config(config)
         except errors.ApplianceError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise exc from None  # cli_common.RootGroup: one line (JSON with --json) and its exit code
         if cfg.audit.destination != "file":
             hint = ("it is in the journal: journalctl -t appliance-audit -o cat"
                     if cfg.audit.destination == "journald" else "nothing is recorded")
-            typer.echo(f"audit.destination is {cfg.audit.destination!r}: {hint}", err=True)
-            raise typer.Exit(errors.EXIT_NOT_FOUND)
+            raise errors.NotFound(f"audit.destination is {cfg.audit.destination!r}: {hint}")
         start = parse_when(since) if since else None
         end = parse_when(until) if until else None
         lines = select(read_trail(cfg.audit.path, start), start, end, event, peer, study, outcome)

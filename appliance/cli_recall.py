@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from appliance import errors
-from appliance.cli_common import emit, load_cli_config
+from appliance.cli_common import check_uid, emit, load_cli_config
 from appliance.config import Config
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ def _nearline(index: StudyIndex, uid: str) -> bool:
 def register(tier_app: typer.Typer) -> None:
     @tier_app.command("recall")
     def recall(
-        uids: Annotated[list[str], typer.Argument(help="Study Instance UID(s) to bring back online")],
+        uids: Annotated[list[str], typer.Argument(help="Study Instance UID(s) to bring back online",
+                                                  callback=check_uid)],
         config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config")] = None,
         wait: Annotated[bool, typer.Option("--wait", help="Wait until online (up to tiering.recall_wait_s)")]
         = False,
@@ -96,8 +97,7 @@ def register(tier_app: typer.Typer) -> None:
             finally:
                 index.close()
         except errors.ApplianceError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise exc from None  # cli_common.RootGroup: one line (JSON with --json) and its exit code
         online = [u for u in uids if u not in left and u not in nearline]
         data = {"online": online, "nearline": nearline, "queued": left,
                 "errors": {u: errors_by_uid[u] for u in left if u in errors_by_uid}}

@@ -326,13 +326,14 @@ def default_storage_classes() -> list[str]:
 
 PeerArg = Annotated[str | None, typer.Argument(help="A [peers] name (or use --host/--port/--aet)")]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Peer host (overrides the [peers] entry)")]
-PortOpt = Annotated[int | None, typer.Option("--port", help="Peer port")]
+PortOpt = Annotated[int | None, typer.Option("--port", min=1, max=65535, help="Peer port")]
 AetOpt = Annotated[str | None, typer.Option("--aet", help="Peer (called) AE title")]
 CallingOpt = Annotated[str | None, typer.Option("--calling-aet", help="Our AE title (default: server.ae_title)")]
 KeysOpt = Annotated[list[str] | None, typer.Option("--key", "-k", help="Keyword=value or gggg,eeee=value (DCMTK -k)")]
 LevelOpt = Annotated[str, typer.Option("--level", "-L", help="PATIENT | STUDY | SERIES | IMAGE")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="patient | study (root information model)")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds for connect, association and each response")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001,
+                                           help="Seconds for connect, association and each response")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="pynetdicom's debug log on stderr")]
 
 
@@ -343,7 +344,7 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 OutOpt = Annotated[Path, typer.Option(help="Folder for the received Part-10 files")]
 DestOpt = Annotated[str | None, typer.Option(help="Move destination AE (default: ours, server.ae_title)")]
-LimitOpt = Annotated[int, typer.Option(help="Cancel after this many matches (0 = all)")]
+LimitOpt = Annotated[int, typer.Option(min=0, help="Cancel after this many matches (0 = all)")]
 SyntaxOpt = Annotated[list[str] | None, typer.Option("--transfer-syntax", "-x",
                                                      help="Accepted for the instances (default: uncompressed)")]
 
@@ -354,8 +355,7 @@ def _run(config: Path | None, verbose: bool, body: Callable[[Config], tuple[Any,
     try:
         data, human = body(load_cli_config(config))
     except errors.ApplianceError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise exc from None  # cli_common.RootGroup: one line (JSON with --json) and its exit code
     emit(data, as_json, human)
 
 

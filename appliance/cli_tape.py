@@ -35,9 +35,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")
 TierOpt = Annotated[str | None, typer.Option("--tier", help="The tape tier (needed when several are configured)")]
 
 
-def _fail(exc: errors.ApplianceError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
+    """Raised as is: cli_common.RootGroup prints it (one line, or JSON with --json) and exits with its code."""
+    return exc
 
 
 def _tape_tier(cfg: Config, name: str | None) -> TierConfig:
@@ -117,14 +117,12 @@ def label(
                         or (existing is not None and existing.tier != backend.name))
             if has_data and not force:
                 owner = f" of tier {existing.tier}" if existing else ""
-                typer.echo(f"error: cartridge {cartridge}{owner} holds data; relabelling erases it (use --force)",
-                           err=True)
-                raise typer.Exit(errors.EXIT_FAILURE)
+                raise errors.ApplianceError(f"cartridge {cartridge}{owner} holds data; relabelling erases it "
+                                            "(use --force)")
             named = _named_copies(cfg, backend.name, cartridge) if has_data else 0
             if named:  # even with --force: a study whose only copy is there would be lost
-                typer.echo(f"error: cartridge {cartridge}: the index names {named} cop(ies) on it; relabelling "
-                           "would lose them (recall or move those studies first)", err=True)
-                raise typer.Exit(errors.EXIT_FAILURE)
+                raise errors.ApplianceError(f"cartridge {cartridge}: the index names {named} cop(ies) on it; "
+                                            "relabelling would lose them (recall or move those studies first)")
             backend.library.write_label(drive, VolumeLabel(cartridge, backend.name))
     except errors.ApplianceError as exc:
         raise _fail(exc) from None

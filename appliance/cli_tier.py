@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import errors
-from appliance.cli_common import emit, human_bytes, load_cli_config
+from appliance.cli_common import emit, human_bytes, human_ns, load_cli_config
 from appliance.config import Config
 
 if TYPE_CHECKING:
@@ -91,9 +91,9 @@ def now_ns() -> int:
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
-def _fail(exc: errors.ApplianceError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
+    """Raised as is: cli_common.RootGroup prints it (one line, or JSON with --json) and exits with its code."""
+    return exc
 
 
 @contextmanager
@@ -260,8 +260,9 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _utc(ns: int) -> str:
-    """A time of the index (ns since 1970) as people and the audit log write it: 2026-11-26T17:26:28Z."""
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time of the index (ns since 1970) as every human output of the CLI writes it: local ISO time to the
+    second, with its offset (cli_common.human_ns)."""
+    return human_ns(ns)
 
 
 def _plan_rows(moves: list[PlannedMove]) -> str:

@@ -77,6 +77,7 @@ class StoreOperation:
         self.session = session  # the association's audit counts (one dict increment per instance)
         self.study_uid = ""  # known once the header is read
         self.replaced = False  # it superseded a stored version (the audit line counts it)
+        self.duplicate = ""  # the index's outcome when the SOP Instance UID was stored already (counted at the end)
         sop_class = command.affected_sop_class_uid
         # The peer's store right is checked once, by the dispatch (services/application.py), before this exists.
         if sop_class not in ctx.accepted_sop_classes or sop_class != abstract_syntax:
@@ -123,7 +124,7 @@ class StoreOperation:
             ctx.metrics.stored(self.command.affected_sop_class_uid, self.ae_label, self.dataset_bytes,
                                received_at - self.started, time.perf_counter() - received_at)
             if self.session is not None:
-                self.session.instance_stored(self.study_uid, self.dataset_bytes, self.replaced)
+                self.session.instance_stored(self.study_uid, self.dataset_bytes, self.replaced, self.duplicate)
         else:
             ctx.metrics.failure(result.status)
             # The first failure of an association at info (why), the others at debug: a flood of bad instances must
@@ -165,6 +166,8 @@ class StoreOperation:
         result = await self.ctx.committer.submit(Submission(
             spool, backend, header, self.transfer_syntax, receive_time_ns(), self.calling_ae, policy))
         self.replaced = result.outcome == Outcome.REPLACED
+        if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.SUPERSEDED, Outcome.REPLACED):
+            self.duplicate = result.outcome.value
         if result.outcome in (Outcome.IDENTICAL, Outcome.KEPT_FIRST, Outcome.SUPERSEDED, Outcome.REJECTED):
             self.ctx.metrics.duplicates.labels(result.outcome.value).inc()
         return StoreResult(result.status, result.comment)

@@ -131,7 +131,7 @@ def test_ctrl_c_in_the_middle_of_a_run_says_so_and_the_next_run_finishes(tmp_pat
     assert "interrupted" in err and "next `appliance tier run`" in err and "Traceback" not in err
 
     pending = tier(config, "status").stdout
-    when = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+    when = r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local ISO time, as every human time of the CLI
     assert re.search(rf"move 1\.[12] online -> nl \(old-to-nearline, since {when}\)", pending), pending
     done = tier_json(config, "run")
     assert done["moved"] + done["resumed"] >= 2 and done["failed"] == 0
