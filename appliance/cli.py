@@ -573,11 +573,16 @@ def _rebuild(cfg: Config, into: Path | None, rehash: bool, from_tiers: list[str]
     """The rebuild with the named tiers opened (the CLI is the composition root: node layers never import
     tiering). In place, under the mover's lock too: no `tier run` changes the tiers while they are read."""
     from appliance.store.rebuild import rebuild_index, replace_index
+    from tiering.run import tiering_lock
 
     if not from_tiers and not cfg.tiers:
-        return rebuild_index(cfg, into, rehash) if into is not None else replace_index(cfg, rehash)
+        if into is not None:
+            return rebuild_index(cfg, into, rehash)
+        # Under tiering.lock as `appliance delete` is: a delete committed into the index being replaced would be
+        # lost with it (and the deleted study would come back).
+        with tiering_lock(cfg.storage.index_path, "appliance index rebuild"):
+            return replace_index(cfg, rehash)
     from tiering.rebuild import close_sources, open_sources
-    from tiering.run import tiering_lock
 
     sources = open_sources(cfg, from_tiers) if from_tiers else None
     try:

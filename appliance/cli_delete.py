@@ -44,9 +44,9 @@ def interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _fail(exc: errors.ApplianceError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
+    """The error as is: the root group (cli_common.RootGroup) prints it as one line, or as JSON with --json."""
+    return exc
 
 
 @contextmanager
@@ -151,7 +151,11 @@ def register(app: typer.Typer) -> None:
             if study_uid is None:
                 raise errors.ApplianceError("STUDY_UID is required (or --list)")
             user = who()
-            with _index(cfg) as index:
+            from appliance.store.compact import compaction_lock
+
+            # An in-place `index rebuild` holds the compaction lock while it builds the index that replaces this
+            # one: wait for it, so the hold lands in the index in force (not in the one renamed to .old).
+            with compaction_lock(cfg.storage.index_path, wait=True), _index(cfg) as index:
                 level = index.lookup(study_uid)
                 if level is not None and level[0] != "studies":
                     raise errors.ApplianceError(f"{study_uid} is a {level[0][:-1]} UID: a hold names a study")

@@ -452,11 +452,7 @@ def register(app: typer.Typer) -> None:
         roles, association policies, extended negotiation."""
         from appliance.cli_common import load_cli_config
 
-        try:
-            cfg = load_cli_config(config)
-        except errors.ApplianceError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
+        cfg = load_cli_config(config)  # a config error: one line or JSON, by the root group (cli_common.RootGroup)
         st = statement(cfg)
         typer.echo(json.dumps(st, indent=2, sort_keys=True) if as_json else markdown(st), nl=as_json)
 

@@ -36,11 +36,14 @@ if [ "$action" = uninstall ]; then
         # shellcheck disable=SC2086
         systemctl disable --now $UNITS 2>/dev/null || true
     fi
-    rm -rf "$DESTDIR$PREFIX"
+    # Only what install put there: PREFIX may be a shared folder (/usr/local, /opt) or hold a checkout with data.
+    case "$PREFIX" in ""|/) echo "error: PREFIX '$PREFIX' is not a folder to uninstall from" >&2; exit 2;; esac
+    rm -rf "$DESTDIR$PREFIX/.venv" "$DESTDIR$PREFIX/docs" "$DESTDIR$PREFIX/systemd"
+    rmdir "$DESTDIR$PREFIX" 2>/dev/null || true  # gone if nothing else was in it
     for unit in $UNITS; do rm -f "$DESTDIR$UNITDIR/$unit"; done
     rm -f "$DESTDIR$SYSUSERSDIR/appliance.conf" "$DESTDIR$TMPFILESDIR/appliance.conf"
     if [ "$live" = yes ] && [ "$systemd_runs" = yes ]; then systemctl daemon-reload; fi
-    echo "removed $DESTDIR$PREFIX, the units and the sysusers.d/tmpfiles.d snippets."
+    echo "removed $DESTDIR$PREFIX/{.venv,docs,systemd}, the units and the sysusers.d/tmpfiles.d snippets."
     echo "kept: $DESTDIR$CONFDIR (the config), $DESTDIR$DATADIR (the images, index, audit trail) and the user" \
          "'appliance' that owns them; remove them yourself if the data is to go."
     exit 0

@@ -201,6 +201,12 @@ class StudyIndex(DeletionIndex):
         conflict = self._level_conflict(txn, entry.header)
         if conflict:
             return ApplyResult(Outcome.CONFLICT, False, reason=conflict)
+        tomb = txn.get(sop_uid.encode(), db=self.dbs["tombstones"])
+        if tomb is not None and int(bytes(tomb)) > entry.received_ns:
+            # Received before a delete of this instance committed, indexed (and acknowledged) after it: it stays, so
+            # the tombstone moves back to it and `index rebuild` (which skips what was received before a tombstone)
+            # keeps exactly what this index keeps (invariant 5).
+            txn.put(sop_uid.encode(), str(entry.received_ns).encode(), db=self.dbs["tombstones"])
         existing = txn.get(sop_uid.encode(), db=self.dbs["uids"])
         outcome = Outcome.STORED
         if existing is not None:
@@ -369,12 +375,19 @@ class StudyIndex(DeletionIndex):
         return [(db, key) for db, key in rows if len(key.encode()) <= MAX_KEY_BYTES]
 
     def _upgrade(self, version: bytes) -> None:
-        if version == b"2":  # 2 -> 3 writes the current version too: the tiering tables start empty
-            self._write(lambda txn: upgrade_from_2(self.dbs, txn, self._secondary))
-        elif version == b"3":
-            self._write(lambda txn: upgrade_from_3(self.dbs, txn))
-        else:
-            self._write(lambda txn: upgrade_from_4(self.dbs, txn))
+        def body(txn: lmdb.Transaction) -> None:
+            # The version read before this write transaction may be stale: another process (serve and `appliance
+            # hold` started together) can have upgraded the index meanwhile. Decide on what this transaction sees.
+            seen = txn.get(b"schema", db=self.dbs["meta"])
+            now = bytes(seen) if seen is not None else version
+            if now == b"2":  # 2 -> 3 writes the current version too: the tiering tables start empty
+                upgrade_from_2(self.dbs, txn, self._secondary)
+            elif now == b"3":
+                upgrade_from_3(self.dbs, txn)
+            elif now == b"4":
+                upgrade_from_4(self.dbs, txn)
+
+        self._write(body)
 
     def _remove_instance(self, txn: lmdb.Transaction, inst_key: str, old: InstanceRecord) -> None:
         """Take an instance out of the tree and the aggregates, and drop its blob reference."""

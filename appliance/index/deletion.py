@@ -101,7 +101,9 @@ class DeletionIndex(TierIndex):
             if txn.get(result.study_uid.encode(), db=self.dbs["holds"]) is not None:
                 raise OnHold(f"study {result.study_uid} is under legal hold (appliance hold --release first)")
             emptied: set[tuple[str, str]] = set()
-            deleted_ns = str(time.time_ns()).encode()
+            # After every deleted record's receive time even if the clock stepped back since (NTP): rebuild skips
+            # exactly the records received before it.
+            deleted_ns = str(max(time.time_ns(), *(inst.received_ns + 1 for _key, inst in rows))).encode()
             for key, inst in rows:
                 txn.put(key.rsplit(SEP, 1)[1].encode(), deleted_ns, db=self.dbs["tombstones"])
                 blob = self._blob(txn, inst.digest)

@@ -96,3 +96,17 @@ def test_schema_4_is_upgraded_to_5(tmp_path: Path) -> None:
     finally:
         idx.close()
     assert SEP == "\x00"
+
+
+def test_a_record_received_before_a_delete_and_indexed_after_it_is_kept_by_rebuild_too(
+        index: StudyIndex) -> None:  # noqa: F811
+    """A worker took an instance in (its receive time), a delete of it committed, then the worker's group commit
+    indexed it and acknowledged it: the live index keeps it, so the tombstone moves back to its receive time and a
+    rebuild, which skips what was received before a tombstone, keeps it as well (invariant 5)."""
+    index.apply([entry(header("P", "1.1", "1.1.1", "1.1.1.0"), content="first", size=100, t=10)], "keep-first")
+    index.delete("1.1.1.0", {"vol0"})
+    tomb = dict(index.tombstones())["1.1.1.0"]
+    assert tomb > 10  # after the deleted record's receive time, whatever the clock says
+    index.apply([entry(header("P", "1.1", "1.1.1", "1.1.1.0"), content="late", size=100, t=20)], "keep-first")
+    assert index.lookup("1.1.1.0") is not None  # acknowledged, so indexed
+    assert dict(index.tombstones())["1.1.1.0"] == 20  # rebuild keeps t=20 and skips the deleted t=10 record
