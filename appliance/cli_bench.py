@@ -1,0 +1,300 @@
+"""``appliance bench ...``: the benchmark harness (bench/) as typer commands with the console's conventions
+(issue 13): ``--json`` a flag (the report as JSON on stdout, progress and tables on stderr), ``--out DIR`` a folder
+(the report files go inside), one name per option (``--associations/-a``), typer's usage errors (one line, exit 2).
+
+Each command builds an argv from its typed options and calls the tool's ``main`` (bench/*.py): ``python -m bench.X``
+keeps its own argparse options for the docs and CI that call it, and the measuring code is not touched.
+``-c/--config`` is not offered yet: the harness starts its appliances from configs of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from appliance import errors
+from appliance.cli_common import human_bytes
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, datasheet, ...")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="The report as JSON on stdout (progress and tables: stderr)")]
+OutDir = Annotated[Path | None, typer.Option("--out", "-o", file_okay=False, help="Folder the report files go into")]
+CacheOpt = Annotated[Path | None, typer.Option(
+    "--cache", file_okay=False, help="Burst cache (default $BENCH_CACHE, else $XDG_CACHE_HOME/appliance/bench)")]
+TmpOpt = Annotated[Path | None, typer.Option(
+    "--tmp", file_okay=False, help="Where the receivers' data folders go (default $TMPDIR)")]
+
+
+def _ints(text: str | None) -> str | None:
+    """A comma list of positive integers (``4,8``), checked here so that a bad one is a usage error naming the
+    option, not argparse's ``invalid <lambda> value``; handed on as text."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"{text!r}: a comma list of positive integers, e.g. 4,8")
+    return ",".join(parts)
+
+
+def _target(text: str | None) -> str | None:
+    host, _, port = (text or ":0").rpartition(":")
+    if text is not None and (not host or not port.isdigit()):
+        raise typer.BadParameter(f"{text!r}: HOST:PORT")
+    return text
+
+
+AssocOpt = Annotated[str | None, typer.Option("--associations", "-a", callback=_ints,
+                                              help="Concurrent associations: N, or a comma list N,M,...")]
+
+
+def _argv(**options: Any) -> list[str]:
+    """Keyword options as an argparse argv: None left out, True a bare flag, False nothing."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def _run(module: str, argv: list[str], as_json: bool) -> None:
+    """The tool's main, its exit code kept. With --json its human output goes to stderr: stdout is the JSON."""
+    main = importlib.import_module(f"bench.{module}").main
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        code = main(argv)
+    if code:
+        raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _report_dir(out: Path | None, as_json: bool) -> Iterator[Path | None]:
+    """The folder a report goes into: --out (created), else with --json a temporary one (the JSON is printed, the
+    files are not wanted), else None (the tool's default under bench/results)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+    elif as_json:
+        with tempfile.TemporaryDirectory(prefix="appliance-bench-") as tmp:
+            yield Path(tmp)
+    else:
+        yield None
+
+
+def _print_json(path: Path) -> None:
+    typer.echo(json.dumps(json.loads(path.read_text()), indent=2, sort_keys=True))
+
+
+# ---- the cache -------------------------------------------------------------------------------------------------
+
+@bench_app.command("clean")
+def clean(yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking")] = False,
+          cache: CacheOpt = None) -> None:
+    """Remove the burst cache (regenerated on the next run) and say how much it frees."""
+    from bench import synth
+
+    folder = cache or synth.default_cache()
+    if not folder.exists():
+        typer.echo(f"{folder}: nothing to remove")
+        return
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    if not yes and not typer.confirm(f"remove {folder} ({human_bytes(size)})?"):
+        raise typer.Exit(errors.EXIT_FAILURE)
+    shutil.rmtree(folder)
+    typer.echo(f"removed {folder}: {size / 1e6:.1f} MB freed")
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+@bench_app.command("synth")
+def synth_cmd(
+    profile: Annotated[str, typer.Option(help="ct, mr, dx, mg, us (see --list)")] = "ct",
+    count: Annotated[int | None, typer.Option(min=1, help="Instances (default: the profile's)")] = None,
+    size: Annotated[int | None, typer.Option(min=8, help="Rows = columns (default: the profile's)")] = None,
+    frames: Annotated[int | None, typer.Option(min=1, help="Frames per instance (multi-frame profiles: us)")] = None,
+    seed: int = 1,
+    ts: Annotated[str, typer.Option(help="Transfer syntax: none (Explicit VR LE), rle, jpegls, j2k...")] = "none",
+    out: OutDir = None,
+    associations: Annotated[int, typer.Option("--associations", "-a", min=1,
+                                              help="Split the cached burst into one folder per association")] = 1,
+    cache: CacheOpt = None,
+    list_: Annotated[bool, typer.Option("--list", help="Print the profiles and the encoders installed")] = False,
+) -> None:
+    """Generate deterministic synthetic studies: into --out DIR, else into the cache (the folders are printed)."""
+    from bench import synth
+
+    if profile not in synth.PROFILES:
+        raise typer.BadParameter(f"{profile!r}: one of {', '.join(synth.PROFILES)}", param_hint="--profile")
+    if ts not in synth.TRANSFER_SYNTAXES:
+        raise typer.BadParameter(f"{ts!r}: one of {', '.join(synth.TRANSFER_SYNTAXES)}", param_hint="--ts")
+    _run("synth", _argv(profile=profile, count=count, size=size, frames=frames, seed=seed, ts=ts, out=out,
+                        k=associations, cache=cache, list=list_), False)
+
+
+@bench_app.command("hardware")
+def hardware_cmd(
+    dir_: Annotated[Path, typer.Option("--dir", exists=True, file_okay=False,
+                                       help="Where to write: on the filesystem to measure")] = Path("."),
+    seconds: Annotated[float, typer.Option(min=0.1, help="Time budget")] = 10.0,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Probe the machine: fsync'd file rate, sequential write, loopback (report: hardware.json in --out)."""
+    with _report_dir(out, as_json) as folder:
+        report = folder / "hardware.json" if folder else None
+        _run("hardware", _argv(dir=dir_, seconds=seconds, json=report), as_json)
+        if as_json and report:
+            _print_json(report)
+
+
+# ---- ingest ----------------------------------------------------------------------------------------------------
+
+@bench_app.command("run")
+def run_cmd(
+    scenario: Annotated[str, typer.Option(help="ct-burst, morning-rush, sustained, many-small-associations")],
+    target: Annotated[str | None, typer.Option(callback=_target, help="HOST:PORT of the receiver")] = None,
+    start_appliance: Annotated[bool, typer.Option(help="Start an appliance of our own to drive")] = False,
+    ae: Annotated[str, typer.Option(help="Called AE title")] = "APPLIANCE",
+    associations: AssocOpt = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Instances (default: the scenario's)")] = None,
+    rate: Annotated[float | None, typer.Option(min=0.1, help="sustained: offered instances/s")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="sustained: seconds")] = None,
+    seed: int = 1,
+    workers: Annotated[int | None, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = None,
+    no_fsync: Annotated[bool, typer.Option(help="--start-appliance: storage.fsync = false")] = False,
+    no_ceiling: Annotated[bool, typer.Option(help="Skip the driver-ceiling run")] = False,
+    timeout: Annotated[float | None, typer.Option(min=1, help="Longest one run may take (seconds)")] = None,
+    cache: CacheOpt = None,
+    tmp: TmpOpt = None,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Drive a scenario against a receiver with our asyncio SCU (report: run-SCENARIO.json/.md in --out)."""
+    from bench import driver
+
+    if scenario not in driver.SCENARIOS:
+        raise typer.BadParameter(f"{scenario!r}: one of {', '.join(driver.SCENARIOS)}", param_hint="--scenario")
+    if (target is None) == (not start_appliance):
+        raise typer.BadParameter("give --target HOST:PORT or --start-appliance", param_hint="--target")
+    with _report_dir(out, as_json) as folder:
+        report = folder / f"run-{scenario}.json" if folder else None
+        _run("driver", _argv(scenario=scenario, target=target, start_appliance=start_appliance, ae=ae,
+                             associations=associations, count=count, rate=rate, duration=duration, seed=seed,
+                             workers=workers, no_fsync=no_fsync, no_ceiling=no_ceiling, timeout=timeout,
+                             cache=cache, tmp=tmp, json=report, quiet=as_json), as_json)
+        if as_json and report:
+            _print_json(report)
+
+
+@bench_app.command("compare")
+def compare_cmd(
+    scenarios: Annotated[str, typer.Option(help="Comma list of ct, mr")] = "ct,mr",
+    associations: AssocOpt = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Runs per cell; medians are reported")] = None,
+    receivers: Annotated[str | None, typer.Option(help="Comma list of appliance, storescp, orthanc...")] = None,
+    quick: Annotated[bool, typer.Option(help="Small bursts and 1 repeat: a smoke run")] = False,
+    ct_count: Annotated[int | None, typer.Option(min=1)] = None,
+    mr_count: Annotated[int | None, typer.Option(min=1)] = None,
+    seed: int = 1,
+    cache: CacheOpt = None,
+    tmp: TmpOpt = None,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The appliance, DCMTK storescp and Orthanc side by side (report: compare.json in --out)."""
+    bad = [s for s in scenarios.split(",") if s.strip() not in ("ct", "mr")]
+    if bad or not scenarios.strip():
+        raise typer.BadParameter(f"{scenarios!r}: a comma list of ct, mr", param_hint="--scenarios")
+    with _report_dir(out, as_json) as folder:
+        report = folder / "compare.json" if folder else None
+        _run("compare", _argv(scenarios=scenarios, k=associations, repeats=repeats, receivers=receivers,
+                              quick=quick, ct_count=ct_count, mr_count=mr_count, seed=seed, cache=cache, tmp=tmp,
+                              out=report), as_json)
+        if as_json and report:
+            _print_json(report)
+
+
+@bench_app.command("datasheet")
+def datasheet_cmd(
+    out: OutDir = None,
+    tmp: TmpOpt = None,
+    cache: CacheOpt = None,
+    quick: Annotated[bool, typer.Option(help="Small bursts, 1 repeat, short sustained run")] = False,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Side-by-side repeats (default 3; 1 with --quick)")] = None,
+    associations: AssocOpt = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Instances per CT/MR room and burst")] = None,
+    load: Annotated[float | None, typer.Option(min=0.01, max=1.0, help="Sustained rate, share of the MR maximum")
+                    ] = None,
+    sustained_seconds: Annotated[float | None, typer.Option(min=1, help="Sustained run (default 60; 10 quick)")
+                                 ] = None,
+    hardware_seconds: Annotated[float | None, typer.Option(min=0.1, help="Hardware probe (default 10; 3 quick)")
+                                ] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """All of it in one run: hardware, side by side, sustained latency, targets (datasheet.json/.md in --out)."""
+    with _report_dir(out, as_json) as folder:
+        _run("datasheet", _argv(out=folder, tmp=tmp, cache=cache, quick=quick, repeats=repeats,
+                                associations=associations, count=count, load=load,
+                                sustained_seconds=sustained_seconds, hardware_seconds=hardware_seconds,
+                                workers=workers), as_json)
+        if as_json and folder:
+            _print_json(folder / "datasheet.json")
+
+
+# ---- query and retrieve ----------------------------------------------------------------------------------------
+
+@bench_app.command("find")
+def find_cmd(
+    instances: Annotated[int, typer.Option(min=1, help="Synthetic instances")] = 1_000_000,
+    per_study: Annotated[int, typer.Option(min=1, help="Instances per study")] = 100,
+    queries: Annotated[int, typer.Option(min=1, help="Queries of each kind")] = 100,
+    workdir: Annotated[Path | None, typer.Option(file_okay=False, help="Build the index here (default: temp)")
+                       ] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the work folder")] = False,
+    orthanc_instances: Annotated[int, typer.Option(min=0, help="Also query Orthanc with this many instances")] = 0,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """C-FIND latency on a synthetic index of N instances (results.json/.md in --out)."""
+    with _report_dir(out, as_json) as folder:
+        _run("find", _argv(instances=instances, per_study=per_study, queries=queries, workdir=workdir, keep=keep,
+                           orthanc_instances=orthanc_instances or None, out=folder), as_json)
+        if as_json and folder:
+            _print_json(folder / "results.json")
+
+
+@bench_app.command("retrieve")
+def retrieve_cmd(
+    profile: Annotated[str, typer.Option(help="Synthetic profile")] = "ct",
+    count: Annotated[int, typer.Option(min=1, help="Instances in the series")] = 1000,
+    size: Annotated[int | None, typer.Option(min=8, help="Rows = columns (default: the profile's)")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per cell; medians are reported")] = 3,
+    targets: Annotated[str, typer.Option(help="Comma list of appliance, orthanc")] = "appliance,orthanc",
+    operations: Annotated[str, typer.Option(help="Comma list of move, get")] = "move,get",
+    workers: Annotated[int, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = 0,
+    associations: Annotated[int, typer.Option("--associations", "-a", min=1,
+                                              help="The appliance's retrieve.move_associations")] = 2,
+    timeout: Annotated[float, typer.Option(min=1, help="Longest one run may take (seconds)")] = 900.0,
+    cache: CacheOpt = None,
+    tmp: TmpOpt = None,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """C-MOVE and C-GET of one series, the appliance next to Orthanc (retrieve.json in --out)."""
+    with _report_dir(out, as_json) as folder:
+        report = folder / "retrieve.json" if folder else None
+        _run("retrieve", _argv(profile=profile, count=count, size=size, repeats=repeats, targets=targets,
+                               operations=operations, workers=workers, move_associations=associations,
+                               timeout=timeout, cache=cache, tmp=tmp, out=report), as_json)
+        if as_json and report:
+            _print_json(report)
