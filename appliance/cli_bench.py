@@ -195,30 +195,55 @@ def run_cmd(
             _print_json(report)
 
 
+def _names(option: str, allowed: tuple[str, ...], text: str | None) -> None:
+    """A comma list of known names, refused here (a usage error) rather than as argparse's ``invalid <lambda>``."""
+    if text is None:
+        return
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or any(p not in allowed for p in parts):
+        raise typer.BadParameter(f"{text!r}: a comma list of {', '.join(allowed)}", param_hint=option)
+
+
 @bench_app.command("compare")
 def compare_cmd(
-    scenarios: Annotated[str, typer.Option(help="Comma list of ct, mr")] = "ct,mr",
+    scenarios: Annotated[str, typer.Option(help="Bursts: comma list of ct, mr")] = "ct,mr",
     associations: AssocOpt = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="Runs per cell; medians are reported")] = None,
     receivers: Annotated[str | None, typer.Option(help="Comma list of appliance, storescp, orthanc...")] = None,
+    workers: Annotated[str | None, typer.Option(callback=_ints, help="Appliance worker counts, comma list")] = None,
+    appliance_nofsync: Annotated[bool, typer.Option(help="Also run the appliance with storage.fsync = false")
+                                 ] = False,
     quick: Annotated[bool, typer.Option(help="Small bursts and 1 repeat: a smoke run")] = False,
     ct_count: Annotated[int | None, typer.Option(min=1)] = None,
     mr_count: Annotated[int | None, typer.Option(min=1)] = None,
     seed: int = 1,
+    timeout: Annotated[float | None, typer.Option(min=1, help="Longest one run may take (seconds)")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the receivers' data folders")] = False,
+    scenario: Annotated[str | None, typer.Option(
+        help="Side by side: these driver scenarios (comma list) instead of the bursts")] = None,
+    clients: Annotated[str | None, typer.Option(help="Side by side: driver, storescu (comma list)")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Side by side: instances")] = None,
+    no_hardware: Annotated[bool, typer.Option(help="Side by side: skip the fsync'd-file probe")] = False,
+    hardware_seconds: Annotated[float | None, typer.Option(min=0.1, help="Side by side: probe budget")] = None,
     cache: CacheOpt = None,
     tmp: TmpOpt = None,
     out: OutDir = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The appliance, DCMTK storescp and Orthanc side by side (report: compare.json in --out)."""
-    bad = [s for s in scenarios.split(",") if s.strip() not in ("ct", "mr")]
-    if bad or not scenarios.strip():
-        raise typer.BadParameter(f"{scenarios!r}: a comma list of ct, mr", param_hint="--scenarios")
+    from bench import compare, sidebyside
+
+    _names("--scenarios", ("ct", "mr"), scenarios)
+    _names("--receivers", (*compare.RECEIVERS, "appliance-base"), receivers)
+    _names("--scenario", tuple(sidebyside.SCENARIOS), scenario)
+    _names("--clients", tuple(sidebyside.CLIENTS), clients)
     with _report_dir(out, as_json) as folder:
         report = folder / "compare.json" if folder else None
-        _run("compare", _argv(scenarios=scenarios, k=associations, repeats=repeats, receivers=receivers,
-                              quick=quick, ct_count=ct_count, mr_count=mr_count, seed=seed, cache=cache, tmp=tmp,
-                              out=report), as_json)
+        _run("compare", _argv(scenarios=scenarios, associations=associations, repeats=repeats, receivers=receivers,
+                              workers=workers, appliance_nofsync=appliance_nofsync, quick=quick, ct_count=ct_count,
+                              mr_count=mr_count, seed=seed, timeout=timeout, keep=keep, scenario=scenario,
+                              clients=clients, count=count, no_hardware=no_hardware,
+                              hardware_seconds=hardware_seconds, cache=cache, tmp=tmp, out=report), as_json)
         if as_json and report:
             _print_json(report)
 

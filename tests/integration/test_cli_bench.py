@@ -32,6 +32,8 @@ def test_help_names_the_command(name: str) -> None:
     ["run", "--scenario", "ct-burst", "--target", "nohost"],
     ["run", "--scenario", "no-such", "--target", "127.0.0.1:104"],
     ["compare", "--scenarios", "ct,xr"],
+    ["compare", "--receivers", "appliance,pacs"],
+    ["compare", "--scenario", "ct-burst", "--clients", "x"],
     ["datasheet", "-a", "0"],
     ["synth", "--count", "many"],
     ["synth", "--profile", "pet"],
