@@ -172,7 +172,18 @@ def run_cmd(
     workers: Annotated[int | None, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = None,
     no_fsync: Annotated[bool, typer.Option(help="--start-appliance: storage.fsync = false")] = False,
     no_ceiling: Annotated[bool, typer.Option(help="Skip the driver-ceiling run")] = False,
+    ceiling_seconds: Annotated[float | None, typer.Option(min=0.1, help="Sustained ceiling run length")] = None,
     timeout: Annotated[float | None, typer.Option(min=1, help="Longest one run may take (seconds)")] = None,
+    calling_ae: Annotated[str | None, typer.Option(help="Calling AE (default CT01, MR01, US01)")] = None,
+    profile: Annotated[str | None, typer.Option(help="Data profile of single-modality scenarios")] = None,
+    transfer_syntax: Annotated[str | None, typer.Option(help="Transfer syntax UID of the data sent")] = None,
+    keep_uids: Annotated[bool, typer.Option(help="Send the generated UIDs as they are")] = False,
+    server_pid: Annotated[int | None, typer.Option(min=1, help="A local receiver's pid: its CPU and RSS")] = None,
+    metrics_url: Annotated[str | None, typer.Option(help="The appliance's /metrics, scraped around each run")
+                           ] = None,
+    label: Annotated[str | None, typer.Option(help="Name of the target in the report")] = None,
+    keep: Annotated[bool, typer.Option(help="--start-appliance: keep its data folder")] = False,
+    no_plots: Annotated[bool, typer.Option(help="No PNG plots")] = False,
     cache: CacheOpt = None,
     tmp: TmpOpt = None,
     out: OutDir = None,
@@ -189,8 +200,11 @@ def run_cmd(
         report = folder / f"run-{scenario}.json" if folder else None
         _run("driver", _argv(scenario=scenario, target=target, start_appliance=start_appliance, ae=ae,
                              associations=associations, count=count, rate=rate, duration=duration, seed=seed,
-                             workers=workers, no_fsync=no_fsync, no_ceiling=no_ceiling, timeout=timeout,
-                             cache=cache, tmp=tmp, json=report, quiet=as_json), as_json)
+                             workers=workers, no_fsync=no_fsync, no_ceiling=no_ceiling, ceiling_seconds=ceiling_seconds,
+                             timeout=timeout, calling_ae=calling_ae, profile=profile,
+                             transfer_syntax=transfer_syntax, keep_uids=keep_uids, server_pid=server_pid,
+                             metrics_url=metrics_url, label=label, keep=keep, no_plots=no_plots, cache=cache,
+                             tmp=tmp, json=report, quiet=as_json), as_json)
         if as_json and report:
             _print_json(report)
 
