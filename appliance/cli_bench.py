@@ -337,3 +337,89 @@ def retrieve_cmd(
                                timeout=timeout, cache=cache, tmp=tmp, out=report), as_json)
         if as_json and report:
             _print_json(report)
+
+
+# ---- the other tools (docs/benchmarks.md: soak, tiering, tape recall, compression) --------------------------------
+
+@bench_app.command("soak")
+def soak_cmd(
+    associations: Annotated[int, typer.Option("--associations", "-a", min=1, help="Concurrent associations")] = 64,
+    rate: Annotated[float, typer.Option(min=0.1, help="Offered instances/s over all associations")] = 300.0,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of load")] = 600.0,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between samples")] = 5.0,
+    workers: Annotated[int, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = 0,
+    tmp: TmpOpt = None,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """N associations storing for minutes: RSS, descriptors and rate, first vs last minute (soak.json in --out)."""
+    with _report_dir(out, as_json) as folder:
+        _run("soak", _argv(associations=associations, rate=rate, duration=duration, interval=interval,
+                           workers=workers, tmp=tmp, out=folder), as_json)
+        if as_json and folder:
+            _print_json(folder / "soak.json")
+
+
+@bench_app.command("migrate")
+def migrate_cmd(
+    tier: Annotated[str, typer.Option(help="nearline or s3")] = "nearline",
+    studies: Annotated[int, typer.Option(min=1, help="CT studies loaded")] = 12,
+    slices: Annotated[int, typer.Option(min=1, help="512x512 CT slices per study")] = 100,
+    mr: Annotated[int, typer.Option(min=1, help="MR instances per ingest burst")] = 1000,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    level: Annotated[int, typer.Option(min=1, max=22, help="The tiers' zstd level")] = 3,
+    rate: Annotated[float, typer.Option(min=0.1, help="tier run --rate (MB/s)")] = 1000.0,
+    reads: Annotated[int, typer.Option(min=1, help="Single-instance reads from each tier and online")] = 20,
+    cache: CacheOpt = None,
+    tmp: TmpOpt = None,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Migration throughput, and ingest's rate while a migration runs (migrate.json in --out)."""
+    _names("--tier", ("nearline", "s3"), tier)
+    with _report_dir(out, as_json) as folder:
+        _run("migrate", _argv(tier=tier, studies=studies, slices=slices, mr=mr, repeats=repeats, level=level,
+                              rate=rate, reads=reads, cache=cache, tmp=tmp, out=folder), as_json)
+        if as_json and folder:
+            _print_json(folder / "migrate.json")
+
+
+@bench_app.command("recall")
+def recall_cmd(
+    profile: Annotated[str, typer.Option(help="Synthetic profile")] = "ct",
+    instances: Annotated[int, typer.Option(min=1)] = 100,
+    reads: Annotated[int, typer.Option(min=1)] = 50,
+    load_s: Annotated[float, typer.Option(min=0, help="Simulated tape load time (s; an LTO drive: ~15)")] = 0.0,
+    seek_s_per_gib: Annotated[float, typer.Option(min=0, help="Simulated seek (s per GiB skipped; LTO: ~0.3)")] = 0.0,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Reads across tiers and recall time from the virtual tape library (recall.json in --out)."""
+    with _report_dir(out, as_json) as folder:
+        report = folder / "recall.json" if folder else None
+        _run("recall", _argv(profile=profile, instances=instances, reads=reads, load_s=load_s,
+                             seek_s_per_gib=seek_s_per_gib, json=report), as_json)
+        if as_json and report:
+            _print_json(report)
+
+
+@bench_app.command("compress")
+def compress_cmd(
+    ct: Annotated[int, typer.Option(min=0, help="Synthetic CT instances")] = 60,
+    mr: Annotated[int, typer.Option(min=0, help="Synthetic MR instances")] = 150,
+    extra_dir: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
+                                                   help="The pydicom-data files (data_store/data)")] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    quick: Annotated[bool, typer.Option(help="A few files, one run each")] = False,
+    work_dir: Annotated[Path | None, typer.Option(file_okay=False, help="Where the nearline measurement writes")
+                        ] = None,
+    out: OutDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """zstd on DICOM as the nearline tier stores it: ratio and MB/s per core (compress.json in --out)."""
+    with _report_dir(out, as_json) as folder:
+        report = folder / "compress.json" if folder else None
+        _run("compress", _argv(ct=ct, mr=mr, extra_dir=extra_dir, repeats=repeats, quick=quick, work_dir=work_dir,
+                               json=report), as_json)
+        if as_json and report:
+            _print_json(report)

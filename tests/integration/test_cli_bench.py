@@ -16,7 +16,8 @@ from appliance.cli import app
 from bench import synth
 from tests.conftest import APPLIANCE
 
-COMMANDS = ["clean", "synth", "run", "compare", "hardware", "datasheet", "find", "retrieve"]
+COMMANDS = ["clean", "synth", "run", "compare", "hardware", "datasheet", "find", "retrieve", "soak", "migrate",
+            "recall", "compress"]
 runner = CliRunner()
 
 
@@ -38,6 +39,8 @@ def test_help_names_the_command(name: str) -> None:
     ["synth", "--count", "many"],
     ["synth", "--profile", "pet"],
     ["hardware", "--seconds", "0"],
+    ["migrate", "--tier", "tape"],
+    ["soak", "-a", "0"],
 ])
 def test_a_bad_value_is_a_usage_error(argv: list[str]) -> None:
     result = runner.invoke(app, ["bench", *argv])
