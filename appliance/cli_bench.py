@@ -54,6 +54,9 @@ def _target(text: str | None) -> str | None:
 
 AssocOpt = Annotated[str | None, typer.Option("--associations", "-a", callback=_ints,
                                               help="Concurrent associations: N, or a comma list N,M,...")]
+# The spellings of `python -m bench.X` (--k, -n), still taken from scripts written for them, not shown in --help.
+OldKOpt = Annotated[str | None, typer.Option("--k", hidden=True, callback=_ints)]
+OldNOpt = Annotated[str | None, typer.Option("-n", hidden=True, callback=_ints)]
 
 
 def _argv(**options: Any) -> list[str]:
@@ -127,6 +130,7 @@ def synth_cmd(
     associations: Annotated[int, typer.Option("--associations", "-a", min=1,
                                               help="Split the cached burst into one folder per association")] = 1,
     cache: CacheOpt = None,
+    old_k: Annotated[int | None, typer.Option("--k", hidden=True, min=1)] = None,
     list_: Annotated[bool, typer.Option("--list", help="Print the profiles and the encoders installed")] = False,
 ) -> None:
     """Generate deterministic synthetic studies: into --out DIR, else into the cache (the folders are printed)."""
@@ -137,7 +141,7 @@ def synth_cmd(
     if ts not in synth.TRANSFER_SYNTAXES:
         raise typer.BadParameter(f"{ts!r}: one of {', '.join(synth.TRANSFER_SYNTAXES)}", param_hint="--ts")
     _run("synth", _argv(profile=profile, count=count, size=size, frames=frames, seed=seed, ts=ts, out=out,
-                        k=associations, cache=cache, list=list_), False)
+                        k=old_k or associations, cache=cache, list=list_), False)
 
 
 @bench_app.command("hardware")
@@ -184,6 +188,7 @@ def run_cmd(
     label: Annotated[str | None, typer.Option(help="Name of the target in the report")] = None,
     keep: Annotated[bool, typer.Option(help="--start-appliance: keep its data folder")] = False,
     no_plots: Annotated[bool, typer.Option(help="No PNG plots")] = False,
+    old_n: OldNOpt = None,
     cache: CacheOpt = None,
     tmp: TmpOpt = None,
     out: OutDir = None,
@@ -199,7 +204,7 @@ def run_cmd(
     with _report_dir(out, as_json) as folder:
         report = folder / f"run-{scenario}.json" if folder else None
         _run("driver", _argv(scenario=scenario, target=target, start_appliance=start_appliance, ae=ae,
-                             associations=associations, count=count, rate=rate, duration=duration, seed=seed,
+                             associations=associations or old_n, count=count, rate=rate, duration=duration, seed=seed,
                              workers=workers, no_fsync=no_fsync, no_ceiling=no_ceiling, ceiling_seconds=ceiling_seconds,
                              timeout=timeout, calling_ae=calling_ae, profile=profile,
                              transfer_syntax=transfer_syntax, keep_uids=keep_uids, server_pid=server_pid,
@@ -239,6 +244,7 @@ def compare_cmd(
     count: Annotated[int | None, typer.Option(min=1, help="Side by side: instances")] = None,
     no_hardware: Annotated[bool, typer.Option(help="Side by side: skip the fsync'd-file probe")] = False,
     hardware_seconds: Annotated[float | None, typer.Option(min=0.1, help="Side by side: probe budget")] = None,
+    old_k: OldKOpt = None,
     cache: CacheOpt = None,
     tmp: TmpOpt = None,
     out: OutDir = None,
@@ -253,7 +259,7 @@ def compare_cmd(
     _names("--clients", tuple(sidebyside.CLIENTS), clients)
     with _report_dir(out, as_json) as folder:
         report = folder / "compare.json" if folder else None
-        _run("compare", _argv(scenarios=scenarios, associations=associations, repeats=repeats, receivers=receivers,
+        _run("compare", _argv(scenarios=scenarios, associations=associations or old_k, repeats=repeats, receivers=receivers,
                               workers=workers, appliance_nofsync=appliance_nofsync, quick=quick, ct_count=ct_count,
                               mr_count=mr_count, seed=seed, timeout=timeout, keep=keep, scenario=scenario,
                               clients=clients, count=count, no_hardware=no_hardware,
@@ -323,6 +329,7 @@ def retrieve_cmd(
     workers: Annotated[int, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = 0,
     associations: Annotated[int, typer.Option("--associations", "-a", min=1,
                                               help="The appliance's retrieve.move_associations")] = 2,
+    old_move: Annotated[int | None, typer.Option("--move-associations", hidden=True, min=1)] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Longest one run may take (seconds)")] = 900.0,
     cache: CacheOpt = None,
     tmp: TmpOpt = None,
@@ -333,7 +340,7 @@ def retrieve_cmd(
     with _report_dir(out, as_json) as folder:
         report = folder / "retrieve.json" if folder else None
         _run("retrieve", _argv(profile=profile, count=count, size=size, repeats=repeats, targets=targets,
-                               operations=operations, workers=workers, move_associations=associations,
+                               operations=operations, workers=workers, move_associations=old_move or associations,
                                timeout=timeout, cache=cache, tmp=tmp, out=report), as_json)
         if as_json and report:
             _print_json(report)

@@ -100,3 +100,14 @@ def test_hardware_json_on_stdout_and_report_in_out(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)  # the table went to stderr: stdout is the JSON alone
     assert doc["seconds"] == 1 and doc["results"]["pagecache_write_mb_per_s"] > 0
     assert json.loads((out / "hardware.json").read_text()) == doc
+
+
+@pytest.mark.parametrize(("argv", "hidden"), [
+    (["synth", "--k", "x"], "--k"), (["compare", "--k", "1,x"], "--k"), (["run", "--scenario", "ct-burst",
+                                                                         "--start-appliance", "-n", "0"], "-n"),
+])
+def test_old_spellings_are_checked_and_hidden(argv: list[str], hidden: str) -> None:
+    result = runner.invoke(app, ["bench", *argv])
+    assert result.exit_code == 2 and "Invalid value" in result.output
+    help_text = runner.invoke(app, ["bench", argv[0], "--help"], env={"COLUMNS": "200"}).output
+    assert f" {hidden} " not in help_text and f" {hidden}," not in help_text
