@@ -1,6 +1,7 @@
 """``appliance bench ...``: the benchmark harness (bench/) as typer commands with the console's conventions
 (issue 13): ``--json`` a flag (the report as JSON on stdout, progress and tables on stderr), ``--out DIR`` a folder
-(the report files go inside), one name per option (``--associations/-a``), typer's usage errors (exit 2, as every command; JSON with ``--json``).
+(the report files go inside), one name per option (``--associations/-a``), typer's usage errors (exit 2, as
+every command; JSON with ``--json``).
 
 Each command builds an argv from its typed options and calls the tool's ``main`` (bench/*.py): ``python -m bench.X``
 keeps its own argparse options for the docs and CI that call it, and the measuring code is not touched.
