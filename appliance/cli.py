@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from appliance import cli_audit, cli_delete, cli_recall, cli_scu, cli_tape, errors
+from appliance import cli_audit, cli_bench, cli_delete, cli_recall, cli_scu, cli_tape, errors
 from appliance.cli_common import RootGroup, check_uid, date_range, emit, human_bytes, human_key, humanize, load_cli_config
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
@@ -35,10 +35,9 @@ app = typer.Typer(cls=RootGroup, add_completion=False, no_args_is_help=True, hel
                   pretty_exceptions_show_locals=False)
 index_app = typer.Typer(no_args_is_help=True, help="Index maintenance.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volume maintenance.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmark harness (bench/): synth, run, compare, datasheet, ...")
 app.add_typer(index_app, name="index")
 app.add_typer(volume_app, name="volume")
-app.add_typer(bench_app, name="bench")
+app.add_typer(cli_bench.bench_app, name="bench")  # appliance/cli_bench.py
 app.add_typer(tier_app, name="tier")
 app.add_typer(cli_tape.tape_app, name="tape")
 
@@ -593,36 +592,6 @@ def _rebuild(cfg: Config, into: Path | None, rehash: bool, from_tiers: list[str]
     finally:
         if sources is not None:
             close_sources(sources.backends)
-
-
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-def _bench(module: str, args: list[str]) -> None:
-    """The harness's tools keep their own argparse options; `appliance bench X ...` hands them over as is."""
-    import importlib
-
-    raise typer.Exit(importlib.import_module(f"bench.{module}").main(args))
-
-
-def _bench_command(name: str, module: str, summary: str) -> None:
-    def command(ctx: typer.Context) -> None:
-        _bench(module, ctx.args)
-
-    command.__doc__ = summary
-    bench_app.command(name, context_settings=_PASS_THROUGH)(command)
-
-
-for _name, _module, _summary in (
-    ("synth", "synth", "Generate deterministic synthetic studies (see --help)."),
-    ("run", "driver", "Drive a scenario against a receiver with our asyncio SCU (see --help)."),
-    ("compare", "compare", "The appliance, DCMTK storescp and Orthanc side by side (see --help)."),
-    ("hardware", "hardware", "Probe the machine: fsync'd file rate, sequential write, loopback (see --help)."),
-    ("datasheet", "datasheet", "All of it in one run: hardware, side by side, sustained latency, targets (see --help)."),
-    ("find", "find", "C-FIND latency on a synthetic index of N instances (see --help)."),
-    ("retrieve", "retrieve", "C-MOVE and C-GET of one series, the appliance next to Orthanc (see --help)."),
-):
-    _bench_command(_name, _module, _summary)
 
 
 cli_scu.register(app)  # echo, find, move, get: SCU commands towards other AEs

@@ -94,11 +94,23 @@ __all__ = [
     "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION", "MANIFEST", "MG_PRESENTATION_STORAGE", "MG_VIEWS",
     "MR_IMAGE_STORAGE", "MR_LEVELS", "MR_PROTOCOLS", "NOISE_SLACK", "PRIVATE_CREATOR", "PRIVATE_GROUP", "PROFILES",
     "TRANSFER_SYNTAXES", "US_MULTIFRAME_STORAGE", "Burst", "BurstSpec", "Profile", "SynthInstance",
-    "available_transfer_syntaxes", "clear_caches", "ct_spec", "get_profile", "iter_instances", "load_or_generate",
+    "available_transfer_syntaxes", "clear_caches", "ct_spec", "default_cache", "get_profile", "iter_instances",
+    "load_or_generate",
     "main", "mr_spec", "profile_spec", "split", "ts_uid", "write_folder",
 ]
 
-DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+
+def default_cache() -> Path:
+    """$BENCH_CACHE, else the user's cache folder ($XDG_CACHE_HOME/appliance/bench, default ~/.cache/appliance/bench):
+    the bursts weigh hundreds of MB and are rebuilt at will, so they never belong inside the installed package."""
+    if os.environ.get("BENCH_CACHE"):
+        return Path(os.environ["BENCH_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "appliance" / "bench"
+
+
+DEFAULT_CACHE = default_cache()
 MANIFEST = "manifest.json"
 
 

@@ -5,6 +5,7 @@ verdicts are checked against the step reports they come from."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,9 @@ def test_datasheet_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_datasheet_is_an_appliance_command() -> None:
+    # typer's help is a table 80 columns wide off a terminal: wide enough for every option's name in full
     result = subprocess.run([sys.executable, "-m", "appliance", "bench", "datasheet", "--help"], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0 and "--sustained-seconds" in result.stdout
 
 
