@@ -13,15 +13,23 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from appliance import cli_audit, cli_bench, cli_delete, cli_recall, cli_scu, cli_tape, errors
-from appliance.cli_common import RootGroup, check_uid, date_range, emit, human_bytes, human_key, humanize, load_cli_config
+from appliance.cli_common import (
+    RootGroup,
+    check_uid,
+    date_range,
+    emit,
+    human_bytes,
+    human_key,
+    humanize,
+    load_cli_config,
+    open_index,
+)
 from appliance.cli_tier import tier_app
 from appliance.config import DEFAULT_CONFIG_TOML, Config, load_config
 
@@ -73,21 +81,6 @@ def _root(
 
 
 _emit = emit
-
-
-@contextmanager
-def _open_index(cfg: Config) -> Iterator[StudyIndex]:
-    """The existing index (NotFound if the appliance never ran), closed on the way out. Opened read-write:
-    LMDB lets a second process read while the server writes, and a read-only open cannot create the lock file."""
-    from appliance.index.db import StudyIndex
-
-    if not (cfg.storage.index_path / "data.mdb").exists():
-        raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
-    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size)
-    try:
-        yield index
-    finally:
-        index.close()
 
 
 @app.command()
@@ -204,7 +197,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             vols.append(entry)
         counts: dict[str, int] = {}
         if (cfg.storage.index_path / "data.mdb").exists():
-            with _open_index(cfg) as index:
+            with open_index(cfg) as index:
                 counts = index.counts()
         data = {"ae_title": cfg.server.ae_title, "port": cfg.server.port, "volumes": vols, "counts": counts,
                 "index_path": str(cfg.storage.index_path), "peers": cli_scu.peer_rows(cfg),
@@ -258,7 +251,7 @@ def ls(
     dates = date_range(date) if date is not None else None
     try:
         cfg = _config(config)
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             rows = _select(index, level, patient_id, accession, dates, study, series, modality)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
@@ -346,7 +339,7 @@ def show(uid: Annotated[str, typer.Argument(help="Study, Series or SOP Instance 
     """Everything the index holds for a Study, Series or SOP Instance UID."""
     try:
         cfg = _config(config)
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             found = index.lookup(uid)
         if found is None:
             raise errors.NotFound(f"{uid}: not in the index")
@@ -378,7 +371,7 @@ def export(
         raise typer.BadParameter(f"{dest} exists and is not a folder", param_hint="DEST")
     try:
         cfg = _config(config)
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             instances = index.instances_under(uid)
             if not instances:
                 raise errors.NotFound(f"{uid}: not in the index")
@@ -454,7 +447,7 @@ def verify(
 
     try:
         cfg = _config(config)
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             store = BlobStore.open(cfg, tiers=open_tiers(cfg) if cfg.tiers else None)
             try:
                 report = scrub(cfg, index, store, set(tier) if tier else None)
@@ -500,7 +493,7 @@ def compact(
 
     try:
         cfg = _config(config)
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             report = run_compact(cfg, index, dry_run=dry_run)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None

@@ -7,15 +7,36 @@ import errno
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from typer.core import TyperGroup
 
 from appliance import errors
 from appliance.config import Config, load_config
+
+if TYPE_CHECKING:
+    from appliance.index.db import StudyIndex
+
+
+@contextmanager
+def open_index(cfg: Config) -> Iterator[StudyIndex]:
+    """The existing index (NotFound if the appliance never ran), closed on the way out. Opened read-write: LMDB
+    lets a second process read while the server writes, and a read-only open cannot create the lock file. Synced
+    as the config says (the commands that write: delete, hold, tier run)."""
+    from appliance.index.db import StudyIndex
+
+    if not (cfg.storage.index_path / "data.mdb").exists():
+        raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
+    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
+    try:
+        yield index
+    finally:
+        index.close()
 
 
 def load_cli_config(path: Path | None) -> Config:

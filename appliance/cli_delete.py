@@ -11,8 +11,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,7 +18,7 @@ import typer
 
 from appliance import errors
 from appliance.audit import SUCCESS, write_once
-from appliance.cli_common import emit, human_bytes, load_cli_config
+from appliance.cli_common import emit, human_bytes, load_cli_config, open_index
 from appliance.config import Config
 
 if TYPE_CHECKING:
@@ -47,19 +45,6 @@ def interactive() -> bool:
 def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
     """The error as is: the root group (cli_common.RootGroup) prints it as one line, or as JSON with --json."""
     return exc
-
-
-@contextmanager
-def _index(cfg: Config) -> Iterator[StudyIndex]:
-    from appliance.index.db import StudyIndex
-
-    if not (cfg.storage.index_path / "data.mdb").exists():
-        raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
-    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size)
-    try:
-        yield index
-    finally:
-        index.close()
 
 
 def describe(d: Deletion, verb: str) -> str:
@@ -100,7 +85,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_cli_config(config)
             user = who()
-            with _index(cfg) as index:
+            with open_index(cfg) as index:
                 plan = index.preview_delete(uid)
                 if plan is None:
                     raise errors.NotFound(f"no study, series or instance {uid} in the index")
@@ -140,7 +125,7 @@ def register(app: typer.Typer) -> None:
             if list_:
                 if study_uid is not None or release:
                     raise errors.ApplianceError("--list takes no STUDY_UID and no --release")
-                with _index(cfg) as index:
+                with open_index(cfg) as index:
                     holds = index.holds()
                 rows = [{"study_uid": uid, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.since_ns / 1e9)),
                          "by": h.by, "reason": h.reason} for uid, h in holds]
@@ -155,7 +140,7 @@ def register(app: typer.Typer) -> None:
 
             # An in-place `index rebuild` holds the compaction lock while it builds the index that replaces this
             # one: wait for it, so the hold lands in the index in force (not in the one renamed to .old).
-            with compaction_lock(cfg.storage.index_path, wait=True), _index(cfg) as index:
+            with compaction_lock(cfg.storage.index_path, wait=True), open_index(cfg) as index:
                 level = index.lookup(study_uid)
                 if level is not None and level[0] != "studies":
                     raise errors.ApplianceError(f"{study_uid} is a {level[0][:-1]} UID: a hold names a study")

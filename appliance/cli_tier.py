@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from appliance import errors
-from appliance.cli_common import emit, human_bytes, human_ns, load_cli_config
+from appliance.cli_common import emit, human_bytes, human_ns, load_cli_config, open_index
 from appliance.config import Config
 
 if TYPE_CHECKING:
@@ -94,19 +94,6 @@ def now_ns() -> int:
 def _fail(exc: errors.ApplianceError) -> errors.ApplianceError:
     """Raised as is: cli_common.RootGroup prints it (one line, or JSON with --json) and exits with its code."""
     return exc
-
-
-@contextmanager
-def _open_index(cfg: Config) -> Iterator[StudyIndex]:
-    from appliance.index.db import StudyIndex
-
-    if not (cfg.storage.index_path / "data.mdb").exists():
-        raise errors.NotFound(f"no index at {cfg.storage.index_path} (has the appliance run yet?)")
-    index = StudyIndex(cfg.storage.index_path, cfg.storage.index_map_size, sync=cfg.storage.fsync)
-    try:
-        yield index
-    finally:
-        index.close()
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -229,7 +216,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Bytes, studies, instances and fill per tier and per volume or cartridge; moves and recalls pending."""
     try:
         cfg = load_cli_config(config)
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             data = status_data(cfg, index)
     except errors.ApplianceError as exc:
         raise _fail(exc) from None
@@ -296,7 +283,7 @@ def plan(config: ConfigOpt = None, as_json: JsonOpt = False, policy: PolicyOpt =
     try:
         cfg = load_cli_config(config)
         when = now_ns()
-        with _open_index(cfg) as index:
+        with open_index(cfg) as index:
             tiers = Tiers.open(cfg)
             try:
                 moves = make_plan(cfg, index, fills(tiers.usage()), when, policy)
@@ -328,7 +315,7 @@ def run(
         rate_bytes = int(rate * 1_000_000) if rate is not None else None
         when = now_ns()
         show_bar = not as_json and not dry_run and sys.stdout.isatty()
-        with _open_index(cfg) as index, _progress(show_bar) as hooks:
+        with open_index(cfg) as index, _progress(show_bar) as hooks:
             report = run_policies(cfg, index, when, dry_run=dry_run, studies_max=studies_max, bytes_max=bytes_max,
                                   rate_bytes_per_s=rate_bytes, policy_name=policy, hooks=hooks)
     except errors.ApplianceError as exc:
