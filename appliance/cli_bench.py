@@ -5,7 +5,8 @@ every command; JSON with ``--json``).
 
 Each command builds an argv from its typed options and calls the tool's ``main`` (bench/*.py): ``python -m bench.X``
 keeps its own argparse options for the docs and CI that call it, and the measuring code is not touched.
-``-c/--config`` is not offered yet: the harness starts its appliances from configs of its own.
+``-c/--config FILE`` (run, compare, datasheet): the appliance under test runs that configuration, its volumes,
+workers and storage settings, with only what a benchmark must change (bench/bench_config.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="The report as JSON on st
 OutDir = Annotated[Path | None, typer.Option("--out", "-o", file_okay=False, help="Folder the report files go into")]
 CacheOpt = Annotated[Path | None, typer.Option(
     "--cache", file_okay=False, help="Burst cache (default $BENCH_CACHE, else $XDG_CACHE_HOME/appliance/bench)")]
+BenchConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", exists=True, dir_okay=False,
+    help="The appliance under test runs this configuration: its volumes (a fresh folder in each), workers, storage")]
 TmpOpt = Annotated[Path | None, typer.Option(
     "--tmp", file_okay=False, help="Where the receivers' data folders go (default $TMPDIR)")]
 
@@ -168,6 +172,7 @@ def run_cmd(
     scenario: Annotated[str, typer.Option(help="ct-burst, morning-rush, sustained, many-small-associations")],
     target: Annotated[str | None, typer.Option(callback=_target, help="HOST:PORT of the receiver")] = None,
     start_appliance: Annotated[bool, typer.Option(help="Start an appliance of our own to drive")] = False,
+    config: BenchConfigOpt = None,
     ae: Annotated[str, typer.Option(help="Called AE title")] = "APPLIANCE",
     associations: AssocOpt = None,
     count: Annotated[int | None, typer.Option(min=1, help="Instances (default: the scenario's)")] = None,
@@ -202,9 +207,11 @@ def run_cmd(
         raise typer.BadParameter(f"{scenario!r}: one of {', '.join(driver.SCENARIOS)}", param_hint="--scenario")
     if (target is None) == (not start_appliance):
         raise typer.BadParameter("give --target HOST:PORT or --start-appliance", param_hint="--target")
+    if config is not None and not start_appliance:
+        raise typer.BadParameter("configures the appliance --start-appliance starts", param_hint="--config")
     with _report_dir(out, as_json) as folder:
         report = folder / f"run-{scenario}.json" if folder else None
-        _run("driver", _argv(scenario=scenario, target=target, start_appliance=start_appliance, ae=ae,
+        _run("driver", _argv(scenario=scenario, target=target, start_appliance=start_appliance, config=config, ae=ae,
                              associations=associations or old_n, count=count, rate=rate, duration=duration, seed=seed,
                              workers=workers, no_fsync=no_fsync, no_ceiling=no_ceiling, ceiling_seconds=ceiling_seconds,
                              timeout=timeout, calling_ae=calling_ae, profile=profile,
@@ -231,6 +238,7 @@ def compare_cmd(
     repeats: Annotated[int | None, typer.Option(min=1, help="Runs per cell; medians are reported")] = None,
     receivers: Annotated[str | None, typer.Option(help="Comma list of appliance, storescp, orthanc...")] = None,
     workers: Annotated[str | None, typer.Option(callback=_ints, help="Appliance worker counts, comma list")] = None,
+    config: BenchConfigOpt = None,
     appliance_nofsync: Annotated[bool, typer.Option(help="Also run the appliance with storage.fsync = false")
                                  ] = False,
     quick: Annotated[bool, typer.Option(help="Small bursts and 1 repeat: a smoke run")] = False,
@@ -261,8 +269,8 @@ def compare_cmd(
     with _report_dir(out, as_json) as folder:
         report = folder / "compare.json" if folder else None
         _run("compare", _argv(scenarios=scenarios, associations=associations or old_k, repeats=repeats, receivers=receivers,
-                              workers=workers, appliance_nofsync=appliance_nofsync, quick=quick, ct_count=ct_count,
-                              mr_count=mr_count, seed=seed, timeout=timeout, keep=keep, scenario=scenario,
+                              workers=workers, config=config, appliance_nofsync=appliance_nofsync, quick=quick,
+                              ct_count=ct_count, mr_count=mr_count, seed=seed, timeout=timeout, keep=keep, scenario=scenario,
                               clients=clients, count=count, no_hardware=no_hardware,
                               hardware_seconds=hardware_seconds, cache=cache, tmp=tmp, out=report), as_json)
         if as_json and report:
@@ -271,28 +279,63 @@ def compare_cmd(
 
 @bench_app.command("datasheet")
 def datasheet_cmd(
-    out: OutDir = None,
-    tmp: TmpOpt = None,
-    cache: CacheOpt = None,
-    quick: Annotated[bool, typer.Option(help="Small bursts, 1 repeat, short sustained run")] = False,
-    repeats: Annotated[int | None, typer.Option(min=1, help="Side-by-side repeats (default 3; 1 with --quick)")] = None,
+    config: BenchConfigOpt = None,
+    target: Annotated[str | None, typer.Option(callback=_target, help=(
+        "HOST:PORT of an appliance already running (another machine: the sender runs here)"))] = None,
+    called_ae: Annotated[str, typer.Option(help="--target's AE title")] = "APPLIANCE",
+    storescp: Annotated[str | None, typer.Option(callback=_target, help=(
+        "With --target: HOST:PORT of a storescp --fork started on that machine"))] = None,
+    orthanc: Annotated[str | None, typer.Option(callback=_target, help=(
+        "With --target: HOST:PORT of an Orthanc started on that machine"))] = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Runs of everything (default and minimum 3)")] = None,
+    quick: Annotated[bool, typer.Option(help="Smoke run: small bursts, 1 repeat, marked not for quoting")] = False,
     associations: AssocOpt = None,
-    count: Annotated[int | None, typer.Option(min=1, help="Instances per CT/MR room and burst")] = None,
+    scenarios: Annotated[str | None, typer.Option(help="Comma list of ct-burst, mr-burst, morning-rush")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Instances per burst (default: the scenario's)")] = None,
     load: Annotated[float | None, typer.Option(min=0.01, max=1.0, help="Sustained rate, share of the MR maximum")
                     ] = None,
-    sustained_seconds: Annotated[float | None, typer.Option(min=1, help="Sustained run (default 60; 10 quick)")
+    sustained_seconds: Annotated[float | None, typer.Option(min=1, help="Sustained run (default 30; 10 quick)")
                                  ] = None,
-    hardware_seconds: Annotated[float | None, typer.Option(min=0.1, help="Hardware probe (default 10; 3 quick)")
+    hardware_seconds: Annotated[float | None, typer.Option(min=0.1, help="Disk probe per disk (default 10)")
                                 ] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Appliance workers (0: one per CPU; default: -c's)")
+                       ] = None,
+    sender_cpus: Annotated[str | None, typer.Option(help="Pin the sender to these CPUs (0 or 0-1,3), receivers to "
+                                                         "the others")] = None,
+    title: Annotated[str | None, typer.Option(help="The datasheet's heading, e.g. the box's model")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the receivers' data folders")] = False,
+    cache: CacheOpt = None,
+    tmp: TmpOpt = None,
+    out: OutDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """All of it in one run: hardware, side by side, sustained latency, targets (datasheet.json/.md in --out)."""
+    """Hardware, side by side with storescp and Orthanc, latency, association rate: datasheet.html/.md/.json."""
+    if target is None and (storescp or orthanc):
+        raise typer.BadParameter("names a receiver beside --target", param_hint="--storescp/--orthanc")
+    if target is not None and config is not None:
+        raise typer.BadParameter("configures an appliance this command starts; --target measures one already running",
+                                 param_hint="--config")
+    if repeats is not None and repeats < 3 and not quick:
+        raise typer.BadParameter("at least 3 (a median and its spread); --quick for a smoke run",
+                                 param_hint="--repeats")
+    if scenarios is not None:
+        _names("--scenarios", ("ct-burst", "mr-burst", "morning-rush"), scenarios)
+        if "mr-burst" not in scenarios.split(","):
+            raise typer.BadParameter("must include mr-burst (the sustained rate is based on it)",
+                                     param_hint="--scenarios")
+    if sender_cpus is not None:
+        from bench.datasheet import parse_cpus
+
+        try:
+            parse_cpus(sender_cpus)
+        except Exception as exc:
+            raise typer.BadParameter(str(exc), param_hint="--sender-cpus") from None
     with _report_dir(out, as_json) as folder:
-        _run("datasheet", _argv(out=folder, tmp=tmp, cache=cache, quick=quick, repeats=repeats,
-                                associations=associations, count=count, load=load,
+        _run("datasheet", _argv(out=folder, config=config, target=target, called_ae=called_ae, storescp=storescp,
+                                orthanc=orthanc, tmp=tmp, cache=cache, quick=quick, repeats=repeats,
+                                associations=associations, scenarios=scenarios, count=count, load=load,
                                 sustained_seconds=sustained_seconds, hardware_seconds=hardware_seconds,
-                                workers=workers), as_json)
+                                workers=workers, sender_cpus=sender_cpus, title=title, keep=keep), as_json)
         if as_json and folder:
             _print_json(folder / "datasheet.json")
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, sidebyside, synth
+from bench.bench_config import BenchConfigError, SiteConfig
 from bench.receivers import (  # noqa: F401  (re-exported: bench.compare.ApplianceReceiver etc. stay valid)
     DCMTK_ENV,
     RECEIVERS,
@@ -190,6 +191,7 @@ def one_run(factory: Callable[[Path], Receiver], burst: synth.Burst, scenario: s
         if keep:
             print(f"  kept {workdir}", file=sys.stderr)
         else:
+            receiver.cleanup()
             shutil.rmtree(workdir, ignore_errors=True)
         os.sync()  # the next run must not pay for this one's writeback
     return sample
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct-count", type=int, help="CT slices (default 600; 100 with --quick)")
     parser.add_argument("--mr-count", type=int, help="MR images (default 2000; 300 with --quick)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--config", "-c", type=Path,
+                        help="the appliance under test runs this configuration (its volumes, workers and settings; "
+                        "bench/bench_config.py)")
     parser.add_argument("--cache", type=Path, default=synth.DEFAULT_CACHE, help="where generated bursts are kept")
     parser.add_argument("--tmp", type=Path, default=None, help="where receivers' data folders go (default $TMPDIR)")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest one run may take (seconds)")
@@ -319,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: DCMTK {tool} is not installed (make dcmtk, or apt-get install dcmtk)", file=sys.stderr)
             return 2
 
+    site = None
+    if args.config is not None:
+        try:
+            site = SiteConfig(args.config)
+        except BenchConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.workers is None:
+            args.workers = [None]  # the configuration's
     receivers = list(args.receivers)
     skipped = {}
     for name, cls in (("storescp", StorescpReceiver), ("orthanc", OrthancReceiver)):
@@ -327,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SKIPPING {name}: {why}", file=sys.stderr)
             skipped[name] = why
             receivers.remove(name)
-    factories = make_receivers(receivers, args.workers, args.appliance_nofsync)
+    factories = make_receivers(receivers, args.workers, args.appliance_nofsync, site)
     receivers_info: dict[str, dict[str, str]] = {}
     probe = Path(tempfile.gettempdir())
     for factory in factories:

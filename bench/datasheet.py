@@ -1,227 +1,387 @@
-"""``appliance bench datasheet``: every measurement a sizing datasheet needs, in one command, one folder and one
-summary, so that a vendor or a site runs the same thing we do and gets numbers that can be quoted.
+"""``appliance bench datasheet``: the figures a vendor can quote for a box, or a site for its own configuration,
+in one command, one folder and one self-contained HTML report.
 
-Steps (each writes its own report into ``--out``; the summary quotes them):
-  1. ``hardware.json``: bench/hardware.py's probe of the filesystem of ``--tmp`` (fsync'd files, sequential
-     writes, loopback);
-  2. ``compare.json``: ``bench.compare --scenario ct-burst,morning-rush --clients driver,storescu`` (the appliance,
-     DCMTK storescp --fork and Orthanc side by side, ``--repeats`` times, with the disk's durable ceiling);
-  3. ``mr-max.json``: the appliance's MR burst maximum with our driver (ct-burst with the MR profile, the highest
-     N of ``--associations``);
-  4. ``sustained.json``: MR offered open loop at ``--load`` (default 50%) of that maximum for
-     ``--sustained-seconds``: the steady-state latency;
-  5. ``many-small.json``: one instance per association, 8 at a time;
-  6. ``datasheet.md`` and ``datasheet.json``: the key numbers, and the issue's targets, each with its measured
-     value and whether it is met on this machine.
+Steps (their own reports go into ``<out>/steps/``; the datasheet quotes them):
+  1. the machine: CPU, memory, and bench/hardware.py's probe of the disk of each volume (fsync'd files,
+     sequential writes) and of loopback TCP; skipped for a remote ``--target`` (run ``appliance bench hardware``
+     on that box);
+  2. side by side: the appliance, DCMTK ``storescp --fork`` and Orthanc receive the same bursts (CT, MR, a
+     morning rush of CT + MR + DX) from two senders, DCMTK ``storescu`` and our asyncio driver, ``--repeats``
+     times, receivers interleaved and rotated (bench/sidebyside.py);
+  3. sustained MR at ``--load`` of the appliance's MR maximum (step 2), ``--repeats`` times: latency at a steady
+     rate;
+  4. one instance per association, 8 at a time, ``--repeats`` times: the association rate;
+  5. ``datasheet.json``, ``datasheet.md`` and ``datasheet.html`` (bench/datasheet_report.py): every figure the
+     median of the repeats with its minimum and maximum.
 
-    appliance bench datasheet                          # about 10 minutes on a 2-core machine
-    appliance bench datasheet --quick                  # small bursts, 1 repeat: a few minutes
-    appliance bench datasheet --tmp /srv/vol0 --out /root/datasheet   # measure the volume under test
+    appliance bench datasheet                                   # ~15 minutes on a 2-core machine
+    appliance bench datasheet -c /etc/appliance/appliance.toml  # the site's volumes, workers and settings
+    appliance bench datasheet --target 10.0.0.5:11112 --storescp 10.0.0.5:11113 --orthanc 10.0.0.5:4242
+    appliance bench datasheet --quick                           # a smoke run: 1 repeat, not for quoting
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import compare, driver, hardware, report, synth
+from bench import driver, hardware, receivers, report, sidebyside, synth
+from bench.bench_config import BENCH_FOLDER, BenchConfigError, SiteConfig
+from bench.sidebyside_report import per_repeat_ratios
 
-TARGET_STORESCP_RATIO = 1.0  # at least storescp --fork's instances/s, with durable acknowledgements
-TARGET_ORTHANC_RATIO = 2.5
-TARGET_SUSTAINED_P99_MS = 20.0
-TARGET_DRIVER_HEADROOM = 2.0  # the driver's ceiling at least twice the appliance's best rate
-
-
-def _load(path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(path.read_text())
-    return result
+SCHEMA_VERSION = 2
+KIND = "appliance-bench-datasheet"
+REPEATS_MIN = 3  # a median and a spread need at least three runs; --quick is the only way below it
+SCENARIOS = ("ct-burst", "mr-burst", "morning-rush")
 
 
-def _target_row(doc: dict[str, Any], n: int | None = None) -> dict[str, Any]:
-    rows = [r for r in doc["summary"]["rows"] if r["role"] == "target" and (n is None or r["associations"] == n)]
-    if not rows:
-        raise ValueError("the driver report has no target run")
-    return max(rows, key=lambda r: r["instances_per_s"] or 0.0)
+def stat(values: list[float | None], digits: int = 2) -> dict[str, Any]:
+    """Median, minimum and maximum of the runs that have a value, and the values in run order."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {"median": round(statistics.median(present), digits), "min": round(min(present), digits),
+            "max": round(max(present), digits), "n": len(present), "values": [round(v, digits) for v in present]}
 
 
-def summarize(out: Path, load: float) -> dict[str, Any]:
-    """datasheet.json from the step reports in ``out``."""
-    hw = _load(out / "hardware.json")
-    cmp_doc = _load(out / "compare.json")
-    mr_max, sustained, small = (_load(out / f"{name}.json") for name in ("mr-max", "sustained", "many-small"))
-    c = cmp_doc["compare"]
-    ratios = [r for r in c["ratios"] if r["scenario"] in ("ct-burst", "morning-rush")]
-    mr = _target_row(mr_max)
-    sus = _target_row(sustained)
-    sm = _target_row(small)
-    # The driver's headroom, scenario by scenario: its ceiling (the same scenario against a receiver that
-    # discards) over the appliance's rate in that scenario.
-    headroom = {name: round(row["driver_ceiling_instances_per_s"] / row["instances_per_s"], 2)
-                for name, row in (("mr-burst", mr), ("many-small-associations", sm))
-                if row.get("driver_ceiling_instances_per_s") and row["instances_per_s"]}
+def throughput_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (scenario, client, receiver, N) of the side by side: instances/s, MB/s (10^6 bytes) and the
+    receiver's CPU ms per instance, each a stat over the OK repeats."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault((s["scenario"], s["client"], s["receiver"], s["associations"]), []).append(s)
+    rows = []
+    for (scenario, client, receiver, n), group in sorted(groups.items()):
+        good = [s for s in group if s["ok"]]
+        cpu = [1000.0 * s["receiver_cpu_s"] / s["instances"] if s.get("receiver_cpu_s") is not None
+               and s["instances"] else None for s in good]
+        rows.append({
+            "scenario": scenario, "client": client, "receiver": receiver, "associations": n,
+            "instances": group[0]["instances"], "runs": len(group), "ok_runs": len(good),
+            "bytes_kind": group[0]["bytes_kind"],
+            "mean_kb": round(group[0]["bytes"] / group[0]["instances"] / 1e3, 1) if group[0]["bytes"] else None,
+            "instances_per_s": stat([s["instances_per_s"] for s in good], 1),
+            "mb_per_s": stat([s["mb_per_s"] for s in good], 1),
+            "cpu_ms_per_instance": stat(cpu, 2),
+        })
+    return rows
 
-    def worst(key: str) -> tuple[float | None, bool]:
-        """(the worst ratio over the cells that have one, whether every cell has one): a cell without an OK run
-        on either side is a cell where the target is not shown to be met."""
-        values = [r.get(key) for r in ratios]
-        known = [v for v in values if v is not None]
-        return (min(known) if known else None), bool(values) and len(known) == len(values)
 
-    (vs_scp, all_scp), (vs_orthanc, all_orthanc) = worst("vs_storescp"), worst("vs_orthanc")
-    p99 = (sus["latency_ms"] or {}).get("p99")
-    offered = load * (mr["instances_per_s"] or 0.0)
-    steady = sus["failures"] == 0 and (sus["instances_per_s"] or 0.0) >= 0.95 * offered  # it kept up
-    targets = [
-        {"target": "appliance >= storescp --fork on ct-burst and morning-rush (every client and N), durable acks",
-         "measured": vs_scp, "unit": "worst ratio",
-         "met": all_scp and vs_scp is not None and vs_scp >= TARGET_STORESCP_RATIO},
-        {"target": f"appliance >= {TARGET_ORTHANC_RATIO}x Orthanc on the same cells",
-         "measured": vs_orthanc, "unit": "worst ratio",
-         "met": all_orthanc and vs_orthanc is not None and vs_orthanc >= TARGET_ORTHANC_RATIO},
-        {"target": f"sustained p99 < {TARGET_SUSTAINED_P99_MS:g} ms at {load:.0%} of the MR maximum, no failures, "
-                   "offered rate achieved",
-         "measured": p99, "unit": "ms", "met": steady and p99 is not None and p99 < TARGET_SUSTAINED_P99_MS},
-        {"target": f"driver ceiling >= {TARGET_DRIVER_HEADROOM:g}x the appliance's rate (MR burst, many small "
-                   "associations)",
-         "measured": min(headroom.values()) if headroom else None, "unit": "x (worst)",
-         "met": bool(headroom) and min(headroom.values()) >= TARGET_DRIVER_HEADROOM},
-    ]
+def ratio_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """appliance / other within each repeat (both runs OK), as a stat per (scenario, client, N, other)."""
+    out = []
+    for (scenario, client, n, appliance, other), values in sorted(per_repeat_ratios(samples).items()):
+        out.append({"scenario": scenario, "client": client, "associations": n, "appliance": appliance,
+                    "other": other, "ratio": stat(list(values), 2)})
+    return out
+
+
+def driver_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The target runs of repeated ``bench run`` reports, as stats (rate, latency, set-up, failures) plus
+    whether the driver's ceiling could offer each run's load."""
+    rows = [r for d in docs for r in d["summary"]["rows"] if r["role"] == "target"]
+    runs = [run for d in docs for run in d["runs"] if run["role"] == "target"]
+    lat = {k: stat([(r["latency_ms"] or {}).get(k) for r in rows], 2) for k in ("p50", "p95", "p99", "max")}
     return {
-        "kind": "appliance-bench-datasheet", "schema_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": report.machine_info(), "versions": report.versions(), "hardware": hw,
-        "durable_ceiling": (c.get("hardware") or {}).get("ceilings"),
-        "compare": {"medians": c["medians"], "ratios": ratios, "skipped": c.get("skipped"), "ok": c.get("ok")},
-        "mr_max": {"associations": mr["associations"], "instances_per_s": mr["instances_per_s"],
-                   "latency_ms": mr["latency_ms"],
-                   "driver_ceiling_instances_per_s": mr.get("driver_ceiling_instances_per_s")},
-        "sustained": {"offered_rate": round(load * (mr["instances_per_s"] or 0.0), 1),
-                      "instances_per_s": sus["instances_per_s"], "failures": sus["failures"],
-                      "latency_ms": sus["latency_ms"]},
-        "many_small_associations": {"associations": sm["associations"], "instances_per_s": sm["instances_per_s"],
-                                    "setup_ms": sm["setup_ms"], "latency_ms": sm["latency_ms"]},
-        "driver_headroom": headroom,
-        "targets": targets,
-        "ok": bool(c.get("ok")) and all(d["summary"]["ok"] for d in (mr_max, sustained, small)),
+        "repeats": len(rows),
+        "associations": rows[0]["associations"] if rows else None,
+        "instances_per_s": stat([r["instances_per_s"] for r in rows], 1),
+        "mb_per_s": stat([r["mb_per_s"] for r in rows], 1),
+        "latency_ms": lat,
+        "setup_ms_p50": stat([(r["setup_ms"] or {}).get("p50") for r in rows], 2),
+        "failures": sum(r["failures"] for r in rows),
+        "instances_ok": sum(r["instances_ok"] for r in rows),
+        "driver_can_offer_rate": all(r.get("driver_can_offer_rate", True) for r in rows),
+        "driver_ceiling_instances_per_s": stat([r.get("driver_ceiling_instances_per_s") for r in rows], 1),
+        "cpu_ms_per_instance": stat([1000.0 * (run.get("server") or {})["cpu_s"] / r["instances_ok"]
+                                     if (run.get("server") or {}).get("cpu_s") is not None and r["instances_ok"]
+                                     else None for run, r in zip(runs, rows, strict=False)], 2),
     }
 
 
-def _f(value: Any, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+def memory_bytes() -> int | None:
+    text = hardware.memory_total()  # "24684084 kB", as /proc/meminfo writes it
+    try:
+        value, unit = text.split()
+        return int(value) * (1024 if unit == "kB" else 1)
+    except ValueError:
+        return None
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    m, hw = doc["machine"], doc["hardware"]["results"]
-    out = [f"# Datasheet: DICOM storage appliance {doc['versions'].get('appliance') or ''}".rstrip(), "",
-           f"Measured {doc['created']} on {m['cpu_count']} CPU ({m['cpu_model']}), {m['memory']}, kernel "
-           f"{m['kernel']}, Python {m['python']}; data on {doc['hardware']['machine'].get('filesystem')}. "
-           f"Every run ok: {'yes' if doc['ok'] else 'NO (see the step reports)'}.", "",
-           "## The machine", "",
-           "| measurement | value |", "|---|---:|"]
-    for key, label, unit in (("fsync_512kib_t8_files_per_s", "fsync'd 512 KiB files, 8 threads", "files/s"),
-                             ("fsync_130kib_t8_files_per_s", "fsync'd 130 KiB files, 8 threads", "files/s"),
-                             ("seq_fdatasync_mb_per_s", "sequential write, fdatasync", "MB/s"),
-                             ("tcp_loopback_mb_per_s", "loopback TCP", "MB/s")):
-        out.append(f"| {label} | {_f(hw.get(key), 0)} {unit} |")
-    out += ["", "## Ingest side by side (instances/s, medians)", "",
-            "| scenario | sender | N | appliance | storescp --fork (no fsync) | Orthanc | ÷ storescp | ÷ Orthanc "
-            "| durable ceiling |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    ceilings = doc.get("durable_ceiling") or {}
-    for r in sorted(doc["compare"]["ratios"], key=lambda r: (r["scenario"], r["client"], r["associations"])):
-        ceiling = (ceilings.get(r["scenario"]) or {}).get("files_per_s")
-        out.append(f"| {r['scenario']} | {r['client']} | {r['associations']} | {_f(r['appliance_instances_per_s'], 0)} "
-                   f"| {_f(r.get('storescp_instances_per_s'), 0)} | {_f(r.get('orthanc_instances_per_s'), 0)} "
-                   f"| {_f(r.get('vs_storescp'), 2)} | {_f(r.get('vs_orthanc'), 2)} | {_f(ceiling, 0)} |")
-    sus, sm, mr = doc["sustained"], doc["many_small_associations"], doc["mr_max"]
-    lat = sus["latency_ms"] or {}
-    out += ["", "## Latency and association rate", "",
-            f"- MR burst maximum (our driver, N={mr['associations']}): {_f(mr['instances_per_s'], 0)} instances/s.",
-            f"- Sustained MR at {_f(sus['offered_rate'], 0)}/s offered: {_f(sus['instances_per_s'], 1)}/s achieved, "
-            f"{sus['failures']} failures, C-STORE latency p50 {_f(lat.get('p50'), 2)} / p95 {_f(lat.get('p95'), 2)} "
-            f"/ p99 {_f(lat.get('p99'), 2)} / max {_f(lat.get('max'), 2)} ms.",
-            f"- One instance per association, N={sm['associations']}: {_f(sm['instances_per_s'], 0)} instances/s, "
-            f"association set-up p50 {_f((sm['setup_ms'] or {}).get('p50'), 2)} ms.",
-            "- The driver's own ceiling (the same scenario against a receiver that discards) over the appliance's "
-            "rate: " + (", ".join(f"{k} {v:.1f}x" for k, v in doc["driver_headroom"].items()) or "-") + ".",
-            "", "## Targets", "", "| target | measured | met |", "|---|---:|---|"]
-    for t in doc["targets"]:
-        measured = "not measured" if t["measured"] is None else f"{_f(t['measured'], 2)} {t['unit']}"
-        out.append(f"| {t['target']} | {measured} | {'yes' if t['met'] else 'no'} |")
-    out += ["", "Step reports beside this file: hardware.json, compare.json/.md/-throughput.png, mr-max.json/.md, "
-            "sustained.json/.md, many-small.json/.md."]
-    return "\n".join(out) + "\n"
+def operating_system() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return ""
+
+
+def probe_disks(folders: list[Path], seconds: float) -> list[dict[str, Any]]:
+    """bench/hardware.py's probe on each distinct device among ``folders`` (several volumes on one array are
+    one disk)."""
+    seen: set[int] = set()
+    out = []
+    for folder in folders:
+        dev = os.stat(folder).st_dev
+        if dev in seen:
+            continue
+        seen.add(dev)
+        results = hardware.probe(folder, seconds)
+        out.append({"path": str(folder), "filesystem": hardware.machine(folder)["filesystem"], "results": results})
+    return out
+
+
+def summarize(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """datasheet.json from the step reports in ``out/steps`` and what main knows (``meta``)."""
+    steps = out / "steps"
+    cmp_doc = json.loads((steps / "compare.json").read_text())
+    c = cmp_doc["compare"]
+    sustained = [json.loads(p.read_text()) for p in sorted(steps.glob("sustained-*.json"))]
+    small = [json.loads(p.read_text()) for p in sorted(steps.glob("many-small-*.json"))]
+    problems = [f"{s['receiver']} {s['client']} {s['scenario']} N={s['associations']} repeat {s['repeat']}: "
+                + "; ".join(s["errors"])[:300] for s in c["samples"] if not s["ok"]]
+    sus, sm = driver_stats(sustained), driver_stats(small)
+    if sus["failures"] or sm["failures"]:
+        problems.append(f"{sus['failures']} sustained and {sm['failures']} many-small C-STOREs failed")
+    return {
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **meta,
+        "versions": report.versions(),
+        "receivers": c["receivers"], "skipped": c.get("skipped") or {},
+        "dcmtk": c.get("dcmtk"), "orthanc": c.get("orthanc"),
+        "throughput": throughput_rows(c["samples"]),
+        "ratios": ratio_rows(c["samples"]),
+        "durable_ceiling": {k: v["files_per_s"] for k, v in ((c.get("hardware") or {}).get("ceilings") or {}).items()},
+        "sustained": {"offered_rate": meta["sustained_rate"], **sus},
+        "many_small_associations": sm,
+        "ok": not problems,
+        "problems": problems,
+    }
+
+
+def _mr_max(samples: list[dict[str, Any]], n: int) -> float | None:
+    rates = [s["instances_per_s"] for s in samples if s["ok"] and s["scenario"] == "mr-burst"
+             and s["client"] == "driver" and s["receiver"].startswith("appliance") and s["associations"] == n]
+    return statistics.median(rates) if rates else None
+
+
+def parse_cpus(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected a CPU list such as 0 or 0-1,3, got {text!r}")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance bench datasheet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="folder for the reports (default ./datasheet-<time>)")
+    p.add_argument("--config", "-c", type=Path, help="the appliance configuration to measure")
+    p.add_argument("--target", type=driver.parse_target, help="HOST:PORT of an appliance already running")
+    p.add_argument("--called-ae", default="APPLIANCE", help="--target's AE title")
+    p.add_argument("--storescp", type=driver.parse_target, help="with --target: HOST:PORT of a storescp --fork")
+    p.add_argument("--orthanc", type=driver.parse_target, help="with --target: HOST:PORT of an Orthanc")
+    p.add_argument("--tmp", type=Path, help="where the receivers' data goes")
+    p.add_argument("--cache", type=Path, default=synth.DEFAULT_CACHE)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--associations", default="4", type=lambda t: [int(v) for v in t.split(",") if v.strip()])
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--count", type=int)
+    p.add_argument("--load", type=float, default=0.5)
+    p.add_argument("--sustained-seconds", type=float)
+    p.add_argument("--hardware-seconds", type=float)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--sender-cpus", type=parse_cpus)
+    p.add_argument("--title")
+    p.add_argument("--keep", action="store_true")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="appliance bench datasheet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="folder for every report (default bench/results/datasheet-<time>)")
-    parser.add_argument("--tmp", type=Path, help="where the receivers' data goes: put it on the volume under test")
-    parser.add_argument("--cache", type=Path, default=synth.DEFAULT_CACHE, help="bench/synth's burst cache")
-    parser.add_argument("--quick", action="store_true", help="small bursts, 1 repeat, short sustained run")
-    parser.add_argument("--repeats", type=int, help="side-by-side repeats (default 3; 1 with --quick)")
-    parser.add_argument("--associations", default="4,8", help="N for the side by side (default 4,8)")
-    parser.add_argument("--count", type=int, help="instances per CT/MR room and burst (default: the scenarios')")
-    parser.add_argument("--load", type=float, default=0.5, help="sustained rate as a fraction of the MR maximum")
-    parser.add_argument("--sustained-seconds", type=float, help="sustained run length (default 60; 10 with --quick)")
-    parser.add_argument("--hardware-seconds", type=float, help="hardware probe budget (default 10; 3 with --quick)")
-    parser.add_argument("--workers", type=int, default=0, help="appliance workers (default 0 = one per CPU)")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    out = args.out or Path("bench/results") / time.strftime("datasheet-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    repeats = args.repeats or (1 if args.quick else 3)
-    count = args.count or (100 if args.quick else None)
-    sustained_s = args.sustained_seconds or (10.0 if args.quick else 60.0)
-    hw_s = args.hardware_seconds or (3.0 if args.quick else 10.0)
-    top_n = max(int(n) for n in args.associations.split(",") if n)
-    tmp = args.tmp or Path(tempfile.gettempdir())
-    common = ["--cache", str(args.cache), "--tmp", str(tmp)]
-    run_common = [*common, "--start-appliance", "--workers", str(args.workers), "--quiet"]
-    steps = ("hardware", "compare", "mr-max", "sustained", "many-small")
-    for name in (*steps, "datasheet"):  # a reused --out must not lend an old step's numbers to this summary
-        for old in out.glob(f"{name}*"):
-            old.unlink()
+    repeats = args.repeats or (1 if args.quick else REPEATS_MIN)
+    if repeats < REPEATS_MIN and not args.quick:
+        parser.error(f"--repeats must be at least {REPEATS_MIN} (a median and its spread); --quick for a smoke run")
+    if args.target is None and (args.storescp or args.orthanc):
+        parser.error("--storescp and --orthanc name receivers beside a --target")
+    if args.target is not None and args.config is not None:
+        parser.error("-c configures an appliance this command starts; --target measures one already running")
+    if not 0 < args.load <= 1:
+        parser.error("--load must be in (0, 1]")
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not scenarios or any(s not in SCENARIOS for s in scenarios) or "mr-burst" not in scenarios:
+        parser.error(f"--scenarios: a comma list of {', '.join(SCENARIOS)} that includes mr-burst")
+    if not args.associations or min(args.associations) < 1:
+        parser.error("--associations: a comma list of numbers of at least 1")
     if shutil.which("storescu") is None:
-        print("error: DCMTK is not installed (make dcmtk, or apt-get install dcmtk): the side by side needs "
-              "storescu and storescp", file=sys.stderr)
+        print("error: DCMTK is not installed (apt-get install dcmtk): the side by side sends with storescu and "
+              "compares with storescp", file=sys.stderr)
         return 2
+    site = None
+    if args.config is not None:
+        try:
+            site = SiteConfig(args.config)
+        except BenchConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    out = args.out or Path.cwd() / time.strftime("datasheet-%Y%m%d-%H%M%S")
+    steps = out / "steps"
+    steps.mkdir(parents=True, exist_ok=True)
+    for old in [*steps.glob("*"), *out.glob("datasheet.*")]:  # a reused --out lends no old numbers
+        if old.is_file():
+            old.unlink()
+    count = args.count or (100 if args.quick else None)
+    sustained_s = args.sustained_seconds or (10.0 if args.quick else 30.0)
+    hw_s = args.hardware_seconds or (3.0 if args.quick else 10.0)
+    top_n = max(args.associations)
+    if args.sender_cpus:
+        everything = os.sched_getaffinity(0)
+        rest = everything - args.sender_cpus
+        if not args.sender_cpus <= everything or not rest:
+            print(f"error: --sender-cpus {sorted(args.sender_cpus)}: this machine has CPUs {sorted(everything)}, "
+                  "and the receivers need at least one of them", file=sys.stderr)
+            return 2
+        receivers.RECEIVER_CPUS = rest
+        os.sched_setaffinity(0, args.sender_cpus)  # this process, its threads and the storescu it starts
+    created_tmp = None
+    if args.tmp is not None:
+        tmp = args.tmp
+    elif site is not None:  # storescp and Orthanc write on the site's first volume: the same array
+        tmp = created_tmp = site.config.volumes[0].path / BENCH_FOLDER
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.gettempdir())
+    try:
+        return _run(args, argv, out, steps, site, tmp, repeats, count, sustained_s, hw_s, top_n, scenarios)
+    finally:
+        if created_tmp is not None:
+            try:
+                created_tmp.rmdir()
+            except OSError:
+                pass
 
-    print(f"[1/5] hardware probe of {tmp} ({hw_s:g} s)", file=sys.stderr, flush=True)
-    (out / "hardware.json").write_text(json.dumps(
-        {"machine": hardware.machine(tmp), "seconds": hw_s, "results": hardware.probe(tmp, hw_s)}, indent=1))
-    print("[2/5] side by side: ct-burst, morning-rush", file=sys.stderr, flush=True)
-    rc = compare.main(["--scenario", "ct-burst,morning-rush", "--clients", "driver,storescu", "--associations",
-                       args.associations, "--repeats", str(repeats), "--out", str(out / "compare.json"), *common,
-                       "--hardware-seconds", str(min(3.0, hw_s)), "--workers", str(args.workers),
-                       *(["--count", str(count)] if count else [])])
-    print("[3/5] MR burst maximum", file=sys.stderr, flush=True)
-    rc |= driver.main(["--scenario", "ct-burst", "--profile", "mr", "--count", str(count or 2000), "--associations",
-                       str(top_n), "--json", str(out / "mr-max.json"), "--no-plots", *run_common])
-    mr_rate = _target_row(_load(out / "mr-max.json"))["instances_per_s"] or 0.0
-    rate = max(1.0, round(args.load * mr_rate, 1))
-    print(f"[4/5] sustained MR at {rate:g}/s for {sustained_s:g} s", file=sys.stderr, flush=True)
-    rc |= driver.main(["--scenario", "sustained", "--rate", str(rate), "--duration", str(sustained_s),
-                       "--associations", "8", "--json", str(out / "sustained.json"), *run_common])
-    print("[5/5] many small associations", file=sys.stderr, flush=True)
-    rc |= driver.main(["--scenario", "many-small-associations", "--count", str(count * 2 if count else 400),
-                       "--associations", "8", "--json", str(out / "many-small.json"), "--no-plots", *run_common])
-    missing = [name for name in steps if not (out / f"{name}.json").exists()]
-    if missing:
-        print(f"error: no report from step(s) {', '.join(missing)}: see the messages above", file=sys.stderr)
+
+def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site: SiteConfig | None, tmp: Path,
+         repeats: int, count: int | None, sustained_s: float, hw_s: float, top_n: int, scenarios: list[str]) -> int:
+    from bench.datasheet_report import write_reports
+
+    total = 4
+    disks: list[dict[str, Any]] = []
+    loopback = None
+    if args.target is None:
+        folders = [vc.path for vc in site.config.volumes] if site is not None else [tmp]
+        print(f"[1/{total}] the machine: disks of {', '.join(map(str, folders))} ({hw_s:g} s each)", file=sys.stderr,
+              flush=True)
+        disks = probe_disks(folders, hw_s)
+        loopback = disks[0]["results"].get("tcp_loopback_mb_per_s") if disks else None
+        (steps / "hardware.json").write_text(json.dumps(disks, indent=1))
+    else:
+        print(f"[1/{total}] the machine: skipped (the appliance is at {args.target[0]}:{args.target[1]})",
+              file=sys.stderr, flush=True)
+
+    factories, info, skipped = _receivers(args, site)
+    print(f"[2/{total}] side by side: {', '.join(scenarios)}; {', '.join(info)}; {repeats} repeat(s)",
+          file=sys.stderr, flush=True)
+    ns = argparse.Namespace(scenario=scenarios, count=count, seed=1, cache=args.cache, timeout=900.0,
+                            clients=list(sidebyside.CLIENTS), tmp=tmp, repeats=repeats,
+                            associations=list(args.associations), no_hardware=args.target is not None,
+                            hardware_seconds=min(3.0, hw_s), keep=args.keep)
+    rc = sidebyside.run(ns, argv, factories, info, skipped, steps / "compare.json")
+    samples = json.loads((steps / "compare.json").read_text())["compare"]["samples"]
+    mr_max = _mr_max(samples, top_n)
+    if not mr_max:
+        print("error: no successful MR burst of the appliance: nothing to base the sustained rate on (see "
+              f"{steps / 'compare.md'})", file=sys.stderr)
         return 1
-    doc = summarize(out, args.load)
-    (out / "datasheet.json").write_text(json.dumps(doc, indent=1, default=str))
-    text = markdown(doc)
-    (out / "datasheet.md").write_text(text)
-    print(text)
-    print(f"datasheet: {out / 'datasheet.md'}", file=sys.stderr)
+    rate = max(1.0, round(args.load * mr_max, 1))
+    where = (["--target", f"{args.target[0]}:{args.target[1]}", "--ae", args.called_ae] if args.target is not None
+             else ["--start-appliance", *(["--config", str(site.path)] if site is not None else []),
+                   *(["--workers", str(args.workers)] if args.workers is not None else [])])
+    common = ["--cache", str(args.cache), "--tmp", str(tmp), "--quiet", "--no-plots", *where]
+    for i in range(repeats):
+        print(f"[3/{total}] sustained MR at {rate:g}/s for {sustained_s:g} s, repeat {i + 1} of {repeats}",
+              file=sys.stderr, flush=True)
+        rc |= driver.main(["--scenario", "sustained", "--rate", str(rate), "--duration", str(sustained_s),
+                           "--associations", "8", "--json", str(steps / f"sustained-{i + 1}.json"), *common])
+    for i in range(repeats):
+        print(f"[4/{total}] many small associations, repeat {i + 1} of {repeats}", file=sys.stderr, flush=True)
+        rc |= driver.main(["--scenario", "many-small-associations", "--count", str(count * 2 if count else 400),
+                           "--associations", "8", "--json", str(steps / f"many-small-{i + 1}.json"), *common])
+    meta = {
+        "title": args.title, "quick": args.quick, "repeats": repeats, "argv": argv,
+        "units": {"MB": "10^6 bytes", "kB": "10^3 bytes", "MiB": "2^20 bytes", "GiB": "2^30 bytes"},
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(), "memory_bytes": memory_bytes(),
+                    "kernel": os.uname().release, "os": operating_system(), "python": sys.version.split()[0]},
+        "disks": disks, "loopback_mb_per_s": loopback,
+        "sender": {"where": "this machine" if args.target is None else "another machine than the appliance's"
+                   if not driver.is_local(args.target[0]) else "the appliance's machine",
+                   "cpus": sorted(args.sender_cpus) if args.sender_cpus else None,
+                   "receiver_cpus": sorted(receivers.RECEIVER_CPUS) if receivers.RECEIVER_CPUS else None},
+        "appliance": {"target": "started by the benchmark" if args.target is None
+                      else f"{args.target[0]}:{args.target[1]} (AE {args.called_ae})",
+                      "config": site.describe() if site is not None else None,
+                      "workers": (args.workers if args.workers is not None
+                                  else site.workers if site is not None else 0) if args.target is None else None},
+        "scenarios": scenarios, "associations": list(args.associations), "mr_max_instances_per_s": mr_max,
+        "sustained_rate": rate, "load": args.load, "sustained_seconds": sustained_s,
+    }
+    doc = summarize(out, meta)
+    paths = write_reports(doc, out)
+    print(paths["markdown"].read_text())
+    print(f"datasheet: {paths['html']} ({paths['markdown'].name}, {paths['json'].name}; step reports in {steps})",
+          file=sys.stderr)
     return 0 if rc == 0 and doc["ok"] else 1
+
+
+def _receivers(args: argparse.Namespace, site: SiteConfig | None) -> tuple[list[Any], dict[str, dict[str, str]],
+                                                                          dict[str, str]]:
+    """(factories, label -> {ae, durability}, skipped receivers with why) for the side by side."""
+    import functools
+
+    skipped: dict[str, str] = {}
+    factories: list[Any] = []
+    if args.target is not None:
+        remote = [("appliance", args.target, args.called_ae, "as configured on that machine"),
+                  ("storescp", args.storescp, "STORESCP", "as started on that machine (storescp does not fsync)"),
+                  ("orthanc", args.orthanc, "ORTHANC", "as configured on that machine")]
+        for label, where, ae, durability in remote:
+            if where is None:
+                skipped[label] = f"not given (--{label} HOST:PORT)"
+                continue
+            factories.append(functools.partial(receivers.RemoteReceiver, label=label, host=where[0], port=where[1],
+                                               ae=ae, durability=durability))
+    else:
+        workers = args.workers if args.workers is not None else (None if site is not None else 0)
+        factories.append(functools.partial(receivers.ApplianceReceiver, workers=workers, site=site))
+        for name, cls in (("storescp", receivers.StorescpReceiver), ("orthanc", receivers.OrthancReceiver)):
+            why = cls.available()
+            if why:
+                print(f"SKIPPING {name}: {why}", file=sys.stderr)
+                skipped[name] = why
+            else:
+                factories.append(cls)
+    info: dict[str, dict[str, str]] = {}
+    probe = Path(tempfile.gettempdir())
+    for factory in factories:
+        r = factory(probe)
+        info[r.label] = {"ae": r.ae, "durability": r.fsync}
+    return factories, info, skipped
 
 
 if __name__ == "__main__":

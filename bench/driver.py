@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report, synth
+from bench import receivers, report, synth
+from bench.bench_config import BenchConfigError, SiteConfig
 from bench.monitor import STAGES, MetricsWindow, ServerMonitor, metrics_delta, scrape
 from bench.scenarios import (
     EXPLICIT_LE,
@@ -347,9 +348,12 @@ class Spawned:
 
     def __init__(self, cmd: list[str], workdir: Path, port_file: Path, what: str) -> None:
         self.workdir, self.what = workdir, what
+        self.cleanup: Callable[[], None] | None = None  # removes what the receiver wrote outside workdir
+        self.ae = what.upper()
         self.log_path = workdir / f"{what}.log"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=receivers._pin_receiver if receivers.RECEIVER_CPUS else None)
         try:
             self.info = _wait_file(port_file, self.proc, what)
         except Exception:
@@ -369,13 +373,24 @@ class Spawned:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM and wait; then whatever is left of the process group (a worker whose supervisor died, or
+        everything after ``timeout``) is killed: no receiver outlives its run."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.cleanup is not None:
+            self.cleanup()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -384,14 +399,27 @@ class Spawned:
             return ""
 
 
-def start_appliance(workdir: Path, workers: int, fsync: bool) -> Spawned:
+def start_appliance(workdir: Path, workers: int | None, fsync: bool, site: SiteConfig | None = None) -> Spawned:
+    """An appliance on 127.0.0.1 and free ports: the harness's config with its data under ``workdir``, or a site's
+    configuration file (bench/bench_config.py: its volumes, a fresh folder in each). ``workers`` None: the
+    site's (0, one per CPU, without a site)."""
     from bench.receivers import ApplianceReceiver
 
-    receiver = ApplianceReceiver(workdir, workers=workers, fsync=fsync)
-    cmd = receiver.command()  # writes the config: 127.0.0.1, free ports, data under workdir
-    cmd[0] = _python()
-    spawned = Spawned(cmd, workdir, receiver.port_file, "appliance")
-    spawned.wait_echo(receiver.ae)
+    receiver = ApplianceReceiver(workdir, workers=workers, fsync=fsync, site=site)
+    try:
+        cmd = receiver.command()  # writes the config (and, for a site, each volume's run folder)
+        cmd[0] = _python()
+        spawned = Spawned(cmd, workdir, receiver.port_file, "appliance")
+    except BaseException:
+        receiver.cleanup()
+        raise
+    spawned.cleanup = receiver.cleanup
+    spawned.ae = receiver.ae
+    try:
+        spawned.wait_echo(receiver.ae)
+    except BaseException:
+        spawned.stop()
+        raise
     return spawned
 
 
@@ -444,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, help="pid of a local receiver: its process tree's CPU and RSS")
     parser.add_argument("--metrics-url", help="the appliance's /metrics, scraped before and after each run")
     parser.add_argument("--label", help="name of the target system in the report (default appliance or target)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--config", "-c", type=Path,
+                        help="--start-appliance: this appliance configuration (its volumes, workers and settings; "
+                        "bench/bench_config.py)")
+    parser.add_argument("--workers", type=int, default=None,
                         help="--start-appliance: worker processes (default 0: one per CPU, as the product)")
     parser.add_argument("--no-fsync", action="store_true", help="--start-appliance: storage.fsync = false")
     parser.add_argument("--tmp", type=Path, help="--start-appliance: where its data folder goes (default $TMPDIR)")
@@ -475,9 +506,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scenario, data = build_scenario(args)
         if args.start_appliance:
-            appliance = start_appliance(workdir, args.workers, not args.no_fsync)
+            try:
+                site = SiteConfig(args.config) if args.config is not None else None
+            except BenchConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            workers = args.workers if args.workers is not None else (None if site is not None else 0)
+            appliance = start_appliance(workdir, workers, not args.no_fsync, site)
+            if args.keep:
+                appliance.cleanup = None  # --keep: the site volumes' run folders stay too
             metrics_port = int(appliance.info.get("metrics_port") or 0)
-            target = Target(args.label or "appliance", "target", "127.0.0.1", appliance.port, "APPLIANCE",
+            target = Target(args.label or "appliance", "target", "127.0.0.1", appliance.port, appliance.ae,
                             appliance.proc.pid, f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None)
         else:
             host, port = args.target

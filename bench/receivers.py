@@ -17,13 +17,25 @@ import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.bench_config import SiteConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on unless told otherwise
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RECEIVERS = ("appliance", "storescp", "orthanc")
 START_TIMEOUT = 60.0
+# The CPUs the receivers we start may run on (None: all). ``appliance bench datasheet --sender-cpus`` pins the
+# sender to some CPUs and the receivers to the others, so that on a small box they do not take turns on a core.
+RECEIVER_CPUS: set[int] | None = None
+
+
+def _pin_receiver() -> None:
+    """Popen's preexec_fn: the child (and all it forks: workers, storescp --fork children) on RECEIVER_CPUS."""
+    if RECEIVER_CPUS:
+        os.sched_setaffinity(0, RECEIVER_CPUS)
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
@@ -48,13 +60,28 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = ""
         time.sleep(interval)
 
 
-def echo(ae: str, port: int) -> bool:
+def echo(ae: str, port: int, host: str = "127.0.0.1") -> bool:
+    """One C-ECHO with our own client (appliance/net/client.py), in this process: not DCMTK's ``echoscu``, which
+    a venv's ``bin`` first on PATH shadows with pynetdicom's script of the same name (other options, other exit
+    codes)."""
+    import asyncio
+
+    from appliance.net.client import ClientAssociation
+
+    verification, implicit_le = "1.2.840.10008.1.1", "1.2.840.10008.1.2"
+
+    async def once() -> int:
+        assoc = await asyncio.wait_for(ClientAssociation.open(host, port, ae, "BENCHECHO",
+                                                              [(verification, [implicit_le])], 1 << 16), 5)
+        try:
+            return await asyncio.wait_for(assoc.echo(), 5)
+        finally:
+            await asyncio.wait_for(assoc.release(), 5)
+
     try:
-        result = subprocess.run(["echoscu", "-to", "2", "-ta", "2", "-aec", ae, "127.0.0.1", str(port)],
-                                env=DCMTK_ENV, capture_output=True, timeout=10)
-    except subprocess.TimeoutExpired:
+        return asyncio.run(once()) == 0
+    except Exception:  # refused, reset, timed out, rejected: not answering yet
         return False
-    return result.returncode == 0
 
 
 def first_line(cmd: list[str]) -> str:
@@ -174,6 +201,9 @@ class Receiver:
     label = "?"
     ae = "?"
     fsync = "?"
+    host = "127.0.0.1"
+    measures_cpu = True  # its process tree is here: CPU seconds are known
+    counts_stored = True  # its storage is here: what it holds can be counted after the run
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -206,50 +236,55 @@ class Receiver:
         cmd = self.command()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**DCMTK_ENV, **self.extra_env}, start_new_session=True)
+                                         env={**DCMTK_ENV, **self.extra_env}, start_new_session=True,
+                                         preexec_fn=_pin_receiver if RECEIVER_CPUS else None)
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited {self.proc.returncode} while starting:\n{self.log_tail()}")
-            return echo(self.ae, self.port)
+            return echo(self.ae, self.port, self.host)
 
-        self.wait_port()
-        wait_for(ready, START_TIMEOUT, f"{self.label} to answer C-ECHO on port {self.port}")
+        try:
+            self.wait_port()
+            wait_for(ready, START_TIMEOUT, f"{self.label} to answer C-ECHO on port {self.port}")
+        except BaseException:
+            self.kill()  # a receiver that failed to start leaves no process behind (workers included)
+            raise
+
+    def cleanup(self) -> None:
+        """Remove what the run wrote outside ``workdir`` (the caller removes workdir itself)."""
+
+    def data_path(self) -> Path:
+        """A folder on the disk the receiver writes its instances to (for the disk's I/O counters)."""
+        return self.workdir
 
     def cpu_seconds(self) -> float:
         return proc_tree_cpu(self.proc.pid) if self.proc is not None else 0.0
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM (a clean shutdown: the appliance drains, Orthanc closes its index), SIGKILL if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM (a clean shutdown: the appliance drains, Orthanc closes its index), SIGKILL if it hangs; then
+        whatever is left of its process group (an appliance worker whose supervisor died, storescp --fork
+        children) is killed, so that no receiver outlives its run."""
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"  warning: {self.label} ignored SIGTERM for {timeout:.0f}s; killing it", file=sys.stderr)
-            self.kill()
-        self._reap_group()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  warning: {self.label} ignored SIGTERM for {timeout:.0f}s; killing it", file=sys.stderr)
+        self.kill()
 
     def kill(self) -> None:
         if self.proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we started: storescp --fork children too
-        except ProcessLookupError:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we started: workers and children too
+        except (ProcessLookupError, PermissionError):
             pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            pass
-
-    def _reap_group(self) -> None:
-        """storescp --fork children live in the receiver's session: make sure none outlives the run."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
             pass
 
     def log_tail(self, lines: int = 30) -> str:
@@ -262,15 +297,24 @@ class Receiver:
 class ApplianceReceiver(Receiver):
     ae = "APPLIANCE"
 
-    def __init__(self, workdir: Path, workers: int, fsync: bool = True, source: Path | None = None) -> None:
+    def __init__(self, workdir: Path, workers: int | None = 0, fsync: bool = True, source: Path | None = None,
+                 site: SiteConfig | None = None) -> None:
+        """``site``: a site's configuration file (``-c``), run as bench/bench_config.py describes; ``workers``
+        None then means the file's."""
         super().__init__(workdir)
+        self.site = site
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{workdir.name}"
+        if workers is None:
+            workers = site.workers if site is not None else 0
         self.workers = workers
-        self.fsync_on = fsync
+        self.fsync_on = fsync if site is None else site.config.storage.fsync
         self.source = source
-        self.fsync = ("segment append + fdatasync per group, LMDB commit, before Success" if fsync
+        self.fsync = ("segment append + fdatasync per group, LMDB commit, before Success" if self.fsync_on
                       else "OFF (storage.fsync = false)")
+        if site is not None:
+            self.ae = site.ae_title
         # workers = 0 is the product default (one per CPU): the label says how many that made
-        self.label = f"appliance-w{workers or os.cpu_count() or 1}" + ("" if fsync else "-nofsync")
+        self.label = f"appliance-w{workers or os.cpu_count() or 1}" + ("" if self.fsync_on else "-nofsync")
         if source is not None:
             # Another checkout of the appliance (APPLIANCE_BENCH_BASE): the same harness, the code before a change.
             self.label = f"base-w{workers or os.cpu_count() or 1}"
@@ -280,6 +324,10 @@ class ApplianceReceiver(Receiver):
         self.config_path = workdir / "appliance.toml"
 
     def command(self) -> list[str]:
+        if self.site is not None:
+            self.config_path = self.site.write_run_config(self.workdir, self.run_id, self.workers)
+            return [_venv_python(), "-m", "appliance", "serve", "-c", str(self.config_path), "--port-file",
+                    str(self.port_file)]
         self.config_path.write_text("\n".join([
             "[server]",
             'host = "127.0.0.1"',
@@ -298,8 +346,15 @@ class ApplianceReceiver(Receiver):
             # No [[volumes]] table: the built-in default volume vol0 at <config folder>/var/volumes/vol0.
             "",
         ]))
-        return [str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable,
-                "-m", "appliance", "serve", "-c", str(self.config_path), "--port-file", str(self.port_file)]
+        return [_venv_python(), "-m", "appliance", "serve", "-c", str(self.config_path), "--port-file",
+                str(self.port_file)]
+
+    def cleanup(self) -> None:
+        if self.site is not None:
+            self.site.remove_run(self.run_id)
+
+    def data_path(self) -> Path:
+        return self.site.volume_roots(self.run_id)[0][1] if self.site is not None else self.workdir
 
     def wait_port(self) -> None:
         def ready() -> bool:
@@ -314,18 +369,54 @@ class ApplianceReceiver(Receiver):
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
 
     def storage(self) -> Path:
+        if self.site is not None:
+            return self.site.volume_roots(self.run_id)[0][1] / "segments"
         return self.workdir / "var" / "volumes" / "vol0" / "segments"
 
     def stored_count(self) -> int:
-        """Records in the segments (tar members), read as any tar reader would."""
+        """Records in the segments (tar members) of every volume, read as any tar reader would."""
         older = self.storage().parent / "blobs"  # a base checkout from before segments: one file per instance
         if older.is_dir():
             return count_files(older)
+        folders = ([root / "segments" for _n, root in self.site.volume_roots(self.run_id)] if self.site is not None
+                   else [self.storage()])
         count = 0
-        for segment in sorted(self.storage().glob("*.tar")):
-            with tarfile.open(segment) as archive:
-                count += sum(1 for member in archive if member.name.endswith(".dcm"))
+        for folder in folders:
+            for segment in sorted(folder.glob("*.tar")):
+                with tarfile.open(segment) as archive:
+                    count += sum(1 for member in archive if member.name.endswith(".dcm"))
         return count
+
+
+class RemoteReceiver(Receiver):
+    """A receiver somebody else started, possibly on another machine (``--target``, ``--storescp``,
+    ``--orthanc`` HOST:PORT): start waits for its C-ECHO answer, stop does nothing; neither its CPU nor what it
+    stored can be read from here."""
+
+    measures_cpu = False
+    counts_stored = False
+
+    def __init__(self, workdir: Path, label: str, host: str, port: int, ae: str, durability: str) -> None:
+        super().__init__(workdir)
+        self.label, self.host, self.port, self.ae, self.fsync = label, host, port, ae, durability
+
+    def start(self) -> None:
+        wait_for(lambda: echo(self.ae, self.port, self.host), START_TIMEOUT,
+                 f"{self.label} at {self.host}:{self.port} (AE {self.ae}) to answer C-ECHO")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        pass
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    def stored_count(self) -> int:
+        return 0
+
+
+def _venv_python() -> str:
+    venv = ROOT / ".venv/bin/python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 class StorescpReceiver(Receiver):
@@ -383,13 +474,15 @@ class OrthancReceiver(Receiver):
         return self.workdir / "storage"
 
 
-def make_receivers(names: list[str], workers: list[int], nofsync: bool) -> list[Callable[[Path], Receiver]]:
+def make_receivers(names: list[str], workers: list[int | None], nofsync: bool, site: SiteConfig | None = None
+                   ) -> list[Callable[[Path], Receiver]]:
+    """``workers``: appliance worker counts (None: the site's); ``site``: -c's configuration for the appliance."""
     factories: list[Callable[[Path], Receiver]] = []
     for name in names:
         if name == "appliance":
             for w in workers:
-                factories.append(functools.partial(ApplianceReceiver, workers=w))
-                if nofsync:
+                factories.append(functools.partial(ApplianceReceiver, workers=w, site=site))
+                if nofsync and site is None:
                     factories.append(functools.partial(ApplianceReceiver, workers=w, fsync=False))
         elif name == "appliance-base":  # the checkout named by APPLIANCE_BENCH_BASE, for before/after runs
             base = os.environ.get("APPLIANCE_BENCH_BASE")

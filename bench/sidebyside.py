@@ -52,12 +52,17 @@ from bench.receivers import (
 from bench.sidebyside_report import compare_markdown, medians, ratios, write_compare
 
 CLIENTS = ("driver", "storescu")
-SCENARIOS = ("ct-burst", "morning-rush", "many-small-associations")
+# mr-burst: ct-burst's shape (one modality, one burst split over N associations) with the MR profile, from MR01.
+SCENARIOS = ("ct-burst", "mr-burst", "morning-rush", "many-small-associations")
 CEILING_THREADS = 8
 
 
 def driver_args(scenario: str, count: int | None, seed: int, cache: Path, timeout: float) -> argparse.Namespace:
     """The subset of ``appliance bench run`` options that driver.build_scenario and driver.run_one read."""
+    if scenario == "mr-burst":
+        return argparse.Namespace(scenario="ct-burst", count=count, seed=seed, cache=cache, profile="mr",
+                                  calling_ae="MR01", transfer_syntax=driver.EXPLICIT_LE, rate=0.0, duration=0.0,
+                                  quiet=True, max_pdu=1 << 20, timeout=timeout)
     return argparse.Namespace(scenario=scenario, count=count, seed=seed, cache=cache, profile=None, calling_ae=None,
                               transfer_syntax=driver.EXPLICIT_LE, rate=0.0, duration=0.0, quiet=True,
                               max_pdu=1 << 20, timeout=timeout)
@@ -99,7 +104,7 @@ class Plan:
 
 
 def run_storescu_jobs(ae: str, port: int, jobs: list[tuple[str, list[Path]]], concurrency: int, timeout: float,
-                      logdir: Path) -> tuple[float, int, float, list[str]]:
+                      logdir: Path, host: str = "127.0.0.1") -> tuple[float, int, float, list[str]]:
     """Each job is one storescu (one association); ``concurrency`` at a time. Returns (wall seconds, failed
     processes, their CPU seconds, error notes)."""
     lock = threading.Lock()
@@ -123,7 +128,7 @@ def run_storescu_jobs(ae: str, port: int, jobs: list[tuple[str, list[Path]]], co
             log_path = logdir / f"storescu-{i}.log"
             scan = ["+sd"] if paths[0].is_dir() else []
             with open(log_path, "wb") as log:
-                proc = subprocess.Popen(["storescu", "-aec", ae, "-aet", calling, *scan, "127.0.0.1", str(port),
+                proc = subprocess.Popen(["storescu", "-aec", ae, "-aet", calling, *scan, host, str(port),
                                          *map(str, paths)], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
             timer = threading.Timer(max(0.0, deadline - time.perf_counter()), proc.kill)
             timer.start()
@@ -175,9 +180,9 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         window.open()
         cpu0 = receiver.cpu_seconds()
         busy0, _, _ = system_cpu()
-        disk0 = disk_io(workdir)
+        disk0 = disk_io(receiver.data_path()) if receiver.counts_stored else None
         if workload is not None:
-            target = driver.Target(receiver.label, "target", "127.0.0.1", receiver.port, receiver.ae)
+            target = driver.Target(receiver.label, "target", receiver.host, receiver.port, receiver.ae)
             run_doc = driver.run_one(target, workload, plan.args, f"{receiver.label} {plan.name} N={n}")
             run_doc.update(client="driver", repeat=repeat)
             summary = report.summarize(run_doc)
@@ -190,15 +195,15 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         else:
             jobs, concurrency, nbytes = plan.storescu_jobs(n)
             wall, failed, scu_cpu, notes = run_storescu_jobs(receiver.ae, receiver.port, jobs, concurrency,
-                                                             plan.args.timeout, workdir)
+                                                             plan.args.timeout, workdir, receiver.host)
             sample.update(wall_s=wall, failures=failed, bytes=nbytes, client_cpu_s=round(scu_cpu, 3),
                           instances_ok=plan.instances if failed == 0 else 0, processes_or_associations=len(jobs))
             sample["errors"].extend(notes)
         busy1, _, _ = system_cpu()
-        sample["receiver_cpu_s"] = round(receiver.cpu_seconds() - cpu0, 3)
+        sample["receiver_cpu_s"] = round(receiver.cpu_seconds() - cpu0, 3) if receiver.measures_cpu else None
         sample["machine_busy_s"] = round(busy1 - busy0, 3)
         os.sync()  # a receiver that acknowledged from the page cache pays its writes here, outside the wall time
-        sample["disk"] = disk_delta(disk0, workdir)
+        sample["disk"] = disk_delta(disk0, receiver.data_path()) if disk0 is not None else None
         # After the CPU readings: not part of the run.
         metrics = window.close(sample["instances_ok"] if client == "driver"
                                else (plan.instances if sample["failures"] == 0 else 0))
@@ -218,10 +223,10 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
     finally:
         receiver.stop()
         try:
-            sample["stored"] = receiver.stored_count()
+            sample["stored"] = receiver.stored_count() if receiver.counts_stored else None
         except OSError:
             sample["stored"] = 0
-        if sample["stored"] != plan.instances and not sample["errors"]:
+        if receiver.counts_stored and sample["stored"] != plan.instances and not sample["errors"]:
             sample["errors"].append(f"receiver holds {sample['stored']} of {plan.instances} instances")
         if sample["errors"]:
             tail = receiver.log_tail(15)
@@ -230,9 +235,11 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
         if keep:
             print(f"  kept {workdir}", file=sys.stderr)
         else:
+            receiver.cleanup()
             shutil.rmtree(workdir, ignore_errors=True)
         os.sync()  # the next run must not pay for this one's writeback
-    sample["ok"] = sample["failures"] == 0 and sample["stored"] == plan.instances and not sample["errors"]
+    stored_ok = sample["stored"] == plan.instances or not receiver.counts_stored
+    sample["ok"] = sample["failures"] == 0 and stored_ok and not sample["errors"]
     return sample, run_doc
 
 

@@ -1,0 +1,160 @@
+"""The appliance under test, configured as a site configured it: ``appliance bench ... -c FILE``.
+
+A vendor sizing a box (or a site checking its own) wants the figures of *its* configuration: its volumes on its
+arrays, its workers, its group-commit and segment settings, its audit trail. The benchmark cannot run that file
+as it is: it would listen on the production port, write into the live index and volumes, and refuse the
+benchmark's calling AE titles. So the file is read, validated as ``appliance serve`` would, and a copy is written
+for each run with only what a benchmark must change:
+
+- every ``[[volumes]]`` entry keeps its name and settings, but its path becomes
+  ``<the volume's path>/appliance-bench/<run>/``: the data lands on the same array, in a fresh folder that is
+  removed after the run. A configured volume path that does not exist is refused: the array is not mounted,
+  and measuring the root disk instead would be a wrong datasheet;
+- ``[server]``: 127.0.0.1 on free ports (``port = 0``, ``metrics_port = 0``), ``log_level = "warning"``, the
+  per-host and per-AE limits raised to at least 64 (every sender of a benchmark is one host, and morning-rush at
+  N = 8 opens 48 associations at once), unknown calling AEs allowed to store, no peer-host check;
+- the index and the Storage Commitment journal go into ``appliance-bench/<run>/`` beside the site's own index
+  (so on the disk the site chose for its index, often not the volumes' array), and a file audit trail into
+  the run's work folder;
+- ``[peers]``, ``[tls]``, ``[tiering]``, ``[[tiers]]`` and ``[[policies]]`` are dropped: the benchmark measures
+  ingest, and a policy run or a TLS handshake would measure something else.
+Everything else (``[storage]``, ``[dicom]``, ``[query]``, ``[retrieve]``, ``[audit]`` destination and limits,
+``server.workers``...) is the site's.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from appliance.config import Config, load_config
+
+BENCH_FOLDER = "appliance-bench"
+# Sections a benchmark of ingest does not run with (see the module docstring).
+DROPPED_SECTIONS = ("peers", "tls", "tiering", "tiers", "policies")
+LIMIT_MIN = 64
+
+
+class BenchConfigError(Exception):
+    """The site's configuration cannot be benchmarked as it is (one line for the user)."""
+
+
+class SiteConfig:
+    """A site's configuration file, read and validated once; ``write_run_config`` makes one run's copy."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        try:
+            self.raw: dict[str, Any] = tomllib.loads(self.path.read_text())
+            self.config: Config = load_config(self.path)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise BenchConfigError(f"{path}: {exc}") from None
+        except Exception as exc:  # appliance.errors.ConfigError and friends: their message is the one line
+            raise BenchConfigError(str(exc)) from None
+        missing = [f"{vc.name} ({vc.path})" for vc in self.config.volumes if not vc.path.is_dir()]
+        if missing:
+            raise BenchConfigError(
+                f"{path}: volume path(s) {', '.join(missing)} do not exist: mount the array (or `appliance volume "
+                "init`) first; the benchmark writes into a fresh folder inside each volume")
+
+    @property
+    def ae_title(self) -> str:
+        return self.config.server.ae_title
+
+    @property
+    def workers(self) -> int:
+        return self.config.server.workers
+
+    def volume_roots(self, run: str) -> list[tuple[str, Path]]:
+        """(name, the run's folder) of each configured volume."""
+        return [(vc.name, vc.path / BENCH_FOLDER / run) for vc in self.config.volumes]
+
+    def index_root(self, run: str) -> Path:
+        """The run's folder for the index: beside the site's index, else (its folder does not exist yet, as on a
+        box where the appliance never ran) on the first volume."""
+        parent = self.config.storage.index_path.parent
+        if parent.is_dir():
+            return parent / BENCH_FOLDER / run
+        return self.config.volumes[0].path / BENCH_FOLDER / run / "meta"
+
+    def describe(self) -> dict[str, Any]:
+        """What the datasheet prints of the configuration (no peer names, no hosts: only what shapes ingest)."""
+        c = self.config
+        return {
+            "file": str(self.path),
+            "ae_title": c.server.ae_title,
+            "workers": c.server.workers,
+            "volumes": [{"name": vc.name, "path": str(vc.path), "high_watermark": vc.high_watermark}
+                        for vc in c.volumes],
+            "storage": {"fsync": c.storage.fsync, "commit_max_batch": c.storage.commit_max_batch,
+                        "commit_max_wait_ms": c.storage.commit_max_wait_ms,
+                        "writer_lanes": c.storage.writer_lanes, "segment_bytes_max": c.storage.segment_bytes_max,
+                        "duplicate_policy": c.storage.duplicate_policy},
+            "index_path": str(c.storage.index_path),
+            "audit": c.audit.destination,
+            "dropped_sections": [s for s in DROPPED_SECTIONS if s in self.raw],
+        }
+
+    def run_config(self, workdir: Path, run: str, workers: int | None = None) -> dict[str, Any]:
+        """The run's configuration as a TOML document (a dict): see the module docstring."""
+        raw = {k: _copy(v) for k, v in self.raw.items() if k not in DROPPED_SECTIONS}
+        server = raw.setdefault("server", {})
+        server.update(host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.1", log_level="warning",
+                      refuse_unknown_calling_ae=False, check_peer_host=False)
+        rights = set(server.get("unknown_peer_rights", ["echo", "store"])) | {"echo", "store"}
+        server["unknown_peer_rights"] = sorted(rights)
+        for key in ("max_associations_per_host", "max_associations_per_ae", "max_associations"):
+            current = getattr(self.config.server, key)
+            server[key] = max(current, LIMIT_MIN)
+        if workers is not None:
+            server["workers"] = workers
+        roots = self.volume_roots(run)
+        meta = self.index_root(run)
+        raw.setdefault("storage", {})["index_path"] = str(meta / "index")
+        raw.setdefault("commitment", {})["journal_path"] = str(meta / "commitments")
+        audit = raw.setdefault("audit", {})
+        if audit.get("destination", "file") == "file":
+            audit["path"] = str(workdir / "audit" / "audit.jsonl")
+        raw["volumes"] = [{**_copy(entry), "path": str(root)}
+                          for entry, (_name, root) in zip(self._volume_entries(), roots, strict=True)]
+        return raw
+
+    def _volume_entries(self) -> list[dict[str, Any]]:
+        entries = self.raw.get("volumes")
+        if entries:
+            return [dict(e) for e in entries]
+        return [{"name": vc.name, "path": str(vc.path)} for vc in self.config.volumes]  # the built-in default
+
+    def write_run_config(self, workdir: Path, run: str, workers: int | None = None) -> Path:
+        """Write the run's config into ``workdir`` and create (``volume init``) each volume's run folder.
+        Returns the config's path. The run folders are removed by ``remove_run``."""
+        from appliance.store.volumes import init_volume
+
+        doc = self.run_config(workdir, run, workers)
+        path = workdir / "appliance.toml"
+        path.write_text(tomli_w.dumps(doc))
+        load_config(path)  # what serve will read: refuse here, with the reason, rather than in the receiver's log
+        for name, root in self.volume_roots(run):
+            init_volume(root, name)
+        return path
+
+    def remove_run(self, run: str) -> None:
+        import shutil
+
+        for root in [self.index_root(run), *(r for _n, r in self.volume_roots(run))]:
+            shutil.rmtree(root, ignore_errors=True)
+            try:
+                root.parent.rmdir()  # appliance-bench/, when no other run is in it
+            except OSError:
+                pass
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
