@@ -329,8 +329,8 @@ def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site
         "machine": {"cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(), "memory_bytes": memory_bytes(),
                     "kernel": os.uname().release, "os": operating_system(), "python": sys.version.split()[0]},
         "disks": disks, "loopback_mb_per_s": loopback,
-        "sender": {"where": "this machine" if args.target is None else "another machine than the appliance's"
-                   if not driver.is_local(args.target[0]) else "the appliance's machine",
+        "sender": {"where": "this machine" if args.target is None or driver.is_local(args.target[0])
+                   else "another machine than the appliance's",
                    "cpus": sorted(args.sender_cpus) if args.sender_cpus else None,
                    "receiver_cpus": sorted(receivers.RECEIVER_CPUS) if receivers.RECEIVER_CPUS else None},
         "appliance": {"target": "started by the benchmark" if args.target is None
@@ -362,7 +362,7 @@ def _receivers(args: argparse.Namespace, site: SiteConfig | None) -> tuple[list[
                   ("orthanc", args.orthanc, "ORTHANC", "as configured on that machine")]
         for label, where, ae, durability in remote:
             if where is None:
-                skipped[label] = f"not given (--{label} HOST:PORT)"
+                skipped[label] = f"--{label} HOST:PORT was not given"
                 continue
             factories.append(functools.partial(receivers.RemoteReceiver, label=label, host=where[0], port=where[1],
                                                ae=ae, durability=durability))

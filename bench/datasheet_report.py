@@ -102,7 +102,9 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
                                + " | ".join(doc["problems"][:5])))
     b += _summary(doc)
     b.append(Block("h2", "1. The hardware"))
-    rows = [["Processor", f"{m['cpu_count']} CPU, {m['cpu_model']}"], ["Memory", gib(m["memory_bytes"])],
+    remote = doc["sender"]["where"] != "this machine"
+    rows = [["Machine described", "the sender's (the appliance ran on another machine)"]] if remote else []
+    rows += [["Processor", f"{m['cpu_count']} CPU, {m['cpu_model']}"], ["Memory", gib(m["memory_bytes"])],
             ["Operating system", f"{m['os'] or '-'}, kernel {m['kernel']}"]]
     for d in doc["disks"]:
         r = d["results"]
@@ -110,13 +112,14 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
                      f"{r.get('fsync_512kib_t8_files_per_s', 0):,.0f} durable 512 KiB writes/s (8 threads), "
                      f"sequential {r.get('seq_fdatasync_mb_per_s', 0):,.0f} MB/s with fdatasync"])
     if doc["loopback_mb_per_s"]:
-        rows.append(["Network (loopback TCP)", f"{doc['loopback_mb_per_s']:,.0f} MB/s"])
+        rows.append(["Loopback TCP (sender to receiver)", f"{doc['loopback_mb_per_s']:,.0f} MB/s"])
     s = doc["sender"]
-    rows.append(["Sender", s["where"] + (" (the receivers' machine)" if s["where"] == "this machine" else "")
-                 + (f", on CPU {s['cpus']} (receivers on {s['receiver_cpus']})"
-                                         if s["cpus"] else "")])
+    pinned = (f", on CPU {','.join(map(str, s['cpus']))} (receivers on CPU "
+              f"{','.join(map(str, s['receiver_cpus'] or []))})" if s["cpus"] else "")
+    rows.append(["Sender", s["where"] + (" (the receivers' machine)" if s["where"] == "this machine" else "") + pinned])
     if not doc["disks"]:
-        rows.append(["Disks", "not measured from here (the appliance runs on another machine)"])
+        rows.append(["Disks", "not measured: the appliance was already running (`appliance bench hardware --dir "
+                              "VOLUME` on its machine measures them)"])
     b.append(Block("table", header=["", ""], rows=rows))
 
     b.append(Block("h2", "2. The configuration"))

@@ -243,6 +243,10 @@ def one_run(factory: Callable[[Path], Receiver], plan: Plan, client: str, n: int
     return sample, run_doc
 
 
+def _cpu(seconds: float | None) -> str:
+    return "    -" if seconds is None else f"{seconds:5.1f}"
+
+
 def stage_fields(metrics: dict[str, Any] | None) -> dict[str, Any]:
     """A compare sample's view of bench.monitor.metrics_delta: mean ms per stage, batch size, commits."""
     if not metrics:
@@ -358,7 +362,7 @@ def run(args: argparse.Namespace, argv: list[str], factories: list[Callable[[Pat
                             rate = s["instances_per_s"] or 0.0
                             print(f"[{i}/{total}] {s['receiver']:<14} {client:<8} {plan.name} x{plan.instances} "
                                   f"N={n} rep {repeat}: {rate:7.1f} inst/s wall {s['wall_s']:6.2f}s recvCPU "
-                                  f"{s['receiver_cpu_s']:5.1f}s clientCPU {s['client_cpu_s']:5.1f}s {status}",
+                                  f"{_cpu(s['receiver_cpu_s'])}s clientCPU {s['client_cpu_s']:5.1f}s {status}",
                                   file=sys.stderr, flush=True)
                         cell += 1
     except KeyboardInterrupt:
