@@ -229,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--scenarios: a comma list of {', '.join(SCENARIOS)} that includes mr-burst")
     if not args.associations or min(args.associations) < 1:
         parser.error("--associations: a comma list of numbers of at least 1")
+    out = args.out or Path.cwd() / time.strftime("datasheet-%Y%m%d-%H%M%S")
+    steps = out / "steps"
+    steps.mkdir(parents=True, exist_ok=True)
+    for old in [*steps.glob("*"), *out.glob("datasheet*")]:  # a reused --out lends no old numbers
+        if old.is_file():
+            old.unlink()
     if shutil.which("storescu") is None:
         print("error: DCMTK is not installed (apt-get install dcmtk): the side by side sends with storescu and "
               "compares with storescp", file=sys.stderr)
@@ -240,12 +246,6 @@ def main(argv: list[str] | None = None) -> int:
         except BenchConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    out = args.out or Path.cwd() / time.strftime("datasheet-%Y%m%d-%H%M%S")
-    steps = out / "steps"
-    steps.mkdir(parents=True, exist_ok=True)
-    for old in [*steps.glob("*"), *out.glob("datasheet.*")]:  # a reused --out lends no old numbers
-        if old.is_file():
-            old.unlink()
     count = args.count or (100 if args.quick else None)
     sustained_s = args.sustained_seconds or (10.0 if args.quick else 30.0)
     hw_s = args.hardware_seconds or (3.0 if args.quick else 10.0)
