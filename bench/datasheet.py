@@ -126,9 +126,9 @@ def operating_system() -> str:
     return ""
 
 
-def probe_disks(folders: list[Path], seconds: float) -> list[dict[str, Any]]:
-    """bench/hardware.py's probe on each distinct device among ``folders`` (several volumes on one array are
-    one disk)."""
+def probe_disks(folders: list[Path], seconds: float, repeats: int) -> list[dict[str, Any]]:
+    """bench/hardware.py's probe, ``repeats`` times, on each distinct device among ``folders`` (several volumes
+    on one array are one disk): each figure a stat."""
     seen: set[int] = set()
     out = []
     for folder in folders:
@@ -136,7 +136,8 @@ def probe_disks(folders: list[Path], seconds: float) -> list[dict[str, Any]]:
         if dev in seen:
             continue
         seen.add(dev)
-        results = hardware.probe(folder, seconds)
+        runs = [hardware.probe(folder, seconds) for _ in range(repeats)]
+        results = {key: stat([r.get(key) for r in runs], 1) for key in runs[0]}
         out.append({"path": str(folder), "filesystem": hardware.machine(folder)["filesystem"], "results": results})
     return out
 
@@ -286,9 +287,9 @@ def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site
     loopback = None
     if args.target is None:
         folders = [vc.path for vc in site.config.volumes] if site is not None else [tmp]
-        print(f"[1/{total}] the machine: disks of {', '.join(map(str, folders))} ({hw_s:g} s each)", file=sys.stderr,
-              flush=True)
-        disks = probe_disks(folders, hw_s)
+        print(f"[1/{total}] the machine: disks of {', '.join(map(str, folders))} ({repeats} x {hw_s:g} s each)",
+              file=sys.stderr, flush=True)
+        disks = probe_disks(folders, hw_s, repeats)
         loopback = disks[0]["results"].get("tcp_loopback_mb_per_s") if disks else None
         (steps / "hardware.json").write_text(json.dumps(disks, indent=1))
     else:

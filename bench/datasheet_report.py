@@ -109,10 +109,10 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
     for d in doc["disks"]:
         r = d["results"]
         rows.append([f"Disk of {d['path']}", f"{d['filesystem'] or '-'}: "
-                     f"{r.get('fsync_512kib_t8_files_per_s', 0):,.0f} durable 512 KiB writes/s (8 threads), "
-                     f"sequential {r.get('seq_fdatasync_mb_per_s', 0):,.0f} MB/s with fdatasync"])
+                     f"{spread(r.get('fsync_512kib_t8_files_per_s'))} durable 512 KiB writes/s (8 threads), "
+                     f"sequential {spread(r.get('seq_fdatasync_mb_per_s'))} MB/s with fdatasync"])
     if doc["loopback_mb_per_s"]:
-        rows.append(["Loopback TCP (sender to receiver)", f"{doc['loopback_mb_per_s']:,.0f} MB/s"])
+        rows.append(["Loopback TCP (sender to receiver)", f"{spread(doc['loopback_mb_per_s'])} MB/s"])
     s = doc["sender"]
     pinned = (f", on CPU {','.join(map(str, s['cpus']))} (receivers on CPU "
               f"{','.join(map(str, s['receiver_cpus'] or []))})" if s["cpus"] else "")
