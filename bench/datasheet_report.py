@@ -187,7 +187,7 @@ def _summary(doc: dict[str, Any]) -> list[Block]:
         text = (f"{SCENARIO_TEXT[scenario]}: {spread(row['instances_per_s'])} images/s, "
                 f"{spread(row['mb_per_s'])} MB/s, stored durably ({row['associations']} associations from "
                 f"{CLIENT_TEXT[row['client']]})")
-        versus = [f"{spread(r, 2)}x {_receiver_text(o)}" for o in ("storescp", "orthanc")
+        versus = [f"{spread(r, 2)} times {_receiver_text(o)}'s rate" for o in ("storescp", "orthanc")
                   if (r := _ratio(doc, scenario, row["client"], o)) and r.get("median") is not None]
         items.append(text + (": " + ", ".join(versus) if versus else "") + ".")
     sus = doc["sustained"]
@@ -335,7 +335,8 @@ def plot_ratios(doc: dict[str, Any]) -> Any:
         ax.plot([x] * len(st["values"]), st["values"], "o", color=color, markersize=5)
         if st["median"] is not None:
             ax.hlines(st["median"], x - 0.3, x + 0.3, color=color, linewidth=2)
-        labels.append(f"{SCENARIO_TEXT.get(r['scenario'], r['scenario'])}\n{r['client']}\nvs {r['other']}")
+        sender = "storescu" if r["client"] == "storescu" else "asyncio"
+        labels.append(f"{SCENARIO_TEXT.get(r['scenario'], r['scenario'])}\n{sender}\nvs {r['other']}")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("appliance / other (images/s)")
