@@ -1,7 +1,7 @@
 """Ingest benchmark: the appliance against DCMTK storescp and Orthanc, driven by K parallel DCMTK storescu.
 
 For every receiver x scenario (CT, MR burst) x K (parallel associations) x repeat:
-  1. start the receiver on 127.0.0.1, a free port, a fresh temp data folder; wait for it with echoscu;
+  1. start the receiver on 127.0.0.1, a free port, a fresh temp data folder; wait for its C-ECHO answer;
   2. start K ``storescu +sd <folder>`` at once (TCP_NODELAY=1), each with its own K-th of the burst;
   3. wall time = start of the first storescu to exit of the last; instances/s and MB/s (10^6 bytes of
      Part-10 files) from that; every storescu must exit 0 and the receiver must hold every instance after;
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    for tool in ("storescu", "echoscu"):
+    for tool in ("storescu",):
         if shutil.which(tool) is None:
             print(f"error: DCMTK {tool} is not installed (make dcmtk, or apt-get install dcmtk)", file=sys.stderr)
             return 2

@@ -196,7 +196,7 @@ def orthanc_binary() -> str | None:
 
 
 class Receiver:
-    """One receiver process with its own data folder. ``start`` returns once echoscu gets an answer."""
+    """One receiver process with its own data folder. ``start`` returns once it answers a C-ECHO."""
 
     label = "?"
     ae = "?"
