@@ -398,7 +398,9 @@ def soak_cmd(
     rate: Annotated[float, typer.Option(min=0.1, help="Offered instances/s over all associations")] = 300.0,
     duration: Annotated[float, typer.Option(min=1, help="Seconds of load")] = 600.0,
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between samples")] = 5.0,
-    workers: Annotated[int, typer.Option(min=0, help="Appliance workers (0: one per CPU)")] = 0,
+    workers: Annotated[int | None, typer.Option(min=0, help="Appliance workers (0: one per CPU; default: -c's)")
+                       ] = None,
+    config: BenchConfigOpt = None,
     tmp: TmpOpt = None,
     out: OutDir = None,
     as_json: JsonFlag = False,
@@ -406,7 +408,7 @@ def soak_cmd(
     """N associations storing for minutes: RSS, descriptors and rate, first vs last minute (soak.json in --out)."""
     with _report_dir(out, as_json) as folder:
         _run("soak", _argv(associations=associations, rate=rate, duration=duration, interval=interval,
-                           workers=workers, tmp=tmp, out=folder), as_json)
+                           workers=workers, config=config, tmp=tmp, out=folder), as_json)
         if as_json and folder:
             _print_json(folder / "soak.json")
 

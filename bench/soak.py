@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.bench_config import BenchConfigError, SiteConfig
 from bench.monitor import scrape
 from bench.receivers import ROOT, ApplianceReceiver
 
@@ -109,18 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=300.0, help="offered instances/s over all associations")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
-    parser.add_argument("--workers", type=int, default=0, help="appliance workers (0: one per CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="appliance workers (0: one per CPU; default: --config's, else 0)")
+    parser.add_argument("--config", "-c", type=Path,
+                        help="the appliance runs this configuration (its volumes, workers and settings; "
+                        "bench/bench_config.py)")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak")
     args = parser.parse_args(argv)
     if args.associations < 1 or args.duration < 120 or args.rate <= 0:
         parser.error("--associations >= 1, --duration >= 120 (first and last minute), --rate > 0")
+    site = None
+    if args.config is not None:
+        try:
+            site = SiteConfig(args.config)
+        except BenchConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     # One driver host and one calling AE open every association: lift the per-AE/per-host limits to the total.
     for key in ("MAX_ASSOCIATIONS", "MAX_ASSOCIATIONS_PER_AE", "MAX_ASSOCIATIONS_PER_HOST"):
         os.environ[f"APPLIANCE_SERVER_{key}"] = str(max(args.associations, 1))
     workdir = Path(tempfile.mkdtemp(prefix="bench-soak-", dir=args.tmp))
-    receiver = ApplianceReceiver(workdir, workers=args.workers)
+    receiver = ApplianceReceiver(workdir, workers=args.workers if args.workers is not None or site else 0, site=site)
     receiver.start()
     assert receiver.proc is not None
     sampler = Sampler(receiver.proc.pid, receiver.metrics_url, args.interval)
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     driver_json = args.out / "driver.json"
     try:
         cmd = [sys.executable, "-m", "bench.driver", "--scenario", "sustained",
-               "--target", f"127.0.0.1:{receiver.port}", "--associations", str(args.associations),
+               "--target", f"127.0.0.1:{receiver.port}", "--ae", receiver.ae, "--associations", str(args.associations),
                "--rate", str(args.rate), "--duration", str(args.duration), "--server-pid", str(receiver.proc.pid),
                "--json", str(driver_json), "--no-ceiling", "--no-plots", "--quiet"]
         if receiver.metrics_url:
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.join()
         sampler.sample()
         receiver.stop()
+        receiver.cleanup()  # a site's volumes keep nothing of the soak (its work folder stays: data_folder)
     report = json.loads(driver_json.read_text()) if driver_json.exists() else {}
     first = window(sampler.samples, 0, 60)
     last_start = sampler.samples[-1]["t_s"] - 60 if sampler.samples else 0
