@@ -5,8 +5,10 @@ every command; JSON with ``--json``).
 
 Each command builds an argv from its typed options and calls the tool's ``main`` (bench/*.py): ``python -m bench.X``
 keeps its own argparse options for the docs and CI that call it, and the measuring code is not touched.
-``-c/--config FILE`` (run, compare, datasheet): the appliance under test runs that configuration, its volumes,
-workers and storage settings, with only what a benchmark must change (bench/bench_config.py).
+``-c/--config FILE`` (run, compare, datasheet, soak): the appliance under test runs that configuration, its
+volumes, workers and storage settings, with only what a benchmark must change (bench/bench_config.py). find,
+retrieve, migrate and recall build configurations of their own (a C-MOVE destination peer, the tiers under test),
+which a site's file would not have, so they do not take it.
 """
 
 from __future__ import annotations
