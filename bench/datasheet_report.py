@@ -245,6 +245,10 @@ def _latency(doc: dict[str, Any], steps: Path | None) -> list[Block]:
            Block("table", header=["achieved images/s", "median ms", "95% ms", "99% ms", "slowest ms", "failed"],
                  rows=[[spread(sus["instances_per_s"], 1), spread(lat["p50"], 2), spread(lat["p95"], 2),
                         spread(lat["p99"], 2), spread(lat["max"], 1), f"{sus['failures']:,}"]])]
+    if (sus.get("peak_rss_mib") or {}).get("median") is not None:
+        out.append(Block("p", f"The appliance at this load: {spread(sus['cpu_ms_per_instance'], 2)} ms of CPU per "
+                              f"image, all processes; memory {spread(sus['peak_rss_mib'])} MiB at its peak (resident "
+                              "set of all its processes)."))
     if steps is not None:
         png = _png(plot_latency, steps)
         if png:
