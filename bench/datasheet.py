@@ -108,15 +108,6 @@ def driver_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def memory_bytes() -> int | None:
-    text = hardware.memory_total()  # "24684084 kB", as /proc/meminfo writes it
-    try:
-        value, unit = text.split()
-        return int(value) * (1024 if unit == "kB" else 1)
-    except ValueError:
-        return None
-
-
 def operating_system() -> str:
     try:
         for line in Path("/etc/os-release").read_text().splitlines():
@@ -328,7 +319,8 @@ def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site
     meta = {
         "title": args.title, "quick": args.quick, "repeats": repeats, "argv": argv,
         "units": {"MB": "10^6 bytes", "kB": "10^3 bytes", "MiB": "2^20 bytes", "GiB": "2^30 bytes"},
-        "machine": {"cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(), "memory_bytes": memory_bytes(),
+        "machine": {"cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(),
+                    "memory_bytes": hardware.memory_bytes(),
                     "kernel": os.uname().release, "os": operating_system(), "python": sys.version.split()[0]},
         "disks": disks, "loopback_mb_per_s": loopback,
         "sender": {"where": "this machine" if args.target is None or driver.is_local(args.target[0])

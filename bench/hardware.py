@@ -231,11 +231,26 @@ def cpu_model() -> str:
 
 
 def memory_total() -> str:
-    """MemTotal from /proc/meminfo, as the kernel writes it ("24684084 kB")."""
+    """MemTotal from /proc/meminfo, as the kernel writes it ("24684084 kB", where kB means KiB)."""
     try:
         return Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
     except (OSError, IndexError):
         return ""
+
+
+def memory_bytes() -> int | None:
+    """MemTotal in bytes (the kernel's "kB" is 1024 bytes)."""
+    try:
+        value, unit = memory_total().split()
+        return int(value) * (1024 if unit == "kB" else 1)
+    except ValueError:
+        return None
+
+
+def memory_human() -> str:
+    """MemTotal as people read it: "23.5 GiB" (GiB = 2^30 bytes)."""
+    total = memory_bytes()
+    return "memory unknown" if total is None else f"{total / 2**30:.1f} GiB"
 
 
 def machine(dir: str | Path) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def machine_info() -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         fstype = "?"
     return {
-        "cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(), "memory": hardware.memory_total(),
+        "cpu_count": os.cpu_count(), "cpu_model": hardware.cpu_model(), "memory": hardware.memory_human(),
         "kernel": platform.release(),
         "platform": platform.platform(), "python": sys.version.split()[0], "loadavg_at_start": os.getloadavg(),
         "tmp_dir": tempfile.gettempdir(), "tmp_fstype": fstype,
