@@ -142,7 +142,7 @@ class ServerConfig:
     # reset (aborted, not closed: a close would wait for the buffer to drain, forever).
     write_timeout: float = 60.0
     # Worker processes sharing the port through SO_REUSEPORT; 0 means one per CPU (measured 0-9% faster than one
-    # on two cores, see docs/benchmarks.md).
+    # on two cores, see docs/benchmarks-history.md).
     workers: int = 0
     # ARTIM: how long an opened connection may take to send its A-ASSOCIATE-RQ (and a release to finish).
     acse_timeout: float = 30.0
@@ -192,7 +192,7 @@ class StorageConfig:
     commit_queue_max: int = 1024
     # Writer threads per worker, each with its own active segment per volume: while one waits in fdatasync the
     # next takes the instances that arrived meanwhile, so several flushes are in flight. 1 by default: 2 gained
-    # nothing measurable on a disk whose flush takes ~0.5 ms (docs/benchmarks.md); try 2-4 where a flush is a
+    # nothing measurable on a disk whose flush takes ~0.5 ms (docs/configuration.md); try 2-4 where a flush is a
     # network round trip (iSCSI) and many associations send at once.
     writer_lanes: int = 1
     # The largest dataset accepted (bytes); a larger one is refused with 0xA700 while it arrives. 8 GiB: more than

@@ -28,4 +28,4 @@ def test_quick_run_reports_every_corpus_level_and_dictionary_case(tmp_path: Path
     assert [(r["corpus"], r["level"]) for r in result["nearline"]] == [
         ("synthetic CT", 0), ("synthetic CT", 3), ("synthetic MR", 0), ("synthetic MR", 3)]
     assert all(r["put_sync_mb_s"] > 0 and r["iter_read_mb_s"] > 0 for r in result["nearline"])
-    assert "| synthetic CT | 4 |" in run.stdout  # the markdown table for docs/benchmarks.md
+    assert "| synthetic CT | 4 |" in run.stdout  # the markdown table for docs/benchmarks-history.md
