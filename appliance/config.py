@@ -141,8 +141,8 @@ class ServerConfig:
     # Seconds output may stay above write_buffer_high (the peer is not reading) before the connection is
     # reset (aborted, not closed: a close would wait for the buffer to drain, forever).
     write_timeout: float = 60.0
-    # Worker processes sharing the port through SO_REUSEPORT; 0 means one per CPU (measured 0-9% faster than one
-    # on two cores, see docs/benchmarks-history.md).
+    # Worker processes sharing the port through SO_REUSEPORT; 0 means one per CPU (2 workers measured 4-20% faster
+    # than 1 on two cores, docs/benchmarks-history.md "Results: ingest bursts").
     workers: int = 0
     # ARTIM: how long an opened connection may take to send its A-ASSOCIATE-RQ (and a release to finish).
     acse_timeout: float = 30.0
