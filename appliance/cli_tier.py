@@ -345,7 +345,7 @@ def run(
     for name, error in report.unavailable.items():
         human += f"\n  tier {name} unavailable: {error}"
     data["retention_refused"] = report.retention_refused
-    if report.retention_refused:  # one line on stderr whatever the output format: the run fails for it below
+    if report.retention_refused and not as_json:  # --json: in the output (retention_refused), as errors are
         typer.echo(f"error: {report.retention_refused}", err=True)
     if data["audit_lost"]:  # the deletes stand (durable first); their audit lines are missing
         typer.echo(f"warning: {data['audit_lost']} retention delete(s) done, but their audit lines were not written "

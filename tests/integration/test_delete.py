@@ -443,18 +443,20 @@ def test_retention_deletes_nothing_when_a_run_would_expire_more_than_the_limit(
     env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + 3651 * 86_400 * 10**9)}
 
     def tier_run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*APPLIANCE, "tier", "run", *args, "--json", "-c", str(server.config_path)],
+        return subprocess.run([*APPLIANCE, "tier", "run", *args, "-c", str(server.config_path)],
                               capture_output=True, text=True, cwd=server.root, env=env, timeout=300)
 
-    dry = tier_run("--dry-run")
-    assert json.loads(dry.stdout)["moves"] == [] and "retention_studies_max = 1" in dry.stderr
-    refused = tier_run()
+    dry = tier_run("--dry-run", "--json")
+    assert json.loads(dry.stdout)["moves"] == [] and "retention_studies_max = 1" in dry.stdout
+    refused = tier_run()  # as the timer runs it
     assert refused.returncode == EXIT_FAILURE, refused.stderr
-    assert refused.stderr.count("\n") == 1 and "would delete 2 studies" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "error: retention would delete 2 studies" in refused.stderr
+    refused = tier_run("--json")
+    assert refused.returncode == EXIT_FAILURE and refused.stderr == ""
     report = json.loads(refused.stdout)
     assert report["deleted"] == 0 and "retention_studies_max" in report["retention_refused"]
     assert all(server.cli("show", uid).returncode == 0 for uid in uids)
     text = server.config_path.read_text().replace("retention_studies_max = 1", "retention_studies_max = 2")
     server.config_path.write_text(text)
-    done = tier_run()
+    done = tier_run("--json")
     assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == 2, done.stderr
