@@ -65,14 +65,18 @@ bench: $(STAMP) dcmtk
 # On a server, as root (docs/operations.md "Install on a server"): the program in its own venv under PREFIX (no
 # dev tools), the units, the sysusers.d/tmpfiles.d snippets, /etc/appliance/appliance.toml (only if absent) with
 # the data under /var/lib/appliance. DESTDIR=/some/root stages the same tree without touching the system.
-# `make uninstall` keeps /etc/appliance and /var/lib/appliance. Logic in scripts/install.sh.
+# `make uninstall` keeps /etc/appliance and /var/lib/appliance. Logic in scripts/install.sh. WITH_BENCH=1: the
+# benchmark harness too (`.[bench]`, for a hardware vendor); FORCE=1: reinstall although appliance.service runs.
 DESTDIR     ?=
 PREFIX      ?= /opt/appliance
 UNITDIR     ?= /etc/systemd/system
 SYSUSERSDIR ?= /etc/sysusers.d
 TMPFILESDIR ?= /etc/tmpfiles.d
+WITH_BENCH  ?=
+FORCE       ?=
 INSTALL_ENV  = DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' UNITDIR='$(UNITDIR)' SYSUSERSDIR='$(SYSUSERSDIR)' \
-               TMPFILESDIR='$(TMPFILESDIR)' PYTHON='$(PYTHON)' PIP_ARGS='$(PIP_ARGS)'
+               TMPFILESDIR='$(TMPFILESDIR)' PYTHON='$(PYTHON)' PIP_ARGS='$(PIP_ARGS)' WITH_BENCH='$(WITH_BENCH)' \
+               FORCE='$(FORCE)'
 install:
 	$(INSTALL_ENV) sh scripts/install.sh install
 uninstall:

@@ -193,6 +193,7 @@ class Sink:
         self.node = node
         self.last_warning = 0.0
         self.unwarned = 0
+        self.lost_why: str | None = None  # why the last line was lost (write_once reports it to its caller)
 
     def emit(self, event: str, outcome: int = SUCCESS, **fields: Any) -> None:
         """Never raises, never blocks."""
@@ -209,6 +210,7 @@ class Sink:
         self.emit("association", MINOR_FAILURE, result="rejected", reason=why, **peer)
 
     def _lost(self, reason: str, why: str) -> None:
+        self.lost_why = why
         _metrics()[1].labels(reason).inc()
         self.unwarned += 1
         now = time.monotonic()
@@ -314,13 +316,20 @@ def check_destination(config: AuditConfig) -> None:
                           "an audit trail)") from None
 
 
-def write_once(config: AuditConfig, node: str, event: str, outcome: int = SUCCESS, **fields: Any) -> None:
-    """One line from a batch command (recall, migrate): written before returning, never raising."""
-    sink = open_sink(config, node, threaded=False)
+def write_once(config: AuditConfig, node: str, event: str, outcome: int = SUCCESS, **fields: Any) -> str | None:
+    """One line from a batch command (recall, migrate, delete): written before returning, never raising. Returns
+    None when the line was written (or the trail is off), else why it was lost (counted in
+    appliance_audit_dropped_total and logged): a caller whose operation already happened reports it and goes on."""
     try:
-        sink.emit(event, outcome, **fields)
-    finally:
-        sink.close()
+        sink = open_sink(config, node, threaded=False)
+        try:
+            sink.emit(event, outcome, **fields)
+        finally:
+            sink.close()
+    except Exception as exc:  # the operation audited is done: a failure here must not undo or hide it
+        log.error("audit: writing a %s line: %s: %s", event, type(exc).__name__, exc)
+        return f"{type(exc).__name__}: {exc}"
+    return sink.lost_why
 
 
 # ---- one association ----------------------------------------------------------------------------------------

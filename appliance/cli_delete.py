@@ -18,7 +18,7 @@ import typer
 
 from appliance import errors
 from appliance.audit import SUCCESS, write_once
-from appliance.cli_common import emit, human_bytes, load_cli_config, open_index
+from appliance.cli_common import emit, human_bytes, human_ns, load_cli_config, open_index
 from appliance.config import Config
 
 if TYPE_CHECKING:
@@ -53,21 +53,33 @@ def describe(d: Deletion, verb: str) -> str:
     return f"{verb} {d.level} {d.uid}{within}: {d.instances} instance(s), {human_bytes(d.bytes)}; copies: {copies}"
 
 
-def delete_uid(cfg: Config, index: StudyIndex, uid: str, user: str, reason: str, why: str) -> Deletion:
+def audit_lost(what: str, why: str) -> None:
+    """The operation is done and stands; its audit line is not written (the loss is also counted in
+    appliance_audit_dropped_total and logged). One line on stderr, so that the person (or the job's log) knows."""
+    log.error("audit: the %s line was not written: %s", what, why)
+    typer.echo(f"warning: {what} done, but its audit line was not written ({why})", err=True)
+
+
+def delete_uid(cfg: Config, index: StudyIndex, uid: str, user: str, reason: str, why: str,
+               expect: Deletion | None = None) -> tuple[Deletion, str | None]:
     """Delete one UID from the index, durably, and write the audit line and the log line. Under tiering.lock, so
-    that no mover copies the study meanwhile (a mover's copies of bytes freed under it would stay dead)."""
+    that no mover copies the study meanwhile (a mover's copies of bytes freed under it would stay dead).
+    ``expect``: the preview the person confirmed (errors.Changed if the UID names other instances now). Returns
+    the deletion and, if the audit line could not be written, why (the deletion stands: it is durable first)."""
     from tiering.run import tiering_lock
 
     with tiering_lock(cfg.storage.index_path, f"appliance delete by {user}"):
-        done = index.delete(uid, {vol.name for vol in cfg.volumes})
+        done = index.delete(uid, {vol.name for vol in cfg.volumes}, expect=expect)
     if done is None:
         raise errors.NotFound(f"no study, series or instance {uid} in the index")
-    write_once(cfg.audit, cfg.server.ae_title, "delete", SUCCESS, study_uid=done.study_uid,
-               instances=done.instances, bytes=done.bytes, level=done.level, uid=done.uid, user=user,
-               reason=reason or None, why=why, scope="instances")
+    lost = write_once(cfg.audit, cfg.server.ae_title, "delete", SUCCESS, study_uid=done.study_uid,
+                      instances=done.instances, bytes=done.bytes, level=done.level, uid=done.uid, user=user,
+                      reason=reason or None, why=why, scope="instances")
     log.warning("deleted %s %s (study %s): %d instance(s), %d bytes, by %s (%s)%s", done.level, done.uid,
                 done.study_uid, done.instances, done.bytes, user, why, f": {reason}" if reason else "")
-    return done
+    if lost is not None:
+        audit_lost("delete", lost)
+    return done, lost
 
 
 def register(app: typer.Typer) -> None:
@@ -101,10 +113,12 @@ def register(app: typer.Typer) -> None:
                     if not typer.confirm("Delete?", default=False, err=as_json):
                         typer.echo("error: not deleted", err=True)
                         raise typer.Exit(errors.EXIT_FAILURE)
-                done = delete_uid(cfg, index, uid, user, reason, "appliance delete")
+                # Confirmed: the delete checks, in its own transaction, that the UID still names exactly the
+                # previewed instances (a study that grew while the person read the prompt is not deleted).
+                done, lost = delete_uid(cfg, index, uid, user, reason, "appliance delete", expect=None if yes else plan)
         except errors.ApplianceError as exc:
             raise _fail(exc) from None
-        data = {**done.public(), "user": user, "reason": reason, "deleted": True}
+        data = {**done.public(), "user": user, "reason": reason, "deleted": True, "audit_written": lost is None}
         emit(data, as_json, describe(done, "deleted") + "\n(`appliance compact` reclaims the space online)")
 
     @app.command("hold")
@@ -128,9 +142,10 @@ def register(app: typer.Typer) -> None:
                 with open_index(cfg) as index:
                     holds = index.holds()
                 rows = [{"study_uid": uid, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.since_ns / 1e9)),
-                         "by": h.by, "reason": h.reason} for uid, h in holds]
-                emit(rows, as_json, "\n".join(f"{r['study_uid']}  since {r['since']} by {r['by']}"
-                                              f"{'  ' + r['reason'] if r['reason'] else ''}" for r in rows)
+                         "since_ns": h.since_ns, "by": h.by, "reason": h.reason} for uid, h in holds]
+                # Human output: local ISO time, as every time the CLI prints for a person; --json keeps UTC and ns.
+                emit(rows, as_json, "\n".join(f"{uid}  since {human_ns(h.since_ns)} by {h.by}"
+                                              f"{'  ' + h.reason if h.reason else ''}" for uid, h in holds)
                      or "no holds")
                 return
             if study_uid is None:
@@ -150,8 +165,10 @@ def register(app: typer.Typer) -> None:
                 raise errors.NotFound(f"study {study_uid} has no hold") if release else \
                     errors.ApplianceError(f"study {study_uid} is already on hold")
             action = "hold released" if release else "hold placed"
-            write_once(cfg.audit, cfg.server.ae_title, "hold", SUCCESS, study_uid=study_uid, user=user,
-                       reason=reason or None, released=release or None)
+            lost = write_once(cfg.audit, cfg.server.ae_title, "hold", SUCCESS, study_uid=study_uid, user=user,
+                              reason=reason or None, released=release or None)
+            if lost is not None:
+                audit_lost(action, lost)
             log.warning("%s on study %s by %s%s", action, study_uid, user, f": {reason}" if reason else "")
         except errors.ApplianceError as exc:
             raise _fail(exc) from None

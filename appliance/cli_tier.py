@@ -344,12 +344,18 @@ def run(
                 human += f"\n  {r.outcome}: {r.study_uid} {r.source} -> {r.target}: {r.error}"
     for name, error in report.unavailable.items():
         human += f"\n  tier {name} unavailable: {error}"
+    data["retention_refused"] = report.retention_refused
+    if report.retention_refused and not as_json:  # --json: in the output (retention_refused), as errors are
+        typer.echo(f"error: {report.retention_refused}", err=True)
+    if data["audit_lost"]:  # the deletes stand (durable first); their audit lines are missing
+        typer.echo(f"warning: {data['audit_lost']} retention delete(s) done, but their audit lines were not written "
+                   f"(appliance_audit_dropped_total; see the log)", err=True)
     for name, error in report.paused.items():
         human += (f"\n  paused: tier {name} cannot be used now ({error}); its moves wait, nothing is lost: run "
                   "`appliance tier run` again once it is back (the server's schedule does)")
     data["paused_tiers"] = report.paused
     emit(data, as_json, human)
-    if data["failed"]:
+    if data["failed"] or report.retention_refused:
         raise typer.Exit(errors.EXIT_FAILURE)
     if report.paused:
         raise typer.Exit(errors.EXIT_UNAVAILABLE)

@@ -136,6 +136,8 @@ journal_path = "var/commitments"  # requests answered and not yet reported, take
 # schedule_s = 0                # the server runs the policies every this many seconds (0: only `appliance tier run`)
 # rate_bytes_per_s = 104857600  # migration read+write budget, so that ingest keeps its rate (`tier run --rate`)
 # run_studies_max = 10000       # studies one run moves at most; the rest waits for the next run
+# retention_studies_max = 1000  # a run whose retention rules would delete more studies deletes none and fails
+#                               # (a clock far ahead, a mistyped age); raise it for a first run on an old archive
 # study_instances_max = 100000  # a larger study is refused by the mover (reported, never half-moved)
 # recall_wait_s = 60.0          # a C-MOVE/C-GET of a study on tape waits this long for its recall
 # recall_queue_max = 10000      # studies queued for recall at once; more are refused

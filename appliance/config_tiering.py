@@ -97,6 +97,9 @@ class TieringConfig:
     schedule_s: float = 0.0  # the server runs the policies every this many seconds (0: only `appliance tier run`)
     rate_bytes_per_s: int = 100 << 20  # migration read+write budget, so that ingest keeps its rate
     run_studies_max: int = 10_000  # studies one run moves at most (the rest waits for the next run)
+    # A run that would delete more studies than this (retention rules) deletes none of them and fails: a clock
+    # far in the future or a mistyped age would otherwise expire the archive (tiering/run.py retention_guard).
+    retention_studies_max: int = 1000
     study_instances_max: int = 100_000  # a larger study is refused by the mover (reported, never half-moved)
     recall_wait_s: float = 60.0  # a C-MOVE/C-GET of an offline study waits this long for its recall
     recall_queue_max: int = 10_000  # studies queued for recall at once; more are refused
@@ -175,7 +178,8 @@ def validate_tiering(s: TieringSections, volume_names: tuple[str, ...] = ()) -> 
         raise ConfigError("tiering.schedule_s: 0 (never) or a positive number of seconds")
     if t.rate_bytes_per_s < 1 << 20:
         raise ConfigError("tiering.rate_bytes_per_s: at least 1 MiB/s")
-    for key in ("run_studies_max", "study_instances_max", "recall_queue_max", "recall_batch_max"):
+    for key in ("run_studies_max", "retention_studies_max", "study_instances_max", "recall_queue_max",
+                "recall_batch_max"):
         if getattr(t, key) < 1:
             raise ConfigError(f"tiering.{key}: at least 1")
     if t.recall_wait_s < 0 or t.access_flush_s <= 0:

@@ -81,6 +81,7 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: volume detached, index locked, ...
 # EX_NOINPUT: a configured volume is missing, not marked (an unmounted mount point) or marked as another volume.
 # Only a person can fix it, so systemd does not restart on it (RestartPreventExitStatus in appliance.service).
 EXIT_VOLUME_REFUSED = 66
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: what was confirmed changed meanwhile; run the command again
 
 
 class ApplianceError(Exception):
@@ -209,3 +210,10 @@ class OnHold(ApplianceError):
     """A study under legal hold: no delete and no retention rule removes it (`appliance hold --release` first)."""
 
     exit_code = EXIT_FAILURE
+
+
+class Changed(ApplianceError):
+    """What a person confirmed is no longer what the command would do (a delete whose set of instances changed
+    between its preview and the confirmation): nothing done, run it again to see the new preview."""
+
+    exit_code = EXIT_TEMPFAIL

@@ -33,9 +33,14 @@ def expire(config: Config, index: StudyIndex, planned: PlannedMove, who: str) ->
         result.outcome = "vanished"
         return result
     result.outcome, result.instances = "deleted", done.instances
-    write_once(config.audit, config.server.ae_title, "delete", SUCCESS, study_uid=done.study_uid,
-               instances=done.instances, bytes=done.bytes, level="study", uid=done.uid, user=who, why="retention",
-               policy=planned.policy, reason=planned.reason, scope="instances")
+    lost = write_once(config.audit, config.server.ae_title, "delete", SUCCESS, study_uid=done.study_uid,
+                      instances=done.instances, bytes=done.bytes, level="study", uid=done.uid, user=who,
+                      why="retention", policy=planned.policy, reason=planned.reason, scope="instances")
     log.warning("retention: deleted study %s (%d instance(s), %d bytes) by policy %s", done.study_uid,
                 done.instances, done.bytes, planned.policy)
+    if lost is not None:
+        # The delete is durable: it stands, the run goes on; the loss is counted (appliance_audit_dropped_total),
+        # logged here and reported by the run (counts "audit_lost").
+        result.error = f"audit line not written: {lost}"
+        log.error("retention: study %s deleted, but its audit line was not written: %s", done.study_uid, lost)
     return result

@@ -108,6 +108,23 @@ def make_plan(config: Config, index: StudyIndex, tier_fills: dict[str, TierFill]
     return plan(index.study_facts(), tier_fills, policies, tier_order(config), now_ns, held)
 
 
+def retention_guard(config: Config, moves: list[PlannedMove]) -> tuple[list[PlannedMove], str]:
+    """The plan without its deletes, and why, when it would delete more studies than
+    tiering.retention_studies_max. Retention trusts the wall clock: a clock set years ahead (a bad RTC, a wrong NTP
+    server) or an age typed as 365 instead of 3650 makes most of the archive look expired, and nothing in the
+    index can tell such a clock from a true one (the receive times were written by the same clock). A bound on one
+    run's deletes can: the steady state expires a day's worth of studies, a mistake expires years' worth. All of
+    them are left out, not the first N: deleting part of a mistake is still a loss."""
+    deletes = sum(m.target == DELETE for m in moves)
+    cap = config.tiering.retention_studies_max
+    if deletes <= cap:
+        return moves, ""
+    why = (f"retention would delete {deletes} studies in one run, more than tiering.retention_studies_max = {cap}: "
+           "none deleted (a clock far ahead, or an age that expires too much?); check `appliance tier run "
+           "--dry-run`, then raise the limit if they are due")
+    return [m for m in moves if m.target != DELETE], why
+
+
 @dataclass
 class RunReport:
     planned: list[PlannedMove] = field(default_factory=list)
@@ -116,6 +133,7 @@ class RunReport:
     dry_run: bool = False
     unavailable: dict[str, str] = field(default_factory=dict)  # tiers that did not open
     paused: dict[str, str] = field(default_factory=dict)  # tiers found unusable during the run: their moves wait
+    retention_refused: str = ""  # why the run's retention deletes were all left out (retention_guard)
 
     def counts(self) -> dict[str, Any]:
         done = self.resumed + self.results
@@ -124,7 +142,8 @@ class RunReport:
                 "deleted": sum(r.outcome == "deleted" for r in done),
                 "failed": sum(r.outcome in ("failed", "refused") for r in done),
                 "paused": sum(r.outcome == "paused" for r in done),
-                "bytes_copied": sum(r.bytes for r in done), "resumed": len(self.resumed)}
+                "bytes_copied": sum(r.bytes for r in done), "resumed": len(self.resumed),
+                "audit_lost": sum(r.outcome == "deleted" and bool(r.error) for r in done)}
 
 
 @dataclass
@@ -150,16 +169,18 @@ def run(config: Config, index: StudyIndex, now_ns: int, *, dry_run: bool = False
         report.unavailable = dict(tiers.errors)
         try:
             if dry_run:
-                report.planned = apply_limit(make_plan(config, index, fills(tiers.usage()), now_ns, policy_name),
-                                             limit, bytes_max)
+                wanted, report.retention_refused = retention_guard(
+                    config, make_plan(config, index, fills(tiers.usage()), now_ns, policy_name))
+                report.planned = apply_limit(wanted, limit, bytes_max)
                 return report
             with AuditLog(config.tiering.audit_log) as audit:
                 mover = Mover(config, index, dict(tiers.store.backends), tiers.backends, audit,
                               TokenBucket(rate_bytes_per_s or config.tiering.rate_bytes_per_s),
                               on_bytes=hooks.copied)
                 report.resumed = mover.resume()
-                planned = apply_limit(make_plan(config, index, fills(tiers.usage()), now_ns, policy_name),
-                                      limit, bytes_max)
+                wanted, report.retention_refused = retention_guard(
+                    config, make_plan(config, index, fills(tiers.usage()), now_ns, policy_name))
+                planned = apply_limit(wanted, limit, bytes_max)
                 report.planned = [m for m in planned if m.target in tiers.backends or m.target == DELETE]
                 hooks.planned(report.planned)
                 for move in report.planned:
@@ -220,6 +241,11 @@ def scheduled_main(config: Config) -> None:
             if result.bytes:
                 metrics.migration_bytes.labels(result.source, result.target).inc(result.bytes)
         counts = report.counts()
+        if report.retention_refused:  # `appliance tier run` prints it; the server's scheduled run logs it
+            log.error("tiering: %s", report.retention_refused)
+        if counts["audit_lost"]:
+            log.error("tiering: %d retention delete(s) done, but their audit lines were not written",
+                      counts["audit_lost"])
         for name, why in report.paused.items():
             log.warning("tiering: moves to and from tier %s paused until the next run (in %.0fs): %s", name,
                         config.tiering.schedule_s, why)

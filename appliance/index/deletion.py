@@ -19,6 +19,7 @@ kept for good (which records are gone from every segment and tier is not known c
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import lmdb
 import msgspec
 
-from appliance.errors import OnHold
+from appliance.errors import Changed, OnHold
 from appliance.index import schema
 from appliance.index.env import SEP, container_key
 from appliance.index.schema import InstanceRecord
@@ -51,6 +52,9 @@ class Deletion:
     instances: int = 0
     bytes: int = 0
     copies: dict[str, int] = field(default_factory=dict)  # backend (volume or tier name) -> copies named
+    # The instances it names and their content (a digest of their keys and blob digests): a preview and the delete
+    # after its confirmation compare it, so that "yes" never deletes instances the person was not shown.
+    members: str = ""
 
     def public(self) -> dict[str, object]:
         return {"uid": self.uid, "level": self.level, "study_uid": self.study_uid, "instances": self.instances,
@@ -74,6 +78,10 @@ class DeletionIndex(TierIndex):
         else:
             rows = [(k, schema.decode(InstanceRecord, v)) for k, v in self._scan(txn, "instances", key + SEP)]
         result = Deletion(uid, LEVEL_NAMES[letter], key.split(SEP)[1])
+        members = hashlib.sha256()
+        for inst_key, inst in sorted(rows, key=lambda row: row[0]):
+            members.update(f"{inst_key}\0{inst.digest}\n".encode())
+        result.members = members.hexdigest()
         for _key, inst in rows:
             result.instances += 1
             result.bytes += inst.size
@@ -88,16 +96,22 @@ class DeletionIndex(TierIndex):
             found = self._deletion(txn, uid)
             return None if found is None else found[0]
 
-    def delete(self, uid: str, online_backends: Collection[str]) -> Deletion | None:
+    def delete(self, uid: str, online_backends: Collection[str], expect: Deletion | None = None) -> Deletion | None:
         """Remove a study, series or instance from the index in one durable transaction (None: nothing by that UID).
-        Raises OnHold for a study under legal hold. Emptied sealed containers of tiers (not in ``online_backends``,
-        which compaction handles) are forgotten and queued in ``gc`` for the next `tier run`, as a move's are."""
+        Raises OnHold for a study under legal hold, and Changed when ``expect`` (a preview a person confirmed) no
+        longer names the same instances. Emptied sealed containers of tiers (not in ``online_backends``, which
+        compaction handles) are forgotten and queued in ``gc`` for the next `tier run`, as a move's are."""
 
         def body(txn: lmdb.Transaction) -> Deletion | None:
             found = self._deletion(txn, uid)
             if found is None:
+                if expect is not None:
+                    raise Changed(f"{uid} is no longer in the index (deleted meanwhile?): nothing deleted")
                 return None
             result, rows = found
+            if expect is not None and result.members != expect.members:
+                raise Changed(f"{result.level} {uid} changed since the preview ({expect.instances} -> "
+                              f"{result.instances} instance(s)): nothing deleted; run the command again")
             if txn.get(result.study_uid.encode(), db=self.dbs["holds"]) is not None:
                 raise OnHold(f"study {result.study_uid} is under legal hold (appliance hold --release first)")
             emptied: set[tuple[str, str]] = set()

@@ -10,7 +10,9 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pydicom
 import pytest
@@ -18,7 +20,7 @@ from typer.testing import CliRunner
 
 from appliance import cli_delete
 from appliance.cli import app
-from appliance.errors import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_USAGE
+from appliance.errors import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_TEMPFAIL, EXIT_USAGE
 from appliance.index.db import StudyIndex
 from bench.synth import write_folder
 from tests.conftest import APPLIANCE, ServerHandle, dcmtk
@@ -246,33 +248,76 @@ def test_delete_of_studies_on_a_nearline_tier(tmp_path: Path) -> None:
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+NEARLINE = """
+[[tiers]]
+name = "nl"
+kind = "nearline"
+volumes = [{{name = "nl0", path = "{root}/nl0"}}]
+
+[[policies]]
+name = "to-nearline"
+from = "online"
+to = "nl"
+received_days_min = 1
+"""
+
+
 def test_delete_beside_ingest_and_a_running_mover(make_server: MakeServer, tmp_path: Path) -> None:
-    """LMDB takes one writer at a time across processes: a delete between the server's group commits loses none of
-    them. While a mover holds tiering.lock, a delete is refused (exit 69, one line) and changes nothing."""
+    """The race the name says: `appliance delete STUDY` while a real `appliance tier run` is migrating that very
+    study to a nearline tier (slowed down by --rate so that the two overlap) and storescu is sending another study
+    to the running server. The delete is refused (exit 69, one line: tiering.lock) and changes nothing; the move
+    completes whole, the ingest loses nothing; afterwards the delete goes through and finds the copies on the
+    tier, and verify finds no error."""
     from appliance.config import load_config
     from appliance.errors import EXIT_UNAVAILABLE
-    from tiering.run import tiering_lock
+    from tiering.run import TIERING_LOCK
+    from tiering.tiers import init_tier
 
-    old = write_folder("mr", 3, 26, "none", tmp_path / "old", size=32)
+    old = write_folder("mr", 6, 26, "none", tmp_path / "old", size=64)
     new = write_folder("ct", 40, 27, "none", tmp_path / "new", size=32)
-    server = make_server(peers=PEERS)
+    server = make_server(start=False, peers=PEERS)
+    with open(server.config_path, "a") as fh:
+        fh.write(NEARLINE.format(root=server.root))
+    cfg = load_config(server.config_path)
+    for tier in cfg.tiers:
+        init_tier(tier)
+    server.start()
     result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), *map(str, old))
     assert result.returncode == 0, result.stderr
     old_study, new_study = _uid(old[0], "StudyInstanceUID"), _uid(new[0], "StudyInstanceUID")
-    cfg = load_config(server.config_path)
-    with tiering_lock(cfg.storage.index_path, "a test standing in for tier run"):
-        busy = _delete(server, old_study, "--yes")
-    assert busy.returncode == EXIT_UNAVAILABLE and "another mover" in busy.stderr and busy.stderr.count("\n") == 1
+    old_bytes = server.cli_json("show", old_study)["NumberOfInstances"], sum(p.stat().st_size for p in old)
+
+    # The mover: 2 days later for the planner, the study copied at ~10 kB/s (several seconds for these bytes).
+    env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + 2 * 86_400 * 10**9)}
+    mover = subprocess.Popen([*APPLIANCE, "tier", "run", "--json", "--rate", "0.01", "-c", str(server.config_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=server.root, env=env)
+    lock = cfg.storage.index_path / TIERING_LOCK
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and f"pid {mover.pid}," in lock.read_text()):  # the holder writes its pid
+        assert mover.poll() is None and time.monotonic() < deadline, mover.communicate()
+        time.sleep(0.05)
     sender = subprocess.Popen(["storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
                                *map(str, new)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deleted = _delete(server, old_study, "--yes", "--json")
+        busy = _delete(server, old_study, "--yes")
+        overlapped = mover.poll() is None  # the mover was still moving when the delete came back
     finally:
         _out, err = sender.communicate(timeout=120)
-    assert deleted.returncode == 0, deleted.stderr
+        moved_out, moved_err = mover.communicate(timeout=300)
+    assert overlapped, "the tier run ended before the delete: no race exercised (slow it down further)"
+    assert busy.returncode == EXIT_UNAVAILABLE and "another mover" in busy.stderr, busy.stderr
+    assert busy.stderr.count("\n") == 1 and "Traceback" not in busy.stderr
     assert sender.returncode == 0, err
+    assert mover.returncode == 0, moved_err
+    moved = json.loads(moved_out)
+    assert [(r["study"], r["outcome"], r["to"]) for r in moved["results"]] == [(old_study, "moved", "nl")]
+    assert (server.cli_json("show", old_study)["NumberOfInstances"], sum(p.stat().st_size for p in old)) == old_bytes
+    assert server.cli_json("show", new_study)["NumberOfInstances"] == len(new)
+    deleted = server.cli_json("delete", old_study, "--yes")
+    assert deleted["copies"] == {"nl": len(old)} and deleted["instances"] == len(old)
     assert server.cli("show", old_study, check=False).returncode == EXIT_NOT_FOUND
     assert server.cli_json("show", new_study)["NumberOfInstances"] == len(new)
+    assert server.cli_json("verify")["ok"]
 
 
 def test_delete_of_a_study_on_tape(tmp_path: Path) -> None:
@@ -297,3 +342,121 @@ def test_delete_of_a_study_on_tape(tmp_path: Path) -> None:
     gone = subprocess.run([*APPLIANCE, "show", "1.1", "-c", str(config)], capture_output=True, text=True, timeout=60)
     assert gone.returncode == EXIT_NOT_FOUND
     assert cli("show", "1.2")["NumberOfInstances"] == 2
+
+
+def _break_audit(server: ServerHandle) -> None:
+    """The audit file replaced by a folder: every write fails (as root too, which a chmod would not stop)."""
+    trail = server.root / "var/audit/audit.jsonl"
+    trail.unlink(missing_ok=True)
+    trail.mkdir(parents=True)
+
+
+def test_an_audit_failure_after_a_delete_is_reported_and_the_delete_stands(
+        stored: tuple[ServerHandle, list[Path]]) -> None:
+    server, ct = stored
+    uid = _uid(ct[0], "SOPInstanceUID")
+    _break_audit(server)
+    done = _delete(server, uid, "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["audit_written"] is False
+    (line,) = done.stderr.strip().splitlines()[-1:]
+    assert line.startswith("warning: delete done, but its audit line was not written"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert server.cli("show", uid, check=False).returncode == EXIT_NOT_FOUND
+
+
+def test_retention_goes_on_when_the_audit_trail_cannot_be_written(make_server: MakeServer, tmp_path: Path) -> None:
+    studies = [write_folder("ct", 2, 30 + i, "none", tmp_path / f"ct{i}", size=32) for i in range(2)]
+    server = make_server(start=False, peers=PEERS)
+    with open(server.config_path, "a") as fh:
+        fh.write(RETENTION)
+    server.start()
+    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
+                   *(str(f) for files in studies for f in files))
+    assert result.returncode == 0, result.stderr
+    server.stop()
+    _break_audit(server)
+    env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + 3651 * 86_400 * 10**9)}
+    done = subprocess.run([*APPLIANCE, "tier", "run", "--json", "-c", str(server.config_path)], capture_output=True,
+                          text=True, cwd=server.root, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["deleted"], report["audit_lost"], report["failed"]) == (2, 2, 0), report  # both, not the first
+    assert "Traceback" not in done.stderr
+    assert "warning: 2 retention delete(s) done, but their audit lines were not written" in done.stderr
+    for files in studies:
+        assert server.cli("show", _uid(files[0], "StudyInstanceUID"), check=False).returncode == EXIT_NOT_FOUND
+
+
+def test_a_confirmed_delete_is_refused_when_the_study_changed_since_the_preview(
+        make_server: MakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The person saw "2 instance(s)"; while the prompt waited, a third instance of the study arrived. "y" must
+    not delete 3: refused (exit 75, one line, asks to run again), nothing deleted."""
+    ct = write_folder("ct", 3, 28, "none", tmp_path / "ct", size=32)
+    server = make_server(peers=PEERS)
+    study = _uid(ct[0], "StudyInstanceUID")
+    sent = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), *map(str, ct[:2]))
+    assert sent.returncode == 0, sent.stderr
+    monkeypatch.setattr(cli_delete, "interactive", lambda: True)
+
+    def a_late_instance_then_yes(*_args: object, **_kw: object) -> bool:
+        late = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), str(ct[2]))
+        assert late.returncode == 0, late.stderr
+        return True
+
+    monkeypatch.setattr(cli_delete.typer, "confirm", a_late_instance_then_yes)
+    result = CliRunner().invoke(app, ["delete", study, "-c", str(server.config_path)])
+    assert "will delete study" in result.stdout and "2 instance(s)" in result.stdout
+    assert result.exit_code == EXIT_TEMPFAIL == 75, result.output
+    assert result.stderr.count("\n") == 1 and "changed since the preview" in result.stderr
+    assert "run the command again" in result.stderr
+    assert server.cli_json("show", study)["NumberOfInstances"] == 3
+
+
+def test_hold_list_prints_local_time_and_json_keeps_the_raw_values(stored: tuple[ServerHandle, list[Path]]) -> None:
+    server, ct = stored
+    study = _uid(ct[0], "StudyInstanceUID")
+    server.cli("hold", study, "--reason", "case 7")
+    env = {**os.environ, "TZ": "Asia/Kolkata"}  # +05:30 all year: a local time cannot pass for UTC
+    listed = subprocess.run([*APPLIANCE, "hold", "--list", "-c", str(server.config_path)], capture_output=True,
+                            text=True, env=env, timeout=60)
+    (row,) = json.loads(subprocess.run([*APPLIANCE, "hold", "--list", "--json", "-c", str(server.config_path)],
+                                       capture_output=True, text=True, env=env, timeout=60).stdout)
+    local = datetime.fromtimestamp(row["since_ns"] / 1e9, ZoneInfo("Asia/Kolkata")).isoformat(timespec="seconds")
+    assert listed.returncode == 0 and listed.stdout.strip() == f"{study}  since {local} by {row['by']}  case 7"
+    assert local.endswith("+05:30") and row["since"].endswith("Z")
+
+
+def test_retention_deletes_nothing_when_a_run_would_expire_more_than_the_limit(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """A clock set years ahead makes everything look expired: with tiering.retention_studies_max = 1 and two
+    studies due, the run deletes neither, says why on stderr in one line and exits 1; raised, it deletes both."""
+    studies = [write_folder("ct", 2, 40 + i, "none", tmp_path / f"ct{i}", size=32) for i in range(2)]
+    server = make_server(start=False, peers=PEERS, tiering={"retention_studies_max": 1})
+    with open(server.config_path, "a") as fh:
+        fh.write(RETENTION)
+    server.start()
+    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
+                   *(str(f) for files in studies for f in files))
+    assert result.returncode == 0, result.stderr
+    uids = [_uid(files[0], "StudyInstanceUID") for files in studies]
+    env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + 3651 * 86_400 * 10**9)}
+
+    def tier_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*APPLIANCE, "tier", "run", *args, "-c", str(server.config_path)],
+                              capture_output=True, text=True, cwd=server.root, env=env, timeout=300)
+
+    dry = tier_run("--dry-run", "--json")
+    assert json.loads(dry.stdout)["moves"] == [] and "retention_studies_max = 1" in dry.stdout
+    refused = tier_run()  # as the timer runs it
+    assert refused.returncode == EXIT_FAILURE, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "error: retention would delete 2 studies" in refused.stderr
+    refused = tier_run("--json")
+    assert refused.returncode == EXIT_FAILURE and refused.stderr == ""
+    report = json.loads(refused.stdout)
+    assert report["deleted"] == 0 and "retention_studies_max" in report["retention_refused"]
+    assert all(server.cli("show", uid).returncode == 0 for uid in uids)
+    text = server.config_path.read_text().replace("retention_studies_max = 1", "retention_studies_max = 2")
+    server.config_path.write_text(text)
+    done = tier_run("--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["deleted"] == 2, done.stderr

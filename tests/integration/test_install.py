@@ -98,6 +98,81 @@ def test_make_install_never_overwrites_an_admins_config_and_follows_prefix(tmp_p
     assert (dest / "opt/dicom/.venv/bin/appliance").read_text().startswith("#!/opt/dicom/.venv/bin/python")
 
 
+def _checkout_state() -> dict[str, int]:
+    """What a build could leave in the checkout: build/ and *.egg-info, each file with its mtime."""
+    found = [ROOT / "build", *ROOT.glob("*.egg-info")]
+    return {str(f): f.stat().st_mtime_ns for top in found if top.exists() for f in [top, *top.rglob("*")]}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make missing")
+def test_reinstall_that_fails_keeps_the_installed_program(tmp_path: Path) -> None:
+    """A relative DESTDIR (taken from the checkout's folder) is relocated like an absolute one; WITH_BENCH=1 asks
+    pip for `.[bench]`; the build leaves nothing in the checkout; a reinstall whose pip fails leaves the venv in
+    place and working."""
+    dest = tmp_path / "root"
+    relative = os.path.relpath(dest, ROOT)
+    assert not relative.startswith("/")
+    config = dest / "etc/appliance/appliance.toml"  # kept: the --no-deps venv could not run `appliance init`
+    config.parent.mkdir(parents=True)
+    config.write_text("[server]\nport = 104\n")
+    before = _checkout_state()
+    report = tmp_path / "pip-report.json"
+    done = _make(Path(relative), "install", PIP_ARGS=f"--no-deps --report {report}", WITH_BENCH="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _checkout_state() == before  # no build/, no *.egg-info written (as root: root-owned) in the checkout
+    venv = dest / "opt/appliance/.venv"
+    assert (venv / "bin/appliance").read_text().startswith("#!/opt/appliance/.venv/bin/python")
+    for file in [*(venv / "bin").iterdir(), venv / "pyvenv.cfg"]:
+        if file.is_file() and not file.is_symlink():
+            text = file.read_text(errors="replace")
+            assert str(dest) not in text and ".venv.new" not in text, file
+    (installed,) = [item for item in json.loads(report.read_text())["install"]
+                    if item["metadata"]["name"] == "dicom-appliance"]
+    assert installed.get("requested_extras") == ["bench"], installed
+    works = [str(venv / "bin/python"), "-c", "import appliance, bench; print(appliance.__version__)"]
+    assert subprocess.run(works, capture_output=True, timeout=60, cwd=tmp_path).returncode == 0
+    # A reinstall whose pip fails (no index: setuptools cannot be fetched to build the wheel): an error, and the
+    # installed venv is the one that was there, still working.
+    failed = _make(dest, "install", PIP_ARGS="--no-deps --no-index")
+    assert failed.returncode != 0, failed.stdout
+    ran = subprocess.run(works, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr
+    assert sorted(p.name for p in venv.parent.iterdir() if p.name.startswith(".venv")) == [".venv"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the live-system path of the install needs root")
+def test_live_reinstall_is_refused_while_the_service_is_active(tmp_path: Path) -> None:
+    """On the live system (root, no DESTDIR) with appliance.service active: one line, exit 75, nothing touched;
+    FORCE=1 goes on. systemctl is a stand-in on PATH; PYTHON=false and failing stand-ins for the system tools make
+    sure that going on cannot reach the real system (it fails at the venv, under a temporary PREFIX)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    (stubs / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                                     '[ "$1 $2 $3" = "is-active --quiet appliance.service" ]\n')
+    for tool in ("systemd-sysusers", "systemd-tmpfiles", "runuser"):
+        (stubs / tool).write_text("#!/bin/sh\nexit 1\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    prefix = tmp_path / "opt"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "DESTDIR": "", "PREFIX": str(prefix),
+           "UNITDIR": str(tmp_path / "units"), "SYSUSERSDIR": str(tmp_path / "sysusers"),
+           "TMPFILESDIR": str(tmp_path / "tmpfiles"), "PYTHON": "false"}
+
+    def install(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "scripts/install.sh", "install"], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, env={**env, **extra})
+
+    refused = install()
+    assert refused.returncode == 75, refused
+    assert refused.stderr.count("\n") == 1 and "appliance.service is active" in refused.stderr
+    assert "FORCE=1" in refused.stderr and not prefix.exists()
+    assert calls.read_text().splitlines() == ["is-active --quiet appliance.service"]
+    forced = install(FORCE="1")
+    assert forced.returncode not in (0, 75), forced  # past the check, then PYTHON=false fails the venv
+    assert not prefix.exists() or not any(prefix.iterdir())
+
+
 def test_init_data_dir_puts_every_data_path_under_it(tmp_path: Path) -> None:
     config, data = tmp_path / "etc/appliance.toml", tmp_path / "data"
     result = CliRunner().invoke(app, ["init", "-c", str(config), "--data-dir", str(data)])
