@@ -123,7 +123,8 @@ if [ -e "$config" ]; then
     echo "kept the existing $config"
 else
     install -d -m 0750 "$DESTDIR$CONFDIR"
-    "$DESTDIR$VENV/bin/python" -m appliance init -c "$config" --data-dir "$DATADIR" --config-only
+    # -I: the installed program, not the checkout's appliance/ that `-m` would find first in this folder.
+    "$DESTDIR$VENV/bin/python" -I -m appliance init -c "$config" --data-dir "$DATADIR" --config-only
     chmod 0640 "$config"
     wrote_config=yes
     # root:appliance (the service reads it, cannot change it) wherever the group exists: on the live system
