@@ -24,13 +24,14 @@ Everything else (``[storage]``, ``[dicom]``, ``[query]``, ``[retrieve]``, ``[aud
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from appliance.config import Config, load_config
+from appliance.config import Config, _env_overrides, load_config
 
 BENCH_FOLDER = "appliance-bench"
 # Sections a benchmark of ingest does not run with (see the module docstring).
@@ -49,6 +50,12 @@ class SiteConfig:
         self.path = path.resolve()
         try:
             self.raw: dict[str, Any] = tomllib.loads(self.path.read_text())
+            # The APPLIANCE_SERVER_*/STORAGE_*/TLS_* variables the site's appliance would apply over its file:
+            # folded into the copy here (what the site runs is measured), and kept from the benchmark's appliance
+            # (bench/receivers.py receiver_env), which would otherwise apply a port or an index path to it.
+            self.environment = sorted(k for k in os.environ if k.startswith(("APPLIANCE_SERVER_", "APPLIANCE_STORAGE_",
+                                                                            "APPLIANCE_TLS_")))
+            _env_overrides(self.raw, dict(os.environ))
             self.config: Config = load_config(self.path)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise BenchConfigError(f"{path}: {exc}") from None
@@ -96,6 +103,7 @@ class SiteConfig:
             "index_path": str(c.storage.index_path),
             "audit": c.audit.destination,
             "dropped_sections": [s for s in DROPPED_SECTIONS if s in self.raw],
+            "environment": self.environment,
         }
 
     def run_config(self, workdir: Path, run: str, workers: int | None = None) -> dict[str, Any]:

@@ -135,7 +135,9 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
                      + f"; group commit up to {st['commit_max_batch']} images or {st['commit_max_wait_ms']:g} ms; "
                        f"fsync {'on' if st['fsync'] else 'OFF'}; audit trail {cfg['audit']}"
                      + (f"; not used by the benchmark: {', '.join(cfg['dropped_sections'])}"
-                        if cfg["dropped_sections"] else "") + ".")
+                        if cfg["dropped_sections"] else "")
+                     + (f"; with the environment's {', '.join(cfg['environment'])}" if cfg.get("environment") else "")
+                     + ".")
     if "storescp" not in doc["skipped"]:
         items.append(f"DCMTK storescp --fork {_version(doc.get('dcmtk'))}: {DURABILITY_TEXT['storescp']}.")
     if "orthanc" not in doc["skipped"]:
