@@ -66,6 +66,41 @@ class SiteConfig:
             raise BenchConfigError(
                 f"{path}: volume path(s) {', '.join(missing)} do not exist: mount the array (or `appliance volume "
                 "init`) first; the benchmark writes into a fresh folder inside each volume")
+        # Refused here, in one line, rather than as "appliance exited 1 while starting" in every run of the side
+        # by side: a folder the benchmark cannot write into (another user's, a read-only mount).
+        index_parent = self.config.storage.index_path.parent
+        folders = [vc.path for vc in self.config.volumes] + ([index_parent] if index_parent.is_dir() else [])
+        unwritable = [str(f) for f in folders if not os.access(f, os.W_OK | os.X_OK)]
+        if unwritable:
+            raise BenchConfigError(
+                f"{path}: cannot write into {', '.join(unwritable)}: run the benchmark as the appliance's user "
+                "(or root); it writes into a fresh folder there")
+        live = self.serving()
+        if live:
+            raise BenchConfigError(
+                f"{path}: an appliance is serving this configuration (index {live}): the benchmark would write "
+                "into its volumes and compete with its ingest; stop it first, or measure it as it runs with "
+                "--target HOST:PORT (its volumes then hold the benchmark's images)")
+
+    def serving(self) -> Path | None:
+        """The site's index when a supervisor holds its serve lock (appliance/server.py), else None. Tried with
+        a non-blocking flock that is released at once; a missing lock file is not created."""
+        import fcntl
+
+        from appliance.index.db import SERVE_LOCK
+
+        lock = self.config.storage.index_path / SERVE_LOCK
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return None  # no index yet, or not readable: nothing serves it from here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.config.storage.index_path
+        finally:
+            os.close(fd)  # also releases the lock when we got it
+        return None
 
     @property
     def ae_title(self) -> str:

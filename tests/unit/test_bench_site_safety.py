@@ -46,3 +46,41 @@ def test_a_spawned_receiver_gets_no_config_override(tmp_path: Path, monkeypatch:
     spawned = driver.Spawned([sys.executable, "-c", code, str(port_file)], tmp_path, port_file, "probe")
     spawned.stop()
     assert spawned.info["env"] == []
+
+
+def test_a_configuration_an_appliance_is_serving_is_refused(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from bench.bench_config import BenchConfigError
+
+    path = site_file(tmp_path)
+    index = tmp_path / "meta" / "index"
+    index.mkdir()
+    (index / "serve.lock").touch()
+    SiteConfig(path)  # the lock file of a stopped appliance: fine
+    fd = os.open(index / "serve.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as appliance/server.py holds it while it serves
+    try:
+        with pytest.raises(BenchConfigError, match=r"an appliance is serving this configuration .*--target"):
+            SiteConfig(path)
+    finally:
+        os.close(fd)
+    SiteConfig(path)
+
+
+def test_a_folder_the_benchmark_cannot_write_into_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from bench import bench_config
+    from bench.bench_config import BenchConfigError
+
+    path = site_file(tmp_path)
+    real_access = os.access
+    # Tests run as root, for whom a mode is no obstacle: the check's answer for the index's folder is faked.
+    monkeypatch.setattr(bench_config.os, "access",
+                        lambda p, mode: False if Path(p) == tmp_path / "meta" else real_access(p, mode))
+    with pytest.raises(BenchConfigError, match=r"cannot write into .*/meta: run the benchmark as") as err:
+        SiteConfig(path)
+    assert "\n" not in str(err.value)
