@@ -14,8 +14,8 @@ for each run with only what a benchmark must change:
   per-host and per-AE limits raised to at least 64 (every sender of a benchmark is one host, and morning-rush at
   N = 8 opens 48 associations at once), unknown calling AEs allowed to store, no peer-host check;
 - the index and the Storage Commitment journal go into ``appliance-bench/<run>/`` beside the site's own index
-  (so on the disk the site chose for its index, often not the volumes' array), and a file audit trail into
-  the run's work folder;
+  (so on the disk the site chose for its index, often not the volumes' array), and the audit trail (a file, or
+  journald) into a file in the run's work folder: the site's trail gets none of the benchmark's events;
 - ``[peers]``, ``[tls]``, ``[tiering]``, ``[[tiers]]`` and ``[[policies]]`` are dropped: the benchmark measures
   ingest, and a policy run or a TLS handshake would measure something else.
 Everything else (``[storage]``, ``[dicom]``, ``[query]``, ``[retrieve]``, ``[audit]`` destination and limits,
@@ -159,7 +159,10 @@ class SiteConfig:
         raw.setdefault("storage", {})["index_path"] = str(meta / "index")
         raw.setdefault("commitment", {})["journal_path"] = str(meta / "commitments")
         audit = raw.setdefault("audit", {})
-        if audit.get("destination", "file") == "file":
+        if audit.get("destination", "file") != "off":
+            # journald too: the site's audit trail (what its SIEM collects) must not get the benchmark's
+            # thousands of stores; a JSON line per event is still written, into the run's folder.
+            audit["destination"] = "file"
             audit["path"] = str(workdir / "audit" / "audit.jsonl")
         raw["volumes"] = [{**_copy(entry), "path": str(root)}
                           for entry, (_name, root) in zip(self._volume_entries(), roots, strict=True)]

@@ -134,6 +134,7 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
                      + ", ".join(f"{x['name']} ({x['path']})" for x in cfg["volumes"])
                      + f"; group commit up to {st['commit_max_batch']} images or {st['commit_max_wait_ms']:g} ms; "
                        f"fsync {'on' if st['fsync'] else 'OFF'}; audit trail {cfg['audit']}"
+                     + (" (a file during the benchmark)" if cfg["audit"] == "journald" else "")
                      + (f"; not used by the benchmark: {', '.join(cfg['dropped_sections'])}"
                         if cfg["dropped_sections"] else "")
                      + (f"; with the environment's {', '.join(cfg['environment'])}" if cfg.get("environment") else "")

@@ -84,3 +84,15 @@ def test_a_folder_the_benchmark_cannot_write_into_is_refused_in_one_line(
     with pytest.raises(BenchConfigError, match=r"cannot write into .*/meta: run the benchmark as") as err:
         SiteConfig(path)
     assert "\n" not in str(err.value)
+
+
+def test_an_audit_trail_to_journald_gets_none_of_the_benchmarks_events(tmp_path: Path) -> None:
+    path = site_file(tmp_path)
+    path.write_text(path.read_text().replace('destination = "file"', 'destination = "journald"'))
+    site = SiteConfig(path)
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = load_config(site.write_run_config(work, "r1"))
+    assert cfg.audit.destination == "file" and cfg.audit.path == work / "audit" / "audit.jsonl"
+    assert site.describe()["audit"] == "journald"  # the report says what the site runs
+    site.remove_run("r1")
