@@ -80,6 +80,29 @@ def _version(text: str | None) -> str:
     return found.group(1) if found else "version unknown"
 
 
+def appliance_durable(doc: dict[str, Any]) -> bool | None:
+    """Whether the measured appliance made each image durable before Success: the site's ``storage.fsync`` with
+    ``-c``, True for the harness's own configuration (fsync on), None (not known here) for a ``--target``."""
+    a = doc["appliance"]
+    if a["target"] != "started by the benchmark":
+        return None
+    return bool(a["config"]["storage"]["fsync"]) if a.get("config") else True
+
+
+def _appliance_durability(doc: dict[str, Any]) -> str:
+    durable = appliance_durable(doc)
+    if durable is None:
+        return "durability as configured on that machine (not read from here)"
+    return DURABILITY_TEXT["appliance"] if durable else "storage.fsync = false: images are NOT made durable " \
+        "before Success (lost in a power cut, like storescp's)"
+
+
+def _others_durability(doc: dict[str, Any], name: str) -> str:
+    if doc["appliance"]["target"] == "started by the benchmark":
+        return DURABILITY_TEXT[name]
+    return f"started by the vendor on that machine; as docs/benchmarks.md starts it: {DURABILITY_TEXT[name]}"
+
+
 def gib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**30:,.1f} GiB"
 
@@ -127,7 +150,7 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
     cfg = a.get("config")
     items = [f"The appliance: {a['target']}; "
              + (f"workers: {a['workers'] or 'one per CPU'}; " if a.get("workers") is not None else "")
-             + f"{DURABILITY_TEXT['appliance']}."]
+             + f"{_appliance_durability(doc)}."]
     if cfg:
         st = cfg["storage"]
         items.append(f"Configuration {cfg['file']}: volumes "
@@ -140,9 +163,9 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
                      + (f"; with the environment's {', '.join(cfg['environment'])}" if cfg.get("environment") else "")
                      + ".")
     if "storescp" not in doc["skipped"]:
-        items.append(f"DCMTK storescp --fork {_version(doc.get('dcmtk'))}: {DURABILITY_TEXT['storescp']}.")
+        items.append(f"DCMTK storescp --fork {_version(doc.get('dcmtk'))}: {_others_durability(doc, 'storescp')}.")
     if "orthanc" not in doc["skipped"]:
-        items.append(f"Orthanc {_version(doc.get('orthanc'))}: {DURABILITY_TEXT['orthanc']}.")
+        items.append(f"Orthanc {_version(doc.get('orthanc'))}: {_others_durability(doc, 'orthanc')}.")
     for name, why in doc["skipped"].items():
         items.append(f"{_receiver_text(name)}: not measured ({why}).")
     b.append(Block("ul", items=items))
@@ -183,12 +206,13 @@ def _ratio(doc: dict[str, Any], scenario: str, client: str, other: str) -> dict[
 
 def _summary(doc: dict[str, Any]) -> list[Block]:
     items = []
+    stored = {True: "stored durably", False: "stored WITHOUT fsync", None: "stored"}[appliance_durable(doc)]
     for scenario in ("ct-burst", "mr-burst", "morning-rush"):
         row = _pick(doc, scenario, "storescu", "appliance") or _pick(doc, scenario, "driver", "appliance")
         if row is None:
             continue
         text = (f"{SCENARIO_TEXT[scenario]}: {spread(row['instances_per_s'])} images/s, "
-                f"{spread(row['mb_per_s'])} MB/s, stored durably ({row['associations']} associations from "
+                f"{spread(row['mb_per_s'])} MB/s, {stored} ({row['associations']} associations from "
                 f"{CLIENT_TEXT[row['client']]})")
         versus = [f"{spread(r, 2)} times {_receiver_text(o)}'s rate" for o in ("storescp", "orthanc")
                   if (r := _ratio(doc, scenario, row["client"], o)) and r.get("median") is not None]
@@ -232,7 +256,9 @@ def _comparison(doc: dict[str, Any]) -> list[Block]:
     return [Block("h2", "4. Compared with DCMTK and Orthanc on the same machine"),
             Block("p", "The appliance's images/s divided by the other receiver's, run by run (the two runs of a "
                        "ratio follow each other); above 1 the appliance is faster. storescp does not make images "
-                       "durable before it answers; the appliance and Orthanc do."),
+                       "durable before it answers; Orthanc does"
+                       + {True: ", and so does the appliance.", False: "; this appliance's configuration does not "
+                          "(storage.fsync = false).", None: "."}[appliance_durable(doc)]),
             Block("table", header=["scenario", "sender", "associations", "compared with", "ratio"], rows=rows),
             Block("figure", text="Ratio per run (dots) and median (line); 1 = the same rate",
                   png=_png(plot_ratios, doc), name="ratios")]

@@ -96,3 +96,29 @@ def test_an_audit_trail_to_journald_gets_none_of_the_benchmarks_events(tmp_path:
     assert cfg.audit.destination == "file" and cfg.audit.path == work / "audit" / "audit.jsonl"
     assert site.describe()["audit"] == "journald"  # the report says what the site runs
     site.remove_run("r1")
+
+
+def _datasheet_text(doc: dict[str, object], tmp_path: Path) -> str:
+    from bench.datasheet_report import blocks, to_markdown
+
+    return to_markdown(blocks(doc, None), tmp_path)
+
+
+def test_the_datasheet_says_durably_only_of_an_appliance_that_fsyncs(tmp_path: Path) -> None:
+    import copy
+
+    ref = json.loads((Path(__file__).parents[2] / "docs/results/datasheet-2026-11-27/datasheet.json").read_text())
+    assert "stored durably" in _datasheet_text(ref, tmp_path)  # the harness's own configuration: fsync on
+    nofsync = copy.deepcopy(ref)
+    nofsync["appliance"]["config"] = {
+        "file": "/etc/appliance/appliance.toml", "volumes": [{"name": "v", "path": "/srv/v"}], "audit": "file",
+        "dropped_sections": [], "environment": [],
+        "storage": {"fsync": False, "commit_max_batch": 64, "commit_max_wait_ms": 2.0}}
+    text = _datasheet_text(nofsync, tmp_path)
+    assert "durably" not in text and "stored WITHOUT fsync" in text and "NOT made durable" in text
+    assert "each image on disk (fdatasync)" not in text
+    remote = copy.deepcopy(ref)
+    remote["appliance"]["target"] = "10.0.0.5:11112 (AE APPLIANCE)"
+    text = _datasheet_text(remote, tmp_path)
+    assert "durably" not in text and "as configured on that machine" in text
+    assert "started by the vendor on that machine" in text
