@@ -23,13 +23,16 @@ Steps (their own reports go into ``<out>/steps/``; the datasheet quotes them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +171,25 @@ def _mr_max(samples: list[dict[str, Any]], n: int) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGINT as a clean exit of the whole datasheet. The receivers run in sessions of
+    their own (so that a stop reaches their workers), so a harness killed by SIGTERM's or SIGHUP's default action
+    (a ``kill``, a closed ssh session) left them running, and the run folders on the site's volumes, behind. And
+    Ctrl-C as KeyboardInterrupt ended only the step it came in (the side by side and ``bench run`` catch it to
+    report what ran), after which the datasheet went on with the next step. As SystemExit, which those do not
+    catch, the ``finally`` blocks that stop each receiver and remove its folders run, and nothing more starts."""
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def parse_cpus(text: str) -> set[int]:
     cpus: set[int] = set()
     for part in text.split(","):
@@ -261,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = Path(tempfile.gettempdir())
     try:
-        return _run(args, argv, out, steps, site, tmp, repeats, count, sustained_s, hw_s, top_n, scenarios)
+        with exit_on_signals():
+            return _run(args, argv, out, steps, site, tmp, repeats, count, sustained_s, hw_s, top_n, scenarios)
     finally:
         if created_tmp is not None:
             try:

@@ -122,3 +122,71 @@ def test_the_datasheet_says_durably_only_of_an_appliance_that_fsyncs(tmp_path: P
     text = _datasheet_text(remote, tmp_path)
     assert "durably" not in text and "as configured on that machine" in text
     assert "started by the vendor on that machine" in text
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from bench import datasheet, receivers
+
+class Sleeper(receivers.Receiver):
+    label = "sleeper"
+    def command(self):
+        return ["sleep", "120"]
+    def start(self):
+        import subprocess
+        self.proc = subprocess.Popen(self.command(), start_new_session=True)
+
+r = Sleeper(Path(sys.argv[1]))
+with datasheet.exit_on_signals():
+    try:
+        r.start()
+        print(r.proc.pid, flush=True)
+        time.sleep(120)
+    finally:
+        r.stop()
+        Path(sys.argv[1], "cleaned").touch()
+"""
+
+
+def test_a_terminated_datasheet_stops_its_receivers_and_cleans_up(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).parents[2]
+    harness = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                               text=True)
+    assert harness.stdout is not None
+    receiver_pid = int(harness.stdout.readline())
+    harness.send_signal(signal.SIGTERM)  # as a closed session or `kill` would
+    assert harness.wait(30) == 128 + signal.SIGTERM
+    assert (tmp_path / "cleaned").exists()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(receiver_pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.kill(receiver_pid, signal.SIGKILL)
+            raise AssertionError("the receiver outlived the terminated harness")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_ends_the_whole_datasheet_not_only_its_current_step() -> None:
+    import os
+    import signal
+    import time
+
+    from bench import datasheet
+
+    with pytest.raises(SystemExit) as stop, datasheet.exit_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:  # what the side by side and `bench run` catch, to go on
+            pytest.fail("Ctrl-C was caught as KeyboardInterrupt by the step")
+    assert stop.value.code == 128 + signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
