@@ -8,8 +8,8 @@ for each run with only what a benchmark must change:
 
 - every ``[[volumes]]`` entry keeps its name and settings, but its path becomes
   ``<the volume's path>/appliance-bench/<run>/``: the data lands on the same array, in a fresh folder that is
-  removed after the run. A configured volume path that does not exist is refused: the array is not mounted,
-  and measuring the root disk instead would be a wrong datasheet;
+  removed after the run. A configured volume that ``appliance serve`` would refuse (no folder, or no marker:
+  the array is not mounted) is refused: measuring the root disk instead would be a wrong datasheet;
 - ``[server]``: 127.0.0.1 on free ports (``port = 0``, ``metrics_port = 0``), ``log_level = "warning"``, the
   per-host and per-AE limits raised to at least 64 (every sender of a benchmark is one host, and morning-rush at
   N = 8 opens 48 associations at once), unknown calling AEs allowed to store, no peer-host check;
@@ -61,11 +61,15 @@ class SiteConfig:
             raise BenchConfigError(f"{path}: {exc}") from None
         except Exception as exc:  # appliance.errors.ConfigError and friends: their message is the one line
             raise BenchConfigError(str(exc)) from None
-        missing = [f"{vc.name} ({vc.path})" for vc in self.config.volumes if not vc.path.is_dir()]
-        if missing:
-            raise BenchConfigError(
-                f"{path}: volume path(s) {', '.join(missing)} do not exist: mount the array (or `appliance volume "
-                "init`) first; the benchmark writes into a fresh folder inside each volume")
+        from appliance.store.volumes import volume_problem
+
+        # What serve checks: the folder exists and holds the volume's marker with its name. A folder that merely
+        # exists may be the empty mount point of an array that is not mounted: measuring the root disk under it
+        # would be a wrong datasheet.
+        problems = [f"volume {vc.name}: {why}" for vc in self.config.volumes if (why := volume_problem(vc))]
+        if problems:
+            raise BenchConfigError(f"{path}: {'; '.join(problems)}; the benchmark writes into a fresh folder inside "
+                                   "each configured volume")
         # Refused here, in one line, rather than as "appliance exited 1 while starting" in every run of the side
         # by side: a folder the benchmark cannot write into (another user's, a read-only mount).
         index_parent = self.config.storage.index_path.parent
