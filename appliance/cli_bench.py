@@ -307,7 +307,9 @@ def datasheet_cmd(
     title: Annotated[str | None, typer.Option(help="The datasheet's heading, e.g. the box's model")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the receivers' data folders")] = False,
     cache: CacheOpt = None,
-    tmp: TmpOpt = None,
+    tmp: Annotated[Path | None, typer.Option(
+        "--tmp", file_okay=False, help="Where the receivers' data folders go (default: -c's first volume, else "
+                                       "$TMPDIR)")] = None,
     out: OutDir = None,
     as_json: JsonFlag = False,
 ) -> None:

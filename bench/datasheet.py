@@ -104,7 +104,8 @@ def driver_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
         "instances_ok": sum(r["instances_ok"] for r in rows),
         "driver_can_offer_rate": all(r.get("driver_can_offer_rate", True) for r in rows),
         "driver_ceiling_instances_per_s": stat([r.get("driver_ceiling_instances_per_s") for r in rows], 1),
-        "peak_rss_mib": stat([(run.get("server") or {}).get("peak_rss_bytes", 0) / 2**20 or None for run in runs], 0),
+        "peak_rss_mib": stat([((run.get("server") or {}).get("peak_rss_bytes") or 0) / 2**20 or None
+                              for run in runs], 0),
         "cpu_ms_per_instance": stat([1000.0 * (run.get("server") or {})["cpu_s"] / r["instances_ok"]
                                      if (run.get("server") or {}).get("cpu_s") is not None and r["instances_ok"]
                                      else None for run, r in zip(runs, rows, strict=False)], 2),

@@ -190,3 +190,23 @@ def test_ctrl_c_ends_the_whole_datasheet_not_only_its_current_step() -> None:
             pytest.fail("Ctrl-C was caught as KeyboardInterrupt by the step")
     assert stop.value.code == 128 + signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_remote_datasheet_does_not_claim_what_it_could_not_see(tmp_path: Path) -> None:
+    ref = json.loads((Path(__file__).parents[2] / "docs/results/datasheet-2026-11-27/datasheet.json").read_text())
+    ref["sender"].update(cpus=[0], receiver_cpus=[1])
+    assert "(receivers on CPU 1)" in _datasheet_text(ref, tmp_path)
+    ref["appliance"]["target"] = "10.0.0.5:11112 (AE APPLIANCE)"
+    text = _datasheet_text(ref, tmp_path)
+    assert "on CPU 0" in text and "receivers on CPU" not in text  # they run on the other machine, not pinned
+    assert "those on another machine are not counted from here" in text
+
+
+def test_a_run_without_a_peak_rss_is_no_crash() -> None:
+    from bench import datasheet
+
+    row = {"role": "target", "associations": 8, "instances_per_s": 10.0, "mb_per_s": 1.0, "latency_ms": None,
+           "setup_ms": None, "failures": 0, "instances_ok": 10}
+    run = {"role": "target", "server": {"cpu_s": 0.5, "peak_rss_bytes": None}}
+    stats = datasheet.driver_stats([{"summary": {"rows": [row]}, "runs": [run]}])
+    assert stats["peak_rss_mib"]["median"] is None and stats["cpu_ms_per_instance"]["median"] == 50.0
