@@ -210,3 +210,20 @@ def test_a_run_without_a_peak_rss_is_no_crash() -> None:
     run = {"role": "target", "server": {"cpu_s": 0.5, "peak_rss_bytes": None}}
     stats = datasheet.driver_stats([{"summary": {"rows": [row]}, "runs": [run]}])
     assert stats["peak_rss_mib"]["median"] is None and stats["cpu_ms_per_instance"]["median"] == 50.0
+
+
+def test_datasheet_json_is_printed_also_when_a_run_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from bench import datasheet
+
+    def failed_run(argv: list[str]) -> int:
+        out = Path(argv[argv.index("--out") + 1])
+        (out / "datasheet.json").write_text(json.dumps({"ok": False, "problems": ["appliance ct-burst: 0xA700"]}))
+        return 1
+
+    monkeypatch.setattr(datasheet, "main", failed_run)
+    result = CliRunner().invoke(app, ["bench", "datasheet", "--json", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["problems"] == ["appliance ct-burst: 0xA700"]
