@@ -227,3 +227,19 @@ def test_datasheet_json_is_printed_also_when_a_run_failed(tmp_path: Path, monkey
     result = CliRunner().invoke(app, ["bench", "datasheet", "--json", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert json.loads(result.stdout)["problems"] == ["appliance ct-burst: 0xA700"]
+
+
+def test_relative_paths_in_the_site_file_are_the_site_files_not_the_run_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = site_file(tmp_path)
+    path.write_text(path.read_text().replace(f'"{tmp_path}/', '"'))  # index_path = "meta/index", path = "a"...
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    site = SiteConfig(path)
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = load_config(site.write_run_config(work, "r1"))
+    assert [v.path for v in cfg.volumes] == [tmp_path / "a" / BENCH_FOLDER / "r1", tmp_path / "b" / BENCH_FOLDER / "r1"]
+    assert cfg.storage.index_path == tmp_path / "meta" / BENCH_FOLDER / "r1" / "index"
+    site.remove_run("r1")
