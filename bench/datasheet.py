@@ -122,9 +122,12 @@ def operating_system() -> str:
     return ""
 
 
-def probe_disks(folders: list[Path], seconds: float, repeats: int) -> list[dict[str, Any]]:
+def probe_disks(folders: list[Path], seconds: float, repeats: int, subfolder: str | None = None
+                ) -> list[dict[str, Any]]:
     """bench/hardware.py's probe, ``repeats`` times, on each distinct device among ``folders`` (several volumes
-    on one array are one disk): each figure a stat."""
+    on one array are one disk): each figure a stat. ``subfolder`` (a site's volumes): the probe's files go into
+    ``<folder>/<subfolder>``, where the rest of the benchmark writes, not beside the site's data in the volume's
+    root (a killed probe leaves its files where the docs say to look)."""
     seen: set[int] = set()
     out = []
     for folder in folders:
@@ -132,7 +135,14 @@ def probe_disks(folders: list[Path], seconds: float, repeats: int) -> list[dict[
         if dev in seen:
             continue
         seen.add(dev)
-        runs = [hardware.probe(folder, seconds) for _ in range(repeats)]
+        where = folder / subfolder if subfolder else folder
+        where.mkdir(exist_ok=True)
+        try:
+            runs = [hardware.probe(where, seconds) for _ in range(repeats)]
+        finally:
+            if where != folder:
+                with contextlib.suppress(OSError):
+                    where.rmdir()  # when no other run is in it
         results = {key: stat([r.get(key) for r in runs], 1) for key in runs[0]}
         out.append({"path": str(folder), "filesystem": hardware.machine(folder)["filesystem"], "results": results})
     return out
@@ -305,7 +315,7 @@ def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site
         folders = [vc.path for vc in site.config.volumes] if site is not None else [tmp]
         print(f"[1/{total}] the machine: disks of {', '.join(map(str, folders))} ({repeats} x {hw_s:g} s each)",
               file=sys.stderr, flush=True)
-        disks = probe_disks(folders, hw_s, repeats)
+        disks = probe_disks(folders, hw_s, repeats, BENCH_FOLDER if site is not None else None)
         loopback = disks[0]["results"].get("tcp_loopback_mb_per_s") if disks else None
         (steps / "hardware.json").write_text(json.dumps(disks, indent=1))
     else:

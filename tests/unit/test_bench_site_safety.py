@@ -243,3 +243,22 @@ def test_relative_paths_in_the_site_file_are_the_site_files_not_the_run_folders(
     assert [v.path for v in cfg.volumes] == [tmp_path / "a" / BENCH_FOLDER / "r1", tmp_path / "b" / BENCH_FOLDER / "r1"]
     assert cfg.storage.index_path == tmp_path / "meta" / BENCH_FOLDER / "r1" / "index"
     site.remove_run("r1")
+
+
+def test_the_disk_probe_writes_in_the_benchmarks_folder_not_the_volumes_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import datasheet, hardware
+
+    probed: list[Path] = []
+
+    def fake_probe(folder: Path, seconds: float) -> dict[str, float]:
+        probed.append(Path(folder))
+        return {"fsync_512kib_t8_files_per_s": 100.0}
+
+    monkeypatch.setattr(hardware, "probe", fake_probe)
+    monkeypatch.setattr(hardware, "machine", lambda folder: {"filesystem": "ext4"})
+    volume = tmp_path / "a"
+    volume.mkdir()
+    disks = datasheet.probe_disks([volume], 0.1, 3, BENCH_FOLDER)
+    assert probed == [volume / BENCH_FOLDER] * 3 and disks[0]["path"] == str(volume)
+    assert list(volume.iterdir()) == []  # its folder removed again
