@@ -136,13 +136,14 @@ def probe_disks(folders: list[Path], seconds: float, repeats: int, subfolder: st
             continue
         seen.add(dev)
         where = folder / subfolder if subfolder else folder
+        created = not where.exists()
         where.mkdir(exist_ok=True)
         try:
             runs = [hardware.probe(where, seconds) for _ in range(repeats)]
         finally:
-            if where != folder:
+            if created:  # not the one main made for the receivers' data
                 with contextlib.suppress(OSError):
-                    where.rmdir()  # when no other run is in it
+                    where.rmdir()
         results = {key: stat([r.get(key) for r in runs], 1) for key in runs[0]}
         out.append({"path": str(folder), "filesystem": hardware.machine(folder)["filesystem"], "results": results})
     return out

@@ -262,3 +262,6 @@ def test_the_disk_probe_writes_in_the_benchmarks_folder_not_the_volumes_root(
     disks = datasheet.probe_disks([volume], 0.1, 3, BENCH_FOLDER)
     assert probed == [volume / BENCH_FOLDER] * 3 and disks[0]["path"] == str(volume)
     assert list(volume.iterdir()) == []  # its folder removed again
+    (volume / BENCH_FOLDER).mkdir()  # made by main for the receivers' data: stays for them
+    datasheet.probe_disks([volume], 0.1, 1, BENCH_FOLDER)
+    assert (volume / BENCH_FOLDER).is_dir()
