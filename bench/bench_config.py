@@ -86,6 +86,13 @@ class SiteConfig:
                 "into its volumes and compete with its ingest; stop it first, or measure it as it runs with "
                 "--target HOST:PORT (its volumes then hold the benchmark's images)")
 
+    def leftovers(self) -> list[Path]:
+        """What earlier runs left in the ``appliance-bench/`` folders (a run killed with SIGKILL, a power cut):
+        said before a run, never removed unasked (another benchmark of the same configuration may be running)."""
+        parents = {vc.path / BENCH_FOLDER for vc in self.config.volumes}
+        parents.add(self.config.storage.index_path.parent / BENCH_FOLDER)
+        return sorted(p for parent in parents if parent.is_dir() for p in parent.iterdir())
+
     def serving(self) -> Path | None:
         """The site's index when a supervisor holds its serve lock (appliance/server.py), else None. Tried with
         a non-blocking flock that is released at once; a missing lock file is not created."""

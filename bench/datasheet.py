@@ -273,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         except BenchConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        left = site.leftovers()
+        if left:
+            print(f"note: earlier benchmark runs left {', '.join(map(str, left[:5]))}"
+                  + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+                  + ": remove them unless a benchmark is running", file=sys.stderr)
     count = args.count or (100 if args.quick else None)
     sustained_s = args.sustained_seconds or (10.0 if args.quick else 30.0)
     hw_s = args.hardware_seconds or (3.0 if args.quick else 10.0)

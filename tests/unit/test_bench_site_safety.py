@@ -265,3 +265,13 @@ def test_the_disk_probe_writes_in_the_benchmarks_folder_not_the_volumes_root(
     (volume / BENCH_FOLDER).mkdir()  # made by main for the receivers' data: stays for them
     datasheet.probe_disks([volume], 0.1, 1, BENCH_FOLDER)
     assert (volume / BENCH_FOLDER).is_dir()
+
+
+def test_what_a_killed_run_left_is_named_not_removed(tmp_path: Path) -> None:
+    site = SiteConfig(site_file(tmp_path))
+    assert site.leftovers() == []
+    stale = [tmp_path / "a" / BENCH_FOLDER / "20261127-010101-x", tmp_path / "meta" / BENCH_FOLDER / "20261127-010101-x"]
+    for folder in stale:
+        folder.mkdir(parents=True)
+    assert site.leftovers() == sorted(stale)
+    assert all(folder.is_dir() for folder in stale)
