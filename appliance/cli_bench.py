@@ -307,7 +307,9 @@ def datasheet_cmd(
     title: Annotated[str | None, typer.Option(help="The datasheet's heading, e.g. the box's model")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the receivers' data folders")] = False,
     cache: CacheOpt = None,
-    tmp: TmpOpt = None,
+    tmp: Annotated[Path | None, typer.Option(
+        "--tmp", file_okay=False, help="Where the receivers' data folders go (default: -c's first volume, else "
+                                       "$TMPDIR)")] = None,
     out: OutDir = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -333,13 +335,18 @@ def datasheet_cmd(
         except Exception as exc:
             raise typer.BadParameter(str(exc), param_hint="--sender-cpus") from None
     with _report_dir(out, as_json) as folder:
-        _run("datasheet", _argv(out=folder, config=config, target=target, called_ae=called_ae, storescp=storescp,
-                                orthanc=orthanc, tmp=tmp, cache=cache, quick=quick, repeats=repeats,
-                                associations=associations, scenarios=scenarios, count=count, load=load,
-                                sustained_seconds=sustained_seconds, hardware_seconds=hardware_seconds,
-                                workers=workers, sender_cpus=sender_cpus, title=title, keep=keep), as_json)
-        if as_json and folder:
-            _print_json(folder / "datasheet.json")
+        try:
+            _run("datasheet", _argv(out=folder, config=config, target=target, called_ae=called_ae,
+                                    storescp=storescp, orthanc=orthanc, tmp=tmp, cache=cache, quick=quick,
+                                    repeats=repeats, associations=associations, scenarios=scenarios, count=count,
+                                    load=load, sustained_seconds=sustained_seconds,
+                                    hardware_seconds=hardware_seconds, workers=workers, sender_cpus=sender_cpus,
+                                    title=title, keep=keep), as_json)
+        finally:
+            # Exit 1 (a run failed) still wrote the report, which lists the failed runs: --json prints it then
+            # too. The tool removes an earlier run's datasheet.json first, so one that exists is this run's.
+            if as_json and folder and (folder / "datasheet.json").exists():
+                _print_json(folder / "datasheet.json")
 
 
 # ---- query and retrieve ----------------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ for each run with only what a benchmark must change:
 
 - every ``[[volumes]]`` entry keeps its name and settings, but its path becomes
   ``<the volume's path>/appliance-bench/<run>/``: the data lands on the same array, in a fresh folder that is
-  removed after the run. A configured volume path that does not exist is refused: the array is not mounted,
-  and measuring the root disk instead would be a wrong datasheet;
+  removed after the run. A configured volume that ``appliance serve`` would refuse (no folder, or no marker:
+  the array is not mounted) is refused: measuring the root disk instead would be a wrong datasheet;
 - ``[server]``: 127.0.0.1 on free ports (``port = 0``, ``metrics_port = 0``), ``log_level = "warning"``, the
   per-host and per-AE limits raised to at least 64 (every sender of a benchmark is one host, and morning-rush at
   N = 8 opens 48 associations at once), unknown calling AEs allowed to store, no peer-host check;
 - the index and the Storage Commitment journal go into ``appliance-bench/<run>/`` beside the site's own index
-  (so on the disk the site chose for its index, often not the volumes' array), and a file audit trail into
-  the run's work folder;
+  (so on the disk the site chose for its index, often not the volumes' array), and the audit trail (a file, or
+  journald) into a file in the run's work folder: the site's trail gets none of the benchmark's events;
 - ``[peers]``, ``[tls]``, ``[tiering]``, ``[[tiers]]`` and ``[[policies]]`` are dropped: the benchmark measures
   ingest, and a policy run or a TLS handshake would measure something else.
 Everything else (``[storage]``, ``[dicom]``, ``[query]``, ``[retrieve]``, ``[audit]`` destination and limits,
@@ -24,13 +24,14 @@ Everything else (``[storage]``, ``[dicom]``, ``[query]``, ``[retrieve]``, ``[aud
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from appliance.config import Config, load_config
+from appliance.config import Config, _env_overrides, load_config
 
 BENCH_FOLDER = "appliance-bench"
 # Sections a benchmark of ingest does not run with (see the module docstring).
@@ -49,16 +50,68 @@ class SiteConfig:
         self.path = path.resolve()
         try:
             self.raw: dict[str, Any] = tomllib.loads(self.path.read_text())
+            # The APPLIANCE_SERVER_*/STORAGE_*/TLS_* variables the site's appliance would apply over its file:
+            # folded into the copy here (what the site runs is measured), and kept from the benchmark's appliance
+            # (bench/receivers.py receiver_env), which would otherwise apply a port or an index path to it.
+            self.environment = sorted(k for k in os.environ if k.startswith(("APPLIANCE_SERVER_", "APPLIANCE_STORAGE_",
+                                                                            "APPLIANCE_TLS_")))
+            _env_overrides(self.raw, dict(os.environ))
             self.config: Config = load_config(self.path)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise BenchConfigError(f"{path}: {exc}") from None
         except Exception as exc:  # appliance.errors.ConfigError and friends: their message is the one line
             raise BenchConfigError(str(exc)) from None
-        missing = [f"{vc.name} ({vc.path})" for vc in self.config.volumes if not vc.path.is_dir()]
-        if missing:
+        from appliance.store.volumes import volume_problem
+
+        # What serve checks: the folder exists and holds the volume's marker with its name. A folder that merely
+        # exists may be the empty mount point of an array that is not mounted: measuring the root disk under it
+        # would be a wrong datasheet.
+        problems = [f"volume {vc.name}: {why}" for vc in self.config.volumes if (why := volume_problem(vc))]
+        if problems:
+            raise BenchConfigError(f"{path}: {'; '.join(problems)}; the benchmark writes into a fresh folder inside "
+                                   "each configured volume")
+        # Refused here, in one line, rather than as "appliance exited 1 while starting" in every run of the side
+        # by side: a folder the benchmark cannot write into (another user's, a read-only mount).
+        index_parent = self.config.storage.index_path.parent
+        folders = [vc.path for vc in self.config.volumes] + ([index_parent] if index_parent.is_dir() else [])
+        unwritable = [str(f) for f in folders if not os.access(f, os.W_OK | os.X_OK)]
+        if unwritable:
             raise BenchConfigError(
-                f"{path}: volume path(s) {', '.join(missing)} do not exist: mount the array (or `appliance volume "
-                "init`) first; the benchmark writes into a fresh folder inside each volume")
+                f"{path}: cannot write into {', '.join(unwritable)}: run the benchmark as the appliance's user "
+                "(or root); it writes into a fresh folder there")
+        live = self.serving()
+        if live:
+            raise BenchConfigError(
+                f"{path}: an appliance is serving this configuration (index {live}): the benchmark would write "
+                "into its volumes and compete with its ingest; stop it first, or measure it as it runs with "
+                "--target HOST:PORT (its volumes then hold the benchmark's images)")
+
+    def leftovers(self) -> list[Path]:
+        """What earlier runs left in the ``appliance-bench/`` folders (a run killed with SIGKILL, a power cut):
+        said before a run, never removed unasked (another benchmark of the same configuration may be running)."""
+        parents = {vc.path / BENCH_FOLDER for vc in self.config.volumes}
+        parents.add(self.config.storage.index_path.parent / BENCH_FOLDER)
+        return sorted(p for parent in parents if parent.is_dir() for p in parent.iterdir())
+
+    def serving(self) -> Path | None:
+        """The site's index when a supervisor holds its serve lock (appliance/server.py), else None. Tried with
+        a non-blocking flock that is released at once; a missing lock file is not created."""
+        import fcntl
+
+        from appliance.index.db import SERVE_LOCK
+
+        lock = self.config.storage.index_path / SERVE_LOCK
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return None  # no index yet, or not readable: nothing serves it from here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.config.storage.index_path
+        finally:
+            os.close(fd)  # also releases the lock when we got it
+        return None
 
     @property
     def ae_title(self) -> str:
@@ -96,6 +149,7 @@ class SiteConfig:
             "index_path": str(c.storage.index_path),
             "audit": c.audit.destination,
             "dropped_sections": [s for s in DROPPED_SECTIONS if s in self.raw],
+            "environment": self.environment,
         }
 
     def run_config(self, workdir: Path, run: str, workers: int | None = None) -> dict[str, Any]:
@@ -116,7 +170,10 @@ class SiteConfig:
         raw.setdefault("storage", {})["index_path"] = str(meta / "index")
         raw.setdefault("commitment", {})["journal_path"] = str(meta / "commitments")
         audit = raw.setdefault("audit", {})
-        if audit.get("destination", "file") == "file":
+        if audit.get("destination", "file") != "off":
+            # journald too: the site's audit trail (what its SIEM collects) must not get the benchmark's
+            # thousands of stores; a JSON line per event is still written, into the run's folder.
+            audit["destination"] = "file"
             audit["path"] = str(workdir / "audit" / "audit.jsonl")
         raw["volumes"] = [{**_copy(entry), "path": str(root)}
                           for entry, (_name, root) in zip(self._volume_entries(), roots, strict=True)]

@@ -23,13 +23,16 @@ Steps (their own reports go into ``<out>/steps/``; the datasheet quotes them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +104,8 @@ def driver_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
         "instances_ok": sum(r["instances_ok"] for r in rows),
         "driver_can_offer_rate": all(r.get("driver_can_offer_rate", True) for r in rows),
         "driver_ceiling_instances_per_s": stat([r.get("driver_ceiling_instances_per_s") for r in rows], 1),
-        "peak_rss_mib": stat([(run.get("server") or {}).get("peak_rss_bytes", 0) / 2**20 or None for run in runs], 0),
+        "peak_rss_mib": stat([((run.get("server") or {}).get("peak_rss_bytes") or 0) / 2**20 or None
+                              for run in runs], 0),
         "cpu_ms_per_instance": stat([1000.0 * (run.get("server") or {})["cpu_s"] / r["instances_ok"]
                                      if (run.get("server") or {}).get("cpu_s") is not None and r["instances_ok"]
                                      else None for run, r in zip(runs, rows, strict=False)], 2),
@@ -118,9 +122,12 @@ def operating_system() -> str:
     return ""
 
 
-def probe_disks(folders: list[Path], seconds: float, repeats: int) -> list[dict[str, Any]]:
+def probe_disks(folders: list[Path], seconds: float, repeats: int, subfolder: str | None = None
+                ) -> list[dict[str, Any]]:
     """bench/hardware.py's probe, ``repeats`` times, on each distinct device among ``folders`` (several volumes
-    on one array are one disk): each figure a stat."""
+    on one array are one disk): each figure a stat. ``subfolder`` (a site's volumes): the probe's files go into
+    ``<folder>/<subfolder>``, where the rest of the benchmark writes, not beside the site's data in the volume's
+    root (a killed probe leaves its files where the docs say to look)."""
     seen: set[int] = set()
     out = []
     for folder in folders:
@@ -128,7 +135,15 @@ def probe_disks(folders: list[Path], seconds: float, repeats: int) -> list[dict[
         if dev in seen:
             continue
         seen.add(dev)
-        runs = [hardware.probe(folder, seconds) for _ in range(repeats)]
+        where = folder / subfolder if subfolder else folder
+        created = not where.exists()
+        where.mkdir(exist_ok=True)
+        try:
+            runs = [hardware.probe(where, seconds) for _ in range(repeats)]
+        finally:
+            if created:  # not the one main made for the receivers' data
+                with contextlib.suppress(OSError):
+                    where.rmdir()
         results = {key: stat([r.get(key) for r in runs], 1) for key in runs[0]}
         out.append({"path": str(folder), "filesystem": hardware.machine(folder)["filesystem"], "results": results})
     return out
@@ -166,6 +181,25 @@ def _mr_max(samples: list[dict[str, Any]], n: int) -> float | None:
     rates = [s["instances_per_s"] for s in samples if s["ok"] and s["scenario"] == "mr-burst"
              and s["client"] == "driver" and s["receiver"].startswith("appliance") and s["associations"] == n]
     return statistics.median(rates) if rates else None
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGINT as a clean exit of the whole datasheet. The receivers run in sessions of
+    their own (so that a stop reaches their workers), so a harness killed by SIGTERM's or SIGHUP's default action
+    (a ``kill``, a closed ssh session) left them running, and the run folders on the site's volumes, behind. And
+    Ctrl-C as KeyboardInterrupt ended only the step it came in (the side by side and ``bench run`` catch it to
+    report what ran), after which the datasheet went on with the next step. As SystemExit, which those do not
+    catch, the ``finally`` blocks that stop each receiver and remove its folders run, and nothing more starts."""
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -239,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         except BenchConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        left = site.leftovers()
+        if left:
+            print(f"note: earlier benchmark runs left {', '.join(map(str, left[:5]))}"
+                  + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+                  + ": remove them unless a benchmark is running", file=sys.stderr)
     count = args.count or (100 if args.quick else None)
     sustained_s = args.sustained_seconds or (10.0 if args.quick else 30.0)
     hw_s = args.hardware_seconds or (3.0 if args.quick else 10.0)
@@ -261,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tmp = Path(tempfile.gettempdir())
     try:
-        return _run(args, argv, out, steps, site, tmp, repeats, count, sustained_s, hw_s, top_n, scenarios)
+        with exit_on_signals():
+            return _run(args, argv, out, steps, site, tmp, repeats, count, sustained_s, hw_s, top_n, scenarios)
     finally:
         if created_tmp is not None:
             try:
@@ -281,7 +321,7 @@ def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site
         folders = [vc.path for vc in site.config.volumes] if site is not None else [tmp]
         print(f"[1/{total}] the machine: disks of {', '.join(map(str, folders))} ({repeats} x {hw_s:g} s each)",
               file=sys.stderr, flush=True)
-        disks = probe_disks(folders, hw_s, repeats)
+        disks = probe_disks(folders, hw_s, repeats, BENCH_FOLDER if site is not None else None)
         loopback = disks[0]["results"].get("tcp_loopback_mb_per_s") if disks else None
         (steps / "hardware.json").write_text(json.dumps(disks, indent=1))
     else:

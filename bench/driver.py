@@ -353,6 +353,7 @@ class Spawned:
         self.log_path = workdir / f"{what}.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=receivers.receiver_env(),  # no APPLIANCE_* override of its config
                                          preexec_fn=receivers._pin_receiver if receivers.RECEIVER_CPUS else None)
         try:
             self.info = _wait_file(port_file, self.proc, what)

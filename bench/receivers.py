@@ -23,7 +23,24 @@ if TYPE_CHECKING:
     from bench.bench_config import SiteConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on unless told otherwise
+
+
+# What appliance/config.py reads from the environment over the file (``APPLIANCE_SERVER_PORT``...), and the
+# config file's location.
+CONFIG_ENV_PREFIXES = ("APPLIANCE_SERVER_", "APPLIANCE_STORAGE_", "APPLIANCE_TLS_", "APPLIANCE_CONFIG")
+
+
+def receiver_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a receiver we start: ours without the configuration overrides. load_config applies
+    ``APPLIANCE_SERVER_PORT``, ``APPLIANCE_STORAGE_INDEX_PATH``, ``APPLIANCE_TLS_ENABLED``... over the file, so
+    a variable exported for the site's own appliance (a shell, a unit's Environment=) would otherwise put the
+    benchmark's appliance on the production port or into the live index. bench/bench_config.py folds the
+    variables into the site's configuration before the run's copy is written, so ``-c`` still measures them."""
+    env = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in env.items() if not k.startswith(CONFIG_ENV_PREFIXES)}
+
+
+DCMTK_ENV = {**receiver_env(), "TCP_NODELAY": "1"}  # DCMTK keeps Nagle on unless told otherwise
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RECEIVERS = ("appliance", "storescp", "orthanc")
 START_TIMEOUT = 60.0

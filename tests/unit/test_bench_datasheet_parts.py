@@ -4,6 +4,7 @@ the statistics every figure goes through, and the two renderings (Markdown, self
 from __future__ import annotations
 
 import base64
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -48,8 +49,12 @@ path = "/var/log/appliance/audit.jsonl"
 
 
 def site_file(tmp_path: Path) -> Path:
+    from appliance.store.volumes import init_volume
+
     for name in ("a", "b", "meta"):
         (tmp_path / name).mkdir()
+    init_volume(tmp_path / "a", "raid-a")
+    init_volume(tmp_path / "b", "raid-b")
     path = tmp_path / "appliance.toml"
     path.write_text(SITE.format(root=tmp_path))
     return path
@@ -83,8 +88,12 @@ def test_a_run_config_keeps_the_site_settings_and_changes_only_what_a_benchmark_
 
 def test_a_volume_that_is_not_there_is_refused_not_replaced_by_the_root_disk(tmp_path: Path) -> None:
     path = site_file(tmp_path)
-    (tmp_path / "b").rmdir()  # the array is not mounted
-    with pytest.raises(BenchConfigError, match=r"raid-b .* do not exist"):
+    shutil.rmtree(tmp_path / "b")
+    (tmp_path / "b").mkdir()  # the array is not mounted: its mount point is an empty folder on the root disk
+    with pytest.raises(BenchConfigError, match=r"volume raid-b: .* has no .appliance-volume marker"):
+        SiteConfig(path)
+    (tmp_path / "b").rmdir()  # no folder at all
+    with pytest.raises(BenchConfigError, match=r"volume raid-b: .* does not exist"):
         SiteConfig(path)
 
 
