@@ -117,8 +117,12 @@ def test_ctrl_c_in_the_middle_of_a_run_says_so_and_the_next_run_finishes(tmp_pat
     config, data = nearline_site(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_TIER_NOW"}
     # 1 kB/s: the first study takes seconds, so the Ctrl-C lands inside a move.
+    # SIGINT as a terminal's Ctrl-C finds it: a test run started in the background by a non-interactive shell
+    # (nohup make test &) has SIGINT ignored, the child inherits that, and Python then never raises
+    # KeyboardInterrupt (seen in a CI clone started that way: the run finished, exit 0).
     proc = subprocess.Popen([*APPLIANCE, "tier", "run", "--rate", "0.001", "-c", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Interrupted once it is inside a move: its archive is being written (polled, not a fixed wait).
     partials = tmp_path / "nl0" / "tmp"
     deadline = time.monotonic() + 60
