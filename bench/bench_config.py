@@ -25,6 +25,7 @@ Everything else (``[storage]``, ``[dicom]``, ``[query]``, ``[retrieve]``, ``[aud
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,18 @@ LIMIT_MIN = 64
 
 class BenchConfigError(Exception):
     """The site's configuration cannot be benchmarked as it is (one line for the user)."""
+
+
+def load_site(path: Path | None) -> SiteConfig | None:
+    """``-c``'s file for a bench command (None without ``-c``). One that cannot be benchmarked ends the command as
+    every usage error does: one line on stderr, exit 2."""
+    if path is None:
+        return None
+    try:
+        return SiteConfig(path)
+    except BenchConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class SiteConfig:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, sidebyside, synth
-from bench.bench_config import BenchConfigError, SiteConfig
+from bench.bench_config import load_site
 from bench.receivers import (  # noqa: F401  (re-exported: bench.compare.ApplianceReceiver etc. stay valid)
     DCMTK_ENV,
     RECEIVERS,
@@ -324,13 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: DCMTK {tool} is not installed (make dcmtk, or apt-get install dcmtk)", file=sys.stderr)
             return 2
 
-    site = None
-    if args.config is not None:
-        try:
-            site = SiteConfig(args.config)
-        except BenchConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    site = load_site(args.config)
+    if site is not None:
         if args.workers is None:
             args.workers = [None]  # the configuration's
     receivers = list(args.receivers)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import driver, hardware, receivers, report, sidebyside, synth
-from bench.bench_config import BENCH_FOLDER, BenchConfigError, SiteConfig
+from bench.bench_config import BENCH_FOLDER, SiteConfig, load_site
 from bench.sidebyside_report import per_repeat_ratios
 
 SCHEMA_VERSION = 2
@@ -266,13 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: DCMTK is not installed (apt-get install dcmtk): the side by side sends with storescu and "
               "compares with storescp", file=sys.stderr)
         return 2
-    site = None
-    if args.config is not None:
-        try:
-            site = SiteConfig(args.config)
-        except BenchConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    site = load_site(args.config)
+    if site is not None:
         left = site.leftovers()
         if left:
             print(f"note: earlier benchmark runs left {', '.join(map(str, left[:5]))}"

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import receivers, report, synth
-from bench.bench_config import BenchConfigError, SiteConfig
+from bench.bench_config import SiteConfig, load_site
 from bench.monitor import STAGES, MetricsWindow, ServerMonitor, metrics_delta, scrape
 from bench.scenarios import (
     EXPLICIT_LE,
@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.associations):
         parser.error("--associations must be at least 1")
+    if args.config is not None and not args.start_appliance:
+        parser.error("--config configures the appliance --start-appliance starts")
     if args.scenario == "sustained" and (args.rate <= 0 or args.duration <= 0):
         parser.error("--rate and --duration must be positive")
     try:
@@ -501,17 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
 
+    site = load_site(args.config)  # before anything is built or started: a refused file is one line
     workdir = Path(tempfile.mkdtemp(prefix="bench-run-", dir=args.tmp))
     appliance = discard = None
     runs: list[dict[str, Any]] = []
     try:
         scenario, data = build_scenario(args)
         if args.start_appliance:
-            try:
-                site = SiteConfig(args.config) if args.config is not None else None
-            except BenchConfigError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
             workers = args.workers if args.workers is not None else (None if site is not None else 0)
             appliance = start_appliance(workdir, workers, not args.no_fsync, site)
             if args.keep:

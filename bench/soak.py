@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_config import BenchConfigError, SiteConfig
+from bench.bench_config import load_site
 from bench.monitor import scrape
 from bench.receivers import ROOT, ApplianceReceiver
 
@@ -120,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.associations < 1 or args.duration < 120 or args.rate <= 0:
         parser.error("--associations >= 1, --duration >= 120 (first and last minute), --rate > 0")
-    site = None
-    if args.config is not None:
-        try:
-            site = SiteConfig(args.config)
-        except BenchConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    site = load_site(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
     # One driver host and one calling AE open every association: lift the per-AE/per-host limits to the total.
     for key in ("MAX_ASSOCIATIONS", "MAX_ASSOCIATIONS_PER_AE", "MAX_ASSOCIATIONS_PER_HOST"):
