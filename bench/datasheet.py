@@ -122,19 +122,21 @@ def operating_system() -> str:
     return ""
 
 
-def probe_disks(folders: list[Path], seconds: float, repeats: int, subfolder: str | None = None
+def probe_disks(folders: list[tuple[Path, str]], seconds: float, repeats: int, subfolder: str | None = None
                 ) -> list[dict[str, Any]]:
-    """bench/hardware.py's probe, ``repeats`` times, on each distinct device among ``folders`` (several volumes
-    on one array are one disk): each figure a stat. ``subfolder`` (a site's volumes): the probe's files go into
-    ``<folder>/<subfolder>``, where the rest of the benchmark writes, not beside the site's data in the volume's
-    root (a killed probe leaves its files where the docs say to look)."""
-    seen: set[int] = set()
-    out = []
-    for folder in folders:
+    """bench/hardware.py's probe, ``repeats`` times, on each distinct device among ``folders`` ((folder, what it
+    holds): several volumes on one array are one disk, named by all it holds): each figure a stat. ``subfolder``
+    (a site's volumes): the probe's files go into ``<folder>/<subfolder>``, where the rest of the benchmark
+    writes, not beside the site's data in the volume's root (a killed probe leaves its files where the docs say
+    to look)."""
+    roles: dict[int, list[str]] = {}
+    first: dict[int, Path] = {}
+    for folder, role in folders:
         dev = os.stat(folder).st_dev
-        if dev in seen:
-            continue
-        seen.add(dev)
+        roles.setdefault(dev, []).append(role)
+        first.setdefault(dev, folder)
+    out = []
+    for dev, folder in first.items():
         where = folder / subfolder if subfolder else folder
         created = not where.exists()
         where.mkdir(exist_ok=True)
@@ -145,7 +147,8 @@ def probe_disks(folders: list[Path], seconds: float, repeats: int, subfolder: st
                 with contextlib.suppress(OSError):
                     where.rmdir()
         results = {key: stat([r.get(key) for r in runs], 1) for key in runs[0]}
-        out.append({"path": str(folder), "filesystem": hardware.machine(folder)["filesystem"], "results": results})
+        out.append({"path": str(folder), "holds": ", ".join(roles[dev]),
+                    "filesystem": hardware.machine(folder)["filesystem"], "results": results})
     return out
 
 
@@ -313,9 +316,13 @@ def _run(args: argparse.Namespace, argv: list[str], out: Path, steps: Path, site
     disks: list[dict[str, Any]] = []
     loopback = None
     if args.target is None:
-        folders = [vc.path for vc in site.config.volumes] if site is not None else [tmp]
-        print(f"[1/{total}] the machine: disks of {', '.join(map(str, folders))} ({repeats} x {hw_s:g} s each)",
-              file=sys.stderr, flush=True)
+        folders = ([(vc.path, f"volume {vc.name}") for vc in site.config.volumes] if site is not None
+                   else [(tmp, "the receivers' data")])
+        index_folder = site.config.storage.index_path.parent if site is not None else None
+        if index_folder is not None and index_folder.is_dir():  # often an SSD beside the volumes' array
+            folders.append((index_folder, "the index"))
+        print(f"[1/{total}] the machine: disks of {', '.join(str(f) for f, _ in folders)} ({repeats} x {hw_s:g} s "
+              "each)", file=sys.stderr, flush=True)
         disks = probe_disks(folders, hw_s, repeats, BENCH_FOLDER if site is not None else None)
         loopback = disks[0]["results"].get("tcp_loopback_mb_per_s") if disks else None
         (steps / "hardware.json").write_text(json.dumps(disks, indent=1))

@@ -131,7 +131,8 @@ def blocks(doc: dict[str, Any], steps: Path | None) -> list[Block]:
             ["Operating system", f"{m['os'] or '-'}, kernel {m['kernel']}"]]
     for d in doc["disks"]:
         r = d["results"]
-        rows.append([f"Disk of {d['path']}", f"{d['filesystem'] or '-'}: "
+        rows.append([f"Disk of {d['path']}" + (f" ({d['holds']})" if d.get("holds") else ""),
+                     f"{d['filesystem'] or '-'}: "
                      f"{spread(r.get('fsync_512kib_t8_files_per_s'))} durable 512 KiB writes/s (8 threads), "
                      f"sequential {spread(r.get('seq_fdatasync_mb_per_s'))} MB/s with fdatasync"])
     if doc["loopback_mb_per_s"]:

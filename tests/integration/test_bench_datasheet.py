@@ -50,7 +50,10 @@ def test_a_site_configuration_three_repeats(tmp_path: Path, no_orthanc: None, un
     doc = json.loads((out / "datasheet.json").read_text())
     assert doc["ok"] and doc["repeats"] == 3 and doc["problems"] == []
     assert doc["units"]["MB"] == "10^6 bytes" and doc["units"]["MiB"] == "2^20 bytes"
-    assert isinstance(doc["machine"]["memory_bytes"], int) and doc["disks"]
+    assert isinstance(doc["machine"]["memory_bytes"], int)
+    (disk,) = doc["disks"]  # the volumes and the index share this machine's one disk: probed once, named by both
+    assert disk["holds"] == "volume raid-a, volume raid-b, the index" and disk["results"][
+        "fsync_512kib_t8_files_per_s"]["n"] == 3
     assert doc["appliance"]["config"]["volumes"][1]["name"] == "raid-b"
 
     # Every throughput figure is the median, min and max of the step report's OK runs.
