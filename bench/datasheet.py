@@ -193,11 +193,14 @@ def exit_on_signals() -> Iterator[None]:
     (a ``kill``, a closed ssh session) left them running, and the run folders on the site's volumes, behind. And
     Ctrl-C as KeyboardInterrupt ended only the step it came in (the side by side and ``bench run`` catch it to
     report what ran), after which the datasheet went on with the next step. As SystemExit, which those do not
-    catch, the ``finally`` blocks that stop each receiver and remove its folders run, and nothing more starts."""
+    catch, the ``finally`` blocks that stop each receiver and remove its folders run, and nothing more starts.
+    A signal already ignored stays ignored: ``nohup appliance bench datasheet &`` means that a hang-up (or, in a
+    background job, a Ctrl-C) must not end it."""
     def leave(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+           if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

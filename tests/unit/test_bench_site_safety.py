@@ -182,14 +182,34 @@ def test_ctrl_c_ends_the_whole_datasheet_not_only_its_current_step() -> None:
 
     from bench import datasheet
 
-    with pytest.raises(SystemExit) as stop, datasheet.exit_on_signals():
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-        except KeyboardInterrupt:  # what the side by side and `bench run` catch, to go on
-            pytest.fail("Ctrl-C was caught as KeyboardInterrupt by the step")
-    assert stop.value.code == 128 + signal.SIGINT
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Ctrl-C as a terminal delivers it (a suite started in the background has SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stop, datasheet.exit_on_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:  # what the side by side and `bench run` catch, to go on
+                pytest.fail("Ctrl-C was caught as KeyboardInterrupt by the step")
+        assert stop.value.code == 128 + signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_hang_up_under_nohup_does_not_end_the_datasheet() -> None:
+    import signal
+
+    from bench import datasheet
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves
+    try:
+        with datasheet.exit_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGHUP)  # ignored: nothing happens
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_a_remote_datasheet_does_not_claim_what_it_could_not_see(tmp_path: Path) -> None:
@@ -259,11 +279,12 @@ def test_the_disk_probe_writes_in_the_benchmarks_folder_not_the_volumes_root(
     monkeypatch.setattr(hardware, "machine", lambda folder: {"filesystem": "ext4"})
     volume = tmp_path / "a"
     volume.mkdir()
-    disks = datasheet.probe_disks([volume], 0.1, 3, BENCH_FOLDER)
+    disks = datasheet.probe_disks([(volume, "volume a")], 0.1, 3, BENCH_FOLDER)
     assert probed == [volume / BENCH_FOLDER] * 3 and disks[0]["path"] == str(volume)
+    assert disks[0]["holds"] == "volume a"
     assert list(volume.iterdir()) == []  # its folder removed again
     (volume / BENCH_FOLDER).mkdir()  # made by main for the receivers' data: stays for them
-    datasheet.probe_disks([volume], 0.1, 1, BENCH_FOLDER)
+    datasheet.probe_disks([(volume, "volume a")], 0.1, 1, BENCH_FOLDER)
     assert (volume / BENCH_FOLDER).is_dir()
 
 
