@@ -33,7 +33,6 @@ import asyncio
 import functools
 import itertools
 import json
-import os
 import resource
 import shutil
 import signal
@@ -382,14 +381,7 @@ class Spawned:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        receivers.kill_group(self.proc)
         if self.cleanup is not None:
             self.cleanup()
 

@@ -49,6 +49,20 @@ START_TIMEOUT = 60.0
 RECEIVER_CPUS: set[int] | None = None
 
 
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the session a receiver was started in (``start_new_session``): its workers or --fork children too,
+    even once its leader has exited; then reap the leader. The one way the harness makes sure no receiver outlives
+    its run."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _pin_receiver() -> None:
     """Popen's preexec_fn: the child (and all it forks: workers, storescp --fork children) on RECEIVER_CPUS."""
     if RECEIVER_CPUS:
@@ -293,16 +307,8 @@ class Receiver:
         self.kill()
 
     def kill(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we started: workers and children too
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.proc is not None:
+            kill_group(self.proc)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
