@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pydicom
@@ -178,16 +179,21 @@ def test_legal_hold_blocks_delete(stored: tuple[ServerHandle, list[Path]]) -> No
 RETENTION = '\n[[policies]]\nname = "expire-10y"\nto = "delete"\nreceived_days_min = 3650\nmodalities = ["CT", "MR"]\n'
 
 
-def test_retention_deletes_expired_studies_but_not_held_ones(make_server: MakeServer, tmp_path: Path) -> None:
-    ct = write_folder("ct", 3, 24, "none", tmp_path / "ct", size=32)
-    mr = write_folder("mr", 2, 25, "none", tmp_path / "mr", size=32)
-    server = make_server(start=False, peers=PEERS)
+def retention_server(make_server: MakeServer, files: list[Path], **options: Any) -> ServerHandle:
+    """A server with the RETENTION policy, holding ``files`` sent by DCMTK storescu."""
+    server = make_server(start=False, peers=PEERS, **options)
     with open(server.config_path, "a") as fh:
         fh.write(RETENTION)
     server.start()
-    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
-                   *map(str, ct + mr))
+    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port), *map(str, files))
     assert result.returncode == 0, result.stderr
+    return server
+
+
+def test_retention_deletes_expired_studies_but_not_held_ones(make_server: MakeServer, tmp_path: Path) -> None:
+    ct = write_folder("ct", 3, 24, "none", tmp_path / "ct", size=32)
+    mr = write_folder("mr", 2, 25, "none", tmp_path / "mr", size=32)
+    server = retention_server(make_server, ct + mr)
     ct_study, mr_study = _uid(ct[0], "StudyInstanceUID"), _uid(mr[0], "StudyInstanceUID")
     server.cli("hold", mr_study, "--reason", "litigation")
 
@@ -367,13 +373,7 @@ def test_an_audit_failure_after_a_delete_is_reported_and_the_delete_stands(
 
 def test_retention_goes_on_when_the_audit_trail_cannot_be_written(make_server: MakeServer, tmp_path: Path) -> None:
     studies = [write_folder("ct", 2, 30 + i, "none", tmp_path / f"ct{i}", size=32) for i in range(2)]
-    server = make_server(start=False, peers=PEERS)
-    with open(server.config_path, "a") as fh:
-        fh.write(RETENTION)
-    server.start()
-    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
-                   *(str(f) for files in studies for f in files))
-    assert result.returncode == 0, result.stderr
+    server = retention_server(make_server, [f for files in studies for f in files])
     server.stop()
     _break_audit(server)
     env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + 3651 * 86_400 * 10**9)}
@@ -432,13 +432,8 @@ def test_retention_deletes_nothing_when_a_run_would_expire_more_than_the_limit(
     """A clock set years ahead makes everything look expired: with tiering.retention_studies_max = 1 and two
     studies due, the run deletes neither, says why on stderr in one line and exits 1; raised, it deletes both."""
     studies = [write_folder("ct", 2, 40 + i, "none", tmp_path / f"ct{i}", size=32) for i in range(2)]
-    server = make_server(start=False, peers=PEERS, tiering={"retention_studies_max": 1})
-    with open(server.config_path, "a") as fh:
-        fh.write(RETENTION)
-    server.start()
-    result = dcmtk("storescu", "-aet", "SCU", "-aec", "APPLIANCE", "127.0.0.1", str(server.port),
-                   *(str(f) for files in studies for f in files))
-    assert result.returncode == 0, result.stderr
+    server = retention_server(make_server, [f for files in studies for f in files],
+                              tiering={"retention_studies_max": 1})
     uids = [_uid(files[0], "StudyInstanceUID") for files in studies]
     env = {**os.environ, "APPLIANCE_TIER_NOW": str(time.time_ns() + 3651 * 86_400 * 10**9)}
 
